@@ -1,1 +1,559 @@
-int main(void){return 0;}
+/* skv: the streamkv command-line client.
+ *
+ * Local mode runs the engine in this process on the shipped model (or --model):
+ *   skv generate [flags] [PROMPT]   stream a continuation (from BOS when no prompt)
+ *   skv tokenize FILE               print the ids `skv ppl` scores, BOS first, on one line
+ *   skv ppl [flags] FILE            perplexity as the StreamingLLM paper evaluates it
+ * Every user mistake gets one line on stderr naming what was wrong, and a non-zero exit:
+ * 2 for usage errors, 1 for everything else. */
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "forward.h"
+#include "model.h"
+#include "sampler.h"
+#include "skv-error.h"
+#include "stream.h"
+#include "tokenizer.h"
+
+#ifndef SKV_MODEL_DIR
+#define SKV_MODEL_DIR "models/stories260K"
+#endif
+
+#define SKV_EXIT_USAGE 2
+#define SKV_MAX_ROWS 512
+
+struct skv_opts {
+	const char *model_path;
+	const char *tokenizer_path;
+	const char *socket_path;
+	struct skv_policy policy;
+	long long steps;        /* generate: tokens to produce */
+	float temperature;
+	float top_p;
+	unsigned long long seed;
+	int have_seed;
+	long long max_tokens;   /* ppl: predictions to score, -1 = all */
+	int json;
+	int stats;
+};
+
+/* Everything a local command needs: model, tokenizer, runner. */
+struct skv_local {
+	struct skv_model *model;
+	struct skv_tokenizer *tok;
+	struct skv_runner *runner;
+};
+
+static void skv_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+
+static void skv_die(int code, const char *fmt, ...)
+{
+	va_list ap;
+	fputs("skv: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	exit(code);
+}
+
+static void skv_usage(FILE *out)
+{
+	fputs("usage: skv [--socket PATH] COMMAND [flags] [args]\n"
+	      "\n"
+	      "commands:\n"
+	      "  generate [PROMPT]   stream a continuation of PROMPT (from BOS when absent)\n"
+	      "  tokenize FILE       print the token ids of FILE, BOS first, on one line\n"
+	      "  ppl FILE            perplexity of FILE, tokens fed one at a time\n"
+	      "\n"
+	      "model:\n"
+	      "  --model PATH        llama2.c .bin or GGUF model (default: shipped stories260K)\n"
+	      "  --tokenizer PATH    llama2.c tokenizer (default: the GGUF's own vocabulary, or\n"
+	      "                      tok<vocab>.bin / tokenizer.bin next to a .bin model)\n"
+	      "cache policy:\n"
+	      "  --policy NAME       sink (default), window, dense, recompute\n"
+	      "  --sink N            attention sinks (sink: default 4)\n"
+	      "  --window N          window slots (sink: trained length - sinks; window and\n"
+	      "                      recompute: trained length)\n"
+	      "  --limit N           dense: most tokens the cache may hold (default 16384)\n"
+	      "  --evict MODE        token (default) or prompt: free room for prompt + answer at once\n"
+	      "  --positions MODE    cache (default) or abs: where the sinks see the query\n"
+	      "generate:\n"
+	      "  -n N                tokens to generate (default 256)\n"
+	      "  --temp T            temperature, 0 = greedy (default 1.0)\n"
+	      "  --top-p P           nucleus sampling mass (default 0.9)\n"
+	      "  --seed N            random seed (default: time)\n"
+	      "  --stats             print tokens/s on stderr at the end\n"
+	      "ppl:\n"
+	      "  --tokens N          score N predictions: BOS and the first N tokens of the text\n"
+	      "  --json              print one JSON object\n",
+	      out);
+}
+
+static long long skv_parse_int(const char *flag, const char *text, long long lo, long long hi)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(text, &end, 10);
+	if (errno || end == text || *end || v < lo || v > hi)
+		skv_die(SKV_EXIT_USAGE, "%s: '%s' is not a whole number in [%lld, %lld]", flag, text,
+			lo, hi);
+	return v;
+}
+
+static float skv_parse_float(const char *flag, const char *text, float lo, float hi)
+{
+	char *end;
+	errno = 0;
+	float v = strtof(text, &end);
+	if (errno || end == text || *end || !(v >= lo && v <= hi))
+		skv_die(SKV_EXIT_USAGE, "%s: '%s' is not a number in [%g, %g]", flag, text, lo, hi);
+	return v;
+}
+
+enum {
+	OPT_MODEL = 256,
+	OPT_TOKENIZER,
+	OPT_SOCKET,
+	OPT_POLICY,
+	OPT_SINK,
+	OPT_WINDOW,
+	OPT_LIMIT,
+	OPT_EVICT,
+	OPT_POSITIONS,
+	OPT_TEMP,
+	OPT_TOPP,
+	OPT_SEED,
+	OPT_TOKENS,
+	OPT_JSON,
+	OPT_STATS,
+	OPT_HELP,
+};
+
+static const struct option skv_long_opts[] = {
+	{ "model", required_argument, NULL, OPT_MODEL },
+	{ "tokenizer", required_argument, NULL, OPT_TOKENIZER },
+	{ "socket", required_argument, NULL, OPT_SOCKET },
+	{ "policy", required_argument, NULL, OPT_POLICY },
+	{ "sink", required_argument, NULL, OPT_SINK },
+	{ "window", required_argument, NULL, OPT_WINDOW },
+	{ "limit", required_argument, NULL, OPT_LIMIT },
+	{ "evict", required_argument, NULL, OPT_EVICT },
+	{ "positions", required_argument, NULL, OPT_POSITIONS },
+	{ "temp", required_argument, NULL, OPT_TEMP },
+	{ "top-p", required_argument, NULL, OPT_TOPP },
+	{ "seed", required_argument, NULL, OPT_SEED },
+	{ "tokens", required_argument, NULL, OPT_TOKENS },
+	{ "json", no_argument, NULL, OPT_JSON },
+	{ "stats", no_argument, NULL, OPT_STATS },
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* Parse flags anywhere on the line (getopt_long permutes them ahead of the positional
+ * arguments; "--" ends the flags); returns the index of the command in the permuted argv. */
+static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
+{
+	long long limit = -1, window = -1;
+	memset(o, 0, sizeof(*o));
+	skv_policy_default(&o->policy);
+	o->steps = 256;
+	o->temperature = 1.0f;
+	o->top_p = 0.9f;
+	o->max_tokens = -1;
+
+	int c;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":n:h", skv_long_opts, NULL)) != -1) {
+		switch (c) {
+		case OPT_MODEL: o->model_path = optarg; break;
+		case OPT_TOKENIZER: o->tokenizer_path = optarg; break;
+		case OPT_SOCKET: o->socket_path = optarg; break;
+		case OPT_POLICY:
+			if (skv_policy_parse(optarg, &o->policy.kind) < 0)
+				skv_die(SKV_EXIT_USAGE,
+					"--policy: unknown policy '%s' (sink, window, dense, recompute)",
+					optarg);
+			break;
+		case OPT_SINK:
+			o->policy.sink_slots = skv_parse_int("--sink", optarg, 0, SKV_KV_MAX_SLOTS);
+			break;
+		case OPT_WINDOW:
+			window = skv_parse_int("--window", optarg, 1, SKV_KV_MAX_SLOTS);
+			break;
+		case OPT_LIMIT:
+			limit = skv_parse_int("--limit", optarg, 1, SKV_KV_MAX_SLOTS);
+			break;
+		case OPT_EVICT:
+			if (!strcmp(optarg, "token"))
+				o->policy.evict = SKV_EVICT_TOKEN;
+			else if (!strcmp(optarg, "prompt"))
+				o->policy.evict = SKV_EVICT_PROMPT;
+			else
+				skv_die(SKV_EXIT_USAGE, "--evict: '%s' is not token or prompt", optarg);
+			break;
+		case OPT_POSITIONS:
+			if (!strcmp(optarg, "cache"))
+				o->policy.abs_positions = 0;
+			else if (!strcmp(optarg, "abs"))
+				o->policy.abs_positions = 1;
+			else
+				skv_die(SKV_EXIT_USAGE, "--positions: '%s' is not cache or abs", optarg);
+			break;
+		case 'n': o->steps = skv_parse_int("-n", optarg, 0, LLONG_MAX); break;
+		case OPT_TEMP: o->temperature = skv_parse_float("--temp", optarg, 0.0f, 100.0f); break;
+		case OPT_TOPP: o->top_p = skv_parse_float("--top-p", optarg, 0.0f, 1.0f); break;
+		case OPT_SEED:
+			o->seed = (unsigned long long)skv_parse_int("--seed", optarg, 0, LLONG_MAX);
+			o->have_seed = 1;
+			break;
+		case OPT_TOKENS:
+			o->max_tokens = skv_parse_int("--tokens", optarg, 1, LLONG_MAX);
+			break;
+		case OPT_JSON: o->json = 1; break;
+		case OPT_STATS: o->stats = 1; break;
+		case 'h':
+		case OPT_HELP: skv_usage(stdout); exit(0);
+		case ':':
+			skv_die(SKV_EXIT_USAGE, "%s needs a value", argv[optind - 1]);
+		default:
+			skv_die(SKV_EXIT_USAGE, "unknown flag '%s' (see skv --help)",
+				argv[optind - 1]);
+		}
+	}
+	if (o->policy.kind == SKV_POLICY_DENSE) {
+		if (window >= 0)
+			skv_die(SKV_EXIT_USAGE, "--window does not apply to dense: use --limit");
+		o->policy.window_slots = limit;
+	} else {
+		if (limit >= 0)
+			skv_die(SKV_EXIT_USAGE, "--limit applies to --policy dense only");
+		o->policy.window_slots = window;
+	}
+	if (o->policy.evict == SKV_EVICT_PROMPT && o->policy.kind != SKV_POLICY_SINK &&
+	    o->policy.kind != SKV_POLICY_WINDOW)
+		skv_die(SKV_EXIT_USAGE, "--evict prompt applies to the sink and window policies");
+	if (o->policy.abs_positions && o->policy.kind != SKV_POLICY_SINK)
+		skv_die(SKV_EXIT_USAGE, "--positions abs applies to the sink policy");
+	return optind;
+}
+
+static int skv_file_exists(const char *path)
+{
+	struct stat st;
+	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static const char *skv_model_dir(void)
+{
+	const char *env = getenv("SKV_MODEL_DIR");
+	return env && *env ? env : SKV_MODEL_DIR;
+}
+
+static void skv_local_open(const struct skv_opts *o, struct skv_local *L)
+{
+	char msg[512] = "";
+	static char default_model[PATH_MAX], guess[PATH_MAX];
+	const char *model_path = o->model_path;
+	if (!model_path) {
+		snprintf(default_model, sizeof(default_model), "%s/stories260K.bin", skv_model_dir());
+		model_path = default_model;
+	}
+	int err = skv_model_open(model_path, &L->model, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
+
+	const struct skv_model_config *c = &L->model->cfg;
+	if (o->tokenizer_path) {
+		err = skv_tokenizer_load(o->tokenizer_path, c->vocab_size, &L->tok, msg,
+					 sizeof(msg));
+	} else if (L->model->gguf) {
+		err = skv_tokenizer_from_gguf(L->model->gguf, c->vocab_size, &L->tok, msg,
+					      sizeof(msg));
+	} else {
+		/* llama2.c's convention: tok<vocab>.bin, or tokenizer.bin for the 32k vocabulary. */
+		const char *slash = strrchr(model_path, '/');
+		int dir_len = slash ? (int)(slash - model_path) : 1;
+		const char *dir = slash ? model_path : ".";
+		snprintf(guess, sizeof(guess), "%.*s/tok%d.bin", dir_len, dir, c->vocab_size);
+		if (!skv_file_exists(guess))
+			snprintf(guess, sizeof(guess), "%.*s/tokenizer.bin", dir_len, dir);
+		if (!skv_file_exists(guess))
+			skv_die(1,
+				"%s: no tokenizer found next to the model (tok%d.bin or "
+				"tokenizer.bin); pass --tokenizer PATH",
+				model_path, c->vocab_size);
+		err = skv_tokenizer_load(guess, c->vocab_size, &L->tok, msg, sizeof(msg));
+	}
+	if (err < 0)
+		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
+
+	err = skv_runner_new(L->model, SKV_MAX_ROWS, &L->runner, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
+}
+
+static void skv_local_close(struct skv_local *L)
+{
+	skv_runner_free(L->runner);
+	skv_tokenizer_free(L->tok);
+	skv_model_close(L->model);
+}
+
+static struct skv_stream *skv_open_stream(struct skv_local *L, struct skv_policy *policy)
+{
+	char msg[512] = "";
+	struct skv_stream *s;
+	int err = skv_policy_resolve(policy, L->model->cfg.seq_len, msg, sizeof(msg));
+	if (err >= 0)
+		err = skv_stream_new(L->runner, policy, &s, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(SKV_EXIT_USAGE, "%s", msg[0] ? msg : skv_strerror(err));
+	return s;
+}
+
+static void skv_feed_or_die(struct skv_stream *s, const int32_t *tokens, size_t n, float *logits,
+			    const struct skv_policy *p)
+{
+	int err = skv_stream_feed(s, tokens, n, logits, NULL);
+	if (err == -SKV_ECACHEFULL)
+		skv_die(1,
+			"the dense cache is full after %llu tokens (--limit %lld); raise --limit or "
+			"use --policy sink",
+			(unsigned long long)skv_stream_tokens_seen(s), (long long)p->window_slots);
+	if (err < 0)
+		skv_die(1, "forward pass failed: %s", skv_strerror(err));
+}
+
+/* llama2.c's safe_printf: a raw byte piece that is neither printable nor white space is
+ * dropped, everything else is written as is. */
+static void skv_emit(const char *piece, size_t len)
+{
+	if (len == 1) {
+		unsigned char b = (unsigned char)piece[0];
+		if (!(b >= 0x20 && b < 0x7f) && !(b == ' ' || (b >= '\t' && b <= '\r')))
+			return;
+	}
+	fwrite(piece, 1, len, stdout);
+}
+
+static double skv_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int skv_cmd_generate(struct skv_opts *o, int argc, char **argv)
+{
+	if (argc > 1)
+		skv_die(SKV_EXIT_USAGE, "generate takes one PROMPT argument (quote it), got %d",
+			argc);
+	const char *prompt = argc ? argv[0] : "";
+	struct skv_local L;
+	skv_local_open(o, &L);
+	struct skv_stream *s = skv_open_stream(&L, &o->policy);
+	const struct skv_model_config *c = &L.model->cfg;
+
+	int32_t *ids;
+	size_t n_ids;
+	if (skv_tokenizer_encode(L.tok, prompt, strlen(prompt), 1, 0, &ids, &n_ids) < 0)
+		skv_die(1, "out of memory encoding the prompt");
+
+	struct skv_sampler sampler;
+	uint64_t seed = o->have_seed ? o->seed : (uint64_t)time(NULL);
+	if (skv_sampler_init(&sampler, c->vocab_size, o->temperature, o->top_p, seed) < 0)
+		skv_die(1, "out of memory");
+	float *logits = malloc((size_t)c->vocab_size * sizeof(float));
+	if (!logits)
+		skv_die(1, "out of memory");
+
+	/* Echo the prompt as its tokens decode (as run.c does), then feed it in one go. */
+	for (size_t i = 1; i < n_ids; i++) {
+		size_t len;
+		const char *piece = skv_tokenizer_decode(L.tok, ids[i - 1], ids[i], &len);
+		skv_emit(piece, len);
+	}
+	fflush(stdout);
+	skv_stream_make_room(s, n_ids + (uint64_t)o->steps);
+	double t0 = skv_now();
+	skv_feed_or_die(s, ids, n_ids, logits, &o->policy);
+	double t_prompt = skv_now();
+
+	int32_t prev = ids[n_ids - 1];
+	long long made = 0;
+	while (made < o->steps) {
+		int32_t next = skv_sampler_sample(&sampler, logits);
+		made++;
+		if (next == SKV_TOKEN_BOS) /* llama2.c's end-of-story marker */
+			break;
+		size_t len;
+		const char *piece = skv_tokenizer_decode(L.tok, prev, next, &len);
+		skv_emit(piece, len);
+		fflush(stdout);
+		prev = next;
+		if (made < o->steps)
+			skv_feed_or_die(s, &next, 1, logits, &o->policy);
+	}
+	fputc('\n', stdout);
+	double t_end = skv_now();
+	if (o->stats)
+		fprintf(stderr, "prompt: %zu tokens in %.3f s; generated %lld tokens, %.1f tokens/s\n",
+			n_ids, t_prompt - t0, made,
+			made > 1 ? (double)(made - 1) / (t_end - t_prompt) : 0.0);
+
+	free(logits);
+	free(ids);
+	skv_sampler_fini(&sampler);
+	skv_stream_free(s);
+	skv_local_close(&L);
+	return 0;
+}
+
+static char *skv_slurp(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		skv_die(1, "%s: cannot open: %s", path, strerror(errno));
+	size_t cap = 1 << 16, n = 0;
+	char *buf = malloc(cap);
+	for (;;) {
+		if (!buf)
+			skv_die(1, "%s: out of memory", path);
+		n += fread(buf + n, 1, cap - n, f);
+		if (n < cap)
+			break;
+		cap *= 2;
+		buf = realloc(buf, cap);
+	}
+	if (ferror(f))
+		skv_die(1, "%s: read error: %s", path, strerror(errno));
+	fclose(f);
+	*len = n;
+	return buf;
+}
+
+static int32_t *skv_encode_file(struct skv_local *L, const char *path, size_t *n_ids)
+{
+	size_t len;
+	char *text = skv_slurp(path, &len);
+	int32_t *ids;
+	if (skv_tokenizer_encode(L->tok, text, len, 1, 0, &ids, n_ids) < 0)
+		skv_die(1, "%s: out of memory encoding the text", path);
+	free(text);
+	return ids;
+}
+
+static int skv_cmd_tokenize(struct skv_opts *o, int argc, char **argv)
+{
+	if (argc != 1)
+		skv_die(SKV_EXIT_USAGE, "usage: skv tokenize FILE");
+	struct skv_local L;
+	skv_local_open(o, &L);
+	size_t n;
+	int32_t *ids = skv_encode_file(&L, argv[0], &n);
+	for (size_t i = 0; i < n; i++)
+		printf(i ? " %d" : "%d", ids[i]);
+	putchar('\n');
+	free(ids);
+	skv_local_close(&L);
+	return 0;
+}
+
+/* -log softmax(logits)[target], in double. */
+static double skv_nll(const float *logits, int32_t vocab, int32_t target)
+{
+	float max = logits[0];
+	for (int32_t i = 1; i < vocab; i++)
+		max = logits[i] > max ? logits[i] : max;
+	double sum = 0.0;
+	for (int32_t i = 0; i < vocab; i++)
+		sum += exp((double)logits[i] - max);
+	return log(sum) + max - (double)logits[target];
+}
+
+static int skv_cmd_ppl(struct skv_opts *o, int argc, char **argv)
+{
+	if (argc != 1)
+		skv_die(SKV_EXIT_USAGE, "usage: skv ppl [flags] FILE");
+	struct skv_local L;
+	skv_local_open(o, &L);
+	size_t n_ids;
+	int32_t *ids = skv_encode_file(&L, argv[0], &n_ids);
+	if (n_ids < 2)
+		skv_die(1, "%s: no text to score", argv[0]);
+	size_t predictions = n_ids - 1;
+	if (o->max_tokens > 0 && (size_t)o->max_tokens < predictions)
+		predictions = (size_t)o->max_tokens;
+
+	struct skv_stream *s = skv_open_stream(&L, &o->policy);
+	int32_t vocab = L.model->cfg.vocab_size;
+	float *logits = malloc((size_t)vocab * sizeof(float));
+	if (!logits)
+		skv_die(1, "out of memory");
+
+	/* The paper's evaluation: one token at a time, each step predicting the next. */
+	double nll = 0.0, t0 = skv_now(), last_report = t0;
+	int tty = isatty(STDERR_FILENO);
+	for (size_t i = 0; i < predictions; i++) {
+		skv_feed_or_die(s, &ids[i], 1, logits, &o->policy);
+		nll += skv_nll(logits, vocab, ids[i + 1]);
+		double now = skv_now();
+		if (now - last_report >= (tty ? 0.5 : 10.0) || i + 1 == predictions) {
+			fprintf(stderr, "%s%zu/%zu tokens, ppl %.4f, %.0f tokens/s%s",
+				tty ? "\r" : "", i + 1, predictions, exp(nll / (double)(i + 1)),
+				(double)(i + 1) / (now - t0), tty ? "" : "\n");
+			last_report = now;
+		}
+	}
+	if (tty)
+		fputc('\n', stderr);
+	double ppl = exp(nll / (double)predictions);
+	const struct skv_policy *p = skv_stream_policy(s);
+	if (o->json)
+		printf("{\"ppl\": %.6f, \"tokens\": %zu, \"policy\": \"%s\", \"sink\": %lld, "
+		       "\"window\": %lld, \"positions\": \"%s\"}\n",
+		       ppl, predictions, skv_policy_name(p->kind), (long long)p->sink_slots,
+		       (long long)p->window_slots, p->abs_positions ? "abs" : "cache");
+	else
+		printf("ppl %.4f over %zu tokens (policy %s, %lld sinks, window %lld)\n", ppl,
+		       predictions, skv_policy_name(p->kind), (long long)p->sink_slots,
+		       (long long)p->window_slots);
+	free(logits);
+	free(ids);
+	skv_stream_free(s);
+	skv_local_close(&L);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct skv_opts o;
+	int first = skv_parse_opts(argc, argv, &o);
+	if (first >= argc) {
+		skv_usage(stderr);
+		return SKV_EXIT_USAGE;
+	}
+	const char *cmd = argv[first];
+	if (o.socket_path)
+		skv_die(1, "--socket: the daemon data path is not built yet; run without --socket "
+			   "for local mode");
+	if (!strcmp(cmd, "generate"))
+		return skv_cmd_generate(&o, argc - first - 1, argv + first + 1);
+	if (!strcmp(cmd, "tokenize"))
+		return skv_cmd_tokenize(&o, argc - first - 1, argv + first + 1);
+	if (!strcmp(cmd, "ppl"))
+		return skv_cmd_ppl(&o, argc - first - 1, argv + first + 1);
+	skv_die(SKV_EXIT_USAGE, "unknown command '%s' (generate, tokenize, ppl; see skv --help)",
+		cmd);
+}

@@ -1,1 +1,387 @@
-/* placeholder */
+#include "forward.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "linear.h"
+#include "model.h"
+#include "skv-error.h"
+
+struct forward_layer {
+	struct skv_linear wq, wk, wv, wo, w1, w2, w3;
+};
+
+/* Per-row plan of a step: where its key goes, which positions it is rotated at. */
+struct forward_row {
+	struct skv_seq *seq;
+	struct skv_kv_step step;
+	uint64_t sink_pos;    /* position of the query as the sinks see it */
+};
+
+struct skv_runner {
+	const struct skv_model *model;
+	struct skv_model_config cfg;
+	struct skv_backend *be;
+	struct skv_rope rope;
+	uint32_t max_rows;
+	struct forward_layer *layers; /* [n_layers] */
+	struct skv_linear classifier;
+
+	/* Scratch, like llama2.c's RunState but [max_rows] deep, 64-byte aligned. */
+	float *x;        /* [max_rows][dim]     residual stream */
+	float *xb;       /* [max_rows][dim]     normed input of a block */
+	float *q;        /* [max_rows][dim]     queries, rotated at the absolute position */
+	float *k;        /* [max_rows][kv_dim]  keys of this step before they enter the cache */
+	float *v;        /* [max_rows][kv_dim] */
+	float *att;      /* [max_rows][dim]     attention output */
+	float *hb;       /* [max_rows][hidden]  gate */
+	float *hb2;      /* [max_rows][hidden]  up */
+	float *q_sink;   /* [dim]               a row's query rotated for the sinks */
+	float *cos_abs;  /* [max_rows][pairs]   rotation at the absolute position */
+	float *sin_abs;
+	float *cos_sink; /* [max_rows][pairs]   rotation at the position the sinks see */
+	float *sin_sink;
+	struct forward_row *rows;       /* [max_rows] */
+	struct skv_kv_ring *ring_after; /* [max_rows] ring states to commit, one per item */
+	float *scores;   /* [scores_cap] attention scores of one head */
+	uint32_t scores_cap;
+};
+
+static void *forward_alloc(size_t n_floats)
+{
+	void *p = NULL;
+	size_t bytes = (n_floats * sizeof(float) + 63) / 64 * 64;
+	if (posix_memalign(&p, 64, bytes ? bytes : 64))
+		return NULL;
+	memset(p, 0, bytes);
+	return p;
+}
+
+void skv_runner_free(struct skv_runner *r)
+{
+	if (!r)
+		return;
+	if (r->layers) {
+		for (int32_t l = 0; l < r->cfg.n_layers; l++) {
+			struct forward_layer *fl = &r->layers[l];
+			skv_linear_fini(&fl->wq);
+			skv_linear_fini(&fl->wk);
+			skv_linear_fini(&fl->wv);
+			skv_linear_fini(&fl->wo);
+			skv_linear_fini(&fl->w1);
+			skv_linear_fini(&fl->w2);
+			skv_linear_fini(&fl->w3);
+		}
+		free(r->layers);
+	}
+	skv_linear_fini(&r->classifier);
+	skv_backend_free(r->be);
+	free(r->x);
+	free(r->xb);
+	free(r->q);
+	free(r->k);
+	free(r->v);
+	free(r->att);
+	free(r->hb);
+	free(r->hb2);
+	free(r->q_sink);
+	free(r->cos_abs);
+	free(r->sin_abs);
+	free(r->cos_sink);
+	free(r->sin_sink);
+	free(r->rows);
+	free(r->ring_after);
+	free(r->scores);
+	free(r);
+}
+
+int skv_runner_new(const struct skv_model *model, uint32_t max_rows, struct skv_runner **out,
+		   char *msg, size_t msg_len)
+{
+	const struct skv_model_config *c = &model->cfg;
+	struct skv_runner *r = calloc(1, sizeof(*r));
+	int err = -ENOMEM;
+
+	if (!r)
+		return -ENOMEM;
+	r->model = model;
+	r->cfg = *c;
+	r->max_rows = max_rows;
+	if (skv_rope_init(&r->rope, (uint32_t)c->head_size, c->rope_theta) < 0) {
+		err = skv_errorf(msg, msg_len, -SKV_ESHAPE, "%s: head size %d is not supported",
+				 model->path, c->head_size);
+		goto fail;
+	}
+	err = skv_backend_new(max_rows, &r->be, msg, msg_len);
+	if (err < 0)
+		goto fail;
+
+	err = -ENOMEM;
+	size_t rows = max_rows, pairs = r->rope.pairs;
+	r->x = forward_alloc(rows * c->dim);
+	r->xb = forward_alloc(rows * c->dim);
+	r->q = forward_alloc(rows * c->dim);
+	r->k = forward_alloc(rows * c->kv_dim);
+	r->v = forward_alloc(rows * c->kv_dim);
+	r->att = forward_alloc(rows * c->dim);
+	r->hb = forward_alloc(rows * c->hidden_dim);
+	r->hb2 = forward_alloc(rows * c->hidden_dim);
+	r->q_sink = forward_alloc(c->dim);
+	r->cos_abs = forward_alloc(rows * pairs);
+	r->sin_abs = forward_alloc(rows * pairs);
+	r->cos_sink = forward_alloc(rows * pairs);
+	r->sin_sink = forward_alloc(rows * pairs);
+	r->rows = calloc(rows, sizeof(*r->rows));
+	r->ring_after = calloc(rows, sizeof(*r->ring_after));
+	r->layers = calloc((size_t)c->n_layers, sizeof(*r->layers));
+	if (!r->x || !r->xb || !r->q || !r->k || !r->v || !r->att || !r->hb || !r->hb2 ||
+	    !r->q_sink || !r->cos_abs || !r->sin_abs || !r->cos_sink || !r->sin_sink || !r->rows ||
+	    !r->ring_after || !r->layers)
+		goto fail;
+
+	uint32_t dim = (uint32_t)c->dim, kv = (uint32_t)c->kv_dim, hid = (uint32_t)c->hidden_dim;
+	for (int32_t l = 0; l < c->n_layers; l++) {
+		const struct skv_layer_weights *w = &model->layers[l];
+		struct forward_layer *fl = &r->layers[l];
+		if ((err = skv_linear_init(r->be, &fl->wq, w->wq, dim, dim, SKV_LINEAR_PLAIN)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->wk, w->wk, dim, kv, SKV_LINEAR_PLAIN)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->wv, w->wv, dim, kv, SKV_LINEAR_PLAIN)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->wo, w->wo, dim, dim, SKV_LINEAR_ADD)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->w3, w->w3, dim, hid, SKV_LINEAR_PLAIN)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->w1, w->w1, dim, hid, SKV_LINEAR_SWIGLU)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->w2, w->w2, hid, dim, SKV_LINEAR_ADD)) < 0)
+			goto fail_backend;
+	}
+	err = skv_linear_init(r->be, &r->classifier, model->classifier, dim,
+			      (uint32_t)c->vocab_size, SKV_LINEAR_PLAIN);
+	if (err < 0)
+		goto fail_backend;
+	*out = r;
+	return 0;
+
+fail_backend:
+	skv_errorf(msg, msg_len, err, "oneDNN: cannot describe the linear layers of %s (%s)",
+		   model->path, skv_strerror(err));
+fail:
+	skv_runner_free(r);
+	return err;
+}
+
+const struct skv_model_config *skv_runner_config(const struct skv_runner *r)
+{
+	return &r->cfg;
+}
+
+uint32_t skv_runner_max_rows(const struct skv_runner *r)
+{
+	return r->max_rows;
+}
+
+const char *skv_runner_impl(struct skv_runner *r, uint32_t rows)
+{
+	return skv_linear_impl(r->be, &r->layers[0].w1, rows);
+}
+
+/* llama2.c's rmsnorm, row by row. */
+static void forward_rmsnorm(float *out, const float *x, const float *weight, uint32_t rows,
+			    uint32_t dim, float eps)
+{
+	for (uint32_t r = 0; r < rows; r++) {
+		const float *xr = x + (size_t)r * dim;
+		float *o = out + (size_t)r * dim;
+		float ss = 0.0f;
+		for (uint32_t j = 0; j < dim; j++)
+			ss += xr[j] * xr[j];
+		ss /= (float)dim;
+		ss += eps;
+		ss = 1.0f / sqrtf(ss);
+		for (uint32_t j = 0; j < dim; j++)
+			o[j] = weight[j] * (ss * xr[j]);
+	}
+}
+
+static int forward_check_seq(const struct skv_runner *r, const struct skv_seq *seq)
+{
+	const struct skv_kv_desc *d = &seq->desc;
+	if (d->n_layers != (uint32_t)r->cfg.n_layers || d->n_kv_heads != (uint32_t)r->cfg.n_kv_heads ||
+	    d->head_size != (uint32_t)r->cfg.head_size)
+		return -EINVAL;
+	return 0;
+}
+
+/* Plan every row: advance a private copy of each ring, so that nothing is committed unless
+ * the whole step can run. */
+static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_items,
+			uint32_t *n_rows)
+{
+	uint32_t row = 0;
+	for (uint32_t i = 0; i < n_items; i++) {
+		struct skv_fwd_item *it = &items[i];
+		int err = forward_check_seq(r, it->seq);
+		if (err < 0)
+			return err;
+		if (it->n_tokens > r->max_rows - row)
+			return -EINVAL;
+		struct skv_kv_ring ring = *it->seq->ring;
+		for (uint32_t t = 0; t < it->n_tokens; t++, row++) {
+			if (it->tokens[t] < 0 || it->tokens[t] >= r->cfg.vocab_size)
+				return -EINVAL;
+			struct forward_row *fr = &r->rows[row];
+			fr->seq = it->seq;
+			err = skv_kv_ring_append(&ring, &it->seq->desc, (int)it->seq->allow_evict,
+						 &fr->step);
+			if (err < 0)
+				return err;
+			size_t pairs = r->rope.pairs;
+			skv_rope_angles(&r->rope, fr->step.abs_pos, r->cos_abs + row * pairs,
+					r->sin_abs + row * pairs);
+			fr->sink_pos = it->seq->abs_positions ? fr->step.abs_pos
+							      : fr->step.cache_pos;
+			skv_rope_angles(&r->rope, fr->sink_pos, r->cos_sink + row * pairs,
+					r->sin_sink + row * pairs);
+		}
+		r->ring_after[i] = ring;
+		uint32_t slots = it->seq->desc.slot_stride;
+		if (slots > r->scores_cap) {
+			float *s = forward_alloc(slots);
+			if (!s)
+				return -ENOMEM;
+			free(r->scores);
+			r->scores = s;
+			r->scores_cap = slots;
+		}
+	}
+	*n_rows = row;
+	return 0;
+}
+
+/* Store a row's rotated key and its value into its slot of every (head, component) row. */
+static void forward_store_kv(const struct skv_seq *seq, uint32_t layer, uint32_t slot,
+			     const float *k, const float *v, uint32_t kv_dim)
+{
+	float *kp = skv_kv_k_plane(seq->kv_base, &seq->desc, layer) + slot;
+	float *vp = skv_kv_v_plane(seq->kv_base, &seq->desc, layer) + slot;
+	size_t stride = seq->desc.slot_stride;
+	for (uint32_t j = 0; j < kv_dim; j++) {
+		kp[j * stride] = k[j];
+		vp[j * stride] = v[j];
+	}
+}
+
+static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_rows)
+{
+	const struct skv_model_config *c = &r->cfg;
+	size_t pairs = r->rope.pairs;
+	uint32_t dim = (uint32_t)c->dim, kv_dim = (uint32_t)c->kv_dim;
+
+	for (uint32_t row = 0; row < n_rows; row++) {
+		struct forward_row *fr = &r->rows[row];
+		float *q = r->q + (size_t)row * dim;
+		float *k = r->k + (size_t)row * kv_dim;
+		const float *ca = r->cos_abs + row * pairs, *sa = r->sin_abs + row * pairs;
+		const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
+
+		skv_rope_rotate(&r->rope, k, (uint32_t)c->n_kv_heads, ca, sa);
+		forward_store_kv(fr->seq, layer, fr->step.slot, k, r->v + (size_t)row * kv_dim,
+				 kv_dim);
+
+		const float *q_sink = q;
+		if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
+			memcpy(r->q_sink, q, dim * sizeof(float));
+			skv_rope_rotate(&r->rope, r->q_sink, (uint32_t)c->n_heads, cs, ss);
+			q_sink = r->q_sink;
+		}
+		skv_rope_rotate(&r->rope, q, (uint32_t)c->n_heads, ca, sa);
+
+		struct skv_attn_args args = {
+			.q_window = q,
+			.q_sink = q_sink,
+			.k_plane = skv_kv_k_plane(fr->seq->kv_base, &fr->seq->desc, layer),
+			.v_plane = skv_kv_v_plane(fr->seq->kv_base, &fr->seq->desc, layer),
+			.desc = &fr->seq->desc,
+			.step = &fr->step,
+			.n_heads = (uint32_t)c->n_heads,
+			.scores = r->scores,
+			.out = r->att + (size_t)row * dim,
+		};
+		skv_attend(&args);
+	}
+	return 0;
+}
+
+int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_items)
+{
+	const struct skv_model_config *c = &r->cfg;
+	const struct skv_model *m = r->model;
+	uint32_t dim = (uint32_t)c->dim, n_rows = 0;
+	int err = forward_plan(r, items, n_items, &n_rows);
+	if (err < 0)
+		return err;
+	if (!n_rows)
+		return 0;
+
+	uint32_t row = 0;
+	for (uint32_t i = 0; i < n_items; i++)
+		for (uint32_t t = 0; t < items[i].n_tokens; t++, row++)
+			memcpy(r->x + (size_t)row * dim,
+			       m->token_embedding + (size_t)items[i].tokens[t] * dim,
+			       dim * sizeof(float));
+
+	struct skv_backend *be = r->be;
+	for (int32_t l = 0; l < c->n_layers; l++) {
+		const struct skv_layer_weights *w = &m->layers[l];
+		struct forward_layer *fl = &r->layers[l];
+
+		forward_rmsnorm(r->xb, r->x, w->attn_norm, n_rows, dim, c->norm_eps);
+		if ((err = skv_linear_run(be, &fl->wq, n_rows, r->xb, r->q, NULL)) < 0 ||
+		    (err = skv_linear_run(be, &fl->wk, n_rows, r->xb, r->k, NULL)) < 0 ||
+		    (err = skv_linear_run(be, &fl->wv, n_rows, r->xb, r->v, NULL)) < 0)
+			return err;
+		forward_attention(r, (uint32_t)l, n_rows);
+		if ((err = skv_linear_run(be, &fl->wo, n_rows, r->att, r->x, NULL)) < 0)
+			return err;
+
+		forward_rmsnorm(r->xb, r->x, w->ffn_norm, n_rows, dim, c->norm_eps);
+		if ((err = skv_linear_run(be, &fl->w3, n_rows, r->xb, r->hb2, NULL)) < 0 ||
+		    (err = skv_linear_run(be, &fl->w1, n_rows, r->xb, r->hb, r->hb2)) < 0 ||
+		    (err = skv_linear_run(be, &fl->w2, n_rows, r->hb, r->x, NULL)) < 0)
+			return err;
+	}
+
+	/* The rings are committed once the KV of every row is in place. */
+	for (uint32_t i = 0; i < n_items; i++)
+		*items[i].seq->ring = r->ring_after[i];
+
+	/* Final norm and classifier only for the rows whose logits are wanted, gathered so that
+	 * one matmul serves them all. */
+	uint32_t out_rows = 0;
+	row = 0;
+	for (uint32_t i = 0; i < n_items; i++) {
+		struct skv_fwd_item *it = &items[i];
+		uint32_t first = it->logits_all ? 0 : it->n_tokens - 1;
+		for (uint32_t t = 0; t < it->n_tokens; t++, row++)
+			if (it->logits && t >= first)
+				forward_rmsnorm(r->xb + (size_t)out_rows++ * dim,
+						r->x + (size_t)row * dim, m->final_norm, 1, dim,
+						c->norm_eps);
+	}
+	if (!out_rows)
+		return 0;
+	/* Each item's logits go straight to its caller's buffer. */
+	out_rows = 0;
+	for (uint32_t i = 0; i < n_items; i++) {
+		struct skv_fwd_item *it = &items[i];
+		if (!it->logits)
+			continue;
+		uint32_t n = it->logits_all ? it->n_tokens : 1;
+		err = skv_linear_run(be, &r->classifier, n, r->xb + (size_t)out_rows * dim,
+				     it->logits, NULL);
+		if (err < 0)
+			return err;
+		out_rows += n;
+	}
+	return 0;
+}

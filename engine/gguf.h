@@ -36,6 +36,10 @@ enum skv_gguf_type {
 /* Tensor element types (ggml numbering); only F32 is supported for weights. */
 #define SKV_GGML_TYPE_F32 0u
 
+/* Name of a ggml tensor type for messages ("F32", "F16", "Q4_0", ...); "unknown" for a type
+ * this reader cannot size. Never NULL. */
+const char *skv_gguf_ggml_type_name(uint32_t ggml_type);
+
 struct skv_gguf;
 
 /* A string inside the mapping: not NUL-terminated. */

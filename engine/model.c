@@ -1,1 +1,544 @@
-/* placeholder */
+/* Model loading: llama2.c .bin and GGUF (llama, F32), both into the same struct skv_model
+ * whose weight pointers point into a read-only mapping of the file.
+ *
+ * Both paths check the configuration the same way (model_check_config) before computing any
+ * size from it, and compute sizes with overflow-checked 64-bit arithmetic; no weight pointer
+ * is handed out before the bytes behind it are known to lie inside the file. */
+#include "model.h"
+
+#include "gguf.h"
+#include "skv-error.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the model loader reads little-endian weights in place"
+#endif
+
+/* llama2.c legacy header: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
+ * seq_len as int32; a negative vocab_size means a separate classifier at the end. */
+#define LLAMA2C_HEADER_FIELDS 7
+#define LLAMA2C_HEADER_BYTES (LLAMA2C_HEADER_FIELDS * sizeof(int32_t))
+#define LLAMA2C_NORM_EPS 1e-5f
+#define LLAMA2C_ROPE_THETA 10000.0f
+#define GGUF_DEFAULT_ROPE_THETA 10000.0f
+#define GGUF_NAME_MAX 96
+
+/* Maps a regular file read-only; an empty file gives map == NULL, size 0. */
+static int model_map_file(const char *path, void **map, size_t *size, char *msg, size_t msg_len)
+{
+	struct stat st;
+	int err = 0;
+
+	/* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below. */
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0) {
+		err = -errno;
+		return skv_errorf(msg, msg_len, err, "%s: cannot open model: %s", path,
+				  skv_strerror(err));
+	}
+	if (fstat(fd, &st) < 0) {
+		err = -errno;
+		skv_errorf(msg, msg_len, err, "%s: cannot stat model: %s", path,
+			   skv_strerror(err));
+		goto out_close;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		err = skv_errorf(msg, msg_len, -EISDIR, "%s: is a directory, not a model file",
+				 path);
+		goto out_close;
+	}
+	if (!S_ISREG(st.st_mode)) {
+		err = skv_errorf(msg, msg_len, -EINVAL, "%s: not a regular file", path);
+		goto out_close;
+	}
+	*map = NULL;
+	*size = (size_t)st.st_size;
+	if (*size) {
+		void *p = mmap(NULL, *size, PROT_READ, MAP_PRIVATE, fd, 0);
+		if (p == MAP_FAILED) {
+			err = -errno;
+			skv_errorf(msg, msg_len, err, "%s: cannot map model: %s", path,
+				   skv_strerror(err));
+			goto out_close;
+		}
+		*map = p;
+	}
+out_close:
+	close(fd);
+	return err;
+}
+
+/* Checks that the dimensions make sense together and fills head_size and kv_dim. The size of
+ * the weights is checked by each format against its file. */
+static int model_check_config(struct skv_model_config *cfg, const char *path, const char *source,
+			      char *msg, size_t msg_len)
+{
+	const struct {
+		const char *name;
+		int32_t value;
+	} fields[] = {
+		{ "dim", cfg->dim },
+		{ "hidden_dim", cfg->hidden_dim },
+		{ "n_layers", cfg->n_layers },
+		{ "n_heads", cfg->n_heads },
+		{ "n_kv_heads", cfg->n_kv_heads },
+		{ "vocab_size", cfg->vocab_size },
+		{ "seq_len", cfg->seq_len },
+	};
+
+	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+		if (fields[i].value <= 0)
+			return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					  "%s: %s: %s = %" PRId32 " must be positive", path,
+					  source, fields[i].name, fields[i].value);
+	}
+	if (cfg->dim % cfg->n_heads)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: %s: dim %" PRId32 " is not divisible by n_heads %" PRId32,
+				  path, source, cfg->dim, cfg->n_heads);
+	if (cfg->n_kv_heads > cfg->n_heads || cfg->n_heads % cfg->n_kv_heads)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: %s: n_heads %" PRId32 " is not a multiple of n_kv_heads %"
+				  PRId32, path, source, cfg->n_heads, cfg->n_kv_heads);
+	cfg->head_size = cfg->dim / cfg->n_heads;
+	/* RoPE rotates pairs of a head's components. */
+	if (cfg->head_size % 2)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: %s: head size %" PRId32 " (dim / n_heads) is odd; RoPE needs"
+				  " pairs", path, source, cfg->head_size);
+	cfg->kv_dim = cfg->n_kv_heads * cfg->head_size; /* <= dim: cannot overflow */
+	if (!(cfg->norm_eps > 0.0f) || !isfinite(cfg->norm_eps))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: %s: RMSNorm epsilon %g must be positive and finite", path,
+				  source, (double)cfg->norm_eps);
+	if (!(cfg->rope_theta > 0.0f) || !isfinite(cfg->rope_theta))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: %s: RoPE base %g must be positive and finite", path, source,
+				  (double)cfg->rope_theta);
+	return 0;
+}
+
+/* *acc += a * b; false on overflow. */
+static bool model_add_product(uint64_t *acc, uint64_t a, uint64_t b)
+{
+	uint64_t p;
+	return !__builtin_mul_overflow(a, b, &p) && !__builtin_add_overflow(*acc, p, acc);
+}
+
+static int model_alloc_layers(struct skv_model *m, char *msg, size_t msg_len)
+{
+	m->layers = calloc((size_t)m->cfg.n_layers, sizeof(*m->layers));
+	if (!m->layers)
+		return skv_errorf(msg, msg_len, -ENOMEM, "%s: out of memory for %" PRId32
+				  " layers", m->path, m->cfg.n_layers);
+	return 0;
+}
+
+/* llama2.c .bin: the header fixes every size, so the file must have exactly the bytes the
+ * header implies; a shorter file is truncated, a longer one was written for other dimensions. */
+static int model_open_llama2c(struct skv_model *m, char *msg, size_t msg_len)
+{
+	struct skv_model_config *cfg = &m->cfg;
+	int32_t header[LLAMA2C_HEADER_FIELDS];
+	int err;
+
+	if (m->map_size < LLAMA2C_HEADER_BYTES)
+		return skv_errorf(msg, msg_len, -SKV_ETRUNCATED,
+				  "%s: truncated llama2.c model: %zu bytes, shorter than the %zu-byte"
+				  " header", m->path, m->map_size, LLAMA2C_HEADER_BYTES);
+	memcpy(header, m->map, sizeof(header));
+	cfg->dim = header[0];
+	cfg->hidden_dim = header[1];
+	cfg->n_layers = header[2];
+	cfg->n_heads = header[3];
+	cfg->n_kv_heads = header[4];
+	/* The sign of vocab_size says whether the classifier is shared. -INT32_MIN does not
+	 * exist, so that value stays negative and is refused below. */
+	bool shared_classifier = header[5] > 0;
+	cfg->vocab_size = header[5] < 0 && header[5] != INT32_MIN ? -header[5] : header[5];
+	cfg->seq_len = header[6];
+	cfg->norm_eps = LLAMA2C_NORM_EPS;
+	cfg->rope_theta = LLAMA2C_ROPE_THETA;
+	err = model_check_config(cfg, m->path, "llama2.c header", msg, msg_len);
+	if (err)
+		return err;
+
+	uint64_t dim = (uint64_t)cfg->dim, hidden = (uint64_t)cfg->hidden_dim;
+	uint64_t layers = (uint64_t)cfg->n_layers, kv_dim = (uint64_t)cfg->kv_dim;
+	uint64_t vocab = (uint64_t)cfg->vocab_size, seq = (uint64_t)cfg->seq_len;
+	uint64_t per_layer = 0, floats = 0, bytes;
+	bool ok = model_add_product(&per_layer, 2, dim) &&           /* rms_att, rms_ffn */
+		  model_add_product(&per_layer, 2 * dim, dim) &&     /* wq, wo */
+		  model_add_product(&per_layer, 2 * kv_dim, dim) &&  /* wk, wv */
+		  model_add_product(&per_layer, 3 * hidden, dim) &&  /* w1, w2, w3 */
+		  model_add_product(&floats, vocab, dim) &&          /* token_embedding */
+		  model_add_product(&floats, layers, per_layer) &&
+		  model_add_product(&floats, 1, dim) &&              /* rms_final */
+		  model_add_product(&floats, seq, (uint64_t)cfg->head_size) && /* freq_cis re+im */
+		  (shared_classifier || model_add_product(&floats, vocab, dim)) &&
+		  !__builtin_mul_overflow(floats, sizeof(float), &bytes) &&
+		  !__builtin_add_overflow(bytes, LLAMA2C_HEADER_BYTES, &bytes);
+	if (!ok)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: llama2.c header dimensions (dim %" PRId32 ", hidden_dim %"
+				  PRId32 ", n_layers %" PRId32 ", vocab_size %" PRId32 ", seq_len %"
+				  PRId32 ") overflow a 64-bit size", m->path, cfg->dim,
+				  cfg->hidden_dim, cfg->n_layers, cfg->vocab_size, cfg->seq_len);
+	if (m->map_size < bytes)
+		return skv_errorf(msg, msg_len, -SKV_ETRUNCATED,
+				  "%s: truncated llama2.c model: the header's dimensions need %" PRIu64
+				  " bytes, the file has %zu", m->path, bytes, m->map_size);
+	if (m->map_size > bytes)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: llama2.c header dimensions disagree with data size: they need %"
+				  PRIu64 " bytes, the file has %zu", m->path, bytes, m->map_size);
+
+	err = model_alloc_layers(m, msg, msg_len);
+	if (err)
+		return err;
+
+	/* The header is 28 bytes, so every float array below is 4-byte aligned in the page-aligned
+	 * mapping. Arrays stacked over layers are walked in llama2.c order. */
+	const float *w = (const float *)((const char *)m->map + LLAMA2C_HEADER_BYTES);
+	const size_t d = (size_t)dim, h = (size_t)hidden, kv = (size_t)kv_dim, L = (size_t)layers;
+	m->token_embedding = w;
+	w += (size_t)vocab * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].attn_norm = w + l * d;
+	w += L * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].wq = w + l * d * d;
+	w += L * d * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].wk = w + l * kv * d;
+	w += L * kv * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].wv = w + l * kv * d;
+	w += L * kv * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].wo = w + l * d * d;
+	w += L * d * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].ffn_norm = w + l * d;
+	w += L * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].w1 = w + l * h * d;
+	w += L * h * d;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].w2 = w + l * d * h;
+	w += L * d * h;
+	for (size_t l = 0; l < L; l++)
+		m->layers[l].w3 = w + l * h * d;
+	w += L * h * d;
+	m->final_norm = w;
+	w += d;
+	w += (size_t)seq * (size_t)cfg->head_size; /* freq_cis_real, freq_cis_imag: unused */
+	m->classifier = shared_classifier ? m->token_embedding : w;
+	return 0;
+}
+
+/* An integer key that must fit int32; an absent key is an error when required, else
+ * *out keeps its value. */
+static int model_gguf_dim(const struct skv_model *m, const char *key, bool required,
+			  int32_t *out, char *msg, size_t msg_len)
+{
+	uint32_t value;
+	int err = skv_gguf_get_u32(m->gguf, key, &value);
+
+	if (err == -ENOENT && !required)
+		return 0;
+	if (err == -ENOENT)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: GGUF metadata key %s is missing",
+				  m->path, key);
+	if (err)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF metadata key %s is not a non-negative integer that fits"
+				  " 32 bits", m->path, key);
+	if (value > INT32_MAX)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF metadata key %s = %" PRIu32 " is out of range", m->path,
+				  key, value);
+	*out = (int32_t)value;
+	return 0;
+}
+
+static int model_gguf_float(const struct skv_model *m, const char *key, float fallback,
+			    bool required, float *out, char *msg, size_t msg_len)
+{
+	int err = skv_gguf_get_f32(m->gguf, key, out);
+
+	if (err == -ENOENT && !required) {
+		*out = fallback;
+		return 0;
+	}
+	if (err == -ENOENT)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: GGUF metadata key %s is missing",
+				  m->path, key);
+	if (err)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF metadata key %s is not a float32", m->path, key);
+	return 0;
+}
+
+static void model_format_dims(char *buf, size_t len, uint32_t n_dims, const uint64_t *dims)
+{
+	size_t used = 0;
+
+	buf[0] = '\0';
+	for (uint32_t i = 0; i < n_dims && used < len; i++) {
+		int n = snprintf(buf + used, len - used, "%s%" PRIu64, i ? ", " : "", dims[i]);
+		if (n < 0)
+			break;
+		used += (size_t)n;
+	}
+}
+
+/* Looks up an F32 tensor of ggml shape [cols] (rows == 0) or [cols, rows], i.e. row-major
+ * [rows][cols]. Trailing ggml dimensions of 1 are accepted. */
+static int model_gguf_tensor(const struct skv_model *m, const char *name, int64_t rows,
+			     int64_t cols, const float **out, char *msg, size_t msg_len)
+{
+	const struct skv_gguf_tensor *t = skv_gguf_find_tensor(m->gguf, name);
+	uint64_t want[4] = { (uint64_t)cols, rows ? (uint64_t)rows : 1, 1, 1 };
+	uint32_t want_dims = rows ? 2 : 1;
+	bool same = t != NULL;
+
+	if (!t)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: GGUF tensor %s is missing",
+				  m->path, name);
+	if (t->type != SKV_GGML_TYPE_F32)
+		return skv_errorf(msg, msg_len, -SKV_EDTYPE,
+				  "%s: GGUF tensor %s has type %s (%" PRIu32 "), only F32 is"
+				  " supported", m->path, name, skv_gguf_ggml_type_name(t->type),
+				  t->type);
+	for (uint32_t i = 0; i < 4; i++)
+		same = same && t->dims[i] == want[i];
+	if (!same) {
+		char found[96], expected[96];
+		model_format_dims(found, sizeof(found), t->n_dims, t->dims);
+		model_format_dims(expected, sizeof(expected), want_dims, want);
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: GGUF tensor %s has shape [%s], expected [%s] (ggml order,"
+				  " innermost first)", m->path, name, found, expected);
+	}
+	/* general.alignment may legally be 1 or 2; the forward pass needs aligned floats. */
+	if (!t->data || (uintptr_t)t->data % _Alignof(float))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF tensor %s data is not %zu-byte aligned", m->path, name,
+				  _Alignof(float));
+	*out = t->data;
+	return 0;
+}
+
+static int model_gguf_layer_tensor(const struct skv_model *m, int32_t layer, const char *suffix,
+				   int64_t rows, int64_t cols, const float **out, char *msg,
+				   size_t msg_len)
+{
+	char name[GGUF_NAME_MAX];
+
+	snprintf(name, sizeof(name), "blk.%" PRId32 ".%s.weight", layer, suffix);
+	return model_gguf_tensor(m, name, rows, cols, out, msg, msg_len);
+}
+
+static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
+{
+	struct skv_model_config *cfg = &m->cfg;
+	struct skv_gguf_str arch;
+	int err;
+
+	err = skv_gguf_get_str(m->gguf, "general.architecture", &arch);
+	if (err)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF metadata key general.architecture is %s", m->path,
+				  err == -ENOENT ? "missing" : "not a string");
+	if (arch.len != strlen("llama") || memcmp(arch.ptr, "llama", arch.len)) {
+		char shown[40];
+		size_t n = arch.len < sizeof(shown) - 1 ? (size_t)arch.len : sizeof(shown) - 1;
+		for (size_t i = 0; i < n; i++)
+			shown[i] = arch.ptr[i] >= 0x20 && arch.ptr[i] < 0x7f ? arch.ptr[i] : '?';
+		shown[n] = '\0';
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF architecture '%s' is not supported (only llama)",
+				  m->path, shown);
+	}
+
+	if ((err = model_gguf_dim(m, "llama.embedding_length", true, &cfg->dim, msg, msg_len)) ||
+	    (err = model_gguf_dim(m, "llama.feed_forward_length", true, &cfg->hidden_dim, msg,
+				  msg_len)) ||
+	    (err = model_gguf_dim(m, "llama.block_count", true, &cfg->n_layers, msg, msg_len)) ||
+	    (err = model_gguf_dim(m, "llama.attention.head_count", true, &cfg->n_heads, msg,
+				  msg_len)) ||
+	    (err = model_gguf_dim(m, "llama.context_length", true, &cfg->seq_len, msg, msg_len)))
+		return err;
+	cfg->n_kv_heads = cfg->n_heads; /* no grouped-query attention unless the key says so */
+	err = model_gguf_dim(m, "llama.attention.head_count_kv", false, &cfg->n_kv_heads, msg,
+			     msg_len);
+	if (err)
+		return err;
+	if ((err = model_gguf_float(m, "llama.attention.layer_norm_rms_epsilon", 0.0f, true,
+				    &cfg->norm_eps, msg, msg_len)) ||
+	    (err = model_gguf_float(m, "llama.rope.freq_base", GGUF_DEFAULT_ROPE_THETA, false,
+				    &cfg->rope_theta, msg, msg_len)))
+		return err;
+
+	/* The vocabulary is the tokenizer's token list; without one, the embedding's rows. */
+	struct skv_gguf_str *tokens = NULL;
+	uint64_t n_tokens = 0;
+	err = skv_gguf_get_str_array(m->gguf, "tokenizer.ggml.tokens", &tokens, &n_tokens);
+	free(tokens);
+	if (err == -ENOENT) {
+		const struct skv_gguf_tensor *embd = skv_gguf_find_tensor(m->gguf,
+									  "token_embd.weight");
+		if (!embd || embd->n_dims < 2)
+			return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					  "%s: GGUF has neither tokenizer.ggml.tokens nor a 2-D"
+					  " token_embd.weight to size the vocabulary", m->path);
+		n_tokens = embd->dims[1];
+	} else if (err == -ENOMEM) {
+		return skv_errorf(msg, msg_len, err, "%s: out of memory", m->path);
+	} else if (err) {
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF tokenizer.ggml.tokens is not an array of strings", m->path);
+	}
+	if (n_tokens > INT32_MAX)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: GGUF vocabulary of %" PRIu64 " tokens is too large", m->path,
+				  n_tokens);
+	cfg->vocab_size = (int32_t)n_tokens;
+
+	err = model_check_config(cfg, m->path, "GGUF metadata", msg, msg_len);
+	if (err)
+		return err;
+
+	/* Partial rotary embeddings are not implemented: RoPE must cover whole heads. */
+	uint32_t rope_dims;
+	err = skv_gguf_get_u32(m->gguf, "llama.rope.dimension_count", &rope_dims);
+	if (err == -SKV_EFORMAT)
+		return skv_errorf(msg, msg_len, err,
+				  "%s: GGUF metadata key llama.rope.dimension_count is not an integer",
+				  m->path);
+	if (!err && rope_dims != (uint32_t)cfg->head_size)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: GGUF llama.rope.dimension_count %" PRIu32
+				  " differs from the head size %" PRId32, m->path, rope_dims,
+				  cfg->head_size);
+	return 0;
+}
+
+static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
+{
+	const struct skv_model_config *cfg = &m->cfg;
+	int err;
+
+	err = skv_gguf_open(m->path, &m->gguf, msg, msg_len);
+	if (!err)
+		err = model_gguf_config(m, msg, msg_len);
+	if (!err)
+		err = model_alloc_layers(m, msg, msg_len);
+	if (err)
+		return err;
+
+	const int64_t dim = cfg->dim, hidden = cfg->hidden_dim, kv_dim = cfg->kv_dim;
+	if ((err = model_gguf_tensor(m, "token_embd.weight", cfg->vocab_size, dim,
+				     &m->token_embedding, msg, msg_len)) ||
+	    (err = model_gguf_tensor(m, "output_norm.weight", 0, dim, &m->final_norm, msg,
+				     msg_len)))
+		return err;
+	for (int32_t l = 0; l < cfg->n_layers; l++) {
+		struct skv_layer_weights *lw = &m->layers[l];
+		if ((err = model_gguf_layer_tensor(m, l, "attn_norm", 0, dim, &lw->attn_norm, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "attn_q", dim, dim, &lw->wq, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "attn_k", kv_dim, dim, &lw->wk, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "attn_v", kv_dim, dim, &lw->wv, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "attn_output", dim, dim, &lw->wo, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "ffn_norm", 0, dim, &lw->ffn_norm, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "ffn_gate", hidden, dim, &lw->w1, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "ffn_down", dim, hidden, &lw->w2, msg,
+						   msg_len)) ||
+		    (err = model_gguf_layer_tensor(m, l, "ffn_up", hidden, dim, &lw->w3, msg,
+						   msg_len)))
+			return err;
+	}
+	/* No output.weight: the classifier is tied to the embedding. */
+	if (!skv_gguf_find_tensor(m->gguf, "output.weight")) {
+		m->classifier = m->token_embedding;
+		return 0;
+	}
+	return model_gguf_tensor(m, "output.weight", cfg->vocab_size, dim, &m->classifier, msg,
+				 msg_len);
+}
+
+int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t msg_len)
+{
+	struct skv_model *m;
+	int err;
+
+	*out = NULL;
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return skv_errorf(msg, msg_len, -ENOMEM, "%s: out of memory", path);
+	m->path = strdup(path);
+	if (!m->path) {
+		err = skv_errorf(msg, msg_len, -ENOMEM, "%s: out of memory", path);
+		goto out_free;
+	}
+	err = model_map_file(path, &m->map, &m->map_size, msg, msg_len);
+	if (err)
+		goto out_free;
+	if (!m->map_size) {
+		err = skv_errorf(msg, msg_len, -SKV_ETRUNCATED, "%s: empty file, not a model",
+				 path);
+		goto out_free;
+	}
+
+	/* The magic picks the format. A GGUF is parsed by skv_gguf_open from its own mapping,
+	 * so this one is dropped; anything else must be a llama2.c file. */
+	if (m->map_size >= 4 && !memcmp(m->map, "GGUF", 4)) {
+		munmap(m->map, m->map_size);
+		m->map = NULL;
+		m->map_size = 0;
+		m->format = SKV_MODEL_GGUF;
+		err = model_open_gguf(m, msg, msg_len);
+	} else {
+		m->format = SKV_MODEL_LLAMA2C;
+		err = model_open_llama2c(m, msg, msg_len);
+	}
+	if (err)
+		goto out_free;
+	*out = m;
+	return 0;
+
+out_free:
+	skv_model_close(m);
+	return err;
+}
+
+void skv_model_close(struct skv_model *m)
+{
+	if (!m)
+		return;
+	skv_gguf_close(m->gguf);
+	if (m->map)
+		munmap(m->map, m->map_size);
+	free(m->layers);
+	free(m->path);
+	free(m);
+}

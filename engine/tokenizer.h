@@ -43,7 +43,11 @@ void skv_tokenizer_free(struct skv_tokenizer *t); /* accepts NULL */
 int32_t skv_tokenizer_vocab_size(const struct skv_tokenizer *t);
 
 /* Encode text[0..len) (need not be NUL-terminated). *ids is malloc'ed (caller frees), *n_ids
- * receives the count. bos: prepend BOS (1); eos: append EOS (2). Returns 0 or -ENOMEM. */
+ * receives the count. bos: prepend BOS (1); eos: append EOS (2). Returns 0 or -ENOMEM
+ * (-EINVAL for a NULL tokenizer or NULL text with len > 0, -EOVERFLOW for len > INT32_MAX - 3).
+ * Bytes are bytes: an embedded NUL is encoded (as its byte-fallback token) where llama2.c's C
+ * strings would stop. A byte-fallback id (byte + 3) that lies outside the vocabulary, and the
+ * dummy prefix of a vocabulary without " ", fall back to SKV_TOKEN_UNK / the byte of ' '. */
 int skv_tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t len, int bos,
 			 int eos, int32_t **ids, size_t *n_ids);
 
@@ -55,5 +59,13 @@ const char *skv_tokenizer_decode(const struct skv_tokenizer *t, int32_t prev_tok
 
 /* The raw piece of a token, as stored (for tools); NULL if out of range. */
 const char *skv_tokenizer_piece(const struct skv_tokenizer *t, int32_t token, size_t *len);
+
+/* The merge score of a token into *score: 0, or -EINVAL if token is out of range. */
+int skv_tokenizer_score(const struct skv_tokenizer *t, int32_t token, float *score);
+
+/* Whether a decoded piece should be printed, as llama2.c's safe_printf() decides: 0 for an empty
+ * piece and for a single byte that is neither printable nor white space in the C locale (a lone
+ * byte of a split UTF-8 sequence, a control byte), 1 otherwise. */
+int skv_piece_is_printable(const char *piece, size_t len);
 
 #endif

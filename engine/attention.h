@@ -1,0 +1,63 @@
+/* Rotary position embedding and attention over a stream's KV slots, in place.
+ *
+ * Positions as StreamingLLM defines them. The model must see the sinks at positions
+ * 0..S-1 and the window at S..S+fill-1, in order, whatever the token's place in the text. The
+ * paper's code keeps pre-RoPE keys and rotates all of them again at every step. We keep every
+ * key rotated once, at its absolute position a_k, when it is appended. RoPE scores depend only on
+ * the difference of the two rotations (R(x)q . R(y)k = q . R(y - x)k), so:
+ *   - window keys: their in-cache distance to the query equals their distance in the text (the
+ *     window is a contiguous run of the text), so the query rotated at its absolute position
+ *     a_q scores them exactly as the re-rotation does;
+ *   - sink keys: sink j sits at absolute position j, which is also its in-cache position, so the
+ *     query rotated at its in-cache position p_q scores them exactly as the re-rotation does.
+ * One extra rotation of the query per step replaces re-rotating S + W keys. Angles are computed
+ * from the integer position in double precision, so the result stays exact after millions of
+ * tokens (float32 angles lose whole radians past 2^24).
+ *
+ * Thread safety: pure functions over the buffers passed in. */
+#ifndef SKV_ATTENTION_H
+#define SKV_ATTENTION_H
+
+#include <stdint.h>
+
+#include "kv-layout.h"
+
+#define SKV_ROPE_MAX_PAIRS 256
+
+/* Inverse frequencies of the rotary pairs of one head, as llama2.c computes them
+ * (1 / theta^(2i / head_size) in float32). */
+struct skv_rope {
+	uint32_t head_size;
+	uint32_t pairs;                     /* head_size / 2 */
+	float inv_freq[SKV_ROPE_MAX_PAIRS]; /* [pairs] */
+};
+
+/* -EINVAL if head_size is odd, zero or above 2 * SKV_ROPE_MAX_PAIRS. */
+int skv_rope_init(struct skv_rope *rope, uint32_t head_size, float theta);
+
+/* cos/sin of every pair's angle at an integer position, computed in double. [pairs] each. */
+void skv_rope_angles(const struct skv_rope *rope, uint64_t pos, float *cos_out, float *sin_out);
+
+/* Rotate n_heads consecutive heads of vec (interleaved pairs, as llama2.c) in place. */
+void skv_rope_rotate(const struct skv_rope *rope, float *vec, uint32_t n_heads,
+		     const float *cos_tab, const float *sin_tab);
+
+/* One query row of one layer attending over one stream's KV planes. */
+struct skv_attn_args {
+	const float *q_window;  /* [n_heads][head_size], rotated at the token's absolute position */
+	const float *q_sink;    /* [n_heads][head_size], rotated at the position the sinks must see */
+	const float *k_plane;   /* [n_kv_heads][head_size][slot_stride], see kv-layout.h */
+	const float *v_plane;   /* same shape */
+	const struct skv_kv_desc *desc;
+	const struct skv_kv_step *step; /* which slots are valid for this row */
+	uint32_t n_heads;
+	float *scores;          /* scratch, [slot_stride] floats, 64-byte aligned */
+	float *out;             /* [n_heads][head_size] */
+};
+
+void skv_attend(const struct skv_attn_args *args);
+
+/* expf for the softmax, vectorisable; max relative error below 2e-7 on [-87, 0]. */
+float skv_expf(float x);
+
+#endif

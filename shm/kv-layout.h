@@ -1,0 +1,126 @@
+/* The sink-pinned circular KV layout of one stream, and its ring state.
+ *
+ * A stream's KV region holds, for every layer, a K plane and a V plane. Each plane is
+ * [n_kv_heads][head_size][slot_stride] float32: for every (kv head, component) pair one row
+ * over the stream's slots, so that attention runs along contiguous slots for a fixed component
+ * (the scores of 16 slots are one AVX-512 FMA per component). Slots 0..sink_slots-1 of every
+ * row are the attention sinks, pinned for the life of the stream; slots
+ * sink_slots..sink_slots+window_slots-1 are the ring of the rolling window. Appending a token
+ * writes its K and V into one slot of every row; eviction only advances the ring state; no
+ * slot is ever moved or copied.
+ *
+ *   region:  [struct skv_kv_desc][pad to SKV_KV_ALIGN][L0 K plane][L0 V plane][L1 K]...
+ *   plane:   row (h, d) = floats [ (h * head_size + d) * slot_stride ... + slot_stride )
+ *   row:     | sink 0 .. sink S-1 | ring slot 0 .. ring slot W-1 | pad to slot_stride |
+ *
+ * The descriptor holds sizes and offsets only (no pointers), so the same region works in a
+ * private mapping (local mode) and inside a shared-memory arena mapped at different addresses
+ * in different processes. Keys are stored already rotated (RoPE) at their absolute position in
+ * the text; see engine/attention.h for how in-cache positions are recovered exactly.
+ *
+ * The ring state (struct skv_kv_ring) is written only by the process that runs the stream's
+ * forward pass; it is a plain value that other processes may read (issue 4 puts it in shared
+ * memory behind a generation counter).
+ *
+ * Thread safety: all functions are pure or touch only the objects passed in. */
+#ifndef SKV_KV_LAYOUT_H
+#define SKV_KV_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SKV_KV_MAGIC 0x31564b53u /* "SKV1" little-endian */
+#define SKV_KV_ABI_MAJOR 1
+#define SKV_KV_ABI_MINOR 0
+#define SKV_KV_DTYPE_F32 1u
+/* Plane and row alignment: a cache line, and a whole AVX-512 vector of float32 per 16 slots. */
+#define SKV_KV_ALIGN 64u
+#define SKV_KV_SLOT_ROUND 16u
+/* Largest slot count a region may hold (sinks + window); keeps offsets far from overflow. */
+#define SKV_KV_MAX_SLOTS (1u << 24)
+
+struct skv_kv_desc {
+	uint32_t magic;              /* SKV_KV_MAGIC */
+	uint16_t abi_major;          /* SKV_KV_ABI_MAJOR: a different major is refused */
+	uint16_t abi_minor;          /* newer minors only add fields in reserved space */
+	uint32_t dtype;              /* SKV_KV_DTYPE_F32 */
+	uint32_t n_layers;
+	uint32_t n_kv_heads;
+	uint32_t head_size;
+	uint32_t sink_slots;         /* S: pinned slots at the start of every row */
+	uint32_t window_slots;       /* W: ring slots after the sinks */
+	uint32_t slot_stride;        /* floats per row: S + W rounded up to SKV_KV_SLOT_ROUND */
+	uint32_t reserved0;
+	uint64_t plane_bytes;        /* bytes of one K or V plane */
+	uint64_t planes_offset;      /* from region start to layer 0's K plane */
+	uint64_t region_bytes;       /* whole region, descriptor included */
+	uint64_t reserved[2];        /* zero */
+};
+_Static_assert(sizeof(struct skv_kv_desc) == 80, "skv_kv_desc is ABI");
+_Static_assert(offsetof(struct skv_kv_desc, plane_bytes) == 40, "skv_kv_desc is ABI");
+
+/* Ring state of one stream. Token indices are absolute positions in the stream's text:
+ * tokens 0..S-1 are the sinks; the window holds tokens [window_start, tokens_seen). */
+struct skv_kv_ring {
+	uint64_t tokens_seen;    /* tokens appended so far = absolute index of the next token */
+	uint64_t window_start;   /* absolute index of the oldest token still in the window (>= S) */
+	uint64_t tokens_evicted; /* tokens dropped from the window so far */
+	uint64_t reserved;
+};
+_Static_assert(sizeof(struct skv_kv_ring) == 32, "skv_kv_ring is ABI");
+
+/* Where one appended token goes and what its attention step sees. */
+struct skv_kv_step {
+	uint64_t abs_pos;      /* absolute position of the token (RoPE angle of its key) */
+	uint32_t slot;         /* slot its K/V are written to */
+	uint32_t cache_pos;    /* its position inside the cache: sinks 0..S-1, then window order */
+	uint32_t sink_count;   /* sink slots [0, sink_count) valid for this step */
+	uint32_t window_head;  /* slot of the oldest window token */
+	uint32_t window_fill;  /* window tokens valid for this step, its own included */
+	uint32_t evicted;      /* 1 if appending it evicted the oldest window token */
+};
+
+/* Fill desc for a region of the given shape. Returns 0, or -EINVAL for zero sizes or a window
+ * of zero slots, -EOVERFLOW when the region would exceed SKV_KV_MAX_SLOTS slots or 2^48 bytes. */
+int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_kv_heads,
+		       uint32_t head_size, uint32_t sink_slots, uint32_t window_slots);
+
+/* Validate a descriptor copied out of shared memory against the region size the reader
+ * mapped: magic, ABI major, dtype, and every size and offset recomputed from the shape.
+ * Returns 0, -SKV_EFORMAT, -SKV_EVERSION or -SKV_ESHAPE (msg says which field). */
+int skv_kv_layout_check(const struct skv_kv_desc *desc, uint64_t mapped_bytes, char *msg,
+			size_t msg_len);
+
+/* K or V plane of a layer inside a region that starts at base (desc validated). */
+static inline float *skv_kv_k_plane(void *base, const struct skv_kv_desc *desc, uint32_t layer)
+{
+	return (float *)((char *)base + desc->planes_offset + (uint64_t)layer * 2 * desc->plane_bytes);
+}
+
+static inline float *skv_kv_v_plane(void *base, const struct skv_kv_desc *desc, uint32_t layer)
+{
+	return (float *)((char *)base + desc->planes_offset +
+			 ((uint64_t)layer * 2 + 1) * desc->plane_bytes);
+}
+
+void skv_kv_ring_reset(struct skv_kv_ring *ring, const struct skv_kv_desc *desc);
+
+/* Plan the append of the next token and advance the ring. When the window is full the oldest
+ * window token is evicted if allow_evict, otherwise -SKV_ECACHEFULL is returned and the ring is
+ * unchanged. The sinks are never evicted. */
+int skv_kv_ring_append(struct skv_kv_ring *ring, const struct skv_kv_desc *desc, int allow_evict,
+		       struct skv_kv_step *step);
+
+/* Evict the n oldest window tokens at once (per-prompt eviction). Evicting more than the
+ * window holds empties it. Returns the number evicted. */
+uint32_t skv_kv_ring_evict(struct skv_kv_ring *ring, const struct skv_kv_desc *desc, uint64_t n);
+
+/* Tokens currently in the window, and in the sinks. */
+uint32_t skv_kv_ring_window_fill(const struct skv_kv_ring *ring, const struct skv_kv_desc *desc);
+uint32_t skv_kv_ring_sink_fill(const struct skv_kv_ring *ring, const struct skv_kv_desc *desc);
+
+/* Slot of the token at absolute position abs_pos, or -ENOENT if it is not in the cache. */
+int64_t skv_kv_ring_slot_of(const struct skv_kv_ring *ring, const struct skv_kv_desc *desc,
+			    uint64_t abs_pos);
+
+#endif
