@@ -45,6 +45,7 @@ struct skv_opts {
 	long long max_tokens;   /* ppl: predictions to score, -1 = all */
 	int json;
 	int stats;
+	long long threads;      /* OpenMP threads for oneDNN */
 };
 
 /* Everything a local command needs: model, tokenizer, runner. */
@@ -80,6 +81,7 @@ static void skv_usage(FILE *out)
 	      "  --model PATH        llama2.c .bin or GGUF model (default: shipped stories260K)\n"
 	      "  --tokenizer PATH    llama2.c tokenizer (default: the GGUF's own vocabulary, or\n"
 	      "                      tok<vocab>.bin / tokenizer.bin next to a .bin model)\n"
+	      "  --threads N         oneDNN threads (default 1: fastest for small models)\n"
 	      "cache policy:\n"
 	      "  --policy NAME       sink (default), window, dense, recompute\n"
 	      "  --sink N            attention sinks (sink: default 4)\n"
@@ -137,6 +139,7 @@ enum {
 	OPT_TOKENS,
 	OPT_JSON,
 	OPT_STATS,
+	OPT_THREADS,
 	OPT_HELP,
 };
 
@@ -156,6 +159,7 @@ static const struct option skv_long_opts[] = {
 	{ "tokens", required_argument, NULL, OPT_TOKENS },
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "stats", no_argument, NULL, OPT_STATS },
+	{ "threads", required_argument, NULL, OPT_THREADS },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -171,6 +175,7 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 	o->temperature = 1.0f;
 	o->top_p = 0.9f;
 	o->max_tokens = -1;
+	o->threads = 1;
 
 	int c;
 	opterr = 0;
@@ -222,6 +227,7 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 			break;
 		case OPT_JSON: o->json = 1; break;
 		case OPT_STATS: o->stats = 1; break;
+		case OPT_THREADS: o->threads = skv_parse_int("--threads", optarg, 1, 256); break;
 		case 'h':
 		case OPT_HELP: skv_usage(stdout); exit(0);
 		case ':':
@@ -298,7 +304,8 @@ static void skv_local_open(const struct skv_opts *o, struct skv_local *L)
 	if (err < 0)
 		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
 
-	err = skv_runner_new(L->model, SKV_MAX_ROWS, &L->runner, msg, sizeof(msg));
+	err = skv_runner_new(L->model, SKV_MAX_ROWS, (uint32_t)o->threads, &L->runner, msg,
+			     sizeof(msg));
 	if (err < 0)
 		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
 }

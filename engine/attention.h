@@ -51,7 +51,7 @@ struct skv_attn_args {
 	const struct skv_kv_desc *desc;
 	const struct skv_kv_step *step; /* which slots are valid for this row */
 	uint32_t n_heads;
-	float *scores;          /* scratch, [slot_stride] floats, 64-byte aligned */
+	float *scores;          /* scratch, [2][slot_stride] floats, 64-byte aligned */
 	float *out;             /* [n_heads][head_size] */
 };
 

@@ -46,7 +46,7 @@ struct skv_runner {
 	float *sin_sink;
 	struct forward_row *rows;       /* [max_rows] */
 	struct skv_kv_ring *ring_after; /* [max_rows] ring states to commit, one per item */
-	float *scores;   /* [scores_cap] attention scores of one head */
+	float *scores;   /* [2][scores_cap] attention scores of two heads */
 	uint32_t scores_cap;
 };
 
@@ -98,8 +98,8 @@ void skv_runner_free(struct skv_runner *r)
 	free(r);
 }
 
-int skv_runner_new(const struct skv_model *model, uint32_t max_rows, struct skv_runner **out,
-		   char *msg, size_t msg_len)
+int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,
+		   struct skv_runner **out, char *msg, size_t msg_len)
 {
 	const struct skv_model_config *c = &model->cfg;
 	struct skv_runner *r = calloc(1, sizeof(*r));
@@ -115,7 +115,7 @@ int skv_runner_new(const struct skv_model *model, uint32_t max_rows, struct skv_
 				 model->path, c->head_size);
 		goto fail;
 	}
-	err = skv_backend_new(max_rows, &r->be, msg, msg_len);
+	err = skv_backend_new(max_rows, threads, &r->be, msg, msg_len);
 	if (err < 0)
 		goto fail;
 
@@ -246,7 +246,7 @@ static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32
 		r->ring_after[i] = ring;
 		uint32_t slots = it->seq->desc.slot_stride;
 		if (slots > r->scores_cap) {
-			float *s = forward_alloc(slots);
+			float *s = forward_alloc(2 * (size_t)slots);
 			if (!s)
 				return -ENOMEM;
 			free(r->scores);

@@ -43,9 +43,10 @@ struct skv_fwd_item {
 	float *logits;             /* NULL: no logits wanted for this item */
 };
 
-/* Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
-int skv_runner_new(const struct skv_model *model, uint32_t max_rows, struct skv_runner **out,
-		   char *msg, size_t msg_len);
+/* threads: see skv_backend_new (1 is the engine's default; 0 leaves OpenMP's).
+ * Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
+int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,
+		   struct skv_runner **out, char *msg, size_t msg_len);
 void skv_runner_free(struct skv_runner *r); /* accepts NULL */
 
 const struct skv_model_config *skv_runner_config(const struct skv_runner *r);

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,10 +36,13 @@ struct skv_backend {
 	size_t scratch_bytes;
 };
 
-int skv_backend_new(uint32_t max_rows, struct skv_backend **out, char *msg, size_t msg_len)
+int skv_backend_new(uint32_t max_rows, uint32_t threads, struct skv_backend **out, char *msg,
+		    size_t msg_len)
 {
 	if (!max_rows)
 		return -EINVAL;
+	if (threads)
+		omp_set_num_threads((int)threads);
 	struct skv_backend *be = calloc(1, sizeof(*be));
 	if (!be)
 		return -ENOMEM;

@@ -33,9 +33,13 @@ struct skv_linear {
 	void *weight_mem;    /* dnnl_memory_t over weight */
 };
 
-/* max_rows bounds M for every call. Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN
- * refused). */
-int skv_backend_new(uint32_t max_rows, struct skv_backend **out, char *msg, size_t msg_len);
+/* max_rows bounds M for every call. threads: OpenMP threads oneDNN may use in this process
+ * (0: leave the OpenMP default). On this project's tiny model one thread is fastest: a second
+ * one costs more in synchronisation than it saves (see tools/README.md), so engines default
+ * to 1 and get parallelism from more engines and batching.
+ * Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
+int skv_backend_new(uint32_t max_rows, uint32_t threads, struct skv_backend **out, char *msg,
+		    size_t msg_len);
 void skv_backend_free(struct skv_backend *be); /* accepts NULL */
 
 /* Describe W (no copy). Returns 0, -ENOMEM, -ENOSPC (too many distinct shapes),

@@ -270,7 +270,7 @@ int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenize
 	if (file_size < sizeof(max_token_length)) {
 		rc = skv_errorf(msg, msg_len, -SKV_ETRUNCATED,
 				"%s: truncated at offset %llu: the file ends inside the 4-byte "
-				"header (max_token_length)", path, (unsigned long long)file_size);
+				"header (max_token_length); copy it again", path, (unsigned long long)file_size);
 		goto out_close;
 	}
 	rc = tokenizer_read(f, &max_token_length, sizeof(max_token_length), &offset);
@@ -294,9 +294,8 @@ int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenize
 		if (file_size - offset < sizeof(entry)) {
 			rc = skv_errorf(msg, msg_len, -SKV_ETRUNCATED,
 					"%s: truncated at offset %llu: the file ends after %d of the "
-					"model's %d tokens (%llu bytes)", path,
-					(unsigned long long)file_size, id, vocab_size,
-					(unsigned long long)file_size);
+					"model's %d tokens; copy it again, or use the model's own",
+					path, (unsigned long long)file_size, id, vocab_size);
 			goto out_free;
 		}
 		rc = tokenizer_read(f, entry, sizeof(entry), &offset);
@@ -314,7 +313,7 @@ int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenize
 		if ((uint64_t)len > file_size - offset) {
 			rc = skv_errorf(msg, msg_len, -SKV_ETRUNCATED,
 					"%s: truncated at offset %llu: token %d of %d needs %d bytes "
-					"from offset %llu", path, (unsigned long long)file_size, id,
+					"from offset %llu; copy the file again", path, (unsigned long long)file_size, id,
 					vocab_size, len, (unsigned long long)offset);
 			goto out_free;
 		}
@@ -332,13 +331,13 @@ int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenize
 		if (extra > 0)
 			rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
 					"%s: the file holds %lld tokens, the model has %d: it is the "
-					"tokenizer of another model", path,
+					"tokenizer of another model; use the model's own", path,
 					(long long)(extra + vocab_size), vocab_size);
 		else
 			rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
 					"%s: %llu bytes are left after the model's %d tokens (file "
 					"%llu bytes, tokens end at offset %llu): it is the tokenizer "
-					"of another model", path,
+					"of another model; use the model's own", path,
 					(unsigned long long)(file_size - offset), vocab_size,
 					(unsigned long long)file_size, (unsigned long long)offset);
 		goto out_free;

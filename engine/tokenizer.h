@@ -29,12 +29,16 @@ struct skv_tokenizer;
 
 /* Load a llama2.c tokenizer file holding exactly vocab_size tokens. A file with fewer
  * (truncated) or more entries (another model's vocabulary) is refused: -SKV_ETRUNCATED or
- * -SKV_EVOCAB, with msg naming the path and both sizes. */
+ * -SKV_EVOCAB, with msg naming the path and both sizes. A length field that is negative or above
+ * the header's max_token_length is -SKV_EFORMAT; a missing file -ENOENT; vocab_size < 3 (no room
+ * for <unk>, BOS, EOS) -EINVAL. On error *out is NULL. Duplicate pieces encode as the lowest id. */
 int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenizer **out,
 		       char *msg, size_t msg_len);
 
 /* Build from a GGUF file's vocabulary; -SKV_EVOCAB if its size differs from vocab_size,
- * -ENOENT/-SKV_EFORMAT if the tokenizer keys are missing or malformed. */
+ * -ENOENT/-SKV_EFORMAT if the tokenizer keys are missing or malformed (tokens, scores and
+ * token_type are all required, with equal counts), -EINVAL for vocab_size < 3. The tokenizer
+ * copies what it needs: g may be closed afterwards. */
 int skv_tokenizer_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 			    struct skv_tokenizer **out, char *msg, size_t msg_len);
 
@@ -46,8 +50,9 @@ int32_t skv_tokenizer_vocab_size(const struct skv_tokenizer *t);
  * receives the count. bos: prepend BOS (1); eos: append EOS (2). Returns 0 or -ENOMEM
  * (-EINVAL for a NULL tokenizer or NULL text with len > 0, -EOVERFLOW for len > INT32_MAX - 3).
  * Bytes are bytes: an embedded NUL is encoded (as its byte-fallback token) where llama2.c's C
- * strings would stop. A byte-fallback id (byte + 3) that lies outside the vocabulary, and the
- * dummy prefix of a vocabulary without " ", fall back to SKV_TOKEN_UNK / the byte of ' '. */
+ * strings would stop. Where llama2.c would emit an invalid id, this does not: a vocabulary
+ * without a " " piece gets the byte-fallback token of ' ' as dummy prefix, and a byte-fallback
+ * id (byte + 3) outside the vocabulary becomes SKV_TOKEN_UNK. */
 int skv_tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t len, int bos,
 			 int eos, int32_t **ids, size_t *n_ids);
 

@@ -35,12 +35,22 @@ static uint8_t *gguf_bytes(size_t *len)
 	return buf;
 }
 
+/* First occurrence of needle[0..n) in buf[0..len), or NULL (memmem without _GNU_SOURCE). */
+static uint8_t *find_bytes(const uint8_t *buf, size_t len, const char *needle, size_t n)
+{
+	for (size_t i = 0; n && i + n <= len; i++) {
+		if (buf[i] == (uint8_t)needle[0] && !memcmp(buf + i, needle, n))
+			return (uint8_t *)(buf + i);
+	}
+	return NULL;
+}
+
 /* File offset of the field that follows a tensor info's name (its u32 n_dims). Tensor names
  * occur once in the file, in the tensor infos, preceded by their u64 length. */
 static size_t tensor_info_after_name(const uint8_t *buf, size_t len, const char *name)
 {
 	size_t name_len = strlen(name);
-	const uint8_t *hit = memmem(buf, len, name, name_len);
+	const uint8_t *hit = find_bytes(buf, len, name, name_len);
 	uint64_t stored_len;
 
 	cr_assert(hit != NULL, "tensor info %s not found", name);
@@ -79,7 +89,7 @@ static void put_u64(uint8_t *buf, size_t at, uint64_t v)
 }
 
 /* Opens a modified copy with skv_gguf_open; returns its result, closing on success. */
-static int open_copy(const char *name, const uint8_t *buf, size_t len, char *msg)
+static int open_copy(const char *name, const void *buf, size_t len, char *msg)
 {
 	struct skv_gguf *g = NULL;
 	const char *path = tu_write_scratch(name, buf, len);
@@ -91,7 +101,7 @@ static int open_copy(const char *name, const uint8_t *buf, size_t len, char *msg
 	return err;
 }
 
-static int open_model_copy(const char *name, const uint8_t *buf, size_t len, char *msg)
+static int open_model_copy(const char *name, const void *buf, size_t len, char *msg)
 {
 	struct skv_model *m = NULL;
 	const char *path = tu_write_scratch(name, buf, len);
@@ -486,7 +496,7 @@ Test(gguf, non_f32_tensors_are_edtype)
 	skv_gguf_close(g);
 	cr_assert_eq(open_model_copy("q4-model.gguf", buf, len, msg), -SKV_EDTYPE);
 	assert_msg_has(msg, "Q4_0");
-	assert_msg_has(msg, path);
+	assert_msg_has(msg, "q4-model.gguf");
 
 	/* A type this reader cannot size parses with data == NULL and is refused by the model. */
 	set_tensor_type(buf, len, "blk.0.attn_q.weight", 200);

@@ -7,6 +7,7 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -314,6 +315,13 @@ static const struct named_text edge_texts[] = {
 	NAMED("\xe4\xb8\xad\xe6\x96\x87 Chinese"),
 	NAMED("emoji \xf0\x9f\x98\x80\xf0\x9f\x8e\x89!"),
 	NAMED("<0x41> <s> </s> <unk> \n<s>\n"),
+	/* "oo", "ll" and "pp" are pieces: overlapping equal-score pairs, where leftmost matters. */
+	NAMED("ooo"),
+	NAMED("lllll"),
+	NAMED("Hellllo, pppp oooo!"),
+	/* U+200A is a piece: the 3-byte group is found, the 4-byte one with a stray byte is not. */
+	NAMED("\xe2\x80\x8a"),
+	NAMED_LEN("piece + stray continuation", "\xe2\x80\x8a\x80"),
 	NAMED_LEN("lone continuation", "\x80"),
 	NAMED_LEN("continuation run", "a\x80\x80\x80\x80\x80\x80\x80\x80\x80 b"),
 	NAMED_LEN("truncated 3-byte", "\xe4\xb8 a"),
@@ -374,7 +382,7 @@ static char *repeat(const char *unit, size_t times, size_t *len)
 
 Test(tokenizer, long_runs_match_reference)
 {
-	static const char *const units[] = { "a", " ", "ab", " the", "\xe2\x80\x94", "\n", "ee " };
+	static const char *const units[] = { "a", "o", " ", "ab", " the", "\xe2\x80\x94", "\n", "ee " };
 	for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
 		size_t len;
 		char *text = repeat(units[i], 10000, &len);
@@ -496,6 +504,122 @@ Test(tokenizer, byte_fallback)
 	cr_assert_eq(len, 1);
 	cr_assert_eq(nul[0], '\0');
 	free(ids);
+}
+
+/* --- a synthetic vocabulary for the rules tok512.bin cannot reach -------------------------- */
+
+struct synthetic_piece {
+	const char *piece;
+	float score;
+};
+
+/* Write a llama2.c tokenizer file: <unk>, BOS, EOS, then byte tokens for bytes 0 up to
+ * n_bytes - 1, then `extra`; returns its path and the vocabulary size in *vocab_size. */
+static const char *write_vocab(const char *name, int n_bytes, const struct synthetic_piece *extra,
+			       size_t n_extra, int32_t *vocab_size)
+{
+	size_t cap = 64 * 1024, len = 4;
+	char *file = calloc(1, cap);
+	int32_t max_len = 0;
+	cr_assert(file);
+	for (int32_t id = 0; id < 3 + n_bytes + (int32_t)n_extra; id++) {
+		char byte_piece[8];
+		const char *piece;
+		float score = 0.0f;
+		if (id < 3) {
+			static const char *const specials[] = { "<unk>", "\n<s>\n", "\n</s>\n" };
+			piece = specials[id];
+		} else if (id < 3 + n_bytes) {
+			snprintf(byte_piece, sizeof(byte_piece), "<0x%02X>", id - 3);
+			piece = byte_piece;
+		} else {
+			piece = extra[id - 3 - n_bytes].piece;
+			score = extra[id - 3 - n_bytes].score;
+		}
+		int32_t piece_len = (int32_t)strlen(piece);
+		cr_assert_lt(len + 8 + (size_t)piece_len, cap);
+		memcpy(file + len, &score, 4);
+		memcpy(file + len + 4, &piece_len, 4);
+		memcpy(file + len + 8, piece, (size_t)piece_len);
+		len += 8 + (size_t)piece_len;
+		max_len = piece_len > max_len ? piece_len : max_len;
+		*vocab_size = id + 1;
+	}
+	memcpy(file, &max_len, 4);
+	const char *path = tu_write_scratch(name, file, len);
+	free(file);
+	return path;
+}
+
+TestSuite(tokenizer_synthetic, .fini = teardown_scratch);
+
+Test(tokenizer_synthetic, merge_rules)
+{
+	/* No " " piece: the dummy prefix falls back to the byte token of ' '. */
+	static const struct synthetic_piece extra[] = {
+		{ "a", -1.0f },    { "b", -1.0f },      { "c", -1.0f },   { "d", -1.0f },
+		{ "ab", -5.0f },   { "bc", -5.0f },     /* equal scores, different tokens */
+		{ "cd", -2e10f },  /* below llama2.c's starting best: never merged */
+		{ "da", NAN },     /* never wins a '>' comparison */
+		{ "dd", -1e10f },  /* exactly the starting best: never merged */
+		{ "aa", -9.9e9f }, /* just above it: merged */
+		{ "abc", -3.0f },  { "ab", -0.5f },     /* a duplicate: the lower id (-5) counts */
+		{ "", -1.0f },     { "bcd", -4.0f },    { "cdcd", 0.0f },
+	};
+	static const char *const texts[] = {
+		"", "a", "abc", "abcd", "dabcd", "cdcd", "abab", "aabbccdd", "bcbc", "abcabc", "dddd",
+		"aaaa", "dadada", "xyz abc", "bcd bcd", "ab\xe4\xb8\xad" "cd",
+	};
+	int32_t vocab_size;
+	const char *path = write_vocab("synthetic.bin", 256, extra, sizeof(extra) / sizeof(extra[0]),
+				       &vocab_size);
+	struct skv_tokenizer *t = load_ok(path, vocab_size);
+	struct ref_vocab ref;
+	ref_vocab_load(&ref, path, vocab_size);
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++)
+		check_matches_reference(t, &ref, texts[i], texts[i], strlen(texts[i]));
+
+	int32_t *ids;
+	size_t n_ids;
+	/* "abc": ab and bc tie at -5, the leftmost merges, then "ab"+"c" = "abc". */
+	cr_assert_eq(skv_tokenizer_encode(t, "abc", 3, 0, 0, &ids, &n_ids), 0);
+	cr_assert_eq(n_ids, 2);
+	cr_assert_eq(ids[0], ' ' + 3);
+	cr_assert_str_eq(skv_tokenizer_piece(t, ids[1], NULL), "abc");
+	free(ids);
+	/* "dddd" never merges (score -1e10); "aaaa" does (score -9.9e9). */
+	cr_assert_eq(skv_tokenizer_encode(t, "dddd", 4, 0, 0, &ids, &n_ids), 0);
+	cr_assert_eq(n_ids, 5);
+	free(ids);
+	cr_assert_eq(skv_tokenizer_encode(t, "aaaa", 4, 0, 0, &ids, &n_ids), 0);
+	cr_assert_eq(n_ids, 3);
+	free(ids);
+	ref_vocab_free(&ref);
+	skv_tokenizer_free(t);
+}
+
+Test(tokenizer_synthetic, byte_tokens_outside_a_small_vocabulary)
+{
+	/* 40 tokens: byte tokens only for bytes 0..35; other bytes fall back to <unk>. */
+	static const struct synthetic_piece extra[] = { { "a", -1.0f } };
+	int32_t vocab_size;
+	const char *path = write_vocab("small.bin", 36, extra, 1, &vocab_size);
+	cr_assert_eq(vocab_size, 40);
+	struct skv_tokenizer *t = load_ok(path, vocab_size);
+	struct ref_vocab ref;
+	ref_vocab_load(&ref, path, vocab_size);
+	check_matches_reference(t, &ref, "ab\n", "ab\n", 3);
+	int32_t *ids;
+	size_t n_ids;
+	cr_assert_eq(skv_tokenizer_encode(t, "ab\n", 3, 0, 0, &ids, &n_ids), 0);
+	cr_assert_eq(n_ids, 4);
+	cr_assert_eq(ids[0], ' ' + 3);
+	cr_assert_eq(ids[1], 39);
+	cr_assert_eq(ids[2], SKV_TOKEN_UNK);
+	cr_assert_eq(ids[3], '\n' + 3);
+	free(ids);
+	ref_vocab_free(&ref);
+	skv_tokenizer_free(t);
 }
 
 /* --- decoding ------------------------------------------------------------------------------ */
@@ -672,6 +796,159 @@ Test(tokenizer, gguf_vocabulary_equals_tok512)
 
 	skv_tokenizer_free(t);
 	skv_gguf_close(g);
+}
+
+/* GGUF files made at test time: a header without tensors and the given metadata. */
+struct gguf_builder {
+	char *bytes;
+	size_t len, cap;
+	uint64_t n_kv;
+};
+
+static void gguf_put(struct gguf_builder *b, const void *data, size_t len)
+{
+	while (b->len + len > b->cap) {
+		b->cap = b->cap ? 2 * b->cap : 1024;
+		b->bytes = realloc(b->bytes, b->cap);
+		cr_assert(b->bytes);
+	}
+	memcpy(b->bytes + b->len, data, len);
+	b->len += len;
+}
+
+static void gguf_put_u32(struct gguf_builder *b, uint32_t v) { gguf_put(b, &v, 4); }
+static void gguf_put_u64(struct gguf_builder *b, uint64_t v) { gguf_put(b, &v, 8); }
+
+static void gguf_put_str(struct gguf_builder *b, const char *str)
+{
+	gguf_put_u64(b, strlen(str));
+	gguf_put(b, str, strlen(str));
+}
+
+static void gguf_begin(struct gguf_builder *b)
+{
+	memset(b, 0, sizeof(*b));
+	gguf_put(b, "GGUF", 4);
+	gguf_put_u32(b, 3);
+	gguf_put_u64(b, 0); /* tensors */
+	gguf_put_u64(b, 0); /* metadata pairs, patched by gguf_finish() */
+}
+
+static void gguf_kv_strings(struct gguf_builder *b, const char *key, const char *const *strs,
+			    size_t n)
+{
+	gguf_put_str(b, key);
+	gguf_put_u32(b, SKV_GGUF_ARRAY);
+	gguf_put_u32(b, SKV_GGUF_STRING);
+	gguf_put_u64(b, n);
+	for (size_t i = 0; i < n; i++)
+		gguf_put_str(b, strs[i]);
+	b->n_kv++;
+}
+
+/* An array of 4-byte elements (float32 or int32). */
+static void gguf_kv_array4(struct gguf_builder *b, const char *key, enum skv_gguf_type type,
+			   const void *values, size_t n)
+{
+	gguf_put_str(b, key);
+	gguf_put_u32(b, SKV_GGUF_ARRAY);
+	gguf_put_u32(b, type);
+	gguf_put_u64(b, n);
+	gguf_put(b, values, 4 * n);
+	b->n_kv++;
+}
+
+/* Write the file, open it, and return the GGUF handle. */
+static struct skv_gguf *gguf_finish(struct gguf_builder *b, const char *name)
+{
+	static const char zeros[32];
+	memcpy(b->bytes + 16, &b->n_kv, 8);
+	gguf_put(b, zeros, (32 - b->len % 32) % 32);
+	struct skv_gguf *g = NULL;
+	char msg[256] = "";
+	int rc = skv_gguf_open(tu_write_scratch(name, b->bytes, b->len), &g, msg, sizeof(msg));
+	cr_assert_eq(rc, 0, "test GGUF %s: %s", name, msg);
+	free(b->bytes);
+	return g;
+}
+
+static const char *const gguf_tokens[] = {
+	"<unk>", "<s>", "</s>", "\xe2\x96\x81a\xe2\x96\x81b", "<s>", "\xe2\x96\x81", "x\xe2\x96",
+};
+static const float gguf_scores[] = { 0.0f, 0.0f, 0.0f, -1.0f, -2.0f, -3.0f, -4.0f };
+static const int32_t gguf_types[] = { 2, 3, 3, 1, 1, 1, 1 };
+#define GGUF_TEST_VOCAB 7
+
+Test(tokenizer_synthetic, gguf_export_mapping)
+{
+	/* U+2581 becomes ' ' everywhere; only *control* <s> and </s> get llama2.c's newlines; a
+	 * truncated U+2581 is copied as is. */
+	static const char *const expected[] = {
+		"<unk>", "\n<s>\n", "\n</s>\n", " a b", "<s>", " ", "x\xe2\x96",
+	};
+	struct gguf_builder b;
+	gguf_begin(&b);
+	gguf_kv_strings(&b, "tokenizer.ggml.tokens", gguf_tokens, GGUF_TEST_VOCAB);
+	gguf_kv_array4(&b, "tokenizer.ggml.scores", SKV_GGUF_FLOAT32, gguf_scores, GGUF_TEST_VOCAB);
+	gguf_kv_array4(&b, "tokenizer.ggml.token_type", SKV_GGUF_INT32, gguf_types,
+		       GGUF_TEST_VOCAB);
+	struct skv_gguf *g = gguf_finish(&b, "mapping.gguf");
+	struct skv_tokenizer *t = NULL;
+	char msg[256] = "";
+	cr_assert_eq(skv_tokenizer_from_gguf(g, GGUF_TEST_VOCAB, &t, msg, sizeof(msg)), 0, "%s", msg);
+	skv_gguf_close(g); /* the tokenizer keeps copies */
+	for (int32_t id = 0; id < GGUF_TEST_VOCAB; id++) {
+		size_t len;
+		float score;
+		const char *piece = skv_tokenizer_piece(t, id, &len);
+		cr_assert_eq(len, strlen(expected[id]), "token %d", id);
+		cr_assert(memcmp(piece, expected[id], len) == 0, "token %d: \"%s\"", id, piece);
+		cr_assert_eq(skv_tokenizer_score(t, id, &score), 0);
+		cr_assert_eq(score, gguf_scores[id]);
+	}
+	skv_tokenizer_free(t);
+}
+
+/* Build a GGUF with some tokenizer keys and expect from_gguf to fail with err naming `key`. */
+static void check_gguf_fails(const char *name, bool tokens, enum skv_gguf_type score_type,
+			     size_t n_types, int32_t vocab_size, int err, const char *needle)
+{
+	struct gguf_builder b;
+	gguf_begin(&b);
+	if (tokens)
+		gguf_kv_strings(&b, "tokenizer.ggml.tokens", gguf_tokens, GGUF_TEST_VOCAB);
+	if (score_type != SKV_GGUF_STRING)
+		gguf_kv_array4(&b, "tokenizer.ggml.scores", score_type, gguf_scores,
+			       GGUF_TEST_VOCAB);
+	if (n_types)
+		gguf_kv_array4(&b, "tokenizer.ggml.token_type", SKV_GGUF_INT32, gguf_types, n_types);
+	struct skv_gguf *g = gguf_finish(&b, name);
+	struct skv_tokenizer *t = (struct skv_tokenizer *)(uintptr_t)1;
+	char msg[256] = "";
+	int rc = skv_tokenizer_from_gguf(g, vocab_size, &t, msg, sizeof(msg));
+	cr_assert_eq(rc, err, "%s: got %d (%s): %s", name, rc, skv_strerror(rc), msg);
+	cr_assert_null(t);
+	cr_assert(strstr(msg, name), "message does not name the file: %s", msg);
+	cr_assert(strstr(msg, needle), "message lacks \"%s\": %s", needle, msg);
+	skv_gguf_close(g);
+}
+
+Test(tokenizer_synthetic, gguf_errors)
+{
+	/* SKV_GGUF_STRING as score type stands for "no scores key". */
+	check_gguf_fails("no-tokens.gguf", false, SKV_GGUF_FLOAT32, GGUF_TEST_VOCAB,
+			 GGUF_TEST_VOCAB, -ENOENT, "tokenizer.ggml.tokens");
+	check_gguf_fails("no-scores.gguf", true, SKV_GGUF_STRING, GGUF_TEST_VOCAB, GGUF_TEST_VOCAB,
+			 -ENOENT, "tokenizer.ggml.scores");
+	check_gguf_fails("int-scores.gguf", true, SKV_GGUF_INT32, GGUF_TEST_VOCAB, GGUF_TEST_VOCAB,
+			 -SKV_EFORMAT, "tokenizer.ggml.scores");
+	check_gguf_fails("no-types.gguf", true, SKV_GGUF_FLOAT32, 0, GGUF_TEST_VOCAB, -ENOENT,
+			 "tokenizer.ggml.token_type");
+	check_gguf_fails("short-types.gguf", true, SKV_GGUF_FLOAT32, GGUF_TEST_VOCAB - 1,
+			 GGUF_TEST_VOCAB, -SKV_EFORMAT, "token types");
+	check_gguf_fails("vocab.gguf", true, SKV_GGUF_FLOAT32, GGUF_TEST_VOCAB, 512, -SKV_EVOCAB,
+			 "512");
+	check_gguf_fails("tiny.gguf", true, SKV_GGUF_FLOAT32, GGUF_TEST_VOCAB, 2, -EINVAL, "2");
 }
 
 /* --- load errors --------------------------------------------------------------------------- */

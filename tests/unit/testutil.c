@@ -60,8 +60,9 @@ const char *tu_scratch_dir(const char *test_name)
 	if (tu_scratch[0])
 		return tu_scratch;
 	const char *tmp = getenv("TMPDIR");
-	snprintf(tu_scratch, sizeof(tu_scratch), "%s/skv-%d-%s-XXXXXX", tmp ? tmp : "/tmp",
-		 (int)getpid(), test_name);
+	int n = snprintf(tu_scratch, sizeof(tu_scratch), "%s/skv-%d-%s-XXXXXX",
+			 tmp ? tmp : "/tmp", (int)getpid(), test_name);
+	cr_assert(n > 0 && n < (int)sizeof(tu_scratch), "scratch path too long");
 	cr_assert(mkdtemp(tu_scratch) != NULL, "mkdtemp %s failed", tu_scratch);
 	return tu_scratch;
 }
@@ -77,8 +78,9 @@ void tu_scratch_cleanup(void)
 		while ((e = readdir(d))) {
 			if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
 				continue;
-			snprintf(path, sizeof(path), "%s/%s", tu_scratch, e->d_name);
-			unlink(path);
+			if (snprintf(path, sizeof(path), "%s/%s", tu_scratch, e->d_name) <
+			    (int)sizeof(path))
+				unlink(path);
 		}
 		closedir(d);
 	}
@@ -90,7 +92,8 @@ const char *tu_write_scratch(const char *name, const void *data, size_t len)
 {
 	const char *dir = tu_scratch_dir("scratch");
 	char *path = tu_slot();
-	snprintf(path, PATH_MAX, "%s/%s", dir, name);
+	int n = snprintf(path, PATH_MAX, "%s/%s", dir, name);
+	cr_assert(n > 0 && n < PATH_MAX, "scratch path too long");
 	FILE *f = fopen(path, "wb");
 	cr_assert(f != NULL, "cannot create %s", path);
 	cr_assert(fwrite(data, 1, len, f) == len);
