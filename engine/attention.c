@@ -293,6 +293,18 @@ void skv_attend(const struct skv_attn_args *args)
 				desc->sink_slots, desc->sink_slots + (end - ring_end), args->q_window
 			};
 	}
+	/* Adjacent ranges scored with the same query are one run of slots: merging them makes
+	 * the arithmetic (and so the result) identical to a cache without sinks, e.g. sink with
+	 * a window not yet full against dense. */
+	uint32_t merged = 0;
+	for (uint32_t r = 0; r < n_ranges; r++) {
+		if (merged && ranges[merged - 1].hi == ranges[r].lo &&
+		    ranges[merged - 1].q == ranges[r].q)
+			ranges[merged - 1].hi = ranges[r].hi;
+		else
+			ranges[merged++] = ranges[r];
+	}
+	n_ranges = merged;
 
 	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
 		const float *k_rows = args->k_plane + (size_t)g * hs * stride;

@@ -23,7 +23,8 @@ struct skv_model_config {
 	int32_t n_heads;     /* query heads */
 	int32_t n_kv_heads;  /* key/value heads (grouped-query attention) */
 	int32_t vocab_size;
-	int32_t seq_len;     /* the length the model was trained at */
+	int32_t seq_len;     /* the length the model was trained at; for GGUF, llama.context_length
+	                      * as the file states it (stories260K.gguf says 2048, trained at 512) */
 	int32_t head_size;   /* dim / n_heads */
 	int32_t kv_dim;      /* n_kv_heads * head_size */
 	float norm_eps;      /* RMSNorm epsilon (1e-5 for llama2.c models) */

@@ -181,6 +181,11 @@ static void tokenizer_commit(struct skv_tokenizer *t, int32_t id, size_t len, fl
 /* Build the string -> id table once every piece is in; at most half full. */
 static int tokenizer_index(struct skv_tokenizer *t)
 {
+	char *tight = realloc(t->piece_bytes, t->piece_bytes_len);
+	if (tight) {
+		t->piece_bytes = tight;
+		t->piece_bytes_cap = t->piece_bytes_len;
+	}
 	size_t slots = 16;
 	while (slots < 2 * (size_t)t->vocab_size)
 		slots *= 2;

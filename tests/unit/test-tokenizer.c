@@ -873,7 +873,7 @@ static struct skv_gguf *gguf_finish(struct gguf_builder *b, const char *name)
 }
 
 static const char *const gguf_tokens[] = {
-	"<unk>", "<s>", "</s>", "\xe2\x96\x81a\xe2\x96\x81b", "<s>", "\xe2\x96\x81", "x\xe2\x96",
+	"<unk>", "<s>", "</s>", "\xe2\x96\x81" "a" "\xe2\x96\x81" "b", "<s>", "\xe2\x96\x81", "x\xe2\x96",
 };
 static const float gguf_scores[] = { 0.0f, 0.0f, 0.0f, -1.0f, -2.0f, -3.0f, -4.0f };
 static const int32_t gguf_types[] = { 2, 3, 3, 1, 1, 1, 1 };

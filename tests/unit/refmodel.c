@@ -1,0 +1,187 @@
+#include "refmodel.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+
+static void ref_matvec(double *out, const double *x, const float *w, int n_in, int n_out)
+{
+	for (int i = 0; i < n_out; i++) {
+		double acc = 0.0;
+		for (int j = 0; j < n_in; j++)
+			acc += (double)w[(size_t)i * n_in + j] * x[j];
+		out[i] = acc;
+	}
+}
+
+static void ref_rmsnorm(double *out, const double *x, const float *w, int n, double eps)
+{
+	double ss = 0.0;
+	for (int i = 0; i < n; i++)
+		ss += x[i] * x[i];
+	ss = 1.0 / sqrt(ss / n + eps);
+	for (int i = 0; i < n; i++)
+		out[i] = (double)w[i] * (ss * x[i]);
+}
+
+/* Rotate interleaved pairs of every head at position pos, frequencies as llama2.c. */
+static void ref_rope(double *vec, int n, int head_size, double theta, uint64_t pos)
+{
+	for (int i = 0; i < n; i += 2) {
+		int hd = i % head_size;
+		double freq = 1.0 / pow(theta, (double)hd / head_size);
+		double a = (double)pos * freq;
+		double c = cos(a), s = sin(a);
+		double v0 = vec[i], v1 = vec[i + 1];
+		vec[i] = v0 * c - v1 * s;
+		vec[i + 1] = v0 * s + v1 * c;
+	}
+}
+
+void ref_init(struct ref_model *r, const struct skv_model *m, uint32_t sink_slots,
+	      uint32_t window_slots, int allow_evict, int abs_positions)
+{
+	memset(r, 0, sizeof(*r));
+	r->m = m;
+	r->sink_slots = sink_slots;
+	r->window_slots = window_slots;
+	r->allow_evict = allow_evict;
+	r->abs_positions = abs_positions;
+	size_t slots = (size_t)sink_slots + window_slots;
+	size_t n = (size_t)m->cfg.n_layers * slots * m->cfg.kv_dim;
+	r->k = calloc(n, sizeof(float));
+	r->v = calloc(n, sizeof(float));
+	r->abs_pos = calloc(slots, sizeof(uint64_t));
+}
+
+void ref_free(struct ref_model *r)
+{
+	free(r->k);
+	free(r->v);
+	free(r->abs_pos);
+}
+
+void ref_skip_to(struct ref_model *r, uint64_t pos)
+{
+	r->next_pos = pos;
+}
+
+int ref_step(struct ref_model *r, int32_t token, float *logits)
+{
+	const struct skv_model_config *c = &r->m->cfg;
+	int dim = c->dim, kv_dim = c->kv_dim, hs = c->head_size, hid = c->hidden_dim;
+	size_t slots = (size_t)r->sink_slots + r->window_slots;
+
+	/* Where the new token goes: a sink slot while they last, else the window ring. */
+	uint32_t slot;
+	if (r->n_sink < r->sink_slots) {
+		slot = r->n_sink++;
+	} else {
+		if (r->n_window == r->window_slots) {
+			if (!r->allow_evict)
+				return -1;
+			r->window_head = (r->window_head + 1) % r->window_slots;
+			r->n_window--;
+		}
+		slot = r->sink_slots + (r->window_head + r->n_window) % r->window_slots;
+		r->n_window++;
+	}
+	r->abs_pos[slot] = r->next_pos;
+	uint64_t q_abs = r->next_pos++;
+
+	/* Logical order of the cache: sinks, then the window oldest first. */
+	uint32_t n_cache = r->n_sink + r->n_window;
+	uint32_t *order = malloc(n_cache * sizeof(uint32_t));
+	for (uint32_t i = 0; i < r->n_sink; i++)
+		order[i] = i;
+	for (uint32_t i = 0; i < r->n_window; i++)
+		order[r->n_sink + i] = r->sink_slots + (r->window_head + i) % r->window_slots;
+
+	double *x = calloc(dim, sizeof(double)), *xb = calloc(dim, sizeof(double));
+	double *q = calloc(dim, sizeof(double)), *k = calloc(kv_dim, sizeof(double));
+	double *v = calloc(kv_dim, sizeof(double)), *att_out = calloc(dim, sizeof(double));
+	double *tmp = calloc(dim, sizeof(double)), *hb = calloc(hid, sizeof(double));
+	double *hb2 = calloc(hid, sizeof(double)), *kr = calloc(kv_dim, sizeof(double));
+	double *qr = calloc(dim, sizeof(double)), *scores = calloc(n_cache, sizeof(double));
+	for (int i = 0; i < dim; i++)
+		x[i] = r->m->token_embedding[(size_t)token * dim + i];
+
+	for (int l = 0; l < c->n_layers; l++) {
+		const struct skv_layer_weights *w = &r->m->layers[l];
+		float *kc = r->k + (size_t)l * slots * kv_dim, *vc = r->v + (size_t)l * slots * kv_dim;
+		ref_rmsnorm(xb, x, w->attn_norm, dim, c->norm_eps);
+		ref_matvec(q, xb, w->wq, dim, dim);
+		ref_matvec(k, xb, w->wk, dim, kv_dim);
+		ref_matvec(v, xb, w->wv, dim, kv_dim);
+		for (int i = 0; i < kv_dim; i++) {
+			kc[(size_t)slot * kv_dim + i] = (float)k[i];
+			vc[(size_t)slot * kv_dim + i] = (float)v[i];
+		}
+		/* Re-rotate everything at this step's positions. */
+		memcpy(qr, q, dim * sizeof(double));
+		ref_rope(qr, dim, hs, c->rope_theta, r->abs_positions ? q_abs : n_cache - 1);
+		int kv_mul = c->n_heads / c->n_kv_heads;
+		for (int h = 0; h < c->n_heads; h++) {
+			int g = h / kv_mul;
+			double max = -INFINITY;
+			for (uint32_t i = 0; i < n_cache; i++) {
+				uint32_t s = order[i];
+				for (int j = 0; j < kv_dim; j++)
+					kr[j] = kc[(size_t)s * kv_dim + j];
+				ref_rope(kr, kv_dim, hs, c->rope_theta,
+					 r->abs_positions ? r->abs_pos[s] : i);
+				double dot = 0.0;
+				for (int d = 0; d < hs; d++)
+					dot += qr[h * hs + d] * kr[g * hs + d];
+				scores[i] = dot / sqrt((double)hs);
+				max = scores[i] > max ? scores[i] : max;
+			}
+			double sum = 0.0;
+			for (uint32_t i = 0; i < n_cache; i++) {
+				scores[i] = exp(scores[i] - max);
+				sum += scores[i];
+			}
+			for (int d = 0; d < hs; d++) {
+				double acc = 0.0;
+				for (uint32_t i = 0; i < n_cache; i++)
+					acc += scores[i] / sum *
+					       vc[(size_t)order[i] * kv_dim + g * hs + d];
+				att_out[h * hs + d] = acc;
+			}
+		}
+		ref_matvec(tmp, att_out, w->wo, dim, dim);
+		for (int i = 0; i < dim; i++)
+			x[i] += tmp[i];
+		ref_rmsnorm(xb, x, w->ffn_norm, dim, c->norm_eps);
+		ref_matvec(hb, xb, w->w1, dim, hid);
+		ref_matvec(hb2, xb, w->w3, dim, hid);
+		for (int i = 0; i < hid; i++)
+			hb[i] = hb[i] / (1.0 + exp(-hb[i])) * hb2[i];
+		ref_matvec(tmp, hb, w->w2, hid, dim);
+		for (int i = 0; i < dim; i++)
+			x[i] += tmp[i];
+	}
+	ref_rmsnorm(xb, x, r->m->final_norm, dim, c->norm_eps);
+	double *out = calloc(c->vocab_size, sizeof(double));
+	ref_matvec(out, xb, r->m->classifier, dim, c->vocab_size);
+	for (int i = 0; i < c->vocab_size; i++)
+		logits[i] = (float)out[i];
+
+	free(out);
+	free(order);
+	free(x);
+	free(xb);
+	free(q);
+	free(k);
+	free(v);
+	free(att_out);
+	free(tmp);
+	free(hb);
+	free(hb2);
+	free(kr);
+	free(qr);
+	free(scores);
+	return 0;
+}

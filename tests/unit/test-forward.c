@@ -1,0 +1,424 @@
+/* The forward pass and the cache policies, against llama2.c's output and against a
+ * brute-force reference that re-rotates every cached key at every step (refmodel.c). */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "forward.h"
+#include "model.h"
+#include "refmodel.h"
+#include "sampler.h"
+#include "skv-error.h"
+#include "stream.h"
+#include "testutil.h"
+#include "tokenizer.h"
+
+static struct skv_model *model;
+static struct skv_tokenizer *tok;
+static struct skv_runner *runner;
+static int32_t vocab;
+
+static void load(const char *model_file)
+{
+	char msg[256] = "";
+	cr_assert_eq(skv_model_open(tu_model_path(model_file), &model, msg, sizeof(msg)), 0, "%s",
+		     msg);
+	cr_assert_eq(skv_tokenizer_load(tu_model_path("tok512.bin"), model->cfg.vocab_size, &tok,
+					msg, sizeof(msg)),
+		     0, "%s", msg);
+	cr_assert_eq(skv_runner_new(model, 128, 1, &runner, msg, sizeof(msg)), 0, "%s", msg);
+	vocab = model->cfg.vocab_size;
+}
+
+static void setup_bin(void)
+{
+	load("stories260K.bin");
+}
+
+static void setup_gguf(void)
+{
+	load("stories260K.gguf");
+}
+
+static void teardown(void)
+{
+	skv_runner_free(runner);
+	skv_tokenizer_free(tok);
+	skv_model_close(model);
+}
+
+/* Tokens of the shared sample text, BOS first. */
+static int32_t *sample_tokens(size_t *n)
+{
+	size_t len;
+	char *text = tu_read_file(tu_data_path("tokenizer-sample.txt"), &len);
+	int32_t *ids;
+	cr_assert_eq(skv_tokenizer_encode(tok, text, len, 1, 0, &ids, n), 0);
+	free(text);
+	cr_assert_gt(*n, 1500, "sample text too short: %zu tokens", *n);
+	return ids;
+}
+
+static struct skv_stream *open_stream(enum skv_policy_kind kind, int64_t sinks, int64_t window)
+{
+	struct skv_policy p;
+	char msg[256] = "";
+	struct skv_stream *s;
+	skv_policy_default(&p);
+	p.kind = kind;
+	p.sink_slots = sinks;
+	p.window_slots = window;
+	cr_assert_eq(skv_policy_resolve(&p, model->cfg.seq_len, msg, sizeof(msg)), 0, "%s", msg);
+	cr_assert_eq(skv_stream_new(runner, &p, &s, msg, sizeof(msg)), 0, "%s", msg);
+	return s;
+}
+
+static void greedy_matches_llama2c(void)
+{
+	size_t expect_len;
+	char *expect = tu_read_file(tu_data_path("llama2c-greedy-200.txt"), &expect_len);
+	struct skv_stream *s = open_stream(SKV_POLICY_SINK, -1, -1);
+	float *logits = malloc(vocab * sizeof(float));
+	char *got = calloc(1, 1 << 16);
+	size_t got_len = 0;
+
+	int32_t token = SKV_TOKEN_BOS;
+	for (int step = 0; step < 200; step++) {
+		cr_assert_eq(skv_stream_feed(s, &token, 1, logits, NULL), 0);
+		int32_t next = skv_argmax(logits, vocab);
+		if (next == SKV_TOKEN_BOS)
+			break;
+		size_t len;
+		const char *piece = skv_tokenizer_decode(tok, token, next, &len);
+		cr_assert_not_null(piece);
+		if (!(len == 1 && !(piece[0] >= 0x20 && piece[0] < 0x7f) &&
+		      !(piece[0] == ' ' || (piece[0] >= '\t' && piece[0] <= '\r')))) {
+			memcpy(got + got_len, piece, len);
+			got_len += len;
+		}
+		token = next;
+	}
+	cr_assert_eq(got_len, expect_len, "got %zu bytes: %s", got_len, got);
+	cr_assert(memcmp(got, expect, expect_len) == 0, "got: %s", got);
+	free(got);
+	free(logits);
+	free(expect);
+	skv_stream_free(s);
+}
+
+Test(forward, greedy_bin_matches_llama2c, .init = setup_bin, .fini = teardown)
+{
+	greedy_matches_llama2c();
+}
+
+Test(forward, greedy_gguf_matches_llama2c, .init = setup_gguf, .fini = teardown)
+{
+	greedy_matches_llama2c();
+}
+
+/* With a window larger than the stream nothing is evicted and the in-cache positions are the
+ * absolute ones, so sink must be bit-for-bit dense. */
+Test(forward, sink_with_large_window_equals_dense, .init = setup_bin, .fini = teardown)
+{
+	size_t n;
+	int32_t *ids = sample_tokens(&n);
+	n = n > 700 ? 700 : n;
+	struct skv_stream *sink = open_stream(SKV_POLICY_SINK, 4, 1000);
+	struct skv_stream *dense = open_stream(SKV_POLICY_DENSE, -1, 1024);
+	float *a = malloc(vocab * sizeof(float)), *b = malloc(vocab * sizeof(float));
+	for (size_t i = 0; i < n; i++) {
+		cr_assert_eq(skv_stream_feed(sink, &ids[i], 1, a, NULL), 0);
+		cr_assert_eq(skv_stream_feed(dense, &ids[i], 1, b, NULL), 0);
+		cr_assert(memcmp(a, b, vocab * sizeof(float)) == 0, "logits differ at token %zu", i);
+	}
+	free(a);
+	free(b);
+	free(ids);
+	skv_stream_free(sink);
+	skv_stream_free(dense);
+}
+
+static float max_abs_diff(const float *a, const float *b, int32_t n)
+{
+	float d = 0.0f;
+	for (int32_t i = 0; i < n; i++)
+		d = fmaxf(d, fabsf(a[i] - b[i]));
+	return d;
+}
+
+#define REF_TOLERANCE 2e-3f
+
+/* A raw stream over the engine API: the region, its descriptor and ring, as the daemon will
+ * place them in an arena. */
+struct raw_seq {
+	struct skv_seq seq;
+	struct skv_kv_ring ring;
+	void *region;
+};
+
+static void raw_open(struct raw_seq *r, uint32_t sinks, uint32_t window, int allow_evict,
+		     int abs_positions)
+{
+	const struct skv_model_config *c = &model->cfg;
+	memset(r, 0, sizeof(*r));
+	cr_assert_eq(skv_kv_layout_init(&r->seq.desc, c->n_layers, c->n_kv_heads, c->head_size,
+					sinks, window),
+		     0);
+	r->region = mmap(NULL, r->seq.desc.region_bytes, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	cr_assert_neq(r->region, MAP_FAILED);
+	r->seq.kv_base = r->region;
+	r->seq.ring = &r->ring;
+	r->seq.allow_evict = allow_evict;
+	r->seq.abs_positions = abs_positions;
+	skv_kv_ring_reset(&r->ring, &r->seq.desc);
+}
+
+static void raw_close(struct raw_seq *r)
+{
+	munmap(r->region, r->seq.desc.region_bytes);
+}
+
+static int raw_step(struct raw_seq *r, int32_t token, float *logits)
+{
+	struct skv_fwd_item item = { .seq = &r->seq, .tokens = &token, .n_tokens = 1,
+				     .logits = logits };
+	return skv_forward(runner, &item, 1);
+}
+
+/* Feed tokens to the engine and to the reference; compare logits at every step. skip_to, if
+ * non-zero, jumps the text position after the sinks are filled (a stream that has already
+ * seen that many tokens). */
+static void compare_with_reference(uint32_t sinks, uint32_t window, int allow_evict,
+				   int abs_positions, size_t n_tokens, uint64_t skip_to)
+{
+	size_t n;
+	int32_t *ids = sample_tokens(&n);
+	cr_assert_geq(n, n_tokens);
+	struct raw_seq raw;
+	struct ref_model ref;
+	raw_open(&raw, sinks, window, allow_evict, abs_positions);
+	ref_init(&ref, model, sinks, window, allow_evict, abs_positions);
+	float *a = malloc(vocab * sizeof(float)), *b = malloc(vocab * sizeof(float));
+	float worst = 0.0f;
+
+	for (size_t i = 0; i < n_tokens; i++) {
+		if (skip_to && i == sinks) {
+			raw.ring.tokens_seen = skip_to;
+			raw.ring.window_start = skip_to;
+			ref_skip_to(&ref, skip_to);
+		}
+		cr_assert_eq(raw_step(&raw, ids[i], a), 0, "engine step %zu", i);
+		cr_assert_eq(ref_step(&ref, ids[i], b), 0, "reference step %zu", i);
+		float d = max_abs_diff(a, b, vocab);
+		worst = fmaxf(worst, d);
+		cr_assert_lt(d, REF_TOLERANCE, "token %zu: logits differ by %g from the reference", i,
+			     d);
+	}
+	/* The window wrapped several times and the sinks are still the first tokens. */
+	if (allow_evict && n_tokens > sinks + window)
+		cr_assert_gt(raw.ring.tokens_evicted, 0);
+	cr_log_info("worst logit difference %g", worst);
+	free(a);
+	free(b);
+	free(ids);
+	ref_free(&ref);
+	raw_close(&raw);
+}
+
+Test(reference, sink_policy_matches_rerotation, .init = setup_bin, .fini = teardown,
+     .timeout = 300)
+{
+	compare_with_reference(4, 60, 1, 0, 400, 0);
+}
+
+Test(reference, window_policy_matches_rerotation, .init = setup_bin, .fini = teardown,
+     .timeout = 300)
+{
+	compare_with_reference(0, 64, 1, 0, 300, 0);
+}
+
+Test(reference, dense_matches_reference, .init = setup_bin, .fini = teardown, .timeout = 300)
+{
+	compare_with_reference(0, 600, 0, 0, 250, 0);
+}
+
+Test(reference, absolute_positions_ablation_matches_reference, .init = setup_bin,
+     .fini = teardown, .timeout = 300)
+{
+	compare_with_reference(4, 60, 1, 1, 300, 0);
+}
+
+/* Past four million tokens the angles of float32 arithmetic would be off by whole radians;
+ * the in-cache positions must still equal the re-rotation exactly. */
+Test(reference, in_cache_positions_exact_past_four_million, .init = setup_bin,
+     .fini = teardown, .timeout = 300)
+{
+	compare_with_reference(4, 60, 1, 0, 300, 4000000);
+	compare_with_reference(4, 60, 1, 0, 200, 4294967296ull + 12345);
+}
+
+/* Feeding a run of tokens in one step equals feeding them one per step, also across
+ * evictions inside the run. */
+Test(forward, chunked_prefill_equals_token_by_token, .init = setup_bin, .fini = teardown)
+{
+	size_t n;
+	int32_t *ids = sample_tokens(&n);
+	n = 300;
+	struct skv_stream *one = open_stream(SKV_POLICY_SINK, 4, 40);
+	struct skv_stream *chunked = open_stream(SKV_POLICY_SINK, 4, 40);
+	float *a = malloc(vocab * sizeof(float));
+	float *all = malloc(n * vocab * sizeof(float));
+	cr_assert_eq(skv_stream_feed(chunked, ids, n, NULL, all), 0);
+	for (size_t i = 0; i < n; i++) {
+		cr_assert_eq(skv_stream_feed(one, &ids[i], 1, a, NULL), 0);
+		float d = max_abs_diff(a, all + i * vocab, vocab);
+		cr_assert_lt(d, 1e-3f, "token %zu differs by %g", i, d);
+	}
+	cr_assert_eq(skv_stream_tokens_seen(one), skv_stream_tokens_seen(chunked));
+	cr_assert_eq(skv_stream_seq(one)->ring->window_start,
+		     skv_stream_seq(chunked)->ring->window_start);
+	free(a);
+	free(all);
+	free(ids);
+	skv_stream_free(one);
+	skv_stream_free(chunked);
+}
+
+/* Recompute at step t equals a fresh forward over the last L tokens. */
+Test(forward, recompute_equals_fresh_forward_over_last_tokens, .init = setup_bin,
+     .fini = teardown)
+{
+	const uint32_t L = 48;
+	size_t n;
+	int32_t *ids = sample_tokens(&n);
+	struct skv_stream *rec = open_stream(SKV_POLICY_RECOMPUTE, -1, L);
+	float *a = malloc(vocab * sizeof(float)), *b = malloc(vocab * sizeof(float));
+	for (size_t t = 0; t < 150; t++) {
+		cr_assert_eq(skv_stream_feed(rec, &ids[t], 1, a, NULL), 0);
+		if (t % 25 != 24 && t != 10)
+			continue;
+		size_t first = t + 1 > L ? t + 1 - L : 0;
+		/* Fresh engine stream over the same tokens: bit-for-bit equal. */
+		struct skv_stream *fresh = open_stream(SKV_POLICY_DENSE, -1, L);
+		cr_assert_eq(skv_stream_feed(fresh, ids + first, t + 1 - first, b, NULL), 0);
+		cr_assert(memcmp(a, b, vocab * sizeof(float)) == 0, "step %zu", t);
+		skv_stream_free(fresh);
+		/* And the reference over the same tokens. */
+		struct ref_model ref;
+		ref_init(&ref, model, 0, L, 0, 0);
+		for (size_t i = first; i <= t; i++)
+			cr_assert_eq(ref_step(&ref, ids[i], b), 0);
+		ref_free(&ref);
+		cr_assert_lt(max_abs_diff(a, b, vocab), REF_TOLERANCE, "step %zu", t);
+	}
+	cr_assert_eq(skv_stream_tokens_seen(rec), 150);
+	free(a);
+	free(b);
+	free(ids);
+	skv_stream_free(rec);
+}
+
+Test(forward, dense_limit_is_a_clear_error, .init = setup_bin, .fini = teardown)
+{
+	size_t n;
+	int32_t *ids = sample_tokens(&n);
+	struct skv_stream *s = open_stream(SKV_POLICY_DENSE, -1, 20);
+	float *a = malloc(vocab * sizeof(float));
+	cr_assert_eq(skv_stream_feed(s, ids, 20, a, NULL), 0);
+	cr_assert_eq(skv_stream_feed(s, ids + 20, 1, a, NULL), -SKV_ECACHEFULL);
+	cr_assert_eq(skv_stream_tokens_seen(s), 20, "a refused step changes nothing");
+	/* A run that would overflow is refused whole. */
+	struct skv_stream *t = open_stream(SKV_POLICY_DENSE, -1, 20);
+	cr_assert_eq(skv_stream_feed(t, ids, 21, a, NULL), -SKV_ECACHEFULL);
+	cr_assert_eq(skv_stream_tokens_seen(t), 0);
+	free(a);
+	free(ids);
+	skv_stream_free(s);
+	skv_stream_free(t);
+}
+
+Test(forward, invalid_tokens_are_refused, .init = setup_bin, .fini = teardown)
+{
+	struct skv_stream *s = open_stream(SKV_POLICY_SINK, -1, -1);
+	float *a = malloc(vocab * sizeof(float));
+	int32_t bad[] = { 1, vocab };
+	cr_assert_eq(skv_stream_feed(s, bad, 2, a, NULL), -EINVAL);
+	int32_t neg = -1;
+	cr_assert_eq(skv_stream_feed(s, &neg, 1, a, NULL), -EINVAL);
+	cr_assert_eq(skv_stream_tokens_seen(s), 0);
+	free(a);
+	skv_stream_free(s);
+}
+
+/* Per-prompt eviction frees room for prompt + answer at once; the sinks stay. */
+Test(forward, per_prompt_eviction_frees_room_at_once, .init = setup_bin, .fini = teardown)
+{
+	size_t n;
+	int32_t *ids = sample_tokens(&n);
+	struct skv_policy p;
+	char msg[256];
+	struct skv_stream *s;
+	skv_policy_default(&p);
+	p.window_slots = 100;
+	p.evict = SKV_EVICT_PROMPT;
+	cr_assert_eq(skv_policy_resolve(&p, model->cfg.seq_len, msg, sizeof(msg)), 0);
+	cr_assert_eq(skv_stream_new(runner, &p, &s, msg, sizeof(msg)), 0);
+	float *a = malloc(vocab * sizeof(float));
+
+	cr_assert_eq(skv_stream_make_room(s, 90), 0, "empty cache: nothing to evict");
+	cr_assert_eq(skv_stream_feed(s, ids, 90, a, NULL), 0);
+	/* 4 sinks + 86 window tokens; room for 30 more needs 16 evicted. */
+	cr_assert_eq(skv_stream_make_room(s, 30), 16);
+	const struct skv_seq *seq = skv_stream_seq(s);
+	cr_assert_eq(skv_kv_ring_window_fill(seq->ring, &seq->desc), 70);
+	cr_assert_eq(skv_kv_ring_sink_fill(seq->ring, &seq->desc), 4);
+	cr_assert_eq(seq->ring->tokens_evicted, 16);
+	cr_assert_eq(skv_stream_feed(s, ids + 90, 30, a, NULL), 0);
+	cr_assert_eq(seq->ring->tokens_evicted, 16, "no per-token eviction inside the room");
+	/* Asking for more than the window empties it. */
+	cr_assert_eq(skv_stream_make_room(s, 1000), 100);
+	cr_assert_eq(skv_kv_ring_window_fill(seq->ring, &seq->desc), 0);
+	free(a);
+	free(ids);
+	skv_stream_free(s);
+}
+
+Test(policy, resolve_defaults_and_errors)
+{
+	struct skv_policy p;
+	char msg[256] = "";
+	skv_policy_default(&p);
+	cr_assert_eq(skv_policy_resolve(&p, 512, msg, sizeof(msg)), 0);
+	cr_assert_eq(p.sink_slots, 4);
+	cr_assert_eq(p.window_slots, 508);
+
+	skv_policy_default(&p);
+	p.kind = SKV_POLICY_WINDOW;
+	cr_assert_eq(skv_policy_resolve(&p, 512, msg, sizeof(msg)), 0);
+	cr_assert_eq(p.sink_slots, 0);
+	cr_assert_eq(p.window_slots, 512);
+
+	skv_policy_default(&p);
+	p.kind = SKV_POLICY_DENSE;
+	cr_assert_eq(skv_policy_resolve(&p, 512, msg, sizeof(msg)), 0);
+	cr_assert_geq(p.window_slots, 16384);
+
+	skv_policy_default(&p);
+	p.kind = SKV_POLICY_WINDOW;
+	p.sink_slots = 4;
+	cr_assert_eq(skv_policy_resolve(&p, 512, msg, sizeof(msg)), -SKV_EINVAL_POLICY);
+	cr_assert(strstr(msg, "no sinks"), "%s", msg);
+
+	skv_policy_default(&p);
+	p.window_slots = 0;
+	cr_assert_eq(skv_policy_resolve(&p, 512, msg, sizeof(msg)), -SKV_EINVAL_POLICY);
+
+	enum skv_policy_kind k;
+	cr_assert_eq(skv_policy_parse("recompute", &k), 0);
+	cr_assert_eq(k, SKV_POLICY_RECOMPUTE);
+	cr_assert_eq(skv_policy_parse("streaming", &k), -EINVAL);
+}
