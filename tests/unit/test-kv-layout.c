@@ -1,2 +1,164 @@
+/* The sink-pinned circular KV layout and its ring state. */
 #include <criterion/criterion.h>
-Test(placeholder, nothing) { cr_skip_test("not written yet"); }
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kv-layout.h"
+#include "skv-error.h"
+
+Test(kv_layout, sizes_and_offsets)
+{
+	struct skv_kv_desc d;
+	cr_assert_eq(skv_kv_layout_init(&d, 5, 4, 8, 4, 508), 0);
+	cr_assert_eq(d.magic, SKV_KV_MAGIC);
+	cr_assert_eq(d.slot_stride, 512);
+	cr_assert_eq(d.plane_bytes, 4ull * 8 * 512 * sizeof(float));
+	cr_assert_eq(d.planes_offset % SKV_KV_ALIGN, 0);
+	cr_assert_eq(d.region_bytes, d.planes_offset + 2 * 5 * d.plane_bytes);
+	/* Planes are laid out K0 V0 K1 V1 ... without overlap. */
+	char *base = NULL;
+	for (uint32_t l = 0; l < 5; l++) {
+		char *k = (char *)skv_kv_k_plane(base, &d, l), *v = (char *)skv_kv_v_plane(base, &d, l);
+		cr_assert_eq((uint64_t)(v - k), d.plane_bytes);
+		cr_assert_leq((uint64_t)(v - base) + d.plane_bytes, d.region_bytes);
+	}
+	/* Odd slot counts round up to whole vectors. */
+	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, 1, 16), 0);
+	cr_assert_eq(d.slot_stride, 32);
+	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, 0, 0), -EINVAL);
+	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, 0, SKV_KV_MAX_SLOTS + 1), -EOVERFLOW);
+}
+
+Test(kv_layout, check_refuses_foreign_descriptors)
+{
+	struct skv_kv_desc d, bad;
+	char msg[256] = "";
+	cr_assert_eq(skv_kv_layout_init(&d, 5, 4, 8, 4, 508), 0);
+	cr_assert_eq(skv_kv_layout_check(&d, d.region_bytes, msg, sizeof(msg)), 0);
+
+	bad = d;
+	bad.magic ^= 1;
+	cr_assert_eq(skv_kv_layout_check(&bad, d.region_bytes, msg, sizeof(msg)), -SKV_EFORMAT);
+	cr_assert(strstr(msg, "magic"), "%s", msg);
+	bad = d;
+	bad.abi_major = SKV_KV_ABI_MAJOR + 1;
+	cr_assert_eq(skv_kv_layout_check(&bad, d.region_bytes, msg, sizeof(msg)), -SKV_EVERSION);
+	cr_assert(strstr(msg, "ABI"), "%s", msg);
+	bad = d;
+	bad.dtype = 7;
+	cr_assert_eq(skv_kv_layout_check(&bad, d.region_bytes, msg, sizeof(msg)), -SKV_EDTYPE);
+	bad = d;
+	bad.plane_bytes -= 64; /* would make planes overlap */
+	cr_assert_eq(skv_kv_layout_check(&bad, d.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	bad = d;
+	bad.window_slots = 0xffffffffu;
+	cr_assert_eq(skv_kv_layout_check(&bad, d.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	/* A region larger than what the reader mapped. */
+	cr_assert_eq(skv_kv_layout_check(&d, d.region_bytes - 1, msg, sizeof(msg)), -SKV_ESHAPE);
+}
+
+/* A model of the cache contents, kept independently: which absolute token sits in each slot.
+ * The ring must agree with it after every append, over many wrap-arounds. */
+static void check_ring(uint32_t sinks, uint32_t window, uint64_t n_tokens)
+{
+	struct skv_kv_desc d;
+	struct skv_kv_ring ring;
+	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, sinks, window), 0);
+	skv_kv_ring_reset(&ring, &d);
+	uint64_t *slot_token = calloc(sinks + window, sizeof(uint64_t));
+
+	for (uint64_t t = 0; t < n_tokens; t++) {
+		struct skv_kv_step st;
+		cr_assert_eq(skv_kv_ring_append(&ring, &d, 1, &st), 0);
+		cr_assert_eq(st.abs_pos, t);
+		cr_assert_lt(st.slot, sinks + window);
+		/* Sinks are the first tokens and are never overwritten. */
+		if (t < sinks)
+			cr_assert_eq(st.slot, t);
+		else
+			cr_assert_geq(st.slot, sinks, "token %llu overwrote a sink",
+				      (unsigned long long)t);
+		slot_token[st.slot] = t;
+
+		uint32_t sink_fill = skv_kv_ring_sink_fill(&ring, &d);
+		uint32_t fill = skv_kv_ring_window_fill(&ring, &d);
+		uint64_t expect_fill = t + 1 <= sinks ? 0 : t + 1 - sinks;
+		if (expect_fill > window)
+			expect_fill = window;
+		cr_assert_eq(fill, expect_fill);
+		cr_assert_eq(sink_fill, t + 1 < sinks ? t + 1 : sinks);
+		cr_assert_eq(st.window_fill, fill);
+		cr_assert_eq(st.sink_count, sink_fill);
+		/* Slot count is constant once full; the step attends to sinks + window keys. */
+		cr_assert_leq(sink_fill + fill, sinks + window);
+		cr_assert_eq(st.cache_pos, sink_fill + fill - 1);
+		cr_assert_eq(ring.tokens_evicted, t + 1 - sink_fill - fill);
+		cr_assert_eq(st.evicted, t >= sinks + window ? 1u : 0u);
+
+		/* Window order: walking from the head visits consecutive tokens, oldest first,
+		 * ending with the one just appended. */
+		for (uint32_t i = 0; i < fill; i++) {
+			uint32_t slot = sinks + (st.window_head - sinks + i) % window;
+			cr_assert_eq(slot_token[slot], ring.window_start + i);
+			cr_assert_eq(skv_kv_ring_slot_of(&ring, &d, ring.window_start + i), slot);
+		}
+		cr_assert_eq(slot_token[sinks + (st.window_head - sinks + (fill ? fill - 1 : 0)) %
+							window],
+			     fill ? t : slot_token[sinks + (st.window_head - sinks) % window]);
+		for (uint32_t i = 0; i < sink_fill; i++)
+			cr_assert_eq(slot_token[i], i);
+		if (ring.window_start > sinks)
+			cr_assert_eq(skv_kv_ring_slot_of(&ring, &d, ring.window_start - 1), -ENOENT);
+	}
+	free(slot_token);
+}
+
+Test(kv_ring, invariants_over_many_wraparounds)
+{
+	check_ring(4, 16, 16 * 200 + 7);
+	check_ring(4, 508, 508 * 20 + 3);
+	check_ring(0, 7, 7 * 300 + 1);
+	check_ring(1, 1, 100);
+	check_ring(8, 3, 1000);
+}
+
+Test(kv_ring, no_eviction_when_not_allowed)
+{
+	struct skv_kv_desc d;
+	struct skv_kv_ring ring;
+	struct skv_kv_step st;
+	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, 0, 3), 0);
+	skv_kv_ring_reset(&ring, &d);
+	for (int i = 0; i < 3; i++)
+		cr_assert_eq(skv_kv_ring_append(&ring, &d, 0, &st), 0);
+	struct skv_kv_ring before = ring;
+	cr_assert_eq(skv_kv_ring_append(&ring, &d, 0, &st), -SKV_ECACHEFULL);
+	cr_assert(memcmp(&before, &ring, sizeof(ring)) == 0, "a refused append changes nothing");
+}
+
+Test(kv_ring, bulk_eviction_keeps_sinks_and_order)
+{
+	struct skv_kv_desc d;
+	struct skv_kv_ring ring;
+	struct skv_kv_step st;
+	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, 4, 10), 0);
+	skv_kv_ring_reset(&ring, &d);
+	for (int i = 0; i < 12; i++)
+		cr_assert_eq(skv_kv_ring_append(&ring, &d, 1, &st), 0);
+	cr_assert_eq(skv_kv_ring_window_fill(&ring, &d), 8);
+	cr_assert_eq(skv_kv_ring_evict(&ring, &d, 5), 5);
+	cr_assert_eq(skv_kv_ring_window_fill(&ring, &d), 3);
+	cr_assert_eq(ring.window_start, 9);
+	cr_assert_eq(skv_kv_ring_sink_fill(&ring, &d), 4);
+	/* The next appends wrap around the ring without evicting until it is full again. */
+	for (int i = 0; i < 7; i++) {
+		cr_assert_eq(skv_kv_ring_append(&ring, &d, 1, &st), 0);
+		cr_assert_eq(st.evicted, 0);
+	}
+	cr_assert_eq(skv_kv_ring_append(&ring, &d, 1, &st), 0);
+	cr_assert_eq(st.evicted, 1);
+	cr_assert_eq(skv_kv_ring_evict(&ring, &d, 100), 10);
+	cr_assert_eq(skv_kv_ring_window_fill(&ring, &d), 0);
+	cr_assert_eq(skv_kv_ring_slot_of(&ring, &d, 2), 2, "sinks survive a full eviction");
+}
