@@ -46,6 +46,14 @@ struct skv_opts {
 	int json;
 	int stats;
 	long long threads;      /* OpenMP threads for oneDNN */
+	unsigned given;         /* SKV_FLAG_* bits of the command-specific flags given */
+};
+
+/* Flags that only some commands take; giving one to another command is a usage error. */
+enum {
+	SKV_FLAG_GENERATE = 1u << 0, /* -n, --temp, --top-p, --seed, --stats */
+	SKV_FLAG_PPL = 1u << 1,      /* --tokens, --json */
+	SKV_FLAG_POLICY = 1u << 2,   /* --policy, --sink, --window, --limit, --evict, --positions */
 };
 
 /* Everything a local command needs: model, tokenizer, runner. */
@@ -185,21 +193,26 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 		case OPT_TOKENIZER: o->tokenizer_path = optarg; break;
 		case OPT_SOCKET: o->socket_path = optarg; break;
 		case OPT_POLICY:
+			o->given |= SKV_FLAG_POLICY;
 			if (skv_policy_parse(optarg, &o->policy.kind) < 0)
 				skv_die(SKV_EXIT_USAGE,
 					"--policy: unknown policy '%s' (sink, window, dense, recompute)",
 					optarg);
 			break;
 		case OPT_SINK:
+			o->given |= SKV_FLAG_POLICY;
 			o->policy.sink_slots = skv_parse_int("--sink", optarg, 0, SKV_KV_MAX_SLOTS);
 			break;
 		case OPT_WINDOW:
+			o->given |= SKV_FLAG_POLICY;
 			window = skv_parse_int("--window", optarg, 1, SKV_KV_MAX_SLOTS);
 			break;
 		case OPT_LIMIT:
+			o->given |= SKV_FLAG_POLICY;
 			limit = skv_parse_int("--limit", optarg, 1, SKV_KV_MAX_SLOTS);
 			break;
 		case OPT_EVICT:
+			o->given |= SKV_FLAG_POLICY;
 			if (!strcmp(optarg, "token"))
 				o->policy.evict = SKV_EVICT_TOKEN;
 			else if (!strcmp(optarg, "prompt"))
@@ -208,6 +221,7 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 				skv_die(SKV_EXIT_USAGE, "--evict: '%s' is not token or prompt", optarg);
 			break;
 		case OPT_POSITIONS:
+			o->given |= SKV_FLAG_POLICY;
 			if (!strcmp(optarg, "cache"))
 				o->policy.abs_positions = 0;
 			else if (!strcmp(optarg, "abs"))
@@ -215,24 +229,46 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 			else
 				skv_die(SKV_EXIT_USAGE, "--positions: '%s' is not cache or abs", optarg);
 			break;
-		case 'n': o->steps = skv_parse_int("-n", optarg, 0, LLONG_MAX); break;
-		case OPT_TEMP: o->temperature = skv_parse_float("--temp", optarg, 0.0f, 100.0f); break;
-		case OPT_TOPP: o->top_p = skv_parse_float("--top-p", optarg, 0.0f, 1.0f); break;
+		case 'n':
+			o->given |= SKV_FLAG_GENERATE;
+			o->steps = skv_parse_int("-n", optarg, 0, LLONG_MAX);
+			break;
+		case OPT_TEMP:
+			o->given |= SKV_FLAG_GENERATE;
+			o->temperature = skv_parse_float("--temp", optarg, 0.0f, 100.0f);
+			break;
+		case OPT_TOPP:
+			o->given |= SKV_FLAG_GENERATE;
+			o->top_p = skv_parse_float("--top-p", optarg, 0.0f, 1.0f);
+			break;
 		case OPT_SEED:
+			o->given |= SKV_FLAG_GENERATE;
 			o->seed = (unsigned long long)skv_parse_int("--seed", optarg, 0, LLONG_MAX);
 			o->have_seed = 1;
 			break;
 		case OPT_TOKENS:
+			o->given |= SKV_FLAG_PPL;
 			o->max_tokens = skv_parse_int("--tokens", optarg, 1, LLONG_MAX);
 			break;
-		case OPT_JSON: o->json = 1; break;
-		case OPT_STATS: o->stats = 1; break;
+		case OPT_JSON:
+			o->given |= SKV_FLAG_PPL;
+			o->json = 1;
+			break;
+		case OPT_STATS:
+			o->given |= SKV_FLAG_GENERATE;
+			o->stats = 1;
+			break;
 		case OPT_THREADS: o->threads = skv_parse_int("--threads", optarg, 1, 256); break;
 		case 'h':
 		case OPT_HELP: skv_usage(stdout); exit(0);
 		case ':':
+			/* optopt names a short flag; for a long one getopt has stepped past it. */
+			if (optopt > 0 && optopt < 256)
+				skv_die(SKV_EXIT_USAGE, "-%c needs a value", optopt);
 			skv_die(SKV_EXIT_USAGE, "%s needs a value", argv[optind - 1]);
 		default:
+			if (optopt > 0 && optopt < 256)
+				skv_die(SKV_EXIT_USAGE, "unknown flag '-%c' (see skv --help)", optopt);
 			skv_die(SKV_EXIT_USAGE, "unknown flag '%s' (see skv --help)",
 				argv[optind - 1]);
 		}
@@ -246,6 +282,9 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 			skv_die(SKV_EXIT_USAGE, "--limit applies to --policy dense only");
 		o->policy.window_slots = window;
 	}
+	if (o->policy.sink_slots > 0 && o->policy.kind != SKV_POLICY_SINK)
+		skv_die(SKV_EXIT_USAGE, "--sink: policy %s keeps no sinks; use --policy sink",
+			skv_policy_name(o->policy.kind));
 	if (o->policy.evict == SKV_EVICT_PROMPT && o->policy.kind != SKV_POLICY_SINK &&
 	    o->policy.kind != SKV_POLICY_WINDOW)
 		skv_die(SKV_EXIT_USAGE, "--evict prompt applies to the sink and window policies");
@@ -325,7 +364,8 @@ static struct skv_stream *skv_open_stream(struct skv_local *L, struct skv_policy
 	if (err >= 0)
 		err = skv_stream_new(L->runner, policy, &s, msg, sizeof(msg));
 	if (err < 0)
-		skv_die(SKV_EXIT_USAGE, "%s", msg[0] ? msg : skv_strerror(err));
+		skv_die(err == -SKV_EINVAL_POLICY ? SKV_EXIT_USAGE : 1, "%s",
+			msg[0] ? msg : skv_strerror(err));
 	return s;
 }
 
@@ -543,24 +583,53 @@ static int skv_cmd_ppl(struct skv_opts *o, int argc, char **argv)
 	return 0;
 }
 
+/* Output that cannot be written (a full disk, a closed pipe) is an error, not a success. */
+static void skv_close_stdout(void)
+{
+	if (fclose(stdout) != 0) {
+		fprintf(stderr, "skv: cannot write the output: %s\n", strerror(errno));
+		_exit(1);
+	}
+}
+
+static void skv_check_flags(const struct skv_opts *o, const char *cmd, unsigned allowed)
+{
+	static const struct {
+		unsigned bit;
+		const char *flags;
+	} groups[] = {
+		{ SKV_FLAG_GENERATE, "-n, --temp, --top-p, --seed and --stats are for generate" },
+		{ SKV_FLAG_PPL, "--tokens and --json are for ppl" },
+		{ SKV_FLAG_POLICY, "cache policy flags are for generate and ppl" },
+	};
+	for (size_t i = 0; i < sizeof(groups) / sizeof(*groups); i++)
+		if ((o->given & groups[i].bit) && !(allowed & groups[i].bit))
+			skv_die(SKV_EXIT_USAGE, "%s: %s", cmd, groups[i].flags);
+}
+
 int main(int argc, char **argv)
 {
 	struct skv_opts o;
+	atexit(skv_close_stdout);
 	int first = skv_parse_opts(argc, argv, &o);
-	if (first >= argc) {
-		skv_usage(stderr);
-		return SKV_EXIT_USAGE;
-	}
+	if (first >= argc)
+		skv_die(SKV_EXIT_USAGE, "no command given (generate, tokenize, ppl; see skv --help)");
 	const char *cmd = argv[first];
 	if (o.socket_path)
 		skv_die(1, "--socket: the daemon data path is not built yet; run without --socket "
 			   "for local mode");
-	if (!strcmp(cmd, "generate"))
+	if (!strcmp(cmd, "generate")) {
+		skv_check_flags(&o, cmd, SKV_FLAG_GENERATE | SKV_FLAG_POLICY);
 		return skv_cmd_generate(&o, argc - first - 1, argv + first + 1);
-	if (!strcmp(cmd, "tokenize"))
+	}
+	if (!strcmp(cmd, "tokenize")) {
+		skv_check_flags(&o, cmd, 0);
 		return skv_cmd_tokenize(&o, argc - first - 1, argv + first + 1);
-	if (!strcmp(cmd, "ppl"))
+	}
+	if (!strcmp(cmd, "ppl")) {
+		skv_check_flags(&o, cmd, SKV_FLAG_PPL | SKV_FLAG_POLICY);
 		return skv_cmd_ppl(&o, argc - first - 1, argv + first + 1);
+	}
 	skv_die(SKV_EXIT_USAGE, "unknown command '%s' (generate, tokenize, ppl; see skv --help)",
 		cmd);
 }

@@ -60,4 +60,8 @@ void skv_attend(const struct skv_attn_args *args);
 /* expf for the softmax, vectorisable; max relative error below 2e-7 on [-87, 0]. */
 float skv_expf(float x);
 
+/* SwiGLU of the FFN, row by row: out[r][i] = silu(gu[r][i]) * gu[r][hidden + i], where each
+ * row of gu holds the gate then the up projection ([rows][2 * hidden]); out is [rows][hidden]. */
+void skv_swiglu(float *out, const float *gu, uint32_t rows, uint32_t hidden);
+
 #endif

@@ -11,7 +11,10 @@
 #include "skv-error.h"
 
 struct forward_layer {
-	struct skv_linear wq, wk, wv, wo, w1, w2, w3;
+	struct skv_linear wqkv; /* [dim][dim + 2 kv_dim]  q | k | v */
+	struct skv_linear wo;   /* [dim][dim]             adds into the residual */
+	struct skv_linear w13;  /* [dim][2 hidden]        gate | up */
+	struct skv_linear w2;   /* [hidden][dim]          adds into the residual */
 };
 
 /* Per-row plan of a step: where its key goes, which positions it is rotated at. */
@@ -28,17 +31,18 @@ struct skv_runner {
 	struct skv_rope rope;
 	uint32_t max_rows;
 	struct forward_layer *layers; /* [n_layers] */
-	struct skv_linear classifier;
+	struct skv_linear classifier; /* [dim][vocab] */
+	float *packed;                /* the transposed, fused weights (skv_pack_weights) */
+	uint32_t qkv_dim;             /* dim + 2 kv_dim: row stride of qkv */
 
 	/* Scratch, like llama2.c's RunState but [max_rows] deep, 64-byte aligned. */
 	float *x;        /* [max_rows][dim]     residual stream */
 	float *xb;       /* [max_rows][dim]     normed input of a block */
-	float *q;        /* [max_rows][dim]     queries, rotated at the absolute position */
-	float *k;        /* [max_rows][kv_dim]  keys of this step before they enter the cache */
-	float *v;        /* [max_rows][kv_dim] */
+	float *qkv;      /* [max_rows][dim + 2 kv_dim]  query | key | value of each row; the
+			  * key is rotated and copied into its slot, the query rotated in place */
 	float *att;      /* [max_rows][dim]     attention output */
-	float *hb;       /* [max_rows][hidden]  gate */
-	float *hb2;      /* [max_rows][hidden]  up */
+	float *hb;       /* [max_rows][hidden]  SwiGLU output */
+	float *gu;       /* [max_rows][2 hidden] gate | up projections */
 	float *q_sink;   /* [dim]               a row's query rotated for the sinks */
 	float *cos_abs;  /* [max_rows][pairs]   rotation at the absolute position */
 	float *sin_abs;
@@ -49,6 +53,66 @@ struct skv_runner {
 	float *scores;   /* [2][scores_cap] attention scores of two heads */
 	uint32_t scores_cap;
 };
+
+/* Packed layout, per layer: wqkv [dim][dim + 2 kv_dim], wo [dim][dim], w13 [dim][2 hidden],
+ * w2 [hidden][dim]; then the classifier [dim][vocab]. Every matrix is the model's [out][in]
+ * matrix transposed; fused ones are side by side along out. */
+static size_t pack_layer_floats(const struct skv_model_config *c)
+{
+	size_t dim = (size_t)c->dim, kv = (size_t)c->kv_dim, hid = (size_t)c->hidden_dim;
+	return dim * (dim + 2 * kv) + dim * dim + dim * 2 * hid + hid * dim;
+}
+
+size_t skv_pack_floats(const struct skv_model_config *c)
+{
+	return pack_layer_floats(c) * (size_t)c->n_layers + (size_t)c->dim * c->vocab_size;
+}
+
+void skv_pack_layer(const struct skv_model_config *c, const float *packed, uint32_t layer,
+		    struct skv_pack_layer *out)
+{
+	size_t dim = (size_t)c->dim, kv = (size_t)c->kv_dim;
+	const float *base = packed + pack_layer_floats(c) * layer;
+	out->wqkv = base;
+	out->wo = out->wqkv + dim * (dim + 2 * kv);
+	out->w13 = out->wo + dim * dim;
+	out->w2 = out->w13 + dim * 2 * (size_t)c->hidden_dim;
+}
+
+const float *skv_pack_classifier(const struct skv_model_config *c, const float *packed)
+{
+	return packed + pack_layer_floats(c) * (size_t)c->n_layers;
+}
+
+/* dst[i][col0 + o] = w[o][i] for a [rows_out][cols_in] matrix, into a row stride of ld. */
+static void pack_transpose(float *dst, size_t ld, size_t col0, const float *w, size_t n_out,
+			   size_t n_in)
+{
+	for (size_t o = 0; o < n_out; o++)
+		for (size_t i = 0; i < n_in; i++)
+			dst[i * ld + col0 + o] = w[o * n_in + i];
+}
+
+void skv_pack_weights(const struct skv_model *m, float *dst)
+{
+	const struct skv_model_config *c = &m->cfg;
+	size_t dim = (size_t)c->dim, kv = (size_t)c->kv_dim, hid = (size_t)c->hidden_dim;
+	for (int32_t l = 0; l < c->n_layers; l++) {
+		const struct skv_layer_weights *w = &m->layers[l];
+		struct skv_pack_layer pl;
+		skv_pack_layer(c, dst, (uint32_t)l, &pl);
+		size_t qkv = dim + 2 * kv;
+		pack_transpose((float *)pl.wqkv, qkv, 0, w->wq, dim, dim);
+		pack_transpose((float *)pl.wqkv, qkv, dim, w->wk, kv, dim);
+		pack_transpose((float *)pl.wqkv, qkv, dim + kv, w->wv, kv, dim);
+		pack_transpose((float *)pl.wo, dim, 0, w->wo, dim, dim);
+		pack_transpose((float *)pl.w13, 2 * hid, 0, w->w1, hid, dim);
+		pack_transpose((float *)pl.w13, 2 * hid, hid, w->w3, hid, dim);
+		pack_transpose((float *)pl.w2, dim, 0, w->w2, dim, hid);
+	}
+	pack_transpose((float *)skv_pack_classifier(c, dst), (size_t)c->vocab_size, 0,
+		       m->classifier, (size_t)c->vocab_size, dim);
+}
 
 static void *forward_alloc(size_t n_floats)
 {
@@ -67,13 +131,10 @@ void skv_runner_free(struct skv_runner *r)
 	if (r->layers) {
 		for (int32_t l = 0; l < r->cfg.n_layers; l++) {
 			struct forward_layer *fl = &r->layers[l];
-			skv_linear_fini(&fl->wq);
-			skv_linear_fini(&fl->wk);
-			skv_linear_fini(&fl->wv);
+			skv_linear_fini(&fl->wqkv);
 			skv_linear_fini(&fl->wo);
-			skv_linear_fini(&fl->w1);
+			skv_linear_fini(&fl->w13);
 			skv_linear_fini(&fl->w2);
-			skv_linear_fini(&fl->w3);
 		}
 		free(r->layers);
 	}
@@ -81,12 +142,11 @@ void skv_runner_free(struct skv_runner *r)
 	skv_backend_free(r->be);
 	free(r->x);
 	free(r->xb);
-	free(r->q);
-	free(r->k);
-	free(r->v);
+	free(r->qkv);
 	free(r->att);
 	free(r->hb);
-	free(r->hb2);
+	free(r->gu);
+	free(r->packed);
 	free(r->q_sink);
 	free(r->cos_abs);
 	free(r->sin_abs);
@@ -123,12 +183,12 @@ int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t th
 	size_t rows = max_rows, pairs = r->rope.pairs;
 	r->x = forward_alloc(rows * c->dim);
 	r->xb = forward_alloc(rows * c->dim);
-	r->q = forward_alloc(rows * c->dim);
-	r->k = forward_alloc(rows * c->kv_dim);
-	r->v = forward_alloc(rows * c->kv_dim);
+	r->qkv_dim = (uint32_t)(c->dim + 2 * c->kv_dim);
+	r->qkv = forward_alloc(rows * r->qkv_dim);
 	r->att = forward_alloc(rows * c->dim);
 	r->hb = forward_alloc(rows * c->hidden_dim);
-	r->hb2 = forward_alloc(rows * c->hidden_dim);
+	r->gu = forward_alloc(rows * 2 * c->hidden_dim);
+	r->packed = forward_alloc(skv_pack_floats(c));
 	r->q_sink = forward_alloc(c->dim);
 	r->cos_abs = forward_alloc(rows * pairs);
 	r->sin_abs = forward_alloc(rows * pairs);
@@ -137,25 +197,26 @@ int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t th
 	r->rows = calloc(rows, sizeof(*r->rows));
 	r->ring_after = calloc(rows, sizeof(*r->ring_after));
 	r->layers = calloc((size_t)c->n_layers, sizeof(*r->layers));
-	if (!r->x || !r->xb || !r->q || !r->k || !r->v || !r->att || !r->hb || !r->hb2 ||
+	if (!r->x || !r->xb || !r->qkv || !r->att || !r->hb || !r->gu || !r->packed ||
 	    !r->q_sink || !r->cos_abs || !r->sin_abs || !r->cos_sink || !r->sin_sink || !r->rows ||
 	    !r->ring_after || !r->layers)
 		goto fail;
 
-	uint32_t dim = (uint32_t)c->dim, kv = (uint32_t)c->kv_dim, hid = (uint32_t)c->hidden_dim;
+	skv_pack_weights(model, r->packed);
+	uint32_t dim = (uint32_t)c->dim, hid = (uint32_t)c->hidden_dim;
 	for (int32_t l = 0; l < c->n_layers; l++) {
-		const struct skv_layer_weights *w = &model->layers[l];
+		struct skv_pack_layer pl;
+		skv_pack_layer(c, r->packed, (uint32_t)l, &pl);
 		struct forward_layer *fl = &r->layers[l];
-		if ((err = skv_linear_init(r->be, &fl->wq, w->wq, dim, dim, SKV_LINEAR_PLAIN)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->wk, w->wk, dim, kv, SKV_LINEAR_PLAIN)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->wv, w->wv, dim, kv, SKV_LINEAR_PLAIN)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->wo, w->wo, dim, dim, SKV_LINEAR_ADD)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->w3, w->w3, dim, hid, SKV_LINEAR_PLAIN)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->w1, w->w1, dim, hid, SKV_LINEAR_SWIGLU)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->w2, w->w2, hid, dim, SKV_LINEAR_ADD)) < 0)
+		if ((err = skv_linear_init(r->be, &fl->wqkv, pl.wqkv, dim, r->qkv_dim,
+					   SKV_LINEAR_PLAIN)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->wo, pl.wo, dim, dim, SKV_LINEAR_ADD)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->w13, pl.w13, dim, 2 * hid,
+					   SKV_LINEAR_PLAIN)) < 0 ||
+		    (err = skv_linear_init(r->be, &fl->w2, pl.w2, hid, dim, SKV_LINEAR_ADD)) < 0)
 			goto fail_backend;
 	}
-	err = skv_linear_init(r->be, &r->classifier, model->classifier, dim,
+	err = skv_linear_init(r->be, &r->classifier, skv_pack_classifier(c, r->packed), dim,
 			      (uint32_t)c->vocab_size, SKV_LINEAR_PLAIN);
 	if (err < 0)
 		goto fail_backend;
@@ -182,7 +243,7 @@ uint32_t skv_runner_max_rows(const struct skv_runner *r)
 
 const char *skv_runner_impl(struct skv_runner *r, uint32_t rows)
 {
-	return skv_linear_impl(r->be, &r->layers[0].w1, rows);
+	return skv_linear_impl(r->be, &r->layers[0].w13, rows);
 }
 
 /* llama2.c's rmsnorm, row by row. */
@@ -279,14 +340,13 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 
 	for (uint32_t row = 0; row < n_rows; row++) {
 		struct forward_row *fr = &r->rows[row];
-		float *q = r->q + (size_t)row * dim;
-		float *k = r->k + (size_t)row * kv_dim;
+		float *q = r->qkv + (size_t)row * r->qkv_dim;
+		float *k = q + dim, *v = k + kv_dim;
 		const float *ca = r->cos_abs + row * pairs, *sa = r->sin_abs + row * pairs;
 		const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
 
 		skv_rope_rotate(&r->rope, k, (uint32_t)c->n_kv_heads, ca, sa);
-		forward_store_kv(fr->seq, layer, fr->step.slot, k, r->v + (size_t)row * kv_dim,
-				 kv_dim);
+		forward_store_kv(fr->seq, layer, fr->step.slot, k, v, kv_dim);
 
 		const float *q_sink = q;
 		if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
@@ -336,18 +396,17 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 		struct forward_layer *fl = &r->layers[l];
 
 		forward_rmsnorm(r->xb, r->x, w->attn_norm, n_rows, dim, c->norm_eps);
-		if ((err = skv_linear_run(be, &fl->wq, n_rows, r->xb, r->q, NULL)) < 0 ||
-		    (err = skv_linear_run(be, &fl->wk, n_rows, r->xb, r->k, NULL)) < 0 ||
-		    (err = skv_linear_run(be, &fl->wv, n_rows, r->xb, r->v, NULL)) < 0)
+		if ((err = skv_linear_run(be, &fl->wqkv, n_rows, r->xb, r->qkv)) < 0)
 			return err;
 		forward_attention(r, (uint32_t)l, n_rows);
-		if ((err = skv_linear_run(be, &fl->wo, n_rows, r->att, r->x, NULL)) < 0)
+		if ((err = skv_linear_run(be, &fl->wo, n_rows, r->att, r->x)) < 0)
 			return err;
 
 		forward_rmsnorm(r->xb, r->x, w->ffn_norm, n_rows, dim, c->norm_eps);
-		if ((err = skv_linear_run(be, &fl->w3, n_rows, r->xb, r->hb2, NULL)) < 0 ||
-		    (err = skv_linear_run(be, &fl->w1, n_rows, r->xb, r->hb, r->hb2)) < 0 ||
-		    (err = skv_linear_run(be, &fl->w2, n_rows, r->hb, r->x, NULL)) < 0)
+		if ((err = skv_linear_run(be, &fl->w13, n_rows, r->xb, r->gu)) < 0)
+			return err;
+		skv_swiglu(r->hb, r->gu, n_rows, (uint32_t)c->hidden_dim);
+		if ((err = skv_linear_run(be, &fl->w2, n_rows, r->hb, r->x)) < 0)
 			return err;
 	}
 
@@ -378,7 +437,7 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 			continue;
 		uint32_t n = it->logits_all ? it->n_tokens : 1;
 		err = skv_linear_run(be, &r->classifier, n, r->xb + (size_t)out_rows * dim,
-				     it->logits, NULL);
+				     it->logits);
 		if (err < 0)
 			return err;
 		out_rows += n;

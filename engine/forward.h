@@ -43,6 +43,22 @@ struct skv_fwd_item {
 	float *logits;             /* NULL: no logits wanted for this item */
 };
 
+/* Weights packed for the matmuls: every matrix transposed to [in][out] (the layout oneDNN's
+ * M = 1 kernels run fastest on), q|k|v and gate|up fused side by side. The layout depends only
+ * on the config, so a packed buffer can be built once and shared (the daemon of the multi-process
+ * data path puts it in a sealed memfd for all engines). */
+struct skv_pack_layer {
+	const float *wqkv; /* [dim][dim + 2 kv_dim] */
+	const float *wo;   /* [dim][dim] */
+	const float *w13;  /* [dim][2 hidden]  gate | up */
+	const float *w2;   /* [hidden][dim] */
+};
+size_t skv_pack_floats(const struct skv_model_config *c);
+void skv_pack_weights(const struct skv_model *m, float *dst); /* dst: skv_pack_floats floats */
+void skv_pack_layer(const struct skv_model_config *c, const float *packed, uint32_t layer,
+		    struct skv_pack_layer *out);
+const float *skv_pack_classifier(const struct skv_model_config *c, const float *packed);
+
 /* threads: see skv_backend_new (1 is the engine's default; 0 leaves OpenMP's).
  * Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
 int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,

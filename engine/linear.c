@@ -14,14 +14,14 @@
 /* One primitive for one (shape, M), with the memory objects it executes on. */
 struct linear_plan {
 	dnnl_primitive_t prim;
-	dnnl_memory_t src, dst, aux;
+	dnnl_memory_t src, dst;
 	const char *impl;
 };
 
 struct linear_shape {
 	uint32_t in, out;
 	enum skv_linear_kind kind;
-	dnnl_memory_desc_t weight_md; /* K x N, "ba": the [out][in] matrix as stored */
+	dnnl_memory_desc_t weight_md; /* K x N, "ab": the transposed [in][out] matrix */
 	struct linear_plan *plans;    /* [max_rows + 1], created lazily, index M */
 };
 
@@ -73,8 +73,6 @@ void skv_backend_free(struct skv_backend *be)
 				dnnl_memory_destroy(p->src);
 			if (p->dst)
 				dnnl_memory_destroy(p->dst);
-			if (p->aux)
-				dnnl_memory_destroy(p->aux);
 		}
 		free(shape->plans);
 	}
@@ -101,7 +99,7 @@ static int linear_find_shape(struct skv_backend *be, uint32_t in, uint32_t out,
 	if (!shape->plans)
 		return -ENOMEM;
 	dnnl_dims_t wdims = { in, out };
-	if (dnnl_memory_desc_init_by_tag(&shape->weight_md, 2, wdims, dnnl_f32, dnnl_ba) !=
+	if (dnnl_memory_desc_init_by_tag(&shape->weight_md, 2, wdims, dnnl_f32, dnnl_ab) !=
 	    dnnl_success) {
 		free(shape->plans);
 		shape->plans = NULL;
@@ -192,11 +190,6 @@ static int linear_make_plan(struct skv_backend *be, struct linear_shape *shape, 
 		if (shape->kind == SKV_LINEAR_ADD &&
 		    dnnl_post_ops_append_sum(ops, 1.0f) != dnnl_success)
 			goto out;
-		if (shape->kind == SKV_LINEAR_SWIGLU &&
-		    (dnnl_post_ops_append_eltwise(ops, 1.0f, dnnl_eltwise_swish, 1.0f, 0.0f) !=
-			     dnnl_success ||
-		     dnnl_post_ops_append_binary(ops, dnnl_binary_mul, &dst_md) != dnnl_success))
-			goto out;
 		if (dnnl_primitive_attr_set_post_ops(attr, ops) != dnnl_success)
 			goto out;
 	}
@@ -211,9 +204,6 @@ static int linear_make_plan(struct skv_backend *be, struct linear_shape *shape, 
 	/* Handles are set before each execution; creating with NULL allocates nothing. */
 	if (dnnl_memory_create(&plan->src, &src_md, be->engine, DNNL_MEMORY_NONE) != dnnl_success ||
 	    dnnl_memory_create(&plan->dst, &dst_md, be->engine, DNNL_MEMORY_NONE) != dnnl_success)
-		goto out;
-	if (shape->kind == SKV_LINEAR_SWIGLU &&
-	    dnnl_memory_create(&plan->aux, &dst_md, be->engine, DNNL_MEMORY_NONE) != dnnl_success)
 		goto out;
 	err = 0;
 out:
@@ -238,8 +228,6 @@ out:
 			dnnl_memory_destroy(plan->src);
 		if (plan->dst)
 			dnnl_memory_destroy(plan->dst);
-		if (plan->aux)
-			dnnl_memory_destroy(plan->aux);
 		memset(plan, 0, sizeof(*plan));
 	}
 	return err;
@@ -256,7 +244,7 @@ static struct linear_plan *linear_plan(struct skv_backend *be, const struct skv_
 }
 
 int skv_linear_run(struct skv_backend *be, const struct skv_linear *lin, uint32_t rows,
-		   const float *x, float *y, const float *aux)
+		   const float *x, float *y)
 {
 	if (!rows || rows > be->max_rows || lin->shape >= be->n_shapes)
 		return -EINVAL;
@@ -265,7 +253,7 @@ int skv_linear_run(struct skv_backend *be, const struct skv_linear *lin, uint32_
 	if (!plan)
 		return err;
 
-	dnnl_exec_arg_t args[5] = {
+	dnnl_exec_arg_t args[4] = {
 		{ DNNL_ARG_SRC, plan->src },
 		{ DNNL_ARG_WEIGHTS, (dnnl_memory_t)lin->weight_mem },
 		{ DNNL_ARG_DST, plan->dst },
@@ -275,15 +263,6 @@ int skv_linear_run(struct skv_backend *be, const struct skv_linear *lin, uint32_
 	if (dnnl_memory_set_data_handle(plan->src, (void *)(uintptr_t)x) != dnnl_success ||
 	    dnnl_memory_set_data_handle(plan->dst, y) != dnnl_success)
 		return -SKV_EBACKEND;
-	if (plan->aux) {
-		if (!aux || dnnl_memory_set_data_handle(plan->aux, (void *)(uintptr_t)aux) !=
-				    dnnl_success)
-			return -EINVAL;
-		/* The binary multiply is post-op number 1 (after the swish). */
-		args[n_args++] = (dnnl_exec_arg_t){ DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) |
-							    DNNL_ARG_SRC_1,
-						    plan->aux };
-	}
 	if (dnnl_primitive_execute(plan->prim, be->stream, n_args, args) != dnnl_success ||
 	    dnnl_stream_wait(be->stream) != dnnl_success)
 		return -SKV_EBACKEND;

@@ -1,15 +1,17 @@
 /* Linear layers on oneDNN's matmul primitive.
  *
- * y[M][out] = x[M][in] . W^T, with W the model's row-major [out][in] matrix used where it lies
- * (memory-mapped, shared by every process that maps the model; oneDNN reads it as a K x N
- * matrix in "ba" order, so no weight is copied or reordered). Optional fused post-ops:
- *   SKV_LINEAR_ADD     y += x . W^T               (residual connections: wo, w2)
- *   SKV_LINEAR_SWIGLU  y = silu(x . W^T) * aux    (the gate of the SwiGLU FFN, aux = x . W3^T)
+ * y[M][out] = x[M][in] . Wt, with Wt the weight stored transposed, [in][out] row-major
+ * (oneDNN's "ab" K x N layout). The model files store W as [out][in]; read in place as "ba",
+ * oneDNN's M = 1 kernels run at half the speed they reach on "ab" (measured in tools/README.md),
+ * so the runner packs every weight once into this layout (forward.c) and fuses the matrices
+ * that share an input (q|k|v, gate|up). Optional fused post-op:
+ *   SKV_LINEAR_ADD     y += x . Wt               (residual connections: wo, w2)
  *
  * A primitive depends only on (in, out, kind, M), not on the weights, so the backend creates
  * one per shape and row count the first time it is needed and reuses it for every layer and
  * every later step; memory objects are created with it and re-pointed per call. Scratchpad is
- * user-managed, one buffer for all primitives. After warm-up a step allocates nothing.
+ * user-managed, one buffer for all primitives. After warm-up our code allocates nothing per
+ * step (oneDNN 2.6's C API still allocates its small execution context inside each call).
  *
  * Thread safety: a backend and its linears belong to one thread. */
 #ifndef SKV_LINEAR_H
@@ -21,13 +23,12 @@
 enum skv_linear_kind {
 	SKV_LINEAR_PLAIN = 0,
 	SKV_LINEAR_ADD = 1,
-	SKV_LINEAR_SWIGLU = 2,
 };
 
 struct skv_backend;
 
 struct skv_linear {
-	const float *weight; /* [out][in] */
+	const float *weight; /* [in][out], the transposed weight */
 	uint32_t in, out;
 	uint32_t shape;      /* index of the (in, out, kind) shape in the backend */
 	void *weight_mem;    /* dnnl_memory_t over weight */
@@ -42,16 +43,16 @@ int skv_backend_new(uint32_t max_rows, uint32_t threads, struct skv_backend **ou
 		    size_t msg_len);
 void skv_backend_free(struct skv_backend *be); /* accepts NULL */
 
-/* Describe W (no copy). Returns 0, -ENOMEM, -ENOSPC (too many distinct shapes),
+/* Describe Wt (no copy: it must outlive the linear). Returns 0, -ENOMEM, -ENOSPC (too many distinct shapes),
  * -SKV_EBACKEND. */
 int skv_linear_init(struct skv_backend *be, struct skv_linear *lin, const float *weight,
 		    uint32_t in, uint32_t out, enum skv_linear_kind kind);
 void skv_linear_fini(struct skv_linear *lin); /* accepts a zeroed struct */
 
-/* Run on M rows (1 <= M <= max_rows). x: [M][in], y: [M][out] (read too for ADD),
- * aux: [M][out] for SWIGLU, else NULL. Returns 0, -EINVAL, -SKV_EBACKEND. */
+/* Run on M rows (1 <= M <= max_rows). x: [M][in], y: [M][out] (read too for ADD).
+ * Returns 0, -EINVAL, -SKV_EBACKEND. */
 int skv_linear_run(struct skv_backend *be, const struct skv_linear *lin, uint32_t rows,
-		   const float *x, float *y, const float *aux);
+		   const float *x, float *y);
 
 /* Name of the oneDNN implementation chosen for this linear at M rows ("brg:avx512_core",
  * ...), for benchmarks and logs; creates the primitive if needed. NULL on failure. */

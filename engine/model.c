@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -518,6 +519,16 @@ int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t m
 		m->format = SKV_MODEL_GGUF;
 		err = model_open_gguf(m, msg, msg_len);
 	} else {
+		/* A file named .gguf without the magic is a damaged GGUF, not a llama2.c model:
+		 * say so rather than report its first bytes as a nonsensical llama2.c header. */
+		size_t len = strlen(path);
+		if (len >= 5 && !strcasecmp(path + len - 5, ".gguf")) {
+			err = skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					 "%s: not a GGUF file (bad magic: the file does not start "
+					 "with \"GGUF\")",
+					 path);
+			goto out_free;
+		}
 		m->format = SKV_MODEL_LLAMA2C;
 		err = model_open_llama2c(m, msg, msg_len);
 	}

@@ -335,14 +335,14 @@ int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenize
 		int64_t extra = tokenizer_count_rest(f, offset, file_size, max_token_length);
 		if (extra > 0)
 			rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
-					"%s: the file holds %lld tokens, the model has %d: it is the "
-					"tokenizer of another model; use the model's own", path,
+					"%s: vocabulary mismatch: the file holds %lld tokens, the model "
+					"has %d: it is the tokenizer of another model; use the model's own", path,
 					(long long)(extra + vocab_size), vocab_size);
 		else
 			rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
-					"%s: %llu bytes are left after the model's %d tokens (file "
-					"%llu bytes, tokens end at offset %llu): it is the tokenizer "
-					"of another model; use the model's own", path,
+					"%s: vocabulary mismatch: %llu bytes are left after the model's %d "
+					"tokens (file %llu bytes, tokens end at offset %llu): it is the "
+					"tokenizer of another model; use the model's own", path,
 					(unsigned long long)(file_size - offset), vocab_size,
 					(unsigned long long)file_size, (unsigned long long)offset);
 		goto out_free;

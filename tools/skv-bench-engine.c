@@ -1,1 +1,448 @@
-int main(void){return 0;}
+/* skv-bench-engine: single-stream speed of the engine, in one process, no daemon.
+ *
+ *   decode     tokens/s of one stream whose window is full (every step attends to S + W keys)
+ *   prefill    tokens/s of feeding a prompt of --prefill tokens in one call (chunked matmuls)
+ *   baseline   tokens/s of a plain single-threaded C forward pass (llama2.c-style loops over a
+ *              dense cache) at the same cache size, measured in the same run for comparison
+ *   sink vs recompute, per cache size: time per token of StreamingLLM (4 sinks + window) and
+ *              of sliding window with re-computation over the same number of tokens, and their
+ *              ratio
+ * Every figure is the median of --repeats runs, measurements interleaved so that noise from
+ * other processes hits all of them alike. Timings are wall clock (CLOCK_MONOTONIC). */
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "forward.h"
+#include "model.h"
+#include "sampler.h"
+#include "skv-error.h"
+#include "stream.h"
+
+#ifndef SKV_MODEL_DIR
+#define SKV_MODEL_DIR "models/stories260K"
+#endif
+
+#define BENCH_MAX_SIZES 16
+
+struct bench_opts {
+	const char *model_path;
+	int repeats;
+	int decode_tokens;
+	int prefill_tokens;
+	int compare_tokens;
+	int sizes[BENCH_MAX_SIZES];
+	int n_sizes;
+	int threads;
+	int json;
+};
+
+static void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+
+static void bench_die(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("skv-bench-engine: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	exit(1);
+}
+
+static double bench_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int bench_cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+static double bench_median(double *v, int n)
+{
+	qsort(v, (size_t)n, sizeof(*v), bench_cmp_double);
+	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* Deterministic token ids (not BOS), so every run feeds the same text. */
+static void bench_tokens(int32_t *ids, size_t n, int32_t vocab, uint64_t seed)
+{
+	for (size_t i = 0; i < n; i++) {
+		seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+		ids[i] = 3 + (int32_t)((seed >> 33) % (uint64_t)(vocab - 3));
+	}
+}
+
+static struct skv_stream *bench_stream(struct skv_runner *r, enum skv_policy_kind kind,
+				       int64_t sinks, int64_t window)
+{
+	struct skv_policy p;
+	char msg[256] = "";
+	struct skv_stream *s;
+	skv_policy_default(&p);
+	p.kind = kind;
+	p.sink_slots = sinks;
+	p.window_slots = window;
+	if (skv_policy_resolve(&p, skv_runner_config(r)->seq_len, msg, sizeof(msg)) < 0 ||
+	    skv_stream_new(r, &p, &s, msg, sizeof(msg)) < 0)
+		bench_die("%s", msg);
+	return s;
+}
+
+static void bench_feed(struct skv_stream *s, const int32_t *ids, size_t n, float *logits)
+{
+	int err = skv_stream_feed(s, ids, n, logits, NULL);
+	if (err < 0)
+		bench_die("forward pass failed: %s", skv_strerror(err));
+}
+
+/* Seconds per token of `steps` single-token steps on a stream already warmed to full. The
+ * next token is the argmax of the last logits, as in greedy decoding. */
+static double bench_decode_steps(struct skv_stream *s, int steps, float *logits, int32_t vocab)
+{
+	double t0 = bench_now();
+	for (int i = 0; i < steps; i++) {
+		int32_t next = skv_argmax(logits, vocab);
+		bench_feed(s, &next, 1, logits);
+	}
+	return (bench_now() - t0) / steps;
+}
+
+/* The baseline: llama2.c's forward pass as plain loops (matvec, dense cache), same weights. */
+struct naive {
+	const struct skv_model *m;
+	int cache_len;
+	float *x, *xb, *xb2, *q, *hb, *hb2, *att, *logits;
+	float *key_cache, *value_cache; /* [layer][cache_len][kv_dim] */
+};
+
+static void naive_matmul(float *out, const float *x, const float *w, int n, int d)
+{
+	for (int i = 0; i < d; i++) {
+		float val = 0.0f;
+		for (int j = 0; j < n; j++)
+			val += w[(size_t)i * n + j] * x[j];
+		out[i] = val;
+	}
+}
+
+static void naive_rmsnorm(float *o, const float *x, const float *w, int n, float eps)
+{
+	float ss = 0.0f;
+	for (int j = 0; j < n; j++)
+		ss += x[j] * x[j];
+	ss = 1.0f / sqrtf(ss / (float)n + eps);
+	for (int j = 0; j < n; j++)
+		o[j] = w[j] * (ss * x[j]);
+}
+
+static void naive_forward(struct naive *nv, int32_t token, int pos)
+{
+	const struct skv_model_config *c = &nv->m->cfg;
+	int dim = c->dim, kv_dim = c->kv_dim, hs = c->head_size, hid = c->hidden_dim;
+	int kv_mul = c->n_heads / c->n_kv_heads;
+	memcpy(nv->x, nv->m->token_embedding + (size_t)token * dim, (size_t)dim * sizeof(float));
+	for (int l = 0; l < c->n_layers; l++) {
+		const struct skv_layer_weights *w = &nv->m->layers[l];
+		float *kc = nv->key_cache + ((size_t)l * nv->cache_len + pos) * kv_dim;
+		float *vc = nv->value_cache + ((size_t)l * nv->cache_len + pos) * kv_dim;
+		naive_rmsnorm(nv->xb, nv->x, w->attn_norm, dim, c->norm_eps);
+		naive_matmul(nv->q, nv->xb, w->wq, dim, dim);
+		naive_matmul(kc, nv->xb, w->wk, dim, kv_dim);
+		naive_matmul(vc, nv->xb, w->wv, dim, kv_dim);
+		for (int i = 0; i < dim; i += 2) {
+			float freq = 1.0f / powf(10000.0f, (float)(i % hs) / (float)hs);
+			float fcr = cosf(pos * freq), fci = sinf(pos * freq);
+			for (int v = 0; v < (i < kv_dim ? 2 : 1); v++) {
+				float *vec = v ? kc : nv->q;
+				float v0 = vec[i], v1 = vec[i + 1];
+				vec[i] = v0 * fcr - v1 * fci;
+				vec[i + 1] = v0 * fci + v1 * fcr;
+			}
+		}
+		for (int h = 0; h < c->n_heads; h++) {
+			const float *q = nv->q + h * hs;
+			float *att = nv->att;
+			const float *kbase = nv->key_cache + (size_t)l * nv->cache_len * kv_dim;
+			const float *vbase = nv->value_cache + (size_t)l * nv->cache_len * kv_dim;
+			float max = -INFINITY, sum = 0.0f;
+			for (int t = 0; t <= pos; t++) {
+				const float *k = kbase + (size_t)t * kv_dim + (h / kv_mul) * hs;
+				float score = 0.0f;
+				for (int i = 0; i < hs; i++)
+					score += q[i] * k[i];
+				att[t] = score / sqrtf((float)hs);
+				max = att[t] > max ? att[t] : max;
+			}
+			for (int t = 0; t <= pos; t++) {
+				att[t] = expf(att[t] - max);
+				sum += att[t];
+			}
+			float *xb = nv->xb + h * hs;
+			memset(xb, 0, (size_t)hs * sizeof(float));
+			for (int t = 0; t <= pos; t++) {
+				const float *v = vbase + (size_t)t * kv_dim + (h / kv_mul) * hs;
+				float a = att[t] / sum;
+				for (int i = 0; i < hs; i++)
+					xb[i] += a * v[i];
+			}
+		}
+		naive_matmul(nv->xb2, nv->xb, w->wo, dim, dim);
+		for (int i = 0; i < dim; i++)
+			nv->x[i] += nv->xb2[i];
+		naive_rmsnorm(nv->xb, nv->x, w->ffn_norm, dim, c->norm_eps);
+		naive_matmul(nv->hb, nv->xb, w->w1, dim, hid);
+		naive_matmul(nv->hb2, nv->xb, w->w3, dim, hid);
+		for (int i = 0; i < hid; i++) {
+			float val = nv->hb[i];
+			nv->hb[i] = val * (1.0f / (1.0f + expf(-val))) * nv->hb2[i];
+		}
+		naive_matmul(nv->xb, nv->hb, w->w2, hid, dim);
+		for (int i = 0; i < dim; i++)
+			nv->x[i] += nv->xb[i];
+	}
+	naive_rmsnorm(nv->x, nv->x, nv->m->final_norm, dim, c->norm_eps);
+	naive_matmul(nv->logits, nv->x, nv->m->classifier, dim, c->vocab_size);
+}
+
+static void naive_init(struct naive *nv, const struct skv_model *m, int cache_len)
+{
+	const struct skv_model_config *c = &m->cfg;
+	nv->m = m;
+	nv->cache_len = cache_len;
+	nv->x = calloc((size_t)c->dim, sizeof(float));
+	nv->xb = calloc((size_t)c->dim, sizeof(float));
+	nv->xb2 = calloc((size_t)c->dim, sizeof(float));
+	nv->q = calloc((size_t)c->dim, sizeof(float));
+	nv->hb = calloc((size_t)c->hidden_dim, sizeof(float));
+	nv->hb2 = calloc((size_t)c->hidden_dim, sizeof(float));
+	nv->att = calloc((size_t)cache_len, sizeof(float));
+	nv->logits = calloc((size_t)c->vocab_size, sizeof(float));
+	size_t cache = (size_t)c->n_layers * cache_len * c->kv_dim;
+	nv->key_cache = calloc(cache, sizeof(float));
+	nv->value_cache = calloc(cache, sizeof(float));
+	if (!nv->x || !nv->xb || !nv->xb2 || !nv->q || !nv->hb || !nv->hb2 || !nv->att ||
+	    !nv->logits || !nv->key_cache || !nv->value_cache)
+		bench_die("out of memory");
+}
+
+static void naive_free(struct naive *nv)
+{
+	free(nv->x);
+	free(nv->xb);
+	free(nv->xb2);
+	free(nv->q);
+	free(nv->hb);
+	free(nv->hb2);
+	free(nv->att);
+	free(nv->logits);
+	free(nv->key_cache);
+	free(nv->value_cache);
+}
+
+static int bench_parse_int(const char *flag, const char *text, int lo, int hi)
+{
+	char *end;
+	errno = 0;
+	long v = strtol(text, &end, 10);
+	if (errno || end == text || *end || v < lo || v > hi)
+		bench_die("%s: '%s' is not a whole number in [%d, %d]", flag, text, lo, hi);
+	return (int)v;
+}
+
+static void bench_usage(FILE *out)
+{
+	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
+	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
+	      "                        [--threads N] [--json]\n",
+	      out);
+}
+
+static void bench_parse(int argc, char **argv, struct bench_opts *o)
+{
+	static const struct option longs[] = {
+		{ "model", required_argument, NULL, 'm' },
+		{ "repeats", required_argument, NULL, 'r' },
+		{ "decode-tokens", required_argument, NULL, 'd' },
+		{ "prefill", required_argument, NULL, 'p' },
+		{ "compare-tokens", required_argument, NULL, 'c' },
+		{ "sizes", required_argument, NULL, 's' },
+		{ "threads", required_argument, NULL, 't' },
+		{ "json", no_argument, NULL, 'j' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	static char default_model[4096];
+	const char *dir = getenv("SKV_MODEL_DIR");
+	snprintf(default_model, sizeof(default_model), "%s/stories260K.bin",
+		 dir && *dir ? dir : SKV_MODEL_DIR);
+	*o = (struct bench_opts){ .model_path = default_model, .repeats = 7,
+				  .decode_tokens = 2000, .prefill_tokens = 512,
+				  .compare_tokens = 200, .threads = 1,
+				  .sizes = { 64, 128, 256, 512 }, .n_sizes = 4 };
+	int c;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
+		switch (c) {
+		case 'm': o->model_path = optarg; break;
+		case 'r': o->repeats = bench_parse_int("--repeats", optarg, 1, 1000); break;
+		case 'd': o->decode_tokens = bench_parse_int("--decode-tokens", optarg, 1, 1 << 24); break;
+		case 'p': o->prefill_tokens = bench_parse_int("--prefill", optarg, 1, 1 << 20); break;
+		case 'c': o->compare_tokens = bench_parse_int("--compare-tokens", optarg, 1, 1 << 20); break;
+		case 't': o->threads = bench_parse_int("--threads", optarg, 1, 256); break;
+		case 'j': o->json = 1; break;
+		case 's': {
+			o->n_sizes = 0;
+			char *list = optarg, *tok, *save = NULL;
+			while ((tok = strtok_r(list, ",", &save))) {
+				list = NULL;
+				if (o->n_sizes == BENCH_MAX_SIZES)
+					bench_die("--sizes: at most %d sizes", BENCH_MAX_SIZES);
+				o->sizes[o->n_sizes++] = bench_parse_int("--sizes", tok, 8, 1 << 20);
+			}
+			if (!o->n_sizes)
+				bench_die("--sizes: give a comma-separated list such as 64,128");
+			break;
+		}
+		case 'h': bench_usage(stdout); exit(0);
+		default:
+			bench_usage(stderr);
+			bench_die("unknown or incomplete flag '%s'", argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		bench_die("unexpected argument '%s'", argv[optind]);
+}
+
+int main(int argc, char **argv)
+{
+	struct bench_opts o;
+	bench_parse(argc, argv, &o);
+	char msg[512] = "";
+	struct skv_model *model;
+	struct skv_runner *runner;
+	if (skv_model_open(o.model_path, &model, msg, sizeof(msg)) < 0)
+		bench_die("%s", msg);
+	if (skv_runner_new(model, 512, (uint32_t)o.threads, &runner, msg, sizeof(msg)) < 0)
+		bench_die("%s", msg);
+	const struct skv_model_config *c = &model->cfg;
+	int32_t vocab = c->vocab_size;
+	int trained = c->seq_len > 0 ? c->seq_len : 512;
+	int max_size = trained;
+	for (int i = 0; i < o.n_sizes; i++)
+		max_size = o.sizes[i] > max_size ? o.sizes[i] : max_size;
+	size_t n_ids = (size_t)max_size * 2 + (size_t)o.prefill_tokens + 16;
+	int32_t *ids = malloc(n_ids * sizeof(int32_t));
+	float *logits = malloc((size_t)vocab * sizeof(float));
+	double *decode = calloc((size_t)o.repeats, sizeof(double));
+	double *prefill = calloc((size_t)o.repeats, sizeof(double));
+	double *naive = calloc((size_t)o.repeats, sizeof(double));
+	double *sink_t = calloc((size_t)o.repeats * o.n_sizes, sizeof(double));
+	double *rec_t = calloc((size_t)o.repeats * o.n_sizes, sizeof(double));
+	if (!ids || !logits || !decode || !prefill || !naive || !sink_t || !rec_t)
+		bench_die("out of memory");
+	bench_tokens(ids, n_ids, vocab, 42);
+
+	/* Decode with a full window: sink policy at its defaults. */
+	struct skv_stream *dec = bench_stream(runner, SKV_POLICY_SINK, -1, -1);
+	bench_feed(dec, ids, (size_t)trained, logits);
+	struct naive nv;
+	naive_init(&nv, model, trained);
+	int naive_steps = trained / 8;
+
+	for (int r = 0; r < o.repeats; r++) {
+		decode[r] = 1.0 / bench_decode_steps(dec, o.decode_tokens, logits, vocab);
+
+		struct skv_stream *pre = bench_stream(runner, SKV_POLICY_SINK, -1,
+						      o.prefill_tokens > trained ? o.prefill_tokens
+										 : -1);
+		double t0 = bench_now();
+		bench_feed(pre, ids, (size_t)o.prefill_tokens, logits);
+		prefill[r] = o.prefill_tokens / (bench_now() - t0);
+		skv_stream_free(pre);
+
+		/* The baseline's last steps attend to nearly a full cache, as decode does. */
+		for (int p = 0; p < trained - naive_steps; p++)
+			naive_forward(&nv, ids[p], p);
+		t0 = bench_now();
+		for (int p = trained - naive_steps; p < trained; p++)
+			naive_forward(&nv, ids[p], p);
+		naive[r] = naive_steps / (bench_now() - t0);
+
+		for (int si = 0; si < o.n_sizes; si++) {
+			int size = o.sizes[si];
+			struct skv_stream *sk = bench_stream(runner, SKV_POLICY_SINK, 4, size - 4);
+			struct skv_stream *rc = bench_stream(runner, SKV_POLICY_RECOMPUTE, -1, size);
+			bench_feed(sk, ids, (size_t)size, logits);
+			sink_t[si * o.repeats + r] =
+				bench_decode_steps(sk, o.compare_tokens, logits, vocab);
+			bench_feed(rc, ids, (size_t)size, logits);
+			int rec_steps = o.compare_tokens / 10 > 5 ? o.compare_tokens / 10 : 5;
+			rec_t[si * o.repeats + r] = bench_decode_steps(rc, rec_steps, logits, vocab);
+			skv_stream_free(sk);
+			skv_stream_free(rc);
+		}
+	}
+
+	double dec_med = bench_median(decode, o.repeats);
+	double pre_med = bench_median(prefill, o.repeats);
+	double naive_med = bench_median(naive, o.repeats);
+	const char *impl1 = skv_runner_impl(runner, 1);
+	if (o.json) {
+		printf("{\"model\": \"%s\", \"threads\": %d, \"repeats\": %d, \"matmul_impl\": \"%s\", "
+		       "\"decode_tokens_per_s\": %.1f, \"decode_cache_tokens\": %d, "
+		       "\"prefill_tokens_per_s\": %.1f, \"prefill_tokens\": %d, "
+		       "\"plain_c_tokens_per_s\": %.1f, \"sink_vs_recompute\": [",
+		       o.model_path, o.threads, o.repeats, impl1 ? impl1 : "?", dec_med, trained,
+		       pre_med, o.prefill_tokens, naive_med);
+		for (int si = 0; si < o.n_sizes; si++) {
+			double st = bench_median(sink_t + si * o.repeats, o.repeats);
+			double rt = bench_median(rec_t + si * o.repeats, o.repeats);
+			printf("%s{\"cache\": %d, \"sink_s_per_token\": %.9f, "
+			       "\"recompute_s_per_token\": %.9f, \"speedup\": %.2f}",
+			       si ? ", " : "", o.sizes[si], st, rt, rt / st);
+		}
+		printf("]}\n");
+	} else {
+		printf("model %s (dim %d, %d layers, %d heads, %d kv heads, vocab %d), %d thread(s), "
+		       "median of %d\n",
+		       o.model_path, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, vocab,
+		       o.threads, o.repeats);
+		printf("matmul implementation (M=1): %s\n\n", impl1 ? impl1 : "?");
+		printf("%-44s %12s\n", "measurement", "tokens/s");
+		printf("%-44s %12.0f\n", "decode, full window (4 sinks + 508)", dec_med);
+		printf("%-44s %12.0f\n", "plain C (llama2.c loops), cache ~512", naive_med);
+		printf("%-44s %12.0f\n", "prefill (one call)", pre_med);
+		printf("\n%-8s %16s %20s %10s\n", "cache", "sink us/token", "recompute us/token",
+		       "speed-up");
+		for (int si = 0; si < o.n_sizes; si++) {
+			double st = bench_median(sink_t + si * o.repeats, o.repeats);
+			double rt = bench_median(rec_t + si * o.repeats, o.repeats);
+			printf("%-8d %16.1f %20.1f %9.1fx\n", o.sizes[si], st * 1e6, rt * 1e6,
+			       rt / st);
+		}
+	}
+
+	naive_free(&nv);
+	skv_stream_free(dec);
+	free(ids);
+	free(logits);
+	free(decode);
+	free(prefill);
+	free(naive);
+	free(sink_t);
+	free(rec_t);
+	skv_runner_free(runner);
+	skv_model_close(model);
+	return 0;
+}

@@ -1,0 +1,324 @@
+/* Attention and SwiGLU kernels. This file is compiled once per instruction set (see
+ * engine/meson.build): with -march=x86-64-v4 (AVX-512), -march=x86-64-v3 (AVX2 + FMA) and for
+ * the baseline, each copy naming its entry points with its ISA (ATTN_ISA). attention.c picks
+ * the best copy for the CPU at the first call. The loops run 16 slots at a time through GCC's
+ * vector extensions: one AVX-512 register in the v4 copy, two AVX2 or four SSE registers in the
+ * others. Separate compilations rather than target attributes or target_clones: GCC 12 lowers
+ * generic vector comparisons in helper functions for the ISA of the helper, not of its caller,
+ * which turned the masked loops into scalar code. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "attention-pvt.h"
+
+#define ATTN_INLINE static inline __attribute__((always_inline))
+/* Vector arguments of the always-inlined helpers never cross a call boundary. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+ATTN_INLINE attn_vf attn_load(const float *p)
+{
+	return *(const attn_vf_u *)p;
+}
+
+ATTN_INLINE void attn_store(float *p, attn_vf v)
+{
+	*(attn_vf_u *)p = v;
+}
+
+ATTN_INLINE attn_vf attn_splat(float x)
+{
+	return (attn_vf){} + x;
+}
+
+ATTN_INLINE attn_vf attn_select(attn_vi mask, attn_vf yes, attn_vf no)
+{
+	return (attn_vf)(((attn_vi)yes & mask) | ((attn_vi)no & ~mask));
+}
+
+/* Horizontal sum and max as a tree of four shuffles: a lane-by-lane loop is a chain of 15
+ * dependent scalar operations, which cost more than the dot products of a short window. */
+ATTN_INLINE float attn_hsum(attn_vf v)
+{
+	v += __builtin_shuffle(v, (attn_vi){ 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7 });
+	v += __builtin_shuffle(v, (attn_vi){ 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11 });
+	v += __builtin_shuffle(v, (attn_vi){ 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13 });
+	v += __builtin_shuffle(v, (attn_vi){ 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14 });
+	return v[0];
+}
+
+ATTN_INLINE attn_vf attn_vmax(attn_vf a, attn_vf b)
+{
+	return attn_select(a > b, a, b);
+}
+
+ATTN_INLINE float attn_hmax(attn_vf v)
+{
+	v = attn_vmax(v, __builtin_shuffle(v, (attn_vi){ 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3,
+							  4, 5, 6, 7 }));
+	v = attn_vmax(v, __builtin_shuffle(v, (attn_vi){ 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8,
+							  9, 10, 11 }));
+	v = attn_vmax(v, __builtin_shuffle(v, (attn_vi){ 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14,
+							  15, 12, 13 }));
+	v = attn_vmax(v, __builtin_shuffle(v, (attn_vi){ 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13,
+							  12, 15, 14 }));
+	return v[0];
+}
+
+/* exp(x) = 2^k * exp(r), r = x - k ln2 in [-ln2/2, ln2/2], exp(r) by a degree-6 polynomial
+ * (Taylor coefficients; relative error below 2e-7 on that interval). Inputs are clamped to
+ * [-87, 88] so that 2^k stays a normal float; the softmax only feeds x <= 0. */
+ATTN_INLINE attn_vf attn_vexp(attn_vf x)
+{
+	const attn_vf lo = attn_splat(-87.0f), hi = attn_splat(88.0f);
+	x = attn_select(x < lo, lo, x);
+	x = attn_select(x > hi, hi, x);
+	/* Round to nearest by adding and subtracting 1.5 * 2^23. */
+	const attn_vf shifter = attn_splat(12582912.0f);
+	attn_vf k = (x * attn_splat(1.44269504088896341f) + shifter) - shifter;
+	attn_vf r = x - k * attn_splat(0.693145751953125f);
+	r = r - k * attn_splat(1.42860682030941723212e-6f);
+	attn_vf p = attn_splat(1.0f / 720.0f);
+	p = p * r + attn_splat(1.0f / 120.0f);
+	p = p * r + attn_splat(1.0f / 24.0f);
+	p = p * r + attn_splat(1.0f / 6.0f);
+	p = p * r + attn_splat(0.5f);
+	p = p * r + attn_splat(1.0f);
+	p = p * r + attn_splat(1.0f);
+	attn_vi ki = __builtin_convertvector(k, attn_vi);
+	attn_vf scale = (attn_vf)((ki + 127) << 23);
+	return p * scale;
+}
+
+
+/* Ranges are processed in whole blocks of 16 slots aligned to the row start: a row is
+ * slot_stride floats, a multiple of 16, so a block never reads outside its row. Lanes outside
+ * [lo, hi) are masked: their scores are not stored, not counted in the max or the sum, and
+ * their products with V are dropped (selected away, never multiplied by zero, so a stale NaN in
+ * an unused slot cannot leak in). No scalar tail loops. */
+ATTN_INLINE attn_vi attn_mask(uint32_t block, uint32_t lo, uint32_t hi)
+{
+	const attn_vi lanes = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
+	attn_vi idx = lanes + (int32_t)block;
+	return (idx >= (int32_t)lo) & (idx < (int32_t)hi);
+}
+
+/* A block lies wholly inside [lo, hi): the common case, which needs no mask. */
+ATTN_INLINE int attn_full(uint32_t block, uint32_t lo, uint32_t hi)
+{
+	return block >= lo && block + ATTN_LANES <= hi;
+}
+
+/* One block of scores; masked != 0 (a constant at each call) handles a partial block. */
+ATTN_INLINE void attn_scores_block(int pair, int masked, uint32_t b, uint32_t lo, uint32_t hi,
+				   const float *restrict q0, const float *restrict q1,
+				   const float *restrict k_rows, size_t stride, uint32_t head_size,
+				   float scale, float *restrict s0, float *restrict s1,
+				   attn_vf *vmax0, attn_vf *vmax1)
+{
+	const attn_vf neg_inf = attn_splat(-INFINITY);
+	attn_vf k = attn_load(k_rows + b);
+	attn_vf acc0 = q0[0] * k, acc1 = pair ? q1[0] * k : k;
+	for (uint32_t d = 1; d < head_size; d++) {
+		k = attn_load(k_rows + d * stride + b);
+		acc0 += q0[d] * k;
+		if (pair)
+			acc1 += q1[d] * k;
+	}
+	acc0 *= scale;
+	acc1 *= scale;
+	if (masked) {
+		attn_vi mask = attn_mask(b, lo, hi);
+		acc0 = attn_select(mask, acc0, neg_inf);
+		attn_store(s0 + b, attn_select(mask, acc0, attn_load(s0 + b)));
+		if (pair) {
+			acc1 = attn_select(mask, acc1, neg_inf);
+			attn_store(s1 + b, attn_select(mask, acc1, attn_load(s1 + b)));
+		}
+	} else {
+		attn_store(s0 + b, acc0);
+		if (pair)
+			attn_store(s1 + b, acc1);
+	}
+	*vmax0 = attn_select(acc0 > *vmax0, acc0, *vmax0);
+	if (pair)
+		*vmax1 = attn_select(acc1 > *vmax1, acc1, *vmax1);
+}
+
+/* Scores of one or two query heads that share a KV head (grouped-query attention), so that
+ * each K vector is loaded once for both: s_i[t] = scale * (q_i . K[:, t]) for t in [lo, hi).
+ * Updates max_i. With pair == 0 only head 0 is computed (the compiler drops the rest). */
+ATTN_INLINE void attn_scores(int pair, const float *restrict q0, const float *restrict q1,
+			     const float *restrict k_rows, size_t stride, uint32_t head_size,
+			     uint32_t lo, uint32_t hi, float scale, float *restrict s0,
+			     float *restrict s1, float *max0, float *max1)
+{
+	attn_vf vmax0 = attn_splat(-INFINITY), vmax1 = vmax0;
+	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
+		if (attn_full(b, lo, hi))
+			attn_scores_block(pair, 0, b, lo, hi, q0, q1, k_rows, stride, head_size,
+					  scale, s0, s1, &vmax0, &vmax1);
+		else
+			attn_scores_block(pair, 1, b, lo, hi, q0, q1, k_rows, stride, head_size,
+					  scale, s0, s1, &vmax0, &vmax1);
+	}
+	float m0 = attn_hmax(vmax0);
+	*max0 = m0 > *max0 ? m0 : *max0;
+	if (pair) {
+		float m1 = attn_hmax(vmax1);
+		*max1 = m1 > *max1 ? m1 : *max1;
+	}
+}
+
+/* s[t] = exp(s[t] - max) over [lo, hi); returns their sum. */
+ATTN_INLINE float attn_exp_sum(float *restrict s, uint32_t lo, uint32_t hi, float max)
+{
+	const attn_vf zero = attn_splat(0.0f), vmax = attn_splat(max);
+	attn_vf vsum = zero;
+	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
+		attn_vf old = attn_load(s + b);
+		attn_vf e = attn_vexp(old - vmax);
+		if (attn_full(b, lo, hi)) {
+			attn_store(s + b, e);
+		} else {
+			attn_vi mask = attn_mask(b, lo, hi);
+			e = attn_select(mask, e, zero);
+			attn_store(s + b, attn_select(mask, e, old));
+		}
+		vsum += e;
+	}
+	return attn_hsum(vsum);
+}
+
+/* out_i[d] += sum over t in [lo, hi) of p_i[t] * V[d][t], one or two heads per V load. */
+ATTN_INLINE void attn_values(int pair, const float *restrict p0, const float *restrict p1,
+			     const float *restrict v_rows, size_t stride, uint32_t head_size,
+			     uint32_t lo, uint32_t hi, float *restrict out0, float *restrict out1)
+{
+	const attn_vf zero = attn_splat(0.0f);
+	for (uint32_t d = 0; d < head_size; d++) {
+		const float *row = v_rows + d * stride;
+		attn_vf vacc0 = zero, vacc1 = zero;
+		for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
+			attn_vf v = attn_load(row + b);
+			attn_vf x0 = attn_load(p0 + b) * v;
+			attn_vf x1 = pair ? attn_load(p1 + b) * v : zero;
+			if (!attn_full(b, lo, hi)) {
+				attn_vi mask = attn_mask(b, lo, hi);
+				x0 = attn_select(mask, x0, zero);
+				x1 = attn_select(mask, x1, zero);
+			}
+			vacc0 += x0;
+			if (pair)
+				vacc1 += x1;
+		}
+		out0[d] += attn_hsum(vacc0);
+		if (pair)
+			out1[d] += attn_hsum(vacc1);
+	}
+}
+
+/* Softmax-weighted sum for one or two heads of KV head g over the step's ranges. */
+ATTN_INLINE void attn_heads(int pair, const struct skv_attn_args *args,
+			    const struct attn_range *ranges, uint32_t n_ranges, uint32_t h,
+			    const float *k_rows, const float *v_rows, size_t stride,
+			    uint32_t hs, float scale)
+{
+	float *s0 = args->scores, *s1 = args->scores + stride;
+	float *out0 = args->out + (size_t)h * hs, *out1 = out0 + hs;
+	float max0 = -INFINITY, max1 = -INFINITY;
+
+	for (uint32_t r = 0; r < n_ranges; r++)
+		attn_scores(pair, ranges[r].q + (size_t)h * hs, ranges[r].q + (size_t)(h + 1) * hs,
+			    k_rows, stride, hs, ranges[r].lo, ranges[r].hi, scale, s0, s1, &max0,
+			    &max1);
+	float sum0 = 0.0f, sum1 = 0.0f;
+	for (uint32_t r = 0; r < n_ranges; r++) {
+		sum0 += attn_exp_sum(s0, ranges[r].lo, ranges[r].hi, max0);
+		if (pair)
+			sum1 += attn_exp_sum(s1, ranges[r].lo, ranges[r].hi, max1);
+	}
+	memset(out0, 0, hs * sizeof(float) * (pair ? 2 : 1));
+	for (uint32_t r = 0; r < n_ranges; r++)
+		attn_values(pair, s0, s1, v_rows, stride, hs, ranges[r].lo, ranges[r].hi, out0,
+			    out1);
+	for (uint32_t d = 0; d < hs; d++) {
+		out0[d] *= 1.0f / sum0;
+		if (pair)
+			out1[d] *= 1.0f / sum1;
+	}
+}
+
+void ATTN_FN(attn_attend)(const struct skv_attn_args *args)
+{
+	const struct skv_kv_desc *desc = args->desc;
+	const struct skv_kv_step *step = args->step;
+	uint32_t hs = desc->head_size;
+	size_t stride = desc->slot_stride;
+	uint32_t kv_mul = args->n_heads / desc->n_kv_heads;
+	uint32_t ring_end = desc->sink_slots + desc->window_slots;
+	float inv_sqrt = 1.0f / sqrtf((float)hs);
+
+	/* Valid slots of this step: the sinks, then the window from its head, wrapping once. */
+	struct attn_range ranges[3];
+	uint32_t n_ranges = 0;
+	if (step->sink_count)
+		ranges[n_ranges++] = (struct attn_range){ 0, step->sink_count, args->q_sink };
+	if (step->window_fill) {
+		uint32_t end = step->window_head + step->window_fill;
+		uint32_t first_end = end < ring_end ? end : ring_end;
+		ranges[n_ranges++] =
+			(struct attn_range){ step->window_head, first_end, args->q_window };
+		if (end > ring_end)
+			ranges[n_ranges++] = (struct attn_range){
+				desc->sink_slots, desc->sink_slots + (end - ring_end), args->q_window
+			};
+	}
+	/* Adjacent ranges scored with the same query are one run of slots: merging them makes
+	 * the arithmetic (and so the result) identical to a cache without sinks, e.g. sink with
+	 * a window not yet full against dense. */
+	uint32_t merged = 0;
+	for (uint32_t r = 0; r < n_ranges; r++) {
+		if (merged && ranges[merged - 1].hi == ranges[r].lo &&
+		    ranges[merged - 1].q == ranges[r].q)
+			ranges[merged - 1].hi = ranges[r].hi;
+		else
+			ranges[merged++] = ranges[r];
+	}
+	n_ranges = merged;
+
+	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
+		const float *k_rows = args->k_plane + (size_t)g * hs * stride;
+		const float *v_rows = args->v_plane + (size_t)g * hs * stride;
+		uint32_t h = g * kv_mul, end = h + kv_mul;
+		/* The common head sizes get their own constant-folded copy of the loops. */
+		for (; h + 2 <= end; h += 2) {
+			if (hs == 8)
+				attn_heads(1, args, ranges, n_ranges, h, k_rows, v_rows, stride, 8,
+					   inv_sqrt);
+			else
+				attn_heads(1, args, ranges, n_ranges, h, k_rows, v_rows, stride, hs,
+					   inv_sqrt);
+		}
+		if (h < end)
+			attn_heads(0, args, ranges, n_ranges, h, k_rows, v_rows, stride, hs,
+				   inv_sqrt);
+	}
+}
+
+void ATTN_FN(attn_swiglu)(float *out, const float *gu, uint32_t rows, uint32_t hidden)
+{
+	for (uint32_t r = 0; r < rows; r++) {
+		const float *gate = gu + (size_t)r * 2 * hidden, *up = gate + hidden;
+		float *o = out + (size_t)r * hidden;
+		uint32_t i = 0;
+		for (; i + ATTN_LANES <= hidden; i += ATTN_LANES) {
+			attn_vf g = attn_load(gate + i);
+			attn_vf silu = g / (attn_splat(1.0f) + attn_vexp(-g));
+			attn_store(o + i, silu * attn_load(up + i));
+		}
+		for (; i < hidden; i++)
+			o[i] = gate[i] / (1.0f + skv_expf(-gate[i])) * up[i];
+	}
+}
+
