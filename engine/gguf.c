@@ -11,6 +11,7 @@
  * another process while mapped raises SIGBUS on access; model files are expected to be
  * immutable while served. */
 #include "gguf.h"
+#include "mapfile.h"
 
 #include "skv-error.h"
 
@@ -577,51 +578,6 @@ static int gguf_parse(struct skv_gguf *g, char *msg, size_t msg_len)
 	return err;
 }
 
-/* Maps a regular file read-only. An empty file gives map == NULL, size 0 (mmap refuses 0). */
-static int gguf_map_file(const char *path, const uint8_t **map, size_t *size, char *msg,
-			 size_t msg_len)
-{
-	struct stat st;
-	int err = 0;
-
-	/* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below. */
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-	if (fd < 0) {
-		err = -errno;
-		return skv_errorf(msg, msg_len, err, "%s: cannot open: %s", path,
-				  skv_strerror(err));
-	}
-	if (fstat(fd, &st) < 0) {
-		err = -errno;
-		skv_errorf(msg, msg_len, err, "%s: cannot stat: %s", path, skv_strerror(err));
-		goto out_close;
-	}
-	if (S_ISDIR(st.st_mode)) {
-		err = skv_errorf(msg, msg_len, -EISDIR, "%s: is a directory, not a GGUF file",
-				 path);
-		goto out_close;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		err = skv_errorf(msg, msg_len, -EINVAL, "%s: not a regular file", path);
-		goto out_close;
-	}
-	*map = NULL;
-	*size = (size_t)st.st_size;
-	if (*size) {
-		void *p = mmap(NULL, *size, PROT_READ, MAP_PRIVATE, fd, 0);
-		if (p == MAP_FAILED) {
-			err = -errno;
-			skv_errorf(msg, msg_len, err, "%s: cannot map: %s", path,
-				   skv_strerror(err));
-			goto out_close;
-		}
-		*map = p;
-	}
-out_close:
-	close(fd);
-	return err;
-}
-
 int skv_gguf_open(const char *path, struct skv_gguf **out, char *msg, size_t msg_len)
 {
 	struct skv_gguf *g;
@@ -636,7 +592,7 @@ int skv_gguf_open(const char *path, struct skv_gguf **out, char *msg, size_t msg
 		err = skv_errorf(msg, msg_len, -ENOMEM, "%s: out of memory", path);
 		goto out_free;
 	}
-	err = gguf_map_file(path, &g->map, &g->map_size, msg, msg_len);
+	err = skv_map_file(path, "GGUF file", (const void **)&g->map, &g->map_size, msg, msg_len);
 	if (err)
 		goto out_free;
 	if (!g->map_size) {

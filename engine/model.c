@@ -7,6 +7,7 @@
 #include "model.h"
 
 #include "gguf.h"
+#include "mapfile.h"
 #include "skv-error.h"
 
 #include <errno.h>
@@ -35,50 +36,6 @@
 #define GGUF_DEFAULT_ROPE_THETA 10000.0f
 #define GGUF_NAME_MAX 96
 
-/* Maps a regular file read-only; an empty file gives map == NULL, size 0. */
-static int model_map_file(const char *path, void **map, size_t *size, char *msg, size_t msg_len)
-{
-	struct stat st;
-	int err = 0;
-
-	/* O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below. */
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-	if (fd < 0) {
-		err = -errno;
-		return skv_errorf(msg, msg_len, err, "%s: cannot open model: %s", path,
-				  skv_strerror(err));
-	}
-	if (fstat(fd, &st) < 0) {
-		err = -errno;
-		skv_errorf(msg, msg_len, err, "%s: cannot stat model: %s", path,
-			   skv_strerror(err));
-		goto out_close;
-	}
-	if (S_ISDIR(st.st_mode)) {
-		err = skv_errorf(msg, msg_len, -EISDIR, "%s: is a directory, not a model file",
-				 path);
-		goto out_close;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		err = skv_errorf(msg, msg_len, -EINVAL, "%s: not a regular file", path);
-		goto out_close;
-	}
-	*map = NULL;
-	*size = (size_t)st.st_size;
-	if (*size) {
-		void *p = mmap(NULL, *size, PROT_READ, MAP_PRIVATE, fd, 0);
-		if (p == MAP_FAILED) {
-			err = -errno;
-			skv_errorf(msg, msg_len, err, "%s: cannot map model: %s", path,
-				   skv_strerror(err));
-			goto out_close;
-		}
-		*map = p;
-	}
-out_close:
-	close(fd);
-	return err;
-}
 
 /* Checks that the dimensions make sense together and fills head_size and kv_dim. The size of
  * the weights is checked by each format against its file. */
@@ -501,7 +458,7 @@ int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t m
 		err = skv_errorf(msg, msg_len, -ENOMEM, "%s: out of memory", path);
 		goto out_free;
 	}
-	err = model_map_file(path, &m->map, &m->map_size, msg, msg_len);
+	err = skv_map_file(path, "model file", &m->map, &m->map_size, msg, msg_len);
 	if (err)
 		goto out_free;
 	if (!m->map_size) {
@@ -513,7 +470,7 @@ int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t m
 	/* The magic picks the format. A GGUF is parsed by skv_gguf_open from its own mapping,
 	 * so this one is dropped; anything else must be a llama2.c file. */
 	if (m->map_size >= 4 && !memcmp(m->map, "GGUF", 4)) {
-		munmap(m->map, m->map_size);
+		munmap((void *)m->map, m->map_size);
 		m->map = NULL;
 		m->map_size = 0;
 		m->format = SKV_MODEL_GGUF;
@@ -548,7 +505,7 @@ void skv_model_close(struct skv_model *m)
 		return;
 	skv_gguf_close(m->gguf);
 	if (m->map)
-		munmap(m->map, m->map_size);
+		munmap((void *)m->map, m->map_size);
 	free(m->layers);
 	free(m->path);
 	free(m);

@@ -53,7 +53,7 @@ struct skv_model {
 	const float *classifier;           /* [vocab_size][dim]; == token_embedding when tied */
 	struct skv_gguf *gguf;             /* GGUF models: the parsed file (vocabulary lives here) */
 	char *path;
-	void *map;                         /* llama2.c models: the mapping */
+	const void *map;                   /* llama2.c models: the read-only mapping */
 	size_t map_size;
 };
 
