@@ -12,9 +12,9 @@ struct skv_stream {
 	struct skv_runner *runner;
 	struct skv_policy policy;
 	struct skv_seq seq;          /* sink/window/dense: the stream's cache; recompute: scratch */
-	struct skv_kv_ring ring;
-	void *region;
+	void *region;                /* the KV region; its ring state lives inside it */
 	size_t region_bytes;
+	int owns_region;             /* local streams map their own; engines get an arena's */
 	uint64_t tokens_seen;        /* recompute keeps its own count; others read the ring */
 	int32_t *history;            /* recompute: the last L tokens, a ring of [L] */
 	uint64_t history_len;
@@ -107,57 +107,122 @@ void skv_stream_free(struct skv_stream *s)
 {
 	if (!s)
 		return;
-	if (s->region)
+	if (s->region && s->owns_region)
 		munmap(s->region, s->region_bytes);
 	free(s->history);
 	free(s);
 }
 
+/* Common to both constructors: s->region holds a validated descriptor. */
+static int stream_setup(struct skv_stream *s, int reset_ring)
+{
+	const struct skv_policy *policy = &s->policy;
+	memcpy(&s->seq.desc, s->region, sizeof(s->seq.desc));
+	s->seq.kv_base = s->region;
+	s->seq.ring = skv_kv_region_ring(s->region);
+	s->seq.allow_evict = policy->kind == SKV_POLICY_SINK || policy->kind == SKV_POLICY_WINDOW;
+	s->seq.abs_positions = (uint32_t)policy->abs_positions;
+	if (reset_ring)
+		skv_kv_ring_reset(s->seq.ring, &s->seq.desc);
+	if (policy->kind == SKV_POLICY_RECOMPUTE) {
+		s->history = calloc((size_t)policy->window_slots, sizeof(*s->history));
+		if (!s->history)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+static int stream_shape(const struct skv_runner *r, const struct skv_policy *policy,
+			struct skv_kv_desc *desc, char *msg, size_t msg_len)
+{
+	const struct skv_model_config *c = skv_runner_config(r);
+	int err = skv_kv_layout_init(desc, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads,
+				     (uint32_t)c->head_size, (uint32_t)policy->sink_slots,
+				     (uint32_t)policy->window_slots);
+	if (err < 0)
+		return skv_errorf(msg, msg_len, -SKV_EINVAL_POLICY,
+				  "cannot lay out %lld sinks + %lld window slots: %s",
+				  (long long)policy->sink_slots, (long long)policy->window_slots,
+				  skv_strerror(err));
+	return 0;
+}
+
 int skv_stream_new(struct skv_runner *r, const struct skv_policy *policy,
 		   struct skv_stream **out, char *msg, size_t msg_len)
 {
-	const struct skv_model_config *c = skv_runner_config(r);
+	struct skv_kv_desc desc;
+	int err = stream_shape(r, policy, &desc, msg, msg_len);
+	if (err < 0)
+		return err;
 	struct skv_stream *s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
 	s->runner = r;
 	s->policy = *policy;
-
-	int err = skv_kv_layout_init(&s->seq.desc, (uint32_t)c->n_layers,
-				     (uint32_t)c->n_kv_heads, (uint32_t)c->head_size,
-				     (uint32_t)policy->sink_slots, (uint32_t)policy->window_slots);
-	if (err < 0) {
-		skv_stream_free(s);
-		return skv_errorf(msg, msg_len, -SKV_EINVAL_POLICY,
-				  "cannot lay out %lld sinks + %lld window slots: %s",
-				  (long long)policy->sink_slots, (long long)policy->window_slots,
-				  skv_strerror(err));
-	}
 	/* An anonymous private mapping: zero pages cost nothing until a slot is written. */
-	s->region_bytes = s->seq.desc.region_bytes;
+	s->region_bytes = desc.region_bytes;
 	s->region = mmap(NULL, s->region_bytes, PROT_READ | PROT_WRITE,
 			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (s->region == MAP_FAILED) {
 		s->region = NULL;
 		skv_stream_free(s);
-		return skv_errorf(msg, msg_len, -ENOMEM, "cannot map %zu bytes of KV cache",
-				  s->region_bytes);
+		return skv_errorf(msg, msg_len, -ENOMEM, "cannot map %llu bytes of KV cache",
+				  (unsigned long long)desc.region_bytes);
 	}
-	memcpy(s->region, &s->seq.desc, sizeof(s->seq.desc));
-	s->seq.kv_base = s->region;
-	s->seq.ring = &s->ring;
-	s->seq.allow_evict = policy->kind == SKV_POLICY_SINK || policy->kind == SKV_POLICY_WINDOW;
-	s->seq.abs_positions = policy->abs_positions;
-	skv_kv_ring_reset(&s->ring, &s->seq.desc);
-
-	if (policy->kind == SKV_POLICY_RECOMPUTE) {
-		s->history = calloc((size_t)policy->window_slots, sizeof(*s->history));
-		if (!s->history) {
-			skv_stream_free(s);
-			return -ENOMEM;
-		}
+	s->owns_region = 1;
+	memcpy(s->region, &desc, sizeof(desc));
+	err = stream_setup(s, 1);
+	if (err < 0) {
+		skv_stream_free(s);
+		return err;
 	}
 	*out = s;
+	return 0;
+}
+
+int skv_stream_new_at(struct skv_runner *r, const struct skv_policy *policy, void *region,
+		      uint64_t region_bytes, int fresh, struct skv_stream **out, char *msg,
+		      size_t msg_len)
+{
+	struct skv_kv_desc expect, found;
+	int err = stream_shape(r, policy, &expect, msg, msg_len);
+	if (err < 0)
+		return err;
+	/* The descriptor was written by another process: copy it once, check it against the
+	 * mapping and against the shape this stream's policy needs. */
+	if (region_bytes < sizeof(found))
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE, "KV region of %llu bytes is too small",
+				  (unsigned long long)region_bytes);
+	memcpy(&found, region, sizeof(found));
+	err = skv_kv_layout_check(&found, region_bytes, msg, msg_len);
+	if (err < 0)
+		return err;
+	if (memcmp(&found, &expect, sizeof(found)) != 0)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "KV region descriptor does not match the stream's policy and model");
+	struct skv_stream *s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->runner = r;
+	s->policy = *policy;
+	s->region = region;
+	s->region_bytes = region_bytes;
+	err = stream_setup(s, fresh);
+	if (err < 0) {
+		skv_stream_free(s);
+		return err;
+	}
+	*out = s;
+	return 0;
+}
+
+int skv_stream_item(struct skv_stream *s, const int32_t *tokens, uint32_t n, float *logits,
+		    struct skv_fwd_item *item)
+{
+	if (s->policy.kind == SKV_POLICY_RECOMPUTE)
+		return -ENOTSUP;
+	*item = (struct skv_fwd_item){ .seq = &s->seq, .tokens = tokens, .n_tokens = n,
+				       .logits = logits };
 	return 0;
 }
 
@@ -196,7 +261,7 @@ static int stream_recompute(struct skv_stream *s, float *logits)
 	int32_t chunk_tokens[512];
 	uint64_t first = s->history_len - n; /* index, in the stream, of the oldest kept token */
 
-	skv_kv_ring_reset(&s->ring, &s->seq.desc);
+	skv_kv_ring_reset(s->seq.ring, &s->seq.desc);
 	for (uint64_t done = 0; done < n;) {
 		uint32_t chunk = (uint32_t)(n - done);
 		if (chunk > max_rows)
@@ -258,13 +323,13 @@ uint64_t skv_stream_make_room(struct skv_stream *s, uint64_t n)
 		return 0;
 	const struct skv_kv_desc *d = &s->seq.desc;
 	/* Tokens still to enter the sinks need no window room. */
-	uint64_t seen = s->ring.tokens_seen;
+	uint64_t seen = s->seq.ring->tokens_seen;
 	uint64_t to_sinks = seen < d->sink_slots ? d->sink_slots - seen : 0;
 	uint64_t need = n > to_sinks ? n - to_sinks : 0;
-	uint64_t fill = skv_kv_ring_window_fill(&s->ring, d);
+	uint64_t fill = skv_kv_ring_window_fill(s->seq.ring, d);
 	if (fill + need <= d->window_slots)
 		return 0;
-	return skv_kv_ring_evict(&s->ring, d, fill + need - d->window_slots);
+	return skv_kv_ring_evict(s->seq.ring, d, fill + need - d->window_slots);
 }
 
 const struct skv_policy *skv_stream_policy(const struct skv_stream *s)
@@ -274,7 +339,7 @@ const struct skv_policy *skv_stream_policy(const struct skv_stream *s)
 
 uint64_t skv_stream_tokens_seen(const struct skv_stream *s)
 {
-	return s->policy.kind == SKV_POLICY_RECOMPUTE ? s->tokens_seen : s->ring.tokens_seen;
+	return s->policy.kind == SKV_POLICY_RECOMPUTE ? s->tokens_seen : s->seq.ring->tokens_seen;
 }
 
 const struct skv_seq *skv_stream_seq(const struct skv_stream *s)

@@ -71,6 +71,20 @@ int skv_stream_new(struct skv_runner *r, const struct skv_policy *policy,
 		   struct skv_stream **out, char *msg, size_t msg_len);
 void skv_stream_free(struct skv_stream *s); /* accepts NULL */
 
+/* A stream over a KV region someone else laid out (the daemon, in a shared arena): region
+ * starts with a descriptor that must match what the policy and the model need (checked on a
+ * private copy, against region_bytes). fresh: reset the ring state (a new stream); else keep
+ * it. The region is not freed with the stream. Errors: -SKV_EFORMAT, -SKV_EVERSION,
+ * -SKV_ESHAPE (msg says which field), -SKV_EINVAL_POLICY, -ENOMEM. */
+int skv_stream_new_at(struct skv_runner *r, const struct skv_policy *policy, void *region,
+		      uint64_t region_bytes, int fresh, struct skv_stream **out, char *msg,
+		      size_t msg_len);
+
+/* Describe n tokens of s as one item of a batched skv_forward (the engine's continuous
+ * batching). -ENOTSUP for recompute streams, which run alone through skv_stream_feed. */
+int skv_stream_item(struct skv_stream *s, const int32_t *tokens, uint32_t n, float *logits,
+		    struct skv_fwd_item *item);
+
 /* Feed tokens in order. logits (may be NULL) receives the logits after the last token; with
  * all_logits non-NULL, all_logits receives [n][vocab] (one row per token, for evaluation).
  * Long inputs are split into chunks of the runner's max_rows. Errors: those of skv_forward;

@@ -5,6 +5,8 @@
 
 #include "skv-error.h"
 
+_Static_assert(sizeof(struct skv_kv_desc) <= SKV_KV_RING_OFFSET, "descriptor overlaps the ring");
+
 static uint64_t kv_round_up(uint64_t v, uint64_t to)
 {
 	return (v + to - 1) / to * to;
@@ -20,7 +22,8 @@ int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_k
 		return -EOVERFLOW;
 	uint64_t stride = kv_round_up(slots, SKV_KV_SLOT_ROUND);
 	uint64_t plane = kv_round_up(stride * n_kv_heads * head_size * sizeof(float), SKV_KV_ALIGN);
-	uint64_t planes_offset = kv_round_up(sizeof(*desc), SKV_KV_ALIGN);
+	uint64_t planes_offset = SKV_KV_RING_OFFSET +
+				 kv_round_up(sizeof(struct skv_kv_ring), SKV_KV_ALIGN);
 	uint64_t region = planes_offset + plane * 2 * n_layers;
 	if (region >> 48)
 		return -EOVERFLOW;

@@ -9,7 +9,7 @@
  * writes its K and V into one slot of every row; eviction only advances the ring state; no
  * slot is ever moved or copied.
  *
- *   region:  [struct skv_kv_desc][pad to SKV_KV_ALIGN][L0 K plane][L0 V plane][L1 K]...
+ *   region:  [struct skv_kv_desc][pad][struct skv_kv_ring, own cache line][L0 K][L0 V][L1 K]...
  *   plane:   row (h, d) = floats [ (h * head_size + d) * slot_stride ... + slot_stride )
  *   row:     | sink 0 .. sink S-1 | ring slot 0 .. ring slot W-1 | pad to slot_stride |
  *
@@ -18,9 +18,9 @@
  * in different processes. Keys are stored already rotated (RoPE) at their absolute position in
  * the text; see engine/attention.h for how in-cache positions are recovered exactly.
  *
- * The ring state (struct skv_kv_ring) is written only by the process that runs the stream's
- * forward pass; it is a plain value that other processes may read (issue 4 puts it in shared
- * memory behind a generation counter).
+ * The ring state (struct skv_kv_ring) lives in the region, at SKV_KV_RING_OFFSET, on a cache
+ * line of its own: it is written only by the process that runs the stream's forward pass (the
+ * engine serving it), and read by others (admin snapshots) as a plain value.
  *
  * Thread safety: all functions are pure or touch only the objects passed in. */
 #ifndef SKV_KV_LAYOUT_H
@@ -52,7 +52,7 @@ struct skv_kv_desc {
 	uint32_t slot_stride;        /* floats per row: S + W rounded up to SKV_KV_SLOT_ROUND */
 	uint32_t reserved0;
 	uint64_t plane_bytes;        /* bytes of one K or V plane */
-	uint64_t planes_offset;      /* from region start to layer 0's K plane */
+	uint64_t planes_offset;      /* from region start to layer 0's K plane (after the ring) */
 	uint64_t region_bytes;       /* whole region, descriptor included */
 	uint64_t reserved[2];        /* zero */
 };
@@ -68,6 +68,14 @@ struct skv_kv_ring {
 	uint64_t reserved;
 };
 _Static_assert(sizeof(struct skv_kv_ring) == 32, "skv_kv_ring is ABI");
+
+/* The ring state's place in a region: the cache line after the descriptor's. */
+#define SKV_KV_RING_OFFSET 128u
+
+static inline struct skv_kv_ring *skv_kv_region_ring(void *base)
+{
+	return (struct skv_kv_ring *)((char *)base + SKV_KV_RING_OFFSET);
+}
 
 /* Where one appended token goes and what its attention step sees. */
 struct skv_kv_step {

@@ -1,0 +1,86 @@
+/* A stream's channel: the data path between one client and the engine serving the stream.
+ *
+ * A memfd created by the daemon, mapped by the client and by the engine (the daemon unmaps it
+ * after formatting). Layout: struct skv_chan_hdr, then the input ring (client -> engine:
+ * prompt text and commands), then the output ring (engine -> client: tokens, results), both
+ * rings of struct skv_chan_msg (shm/ring.h).
+ *
+ * Wake-ups: the engine consumes the input rings of all its streams and sleeps on its own
+ * doorbell (a one-page memfd holding its struct skv_wake_word, shared with its clients); a
+ * client sleeps on the wake word of its output ring. Either side that waits for room in a full
+ * ring sets its *_wants_room flag first, and the other side wakes it after it frees a slot.
+ *
+ * Who writes what: in_ring head, client_wants_room: the client. in_ring tail, out_ring head,
+ * engine_wants_room: the engine. out_ring tail and its wake word: the client. */
+#ifndef SKV_CHANNEL_H
+#define SKV_CHANNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ring.h"
+
+#define SKV_CHAN_MAGIC 0x4e414843u /* "CHAN" */
+#define SKV_CHAN_ABI 1u
+#define SKV_CHAN_RING_CAPACITY 1024
+#define SKV_CHAN_DATA 40
+
+struct skv_chan_hdr {
+	uint32_t magic;
+	uint32_t abi;
+	uint64_t bytes;           /* whole channel */
+	uint64_t in_offset;       /* input ring */
+	uint64_t in_bytes;
+	uint64_t out_offset;      /* output ring */
+	uint64_t out_bytes;
+	uint64_t stream_id;
+	uint8_t pad0[SKV_CACHE_LINE - 56];
+	uint32_t client_wants_room; /* client: set before it sleeps on a full input ring */
+	uint8_t pad1[SKV_CACHE_LINE - 4];
+	uint32_t engine_wants_room; /* engine: set while its output ring is full */
+	uint8_t pad2[SKV_CACHE_LINE - 4];
+};
+_Static_assert(sizeof(struct skv_chan_hdr) == 3 * SKV_CACHE_LINE, "ABI");
+
+enum skv_chan_type {
+	/* client -> engine */
+	SKV_CHAN_TEXT = 1,        /* data[0..n): prompt bytes, appended to the pending prompt */
+	SKV_CHAN_GENERATE = 2,    /* end of prompt: arg = tokens to generate after it */
+	SKV_CHAN_SCORE = 3,       /* end of text to score: arg = most predictions (0: all) */
+	/* engine -> client */
+	SKV_CHAN_TOKEN = 16,      /* arg = token id; data[0..n): its decoded bytes */
+	SKV_CHAN_DONE = 17,       /* a GENERATE finished: arg = tokens generated, flags = reason */
+	SKV_CHAN_SCORED = 18,     /* a SCORE finished: arg = predictions, data = double nll sum */
+	SKV_CHAN_ERROR = 19,      /* the request failed: arg = -errno / -SKV_E*, data = text */
+	SKV_CHAN_ECHO = 20,       /* the prompt's tokens as the engine decoded them (for echo) */
+};
+
+#define SKV_DONE_LENGTH 0u  /* generated the requested number of tokens */
+#define SKV_DONE_BOS 1u     /* the model produced BOS (llama2.c's end of story) */
+
+struct skv_chan_msg {
+	uint32_t type;
+	uint32_t flags;
+	uint32_t n;        /* bytes used in data */
+	uint32_t reserved;
+	uint64_t arg;
+	uint8_t data[SKV_CHAN_DATA];
+};
+_Static_assert(sizeof(struct skv_chan_msg) == 64, "ABI");
+
+/* Bytes of a channel with the default ring capacity. */
+size_t skv_chan_bytes(void);
+
+/* Daemon: format a channel in mem (skv_chan_bytes() bytes). */
+int skv_chan_init(void *mem, size_t bytes, uint64_t stream_id);
+
+/* Either side: validate a mapped channel and attach its two rings, as the client
+ * (producer of in, consumer of out) or as the engine (consumer of in, producer of out). */
+struct skv_chan {
+	struct skv_chan_hdr *hdr;
+	struct skv_ring in, out;
+	uint64_t stream_id;
+};
+int skv_chan_attach(struct skv_chan *c, void *mem, size_t mapped_bytes, int as_engine);
+
+#endif

@@ -1,0 +1,164 @@
+/* The control protocol of skv-cached, and the stream channel's messages.
+ *
+ * Control plane: a Unix SOCK_SEQPACKET socket (message boundaries kept, file descriptors passed
+ * with SCM_RIGHTS). Every message is a struct skv_msg_hdr followed by a fixed-size body for its
+ * type; the header's size must equal the body size the receiver expects for that type, or the
+ * message is refused. The first message on a connection is HELLO; a peer that speaks another
+ * major version, sends garbage or a valid message at the wrong time gets an ERROR and is
+ * dropped.
+ *
+ * Data plane: each stream has a channel (shm/channel.h): two rings in a memfd shared by the
+ * client and the engine serving the stream, carrying struct skv_chan_msg elements. The daemon
+ * never touches them after creating them.
+ *
+ * All fields are fixed-width, little-endian (the host's: peers are on one machine), explicitly
+ * padded; strings are NUL-padded fixed arrays that receivers terminate themselves. */
+#ifndef SKV_PROTO_H
+#define SKV_PROTO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SKV_PROTO_MAGIC 0x50564b53u /* "SKVP" */
+#define SKV_PROTO_MAJOR 1
+#define SKV_PROTO_MINOR 0
+#define SKV_MSG_MAX_FDS 4
+#define SKV_MSG_TEXT 192
+
+enum skv_msg_type {
+	SKV_MSG_HELLO = 1,          /* peer -> daemon: struct skv_msg_hello */
+	SKV_MSG_HELLO_OK = 2,       /* daemon -> peer: struct skv_msg_hello_ok (+ fds, engines) */
+	SKV_MSG_ERROR = 3,          /* either way: struct skv_msg_error, then the sender drops */
+	SKV_MSG_OPEN = 4,           /* client -> daemon: struct skv_msg_open + fd: client eventfd */
+	SKV_MSG_OPENED = 5,         /* daemon -> client: struct skv_msg_opened + fds: channel,
+				     * engine doorbell, engine eventfd */
+	SKV_MSG_CLOSE = 6,          /* client -> daemon: struct skv_msg_stream */
+	SKV_MSG_CLOSED = 7,         /* daemon -> client: struct skv_msg_stream */
+	SKV_MSG_FAILED = 8,         /* daemon -> client: struct skv_msg_failed */
+	SKV_MSG_ASSIGN = 9,         /* daemon -> engine: struct skv_msg_assign + fds: channel,
+				     * client eventfd */
+	SKV_MSG_DROP = 10,          /* daemon -> engine: struct skv_msg_stream */
+	SKV_MSG_DROPPED = 11,       /* engine -> daemon: struct skv_msg_stream */
+	SKV_MSG_STREAM_ERROR = 12,  /* engine -> daemon: struct skv_msg_failed (a stream failed) */
+	SKV_MSG_TYPE_END
+};
+
+enum skv_role {
+	SKV_ROLE_CLIENT = 1,
+	SKV_ROLE_ENGINE = 2,
+	SKV_ROLE_ADMIN = 3,
+};
+
+struct skv_msg_hdr {
+	uint32_t magic;  /* SKV_PROTO_MAGIC */
+	uint16_t type;   /* enum skv_msg_type */
+	uint16_t flags;  /* zero */
+	uint32_t len;    /* bytes of the body that follows */
+	uint32_t seq;    /* sender's counter, echoed in replies */
+};
+_Static_assert(sizeof(struct skv_msg_hdr) == 16, "ABI");
+
+struct skv_msg_hello {
+	uint16_t major, minor;
+	uint32_t role;       /* enum skv_role */
+	uint32_t pid;        /* informational: the daemon trusts SO_PEERCRED, not this */
+	uint32_t engine_id;  /* engines started by the daemon: their id; by hand: UINT32_MAX */
+	uint32_t node;       /* engines: NUMA node they run on (UINT32_MAX: let the daemon pick) */
+	uint32_t reserved[3];
+};
+_Static_assert(sizeof(struct skv_msg_hello) == 32, "ABI");
+
+/* To engines, with fds [arena of its node, packed weights, doorbell, engine eventfd]. */
+struct skv_msg_hello_ok {
+	uint16_t major, minor;
+	uint32_t role;
+	uint64_t instance;      /* random per daemon start: a restarted daemon is a new instance */
+	uint32_t engine_id;     /* engines: the id they serve under */
+	uint32_t node;          /* engines: their node */
+	uint64_t arena_bytes;   /* engines: size of the arena fd */
+	uint64_t weights_bytes; /* engines: size of the packed weights fd */
+	uint32_t wait_backend;  /* engines: enum skv_wait_backend the daemon asks for */
+	uint32_t reserved0;
+	char model_path[512];   /* engines: the model to map (NUL-terminated) */
+	char tokenizer_path[512]; /* engines: "" = the model's own / next to it */
+};
+_Static_assert(sizeof(struct skv_msg_hello_ok) == 1072, "ABI");
+
+struct skv_msg_error {
+	int32_t code;                 /* -errno or -SKV_E* */
+	uint32_t reserved;
+	char text[SKV_MSG_TEXT];      /* one line */
+};
+_Static_assert(sizeof(struct skv_msg_error) == 200, "ABI");
+
+/* Policy and sampling of a stream, as the client asks for them. */
+struct skv_stream_params {
+	uint32_t policy;       /* enum skv_policy_kind */
+	uint32_t evict;        /* enum skv_evict_mode */
+	int64_t sink_slots;    /* -1: the policy's default */
+	int64_t window_slots;  /* -1: default; dense: the limit; recompute: L */
+	uint32_t abs_positions;
+	float temperature;
+	float top_p;
+	uint32_t reserved0;
+	uint64_t seed;
+};
+_Static_assert(sizeof(struct skv_stream_params) == 48, "ABI");
+
+struct skv_msg_open {
+	struct skv_stream_params params;
+	uint32_t flags;
+	uint32_t reserved;
+};
+_Static_assert(sizeof(struct skv_msg_open) == 56, "ABI");
+
+struct skv_msg_opened {
+	uint64_t stream_id;
+	uint32_t engine_id;
+	uint32_t node;
+	int64_t sink_slots;    /* resolved */
+	int64_t window_slots;  /* resolved */
+	uint64_t channel_bytes;
+	uint64_t kv_bytes;
+};
+_Static_assert(sizeof(struct skv_msg_opened) == 48, "ABI");
+
+struct skv_msg_stream {
+	uint64_t stream_id;
+};
+_Static_assert(sizeof(struct skv_msg_stream) == 8, "ABI");
+
+struct skv_msg_failed {
+	uint64_t stream_id;
+	int32_t code;
+	uint32_t reserved;
+	char text[SKV_MSG_TEXT];
+};
+_Static_assert(sizeof(struct skv_msg_failed) == 208, "ABI");
+
+struct skv_msg_assign {
+	uint64_t stream_id;
+	struct skv_stream_params params; /* resolved by the daemon */
+	uint64_t region_offset;  /* the stream's KV region in the engine's arena */
+	uint64_t region_bytes;
+	uint64_t channel_bytes;
+};
+_Static_assert(sizeof(struct skv_msg_assign) == 80, "ABI");
+
+/* Body size of each type; 0 for unknown types. */
+size_t skv_msg_body_size(uint16_t type);
+const char *skv_msg_name(uint16_t type);
+
+/* Send one message with up to SKV_MSG_MAX_FDS fds. Returns 0 or -errno (-EPIPE: peer gone). */
+int skv_msg_send(int sock, uint16_t type, uint32_t seq, const void *body, const int *fds,
+		 int n_fds);
+
+/* Receive one message into hdr and body (body_cap bytes). Received fds go to fds[] (up to
+ * SKV_MSG_MAX_FDS, *n_fds set; any beyond are closed). Validates magic, type, and that len is
+ * exactly the type's body size. Returns 1 for a message, 0 on orderly hang-up, -EAGAIN if
+ * non-blocking and nothing is there, -SKV_EFORMAT / -SKV_EVERSION for a bad message (fds
+ * received with it are closed), other -errno. */
+int skv_msg_recv(int sock, struct skv_msg_hdr *hdr, void *body, size_t body_cap, int *fds,
+		 int *n_fds);
+
+#endif
