@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "forward.h"
+#include "skv-client.h"
 #include "model.h"
 #include "sampler.h"
 #include "skv-error.h"
@@ -517,16 +518,17 @@ static int skv_cmd_tokenize(struct skv_opts *o, int argc, char **argv)
 	return 0;
 }
 
-/* -log softmax(logits)[target], in double. */
-static double skv_nll(const float *logits, int32_t vocab, int32_t target)
+static void skv_print_ppl(const struct skv_opts *o, double ppl, size_t predictions,
+			  enum skv_policy_kind kind, int64_t sinks, int64_t window, int abs_positions)
 {
-	float max = logits[0];
-	for (int32_t i = 1; i < vocab; i++)
-		max = logits[i] > max ? logits[i] : max;
-	double sum = 0.0;
-	for (int32_t i = 0; i < vocab; i++)
-		sum += exp((double)logits[i] - max);
-	return log(sum) + max - (double)logits[target];
+	if (o->json)
+		printf("{\"ppl\": %.6f, \"tokens\": %zu, \"policy\": \"%s\", \"sink\": %lld, "
+		       "\"window\": %lld, \"positions\": \"%s\"}\n",
+		       ppl, predictions, skv_policy_name(kind), (long long)sinks, (long long)window,
+		       abs_positions ? "abs" : "cache");
+	else
+		printf("ppl %.4f over %zu tokens (policy %s, %lld sinks, window %lld)\n", ppl,
+		       predictions, skv_policy_name(kind), (long long)sinks, (long long)window);
 }
 
 static int skv_cmd_ppl(struct skv_opts *o, int argc, char **argv)
@@ -567,19 +569,114 @@ static int skv_cmd_ppl(struct skv_opts *o, int argc, char **argv)
 		fputc('\n', stderr);
 	double ppl = exp(nll / (double)predictions);
 	const struct skv_policy *p = skv_stream_policy(s);
-	if (o->json)
-		printf("{\"ppl\": %.6f, \"tokens\": %zu, \"policy\": \"%s\", \"sink\": %lld, "
-		       "\"window\": %lld, \"positions\": \"%s\"}\n",
-		       ppl, predictions, skv_policy_name(p->kind), (long long)p->sink_slots,
-		       (long long)p->window_slots, p->abs_positions ? "abs" : "cache");
-	else
-		printf("ppl %.4f over %zu tokens (policy %s, %lld sinks, window %lld)\n", ppl,
-		       predictions, skv_policy_name(p->kind), (long long)p->sink_slots,
-		       (long long)p->window_slots);
+	skv_print_ppl(o, ppl, predictions, p->kind, p->sink_slots, p->window_slots,
+		      p->abs_positions);
 	free(logits);
 	free(ids);
 	skv_stream_free(s);
 	skv_local_close(&L);
+	return 0;
+}
+
+/* ---- through the daemon (--socket) -------------------------------------------------------- */
+
+static struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_client **c,
+						 uint64_t seed)
+{
+	char msg[512] = "";
+	int err = skv_client_connect(o->socket_path, c, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(1, "%s", msg);
+	struct skv_stream_params p;
+	skv_client_params_default(&p);
+	p.policy = (uint32_t)o->policy.kind;
+	p.evict = (uint32_t)o->policy.evict;
+	p.sink_slots = o->policy.sink_slots;
+	p.window_slots = o->policy.window_slots;
+	p.abs_positions = (uint32_t)o->policy.abs_positions;
+	p.temperature = o->temperature;
+	p.top_p = o->top_p;
+	p.seed = seed;
+	struct skv_client_stream *s;
+	err = skv_client_stream_open(*c, &p, &s, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(err == -EINVAL || err == -SKV_EINVAL_POLICY ? SKV_EXIT_USAGE : 1, "%s", msg);
+	return s;
+}
+
+static void skv_remote_error(const struct skv_chan_msg *m)
+{
+	skv_die(1, "%.*s", (int)(m->n < SKV_CHAN_DATA ? m->n : SKV_CHAN_DATA), (const char *)m->data);
+}
+
+static int skv_remote_generate(struct skv_opts *o, int argc, char **argv)
+{
+	if (argc > 1)
+		skv_die(SKV_EXIT_USAGE, "generate takes one PROMPT argument (quote it), got %d",
+			argc);
+	const char *prompt = argc ? argv[0] : "";
+	struct skv_client *c;
+	uint64_t seed = o->have_seed ? o->seed : (uint64_t)time(NULL);
+	struct skv_client_stream *s = skv_remote_open(o, &c, seed);
+	char msg[512] = "";
+	int err = skv_client_stream_request(s, prompt, strlen(prompt), SKV_CHAN_GENERATE,
+					    (uint64_t)o->steps, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(1, "%s", msg);
+	for (;;) {
+		struct skv_chan_msg m;
+		err = skv_client_stream_next(s, &m, -1, msg, sizeof(msg));
+		if (err < 0)
+			skv_die(1, "%s", msg);
+		if (m.type == SKV_CHAN_ECHO || m.type == SKV_CHAN_TOKEN) {
+			fwrite(m.data, 1, m.n < SKV_CHAN_DATA ? m.n : SKV_CHAN_DATA, stdout);
+			fflush(stdout);
+		} else if (m.type == SKV_CHAN_DONE) {
+			break;
+		} else if (m.type == SKV_CHAN_ERROR) {
+			skv_remote_error(&m);
+		}
+	}
+	fputc('\n', stdout);
+	skv_client_stream_close(s);
+	skv_client_disconnect(c);
+	return 0;
+}
+
+static int skv_remote_ppl(struct skv_opts *o, int argc, char **argv)
+{
+	if (argc != 1)
+		skv_die(SKV_EXIT_USAGE, "usage: skv ppl [flags] FILE");
+	size_t len;
+	char *text = skv_slurp(argv[0], &len);
+	if (!len)
+		skv_die(1, "%s: no text to score", argv[0]);
+	struct skv_client *c;
+	struct skv_client_stream *s = skv_remote_open(o, &c, 1);
+	char msg[512] = "";
+	int err = skv_client_stream_request(s, text, len, SKV_CHAN_SCORE,
+					    o->max_tokens > 0 ? (uint64_t)o->max_tokens : 0, msg,
+					    sizeof(msg));
+	if (err < 0)
+		skv_die(1, "%s", msg);
+	free(text);
+	struct skv_chan_msg m;
+	do {
+		err = skv_client_stream_next(s, &m, -1, msg, sizeof(msg));
+		if (err < 0)
+			skv_die(1, "%s", msg);
+		if (m.type == SKV_CHAN_ERROR)
+			skv_remote_error(&m);
+	} while (m.type != SKV_CHAN_SCORED);
+	double nll;
+	memcpy(&nll, m.data, sizeof(nll));
+	size_t predictions = (size_t)m.arg;
+	double ppl = exp(nll / (double)predictions);
+	int64_t sinks, window;
+	skv_client_stream_info(s, &sinks, &window, NULL);
+	skv_print_ppl(o, ppl, predictions, o->policy.kind, sinks, window, o->policy.abs_positions);
+	skv_client_stream_close(s);
+	skv_client_disconnect(c);
 	return 0;
 }
 
@@ -615,20 +712,22 @@ int main(int argc, char **argv)
 	if (first >= argc)
 		skv_die(SKV_EXIT_USAGE, "no command given (generate, tokenize, ppl; see skv --help)");
 	const char *cmd = argv[first];
-	if (o.socket_path)
-		skv_die(1, "--socket: the daemon data path is not built yet; run without --socket "
-			   "for local mode");
+	int remote = o.socket_path != NULL;
 	if (!strcmp(cmd, "generate")) {
 		skv_check_flags(&o, cmd, SKV_FLAG_GENERATE | SKV_FLAG_POLICY);
-		return skv_cmd_generate(&o, argc - first - 1, argv + first + 1);
+		return (remote ? skv_remote_generate : skv_cmd_generate)(&o, argc - first - 1,
+									argv + first + 1);
 	}
 	if (!strcmp(cmd, "tokenize")) {
 		skv_check_flags(&o, cmd, 0);
+		if (remote)
+			skv_die(SKV_EXIT_USAGE, "tokenize runs locally: drop --socket");
 		return skv_cmd_tokenize(&o, argc - first - 1, argv + first + 1);
 	}
 	if (!strcmp(cmd, "ppl")) {
 		skv_check_flags(&o, cmd, SKV_FLAG_PPL | SKV_FLAG_POLICY);
-		return skv_cmd_ppl(&o, argc - first - 1, argv + first + 1);
+		return (remote ? skv_remote_ppl : skv_cmd_ppl)(&o, argc - first - 1,
+							      argv + first + 1);
 	}
 	skv_die(SKV_EXIT_USAGE, "unknown command '%s' (generate, tokenize, ppl; see skv --help)",
 		cmd);

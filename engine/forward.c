@@ -33,6 +33,7 @@ struct skv_runner {
 	struct forward_layer *layers; /* [n_layers] */
 	struct skv_linear classifier; /* [dim][vocab] */
 	float *packed;                /* the transposed, fused weights (skv_pack_weights) */
+	int owns_packed;              /* 0: a shared read-only mapping someone else made */
 	uint32_t qkv_dim;             /* dim + 2 kv_dim: row stride of qkv */
 
 	/* Scratch, like llama2.c's RunState but [max_rows] deep, 64-byte aligned. */
@@ -146,7 +147,8 @@ void skv_runner_free(struct skv_runner *r)
 	free(r->att);
 	free(r->hb);
 	free(r->gu);
-	free(r->packed);
+	if (r->owns_packed)
+		free(r->packed);
 	free(r->q_sink);
 	free(r->cos_abs);
 	free(r->sin_abs);
@@ -160,6 +162,12 @@ void skv_runner_free(struct skv_runner *r)
 
 int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,
 		   struct skv_runner **out, char *msg, size_t msg_len)
+{
+	return skv_runner_new_packed(model, NULL, max_rows, threads, out, msg, msg_len);
+}
+
+int skv_runner_new_packed(const struct skv_model *model, const float *packed, uint32_t max_rows,
+			  uint32_t threads, struct skv_runner **out, char *msg, size_t msg_len)
 {
 	const struct skv_model_config *c = &model->cfg;
 	struct skv_runner *r = calloc(1, sizeof(*r));
@@ -188,7 +196,12 @@ int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t th
 	r->att = forward_alloc(rows * c->dim);
 	r->hb = forward_alloc(rows * c->hidden_dim);
 	r->gu = forward_alloc(rows * 2 * c->hidden_dim);
-	r->packed = forward_alloc(skv_pack_floats(c));
+	if (packed) {
+		r->packed = (float *)(uintptr_t)packed; /* only ever read */
+	} else {
+		r->packed = forward_alloc(skv_pack_floats(c));
+		r->owns_packed = 1;
+	}
 	r->q_sink = forward_alloc(c->dim);
 	r->cos_abs = forward_alloc(rows * pairs);
 	r->sin_abs = forward_alloc(rows * pairs);
@@ -202,7 +215,8 @@ int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t th
 	    !r->ring_after || !r->layers)
 		goto fail;
 
-	skv_pack_weights(model, r->packed);
+	if (r->owns_packed)
+		skv_pack_weights(model, r->packed);
 	uint32_t dim = (uint32_t)c->dim, hid = (uint32_t)c->hidden_dim;
 	for (int32_t l = 0; l < c->n_layers; l++) {
 		struct skv_pack_layer pl;

@@ -63,6 +63,10 @@ const float *skv_pack_classifier(const struct skv_model_config *c, const float *
  * Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
 int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,
 		   struct skv_runner **out, char *msg, size_t msg_len);
+/* The same over weights packed by someone else (skv_pack_weights into shared memory), read-only
+ * and not freed with the runner: N engine processes share one copy. */
+int skv_runner_new_packed(const struct skv_model *model, const float *packed, uint32_t max_rows,
+			  uint32_t threads, struct skv_runner **out, char *msg, size_t msg_len);
 void skv_runner_free(struct skv_runner *r); /* accepts NULL */
 
 const struct skv_model_config *skv_runner_config(const struct skv_runner *r);

@@ -123,3 +123,14 @@ int32_t skv_sampler_sample(struct skv_sampler *s, float *logits)
 		return sampler_mult(logits, s->vocab_size, coin);
 	return sampler_topp(s, logits, coin);
 }
+
+double skv_nll(const float *logits, int32_t n, int32_t target)
+{
+	float max = logits[0];
+	for (int32_t i = 1; i < n; i++)
+		max = logits[i] > max ? logits[i] : max;
+	double sum = 0.0;
+	for (int32_t i = 0; i < n; i++)
+		sum += exp((double)logits[i] - max);
+	return log(sum) + max - (double)logits[target];
+}

@@ -33,6 +33,9 @@ int32_t skv_sampler_sample(struct skv_sampler *s, float *logits);
 /* argmax, lowest index on ties (as llama2.c). */
 int32_t skv_argmax(const float *v, int32_t n);
 
+/* -log softmax(logits)[target], in double: the negative log-likelihood perplexity sums. */
+double skv_nll(const float *logits, int32_t n, int32_t target);
+
 /* In-place softmax as llama2.c computes it (max-subtracted, float32). */
 void skv_softmax(float *v, int32_t n);
 

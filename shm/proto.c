@@ -1,6 +1,8 @@
 #include "proto.h"
 
 #include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -130,4 +132,13 @@ int skv_msg_recv(int sock, struct skv_msg_hdr *hdr, void *body, size_t body_cap,
 			close(got[i]);
 	}
 	return err ? err : 1;
+}
+
+int skv_default_socket_path(char *buf, size_t len)
+{
+	const char *runtime = getenv("XDG_RUNTIME_DIR");
+	int n = runtime && *runtime ? snprintf(buf, len, "%s/streamkv/cached.sock", runtime)
+				    : snprintf(buf, len, "/tmp/streamkv-%u/cached.sock",
+					       (unsigned)getuid());
+	return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
 }

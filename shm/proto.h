@@ -145,6 +145,10 @@ struct skv_msg_assign {
 };
 _Static_assert(sizeof(struct skv_msg_assign) == 80, "ABI");
 
+/* The daemon's default socket: $XDG_RUNTIME_DIR/streamkv/cached.sock, or, without
+ * XDG_RUNTIME_DIR, /tmp/streamkv-<uid>/cached.sock. Returns 0 or -ENAMETOOLONG. */
+int skv_default_socket_path(char *buf, size_t len);
+
 /* Body size of each type; 0 for unknown types. */
 size_t skv_msg_body_size(uint16_t type);
 const char *skv_msg_name(uint16_t type);

@@ -810,11 +810,14 @@ Test(cli, error_dense_cache_full)
 	cli_run_free(&r);
 }
 
-Test(cli, error_socket_not_built)
+Test(cli, error_daemon_not_running)
 {
 	struct cli_run r;
 	CLI_RUN(&r, "--socket", "/nonexistent/skv.sock", "generate");
-	cli_expect_error(&r, CLI_EXIT_RUNTIME, "--socket", NULL);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, "/nonexistent/skv.sock", "daemon running");
+	cli_run_free(&r);
+	CLI_RUN(&r, "--socket", "/nonexistent/skv.sock", "tokenize", "x.txt");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--socket", NULL);
 	cli_run_free(&r);
 }
 

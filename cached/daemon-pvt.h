@@ -1,0 +1,145 @@
+/* The daemon's private state, shared by cached/daemon.c (the event loop and the protocol) and
+ * cached/main.c (flags, start-up, shutdown). Single-threaded: no locking. */
+#ifndef SKV_DAEMON_PVT_H
+#define SKV_DAEMON_PVT_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "proto.h"
+#include "wake.h"
+
+#define CACHED_MAX_FDS 65536
+#define CACHED_MAX_ENGINES 256
+#define CACHED_MAX_ARENAS 64
+
+enum cached_tag_kind {
+	CACHED_TAG_NONE = 0,
+	CACHED_TAG_LISTEN,
+	CACHED_TAG_CONN,
+	CACHED_TAG_PIDFD,
+	CACHED_TAG_SIGNAL,
+};
+
+/* What an epoll event's fd is; indexed by fd. */
+struct cached_tag {
+	uint32_t kind;
+	int fd;
+	void *ptr;
+};
+
+enum cached_engine_state {
+	CACHED_ENGINE_NONE = 0,
+	CACHED_ENGINE_STARTING, /* spawned, no HELLO yet */
+	CACHED_ENGINE_READY,    /* serving */
+	CACHED_ENGINE_LOST,     /* its connection dropped; the process may still be exiting */
+	CACHED_ENGINE_EXITED,   /* its process is gone: its regions are free */
+};
+
+struct cached_conn;
+
+struct cached_engine {
+	uint32_t id;
+	enum cached_engine_state state;
+	int supervised;            /* started (and restarted) by this daemon */
+	unsigned arena;            /* index of its node's arena */
+	int node;                  /* kernel node number, -1 with numa off */
+	char cpus[32];             /* --cpus for the engine, "" when unpinned */
+	pid_t pid;
+	int pidfd;
+	struct cached_conn *conn;
+	int doorbell_fd;           /* one page: struct skv_wake_word its clients ring */
+	struct skv_wake_word *doorbell;
+	int efd;                   /* its eventfd (io_uring wake-ups) */
+	uint32_t n_streams;
+	uint32_t restarts;
+	double started_at;
+	double restart_window_start;
+	int restarts_in_window;
+};
+
+struct cached_conn {
+	int fd;
+	uint32_t role;             /* 0 until HELLO */
+	uint32_t peer_pid;
+	uint32_t peer_uid;
+	uint32_t seq_out;
+	uint32_t n_streams;
+	struct cached_engine *engine; /* role engine */
+	int dead;
+	struct cached_conn *next;
+};
+
+enum cached_stream_state {
+	CACHED_STREAM_OPEN = 1,
+	CACHED_STREAM_CLOSING,     /* DROP sent; freed on DROPPED or when the engine exits */
+	CACHED_STREAM_FAILED,      /* its engine died; waits for the client's CLOSE */
+};
+
+struct cached_stream {
+	uint64_t id;
+	enum cached_stream_state state;
+	struct cached_conn *client;  /* NULL once the client is gone */
+	struct cached_engine *engine;
+	unsigned arena;
+	uint64_t region_offset;
+	uint64_t region_bytes;       /* 0 once returned to the arena */
+	struct skv_stream_params params;
+	double opened_at;
+	struct cached_stream *next;
+};
+
+struct cached_stats {
+	uint64_t streams_opened;
+	uint64_t streams_closed;
+	uint64_t streams_failed;
+	uint64_t engine_restarts;
+};
+
+struct skv_arena;
+struct skv_model;
+
+struct cached {
+	/* configuration */
+	char socket_path[108];
+	const char *model_path;
+	const char *tokenizer_path;
+	const char *engine_bin;
+	uid_t uid;
+	gid_t group;
+	int have_group;
+	int verbose;
+	enum skv_wait_backend wait_backend;
+	uint64_t instance;
+	/* resources */
+	struct skv_model *model;
+	int weights_fd;
+	uint64_t weights_bytes;
+	struct skv_arena *arenas[CACHED_MAX_ARENAS];
+	int arena_node[CACHED_MAX_ARENAS];
+	unsigned n_arenas;
+	struct cached_engine engines[CACHED_MAX_ENGINES];
+	unsigned n_engines;
+	/* state */
+	int epfd;
+	int listen_fd;
+	int signal_fd;
+	volatile int stopping;
+	struct cached_conn *conns;
+	struct cached_stream *streams;
+	uint64_t n_streams;
+	uint64_t next_stream_id;
+	struct cached_stats stats;
+	struct cached_tag tags[CACHED_MAX_FDS];
+};
+
+void cached_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void cached_drop_conn(struct cached *d, struct cached_conn *c);
+int cached_run(struct cached *d);
+int cached_start_engines(struct cached *d);
+int cached_watch_fd(struct cached *d, int fd, uint32_t kind, void *ptr);
+int cached_spawn_engine(struct cached *d, struct cached_engine *e);
+/* Create an engine's doorbell page and eventfd. */
+int cached_engine_prepare(struct cached_engine *e);
+
+#endif

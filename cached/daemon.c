@@ -1,0 +1,801 @@
+/* skv-cached: the streamkv daemon.
+ *
+ * It owns the KV arenas (one per NUMA node, memfd-backed, huge pages when reserved), the packed
+ * weights (one sealed memfd every engine maps read-only), the stream table and the control
+ * socket; it starts and supervises the engine processes. It never runs the model and never
+ * touches a stream's tokens: those flow through each stream's channel between the client and
+ * the engine, and its KV stays in place in the arena.
+ *
+ * Events (one epoll loop, single-threaded): the listening socket; each peer's socket (clients,
+ * engines, admin tools); each engine's pidfd (the process exited: its KV regions may be reused
+ * only after that); a signalfd (SIGINT/SIGTERM: shut down, SIGCHLD: reap).
+ *
+ * Who frees a stream's KV region: the daemon, and only when no engine can touch it any more:
+ * after the engine acknowledged DROP, or after the engine's process has exited. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <grp.h>
+#include <limits.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "arena.h"
+#include "channel.h"
+#include "daemon-pvt.h"
+#include "forward.h"
+#include "kv-layout.h"
+#include "model.h"
+#include "proto.h"
+#include "skv-error.h"
+#include "stream.h"
+#include "topology.h"
+#include "wake.h"
+
+#define CACHED_MAX_EVENTS 64
+#define CACHED_RESTART_WINDOW_S 30
+#define CACHED_RESTART_MAX 5
+
+
+void cached_log(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("skv-cached: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+static double cached_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- epoll bookkeeping ------------------------------------------------------------------ */
+
+int cached_watch_fd(struct cached *d, int fd, uint32_t kind, void *ptr)
+{
+	struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP };
+	d->tags[fd % CACHED_MAX_FDS] = (struct cached_tag){ .kind = kind, .ptr = ptr, .fd = fd };
+	ev.data.fd = fd;
+	if (fd >= CACHED_MAX_FDS)
+		return -EMFILE;
+	return epoll_ctl(d->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+static void cached_unwatch(struct cached *d, int fd)
+{
+	if (fd < 0)
+		return;
+	epoll_ctl(d->epfd, EPOLL_CTL_DEL, fd, NULL);
+	if (fd < CACHED_MAX_FDS)
+		d->tags[fd].kind = CACHED_TAG_NONE;
+}
+
+/* ---- sending ------------------------------------------------------------------------------ */
+
+static int conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
+		     const int *fds, int n_fds)
+{
+	int err = skv_msg_send(c->fd, type, c->seq_out++, body, fds, n_fds);
+	/* An engine sleeping in a futex does not see its socket: ring its doorbell too. */
+	if (!err && c->engine)
+		skv_wake(c->engine->doorbell, c->engine->efd);
+	(void)d;
+	return err;
+}
+
+static void conn_error(struct cached *d, struct cached_conn *c, int code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+static void conn_error(struct cached *d, struct cached_conn *c, int code, const char *fmt, ...)
+{
+	struct skv_msg_error e = { .code = code };
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(e.text, sizeof(e.text), fmt, ap);
+	va_end(ap);
+	conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
+}
+
+/* ---- streams ------------------------------------------------------------------------------ */
+
+static struct cached_stream *stream_find(struct cached *d, uint64_t id)
+{
+	for (struct cached_stream *s = d->streams; s; s = s->next)
+		if (s->id == id)
+			return s;
+	return NULL;
+}
+
+/* The region goes back to the arena: only when no engine can touch it any more. */
+static void stream_destroy(struct cached *d, struct cached_stream *s)
+{
+	struct cached_stream **l = &d->streams;
+	while (*l && *l != s)
+		l = &(*l)->next;
+	if (*l)
+		*l = s->next;
+	if (s->region_bytes)
+		skv_arena_free(d->arenas[s->arena], s->region_offset);
+	if (s->engine && s->engine->n_streams)
+		s->engine->n_streams--;
+	if (s->client && s->client->n_streams)
+		s->client->n_streams--;
+	d->n_streams--;
+	d->stats.streams_closed++;
+	free(s);
+}
+
+static void stream_fail(struct cached *d, struct cached_stream *s, int code, const char *why)
+{
+	if (s->client && s->state != CACHED_STREAM_FAILED) {
+		struct skv_msg_failed f = { .stream_id = s->id, .code = code };
+		snprintf(f.text, sizeof(f.text), "%s", why);
+		conn_send(d, s->client, SKV_MSG_FAILED, &f, NULL, 0);
+	}
+	if (s->state != CACHED_STREAM_FAILED)
+		d->stats.streams_failed++;
+	s->state = CACHED_STREAM_FAILED;
+}
+
+static struct cached_engine *cached_pick_engine(struct cached *d)
+{
+	struct cached_engine *best = NULL;
+	for (unsigned i = 0; i < d->n_engines; i++) {
+		struct cached_engine *e = &d->engines[i];
+		if (e->state != CACHED_ENGINE_READY)
+			continue;
+		if (!best || e->n_streams < best->n_streams)
+			best = e;
+	}
+	return best;
+}
+
+static int cached_make_channel(uint64_t stream_id, size_t *bytes)
+{
+	char name[64];
+	snprintf(name, sizeof(name), "skv-chan-%llu", (unsigned long long)stream_id);
+	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0)
+		return -errno;
+	*bytes = skv_chan_bytes();
+	void *p = MAP_FAILED;
+	int err = 0;
+	if (ftruncate(fd, (off_t)*bytes) < 0 ||
+	    (p = mmap(NULL, *bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED)
+		err = -errno;
+	if (!err)
+		err = skv_chan_init(p, *bytes, stream_id);
+	if (p != MAP_FAILED)
+		munmap(p, *bytes);
+	/* Its size is fixed for good: a peer cannot shrink it under the other's mapping. */
+	if (!err && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
+		err = -errno;
+	if (err) {
+		close(fd);
+		return err;
+	}
+	return fd;
+}
+
+static void cached_open_stream(struct cached *d, struct cached_conn *c,
+			       const struct skv_msg_open *open, int client_efd)
+{
+	char msg[256] = "";
+	struct skv_policy p;
+	skv_policy_default(&p);
+	const struct skv_stream_params *in = &open->params;
+	if (in->policy > SKV_POLICY_RECOMPUTE || in->evict > SKV_EVICT_PROMPT ||
+	    !(in->temperature >= 0.0f && in->temperature <= 100.0f) || in->top_p != in->top_p) {
+		conn_error(d, c, -EINVAL, "OPEN: invalid policy or sampling parameters");
+		return;
+	}
+	p.kind = (enum skv_policy_kind)in->policy;
+	p.evict = (enum skv_evict_mode)in->evict;
+	p.sink_slots = in->sink_slots;
+	p.window_slots = in->window_slots;
+	p.abs_positions = in->abs_positions != 0;
+	int err = skv_policy_resolve(&p, d->model->cfg.seq_len, msg, sizeof(msg));
+	struct skv_kv_desc desc;
+	if (!err)
+		err = skv_kv_layout_init(&desc, (uint32_t)d->model->cfg.n_layers,
+					 (uint32_t)d->model->cfg.n_kv_heads,
+					 (uint32_t)d->model->cfg.head_size, (uint32_t)p.sink_slots,
+					 (uint32_t)p.window_slots);
+	if (err) {
+		conn_error(d, c, err, "OPEN: %s", msg[0] ? msg : skv_strerror(err));
+		return;
+	}
+	struct cached_engine *e = cached_pick_engine(d);
+	if (!e) {
+		conn_error(d, c, -EAGAIN, "no engine is ready to serve a stream; try again");
+		return;
+	}
+	int64_t got = skv_arena_alloc(d->arenas[e->arena], desc.region_bytes);
+	uint64_t offset = got < 0 ? 0 : (uint64_t)got;
+	if (got < 0) {
+		conn_error(d, c, -ENOSPC,
+			   "the KV arena of node %d is full: a stream needs %llu bytes; close streams "
+			   "or start the daemon with a larger --arena-mb",
+			   e->node, (unsigned long long)desc.region_bytes);
+		return;
+	}
+	/* Lay the region out before anyone sees it: descriptor, empty ring. */
+	char *region = (char *)skv_arena_base(d->arenas[e->arena]) + offset;
+	memcpy(region, &desc, sizeof(desc));
+	skv_kv_ring_reset(skv_kv_region_ring(region), &desc);
+
+	struct cached_stream *s = calloc(1, sizeof(*s));
+	size_t chan_bytes = 0;
+	int chan_fd = s ? cached_make_channel(d->next_stream_id, &chan_bytes) : -ENOMEM;
+	if (!s || chan_fd < 0) {
+		skv_arena_free(d->arenas[e->arena], offset);
+		free(s);
+		conn_error(d, c, chan_fd < 0 ? chan_fd : -ENOMEM, "cannot create the stream's channel");
+		return;
+	}
+	s->id = d->next_stream_id++;
+	s->client = c;
+	s->engine = e;
+	s->arena = e->arena;
+	s->region_offset = offset;
+	s->region_bytes = desc.region_bytes;
+	s->params = *in;
+	s->params.sink_slots = p.sink_slots;
+	s->params.window_slots = p.window_slots;
+	s->state = CACHED_STREAM_OPEN;
+	s->opened_at = cached_now();
+	s->next = d->streams;
+	d->streams = s;
+	d->n_streams++;
+	d->stats.streams_opened++;
+	e->n_streams++;
+	c->n_streams++;
+
+	struct skv_msg_assign a = { .stream_id = s->id, .params = s->params,
+				    .region_offset = offset, .region_bytes = desc.region_bytes,
+				    .channel_bytes = chan_bytes };
+	int fds_e[2] = { chan_fd, client_efd };
+	err = conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 2);
+	if (!err) {
+		struct skv_msg_opened o = { .stream_id = s->id, .engine_id = e->id,
+					    .node = (uint32_t)(e->node < 0 ? 0 : e->node),
+					    .sink_slots = p.sink_slots,
+					    .window_slots = p.window_slots,
+					    .channel_bytes = chan_bytes,
+					    .kv_bytes = desc.region_bytes };
+		int fds_c[3] = { chan_fd, e->doorbell_fd, e->efd };
+		err = conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
+	} else {
+		/* The engine is going away; its death handling frees the region. */
+		stream_fail(d, s, -EPIPE, "the engine went away while the stream was opening");
+	}
+	close(chan_fd);
+	if (d->verbose)
+		cached_log("stream %llu opened on engine %u (%s, %lld sinks, window %lld)",
+			   (unsigned long long)s->id, e->id, skv_policy_name(p.kind),
+			   (long long)p.sink_slots, (long long)p.window_slots);
+}
+
+static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_t id)
+{
+	struct cached_stream *s = stream_find(d, id);
+	if (!s || s->client != c) {
+		conn_error(d, c, -ENOENT, "CLOSE: no stream %llu of yours", (unsigned long long)id);
+		return;
+	}
+	struct skv_msg_stream m = { .stream_id = id };
+	if (s->engine && s->engine->state == CACHED_ENGINE_READY &&
+	    s->state != CACHED_STREAM_CLOSING) {
+		s->state = CACHED_STREAM_CLOSING;
+		conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
+		return; /* CLOSED goes out when the engine acknowledges */
+	}
+	if (s->state == CACHED_STREAM_CLOSING)
+		return;
+	/* No engine can touch it (failed and its engine exited): free it now. */
+	if (!s->engine || s->engine->state == CACHED_ENGINE_EXITED) {
+		conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
+		stream_destroy(d, s);
+	} else {
+		s->state = CACHED_STREAM_CLOSING; /* freed when the engine's process has exited */
+		s->client = NULL;
+		c->n_streams--;
+		conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
+	}
+}
+
+/* ---- engines ------------------------------------------------------------------------------ */
+
+int cached_spawn_engine(struct cached *d, struct cached_engine *e)
+{
+	char id[16], node[16];
+	snprintf(id, sizeof(id), "%u", e->id);
+	snprintf(node, sizeof(node), "%d", e->node < 0 ? 0 : e->node);
+	pid_t pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		/* Child: die with the daemon even if the socket hang-up were missed. */
+		prctl(PR_SET_PDEATHSIG, SIGTERM);
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		char *argv[12];
+		int n = 0;
+		argv[n++] = (char *)d->engine_bin;
+		argv[n++] = "--socket";
+		argv[n++] = d->socket_path;
+		argv[n++] = "--engine-id";
+		argv[n++] = id;
+		argv[n++] = "--node";
+		argv[n++] = node;
+		if (e->cpus[0]) {
+			argv[n++] = "--cpus";
+			argv[n++] = e->cpus;
+		}
+		argv[n] = NULL;
+		execv(d->engine_bin, argv);
+		fprintf(stderr, "skv-cached: cannot start %s: %s\n", d->engine_bin, strerror(errno));
+		_exit(127);
+	}
+	e->pid = pid;
+	e->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	if (e->pidfd < 0)
+		return -errno;
+	e->state = CACHED_ENGINE_STARTING;
+	e->started_at = cached_now();
+	return cached_watch_fd(d, e->pidfd, CACHED_TAG_PIDFD, e);
+}
+
+/* The engine's process is gone: its streams fail, their regions are free to reuse. */
+static void cached_engine_exited(struct cached *d, struct cached_engine *e, int status)
+{
+	cached_unwatch(d, e->pidfd);
+	close(e->pidfd);
+	e->pidfd = -1;
+	e->pid = 0;
+	e->state = CACHED_ENGINE_EXITED;
+	for (struct cached_stream *s = d->streams, *next; s; s = next) {
+		next = s->next;
+		if (s->engine != e)
+			continue;
+		stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
+		if (!s->client) {
+			stream_destroy(d, s);
+		} else {
+			/* Keep the entry until the client closes it; the region is free now. */
+			skv_arena_free(d->arenas[s->arena], s->region_offset);
+			s->region_bytes = 0;
+			e->n_streams--;
+			s->engine = NULL;
+		}
+	}
+	e->n_streams = 0;
+	if (WIFSIGNALED(status))
+		cached_log("engine %u died of signal %d", e->id, WTERMSIG(status));
+	else
+		cached_log("engine %u exited with status %d", e->id, WEXITSTATUS(status));
+	if (d->stopping || !e->supervised)
+		return;
+	double now = cached_now();
+	if (now - e->restart_window_start > CACHED_RESTART_WINDOW_S) {
+		e->restart_window_start = now;
+		e->restarts_in_window = 0;
+	}
+	if (++e->restarts_in_window > CACHED_RESTART_MAX) {
+		cached_log("engine %u keeps dying (%d times in %d s); not restarting it", e->id,
+			   CACHED_RESTART_MAX, CACHED_RESTART_WINDOW_S);
+		return;
+	}
+	e->restarts++;
+	d->stats.engine_restarts++;
+	int err = cached_spawn_engine(d, e);
+	if (err < 0)
+		cached_log("cannot restart engine %u: %s", e->id, strerror(-err));
+}
+
+/* Its control connection dropped: stop sending it streams, tell their clients at once. The
+ * regions stay reserved until the process has exited (pidfd). */
+static void cached_engine_lost(struct cached *d, struct cached_engine *e)
+{
+	if (e->state == CACHED_ENGINE_READY || e->state == CACHED_ENGINE_STARTING)
+		e->state = CACHED_ENGINE_LOST;
+	e->conn = NULL;
+	for (struct cached_stream *s = d->streams; s; s = s->next)
+		if (s->engine == e)
+			stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
+	if (e->pidfd < 0 && e->state != CACHED_ENGINE_EXITED) {
+		/* No pidfd (it could not be opened): nothing will tell us more. */
+		cached_engine_exited(d, e, 0);
+	}
+}
+
+int cached_engine_prepare(struct cached_engine *e)
+{
+	char name[32];
+	snprintf(name, sizeof(name), "skv-doorbell-%u", e->id);
+	e->doorbell_fd = memfd_create(name, MFD_CLOEXEC);
+	if (e->doorbell_fd < 0 || ftruncate(e->doorbell_fd, 4096) < 0)
+		return -errno;
+	e->doorbell = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, e->doorbell_fd, 0);
+	if (e->doorbell == MAP_FAILED) {
+		e->doorbell = NULL;
+		return -errno;
+	}
+	/* Blocking: an io_uring read on an O_NONBLOCK eventfd would complete at once with
+	 * -EAGAIN instead of waiting. */
+	e->efd = eventfd(0, EFD_CLOEXEC);
+	return e->efd < 0 ? -errno : 0;
+}
+
+static void cached_engine_hello(struct cached *d, struct cached_conn *c,
+				const struct skv_msg_hello *h)
+{
+	struct cached_engine *e = NULL;
+	if (h->engine_id != UINT32_MAX) {
+		for (unsigned i = 0; i < d->n_engines; i++)
+			if (d->engines[i].id == h->engine_id && d->engines[i].supervised &&
+			    d->engines[i].pid == (pid_t)c->peer_pid)
+				e = &d->engines[i];
+		if (!e) {
+			conn_error(d, c, -EPERM, "engine id %u is not one this daemon started",
+				   h->engine_id);
+			cached_drop_conn(d, c);
+			return;
+		}
+	} else {
+		if (d->n_engines == CACHED_MAX_ENGINES) {
+			conn_error(d, c, -ENOSPC, "too many engines (%d)", CACHED_MAX_ENGINES);
+			cached_drop_conn(d, c);
+			return;
+		}
+		/* Started by hand: not restarted by us; it runs on the node it asks for. */
+		unsigned node_arena = 0;
+		for (unsigned a = 0; a < d->n_arenas; a++)
+			if (h->node != UINT32_MAX && d->arena_node[a] == (int)h->node)
+				node_arena = a;
+		e = &d->engines[d->n_engines];
+		memset(e, 0, sizeof(*e));
+		e->id = d->n_engines++;
+		e->arena = node_arena;
+		e->node = d->arena_node[node_arena];
+		e->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)c->peer_pid, 0);
+		e->pid = (pid_t)c->peer_pid;
+		e->doorbell_fd = e->efd = -1;
+		if (e->pidfd >= 0)
+			cached_watch_fd(d, e->pidfd, CACHED_TAG_PIDFD, e);
+		if (cached_engine_prepare(e) < 0) {
+			conn_error(d, c, -ENOMEM, "cannot create the engine's doorbell");
+			cached_drop_conn(d, c);
+			return;
+		}
+	}
+	c->role = SKV_ROLE_ENGINE;
+	c->engine = e;
+	e->conn = c;
+	e->state = CACHED_ENGINE_READY;
+	struct skv_msg_hello_ok ok = {
+		.major = SKV_PROTO_MAJOR, .minor = SKV_PROTO_MINOR, .role = SKV_ROLE_ENGINE,
+		.instance = d->instance, .engine_id = e->id,
+		.node = (uint32_t)(e->node < 0 ? 0 : e->node),
+		.arena_bytes = skv_arena_info(d->arenas[e->arena])->bytes,
+		.weights_bytes = d->weights_bytes, .wait_backend = (uint32_t)d->wait_backend,
+	};
+	snprintf(ok.model_path, sizeof(ok.model_path), "%s", d->model_path);
+	snprintf(ok.tokenizer_path, sizeof(ok.tokenizer_path), "%s", d->tokenizer_path);
+	int fds[4] = { skv_arena_fd(d->arenas[e->arena]), d->weights_fd, e->doorbell_fd,
+		       e->efd };
+	if (conn_send(d, c, SKV_MSG_HELLO_OK, &ok, fds, 4) < 0)
+		cached_drop_conn(d, c);
+	else
+		cached_log("engine %u ready (pid %u, node %d%s%s)", e->id, c->peer_pid, e->node,
+			   e->cpus[0] ? ", cpu " : "", e->cpus);
+}
+
+/* ---- peers ------------------------------------------------------------------------------- */
+
+void cached_drop_conn(struct cached *d, struct cached_conn *c)
+{
+	if (c->fd < 0)
+		return;
+	cached_unwatch(d, c->fd);
+	close(c->fd);
+	c->fd = -1;
+	if (c->engine) {
+		cached_engine_lost(d, c->engine);
+		c->engine = NULL;
+	}
+	/* A client's streams: the engines drop them, then the regions are freed. */
+	for (struct cached_stream *s = d->streams, *next; s; s = next) {
+		next = s->next;
+		if (s->client != c)
+			continue;
+		s->client = NULL;
+		if (s->engine && s->engine->state == CACHED_ENGINE_READY) {
+			if (s->state != CACHED_STREAM_CLOSING) {
+				struct skv_msg_stream m = { .stream_id = s->id };
+				s->state = CACHED_STREAM_CLOSING;
+				conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
+			}
+		} else if (!s->engine || s->engine->state == CACHED_ENGINE_EXITED) {
+			stream_destroy(d, s);
+		}
+	}
+	c->dead = 1; /* freed by the loop once no event can still name it */
+}
+
+/* SO_PEERCRED: the same user, root, or (with --group) a member of that group. */
+static int cached_peer_allowed(struct cached *d, const struct ucred *cred)
+{
+	if (cred->uid == 0 || cred->uid == d->uid)
+		return 1;
+	if (!d->have_group)
+		return 0;
+	if (cred->gid == d->group)
+		return 1;
+	struct passwd *pw = getpwuid(cred->uid);
+	if (!pw)
+		return 0;
+	gid_t groups[256];
+	int n = 256;
+	if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &n) < 0)
+		return 0;
+	for (int i = 0; i < n; i++)
+		if (groups[i] == d->group)
+			return 1;
+	return 0;
+}
+
+static void cached_accept(struct cached *d)
+{
+	for (;;) {
+		int fd = accept4(d->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		struct ucred cred;
+		socklen_t len = sizeof(cred);
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+			close(fd);
+			continue;
+		}
+		struct cached_conn *c = calloc(1, sizeof(*c));
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		c->fd = fd;
+		c->peer_pid = (uint32_t)cred.pid;
+		c->peer_uid = cred.uid;
+		c->next = d->conns;
+		d->conns = c;
+		if (!cached_peer_allowed(d, &cred)) {
+			cached_log("refused a peer of uid %u (pid %d)", cred.uid, cred.pid);
+			conn_error(d, c, -EACCES,
+				   "permission denied: uid %u may not use this daemon (uid %u%s)",
+				   cred.uid, d->uid, d->have_group ? " or its --group" : "");
+			cached_drop_conn(d, c);
+			continue;
+		}
+		if (cached_watch_fd(d, fd, CACHED_TAG_CONN, c) < 0) {
+			conn_error(d, c, -EMFILE, "the daemon has too many connections");
+			cached_drop_conn(d, c);
+		}
+	}
+}
+
+static void cached_hello(struct cached *d, struct cached_conn *c, const struct skv_msg_hello *h)
+{
+	if (h->major != SKV_PROTO_MAJOR) {
+		conn_error(d, c, -SKV_EVERSION,
+			   "protocol %u.%u is not supported: this daemon speaks %u.%u", h->major,
+			   h->minor, SKV_PROTO_MAJOR, SKV_PROTO_MINOR);
+		cached_drop_conn(d, c);
+		return;
+	}
+	switch (h->role) {
+	case SKV_ROLE_ENGINE:
+		cached_engine_hello(d, c, h);
+		return;
+	case SKV_ROLE_CLIENT:
+	case SKV_ROLE_ADMIN: {
+		c->role = h->role;
+		struct skv_msg_hello_ok ok = { .major = SKV_PROTO_MAJOR, .minor = SKV_PROTO_MINOR,
+					       .role = h->role, .instance = d->instance };
+		snprintf(ok.model_path, sizeof(ok.model_path), "%s", d->model_path);
+		if (conn_send(d, c, SKV_MSG_HELLO_OK, &ok, NULL, 0) < 0)
+			cached_drop_conn(d, c);
+		return;
+	}
+	default:
+		conn_error(d, c, -SKV_EFORMAT, "HELLO: unknown role %u", h->role);
+		cached_drop_conn(d, c);
+	}
+}
+
+static void cached_close_fds(int *fds, int n)
+{
+	for (int i = 0; i < n; i++)
+		close(fds[i]);
+}
+
+/* One message from a peer; every unexpected one ends the connection. */
+static void cached_message(struct cached *d, struct cached_conn *c, const struct skv_msg_hdr *h,
+			   const void *body, int *fds, int n_fds)
+{
+	if (!c->role) {
+		if (h->type != SKV_MSG_HELLO) {
+			conn_error(d, c, -SKV_EFORMAT, "%s before HELLO", skv_msg_name(h->type));
+			cached_close_fds(fds, n_fds);
+			cached_drop_conn(d, c);
+			return;
+		}
+		cached_close_fds(fds, n_fds);
+		cached_hello(d, c, body);
+		return;
+	}
+	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_OPEN && n_fds == 1) {
+		cached_open_stream(d, c, body, fds[0]);
+		close(fds[0]);
+		return;
+	}
+	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_CLOSE && n_fds == 0) {
+		cached_close_stream(d, c, ((const struct skv_msg_stream *)body)->stream_id);
+		return;
+	}
+	if (c->role == SKV_ROLE_ENGINE && h->type == SKV_MSG_DROPPED && n_fds == 0) {
+		struct cached_stream *s = stream_find(d, ((const struct skv_msg_stream *)body)->stream_id);
+		if (s && s->engine == c->engine && s->state == CACHED_STREAM_CLOSING) {
+			struct skv_msg_stream m = { .stream_id = s->id };
+			if (s->client)
+				conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
+			stream_destroy(d, s);
+		}
+		return;
+	}
+	if (c->role == SKV_ROLE_ENGINE && h->type == SKV_MSG_STREAM_ERROR && n_fds == 0) {
+		const struct skv_msg_failed *f = body;
+		struct cached_stream *s = stream_find(d, f->stream_id);
+		if (s && s->engine == c->engine) {
+			char text[SKV_MSG_TEXT];
+			snprintf(text, sizeof(text), "%.*s", (int)sizeof(f->text) - 1, f->text);
+			stream_fail(d, s, f->code, text);
+		}
+		return;
+	}
+	cached_close_fds(fds, n_fds);
+	conn_error(d, c, -SKV_EFORMAT, "unexpected %s (with %d fds) from a %s",
+		   skv_msg_name(h->type), n_fds,
+		   c->role == SKV_ROLE_ENGINE ? "engine" : c->role == SKV_ROLE_CLIENT ? "client" : "peer");
+	cached_drop_conn(d, c);
+}
+
+static void cached_readable(struct cached *d, struct cached_conn *c)
+{
+	while (c->fd >= 0) {
+		struct skv_msg_hdr h;
+		union {
+			struct skv_msg_hello hello;
+			struct skv_msg_open open;
+			struct skv_msg_stream stream;
+			struct skv_msg_failed failed;
+			uint8_t raw[2048];
+		} body;
+		int fds[SKV_MSG_MAX_FDS], n_fds = 0;
+		int got = skv_msg_recv(c->fd, &h, &body, sizeof(body), fds, &n_fds);
+		if (got == -EAGAIN)
+			return;
+		if (got == 0) {
+			cached_drop_conn(d, c);
+			return;
+		}
+		if (got < 0) {
+			if (got == -SKV_EFORMAT)
+				conn_error(d, c, got, "malformed message: dropping the connection");
+			cached_drop_conn(d, c);
+			return;
+		}
+		cached_message(d, c, &h, &body, fds, n_fds);
+	}
+}
+
+static void cached_reap(struct cached *d, struct cached_engine *e)
+{
+	siginfo_t info;
+	memset(&info, 0, sizeof(info));
+	if (waitid(P_PIDFD, (id_t)e->pidfd, &info, WEXITED | WNOHANG) < 0 || !info.si_pid) {
+		/* Not our child (started by hand): the pidfd only says it exited. */
+		if (errno == ECHILD || !info.si_pid) {
+			if (e->conn)
+				cached_drop_conn(d, e->conn);
+			cached_engine_exited(d, e, 0);
+		}
+		return;
+	}
+	int status = info.si_code == CLD_EXITED ? (info.si_status & 0xff) << 8
+						: info.si_status & 0x7f;
+	if (e->conn)
+		cached_drop_conn(d, e->conn);
+	cached_engine_exited(d, e, status);
+}
+
+/* ---- start-up and the loop ---------------------------------------------------------------- */
+
+static void cached_free_dead(struct cached *d)
+{
+	struct cached_conn **l = &d->conns;
+	while (*l) {
+		struct cached_conn *c = *l;
+		if (c->dead) {
+			*l = c->next;
+			free(c);
+		} else {
+			l = &c->next;
+		}
+	}
+}
+
+int cached_run(struct cached *d)
+{
+	struct epoll_event evs[CACHED_MAX_EVENTS];
+	while (!d->stopping) {
+		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, -1);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			cached_log("epoll_wait: %s", strerror(errno));
+			return 1;
+		}
+		for (int i = 0; i < n; i++) {
+			int fd = evs[i].data.fd;
+			struct cached_tag *t = &d->tags[fd % CACHED_MAX_FDS];
+			if (t->fd != fd || t->kind == CACHED_TAG_NONE)
+				continue;
+			switch (t->kind) {
+			case CACHED_TAG_LISTEN:
+				cached_accept(d);
+				break;
+			case CACHED_TAG_CONN:
+				cached_readable(d, t->ptr);
+				break;
+			case CACHED_TAG_PIDFD:
+				cached_reap(d, t->ptr);
+				break;
+			case CACHED_TAG_SIGNAL: {
+				struct signalfd_siginfo si;
+				while (read(fd, &si, sizeof(si)) == sizeof(si)) {
+					if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
+						cached_log("signal %u: shutting down", si.ssi_signo);
+						d->stopping = 1;
+					}
+				}
+				break;
+			}
+			default:
+				break;
+			}
+		}
+		cached_free_dead(d);
+	}
+	return 0;
+}
