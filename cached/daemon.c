@@ -639,6 +639,35 @@ static void cached_close_fds(int *fds, int n)
 		close(fds[i]);
 }
 
+static void cached_send_stats(struct cached *d, struct cached_conn *c)
+{
+	struct skv_msg_stats st = {
+		.instance = d->instance,
+		.streams = d->n_streams,
+		.streams_opened = d->stats.streams_opened,
+		.streams_closed = d->stats.streams_closed,
+		.streams_failed = d->stats.streams_failed,
+		.engine_restarts = d->stats.engine_restarts,
+		.engines = d->n_engines,
+		.arenas = d->n_arenas,
+	};
+	for (unsigned i = 0; i < d->n_engines; i++) {
+		if (d->engines[i].state == CACHED_ENGINE_READY)
+			st.engines_ready++;
+		if (i < 16)
+			st.engine_pid[i] = d->engines[i].pid;
+	}
+	for (unsigned a = 0; a < d->n_arenas; a++) {
+		struct skv_arena_heap_stats hs;
+		skv_arena_heap_stats(skv_arena_heap(d->arenas[a]), &hs);
+		st.arena_bytes += skv_arena_info(d->arenas[a])->bytes;
+		st.arena_used_bytes += hs.used_bytes;
+		if (hs.largest_free > st.arena_largest_free_bytes)
+			st.arena_largest_free_bytes = hs.largest_free;
+	}
+	conn_send(d, c, SKV_MSG_STATS, &st, NULL, 0);
+}
+
 /* One message from a peer; every unexpected one ends the connection. */
 static void cached_message(struct cached *d, struct cached_conn *c, const struct skv_msg_hdr *h,
 			   const void *body, int *fds, int n_fds)
@@ -661,6 +690,11 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 	}
 	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_CLOSE && n_fds == 0) {
 		cached_close_stream(d, c, ((const struct skv_msg_stream *)body)->stream_id);
+		return;
+	}
+	if ((c->role == SKV_ROLE_CLIENT || c->role == SKV_ROLE_ADMIN) &&
+	    h->type == SKV_MSG_STATS_REQ && n_fds == 0) {
+		cached_send_stats(d, c);
 		return;
 	}
 	if (c->role == SKV_ROLE_ENGINE && h->type == SKV_MSG_DROPPED && n_fds == 0) {

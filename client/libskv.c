@@ -151,8 +151,19 @@ static void client_fail_all(struct skv_client *c, const char *why)
 
 /* Take one control message (blocking) and apply it. Returns its type, or <= 0 (hang-up or
  * error: every stream is failed). opened/error receive those replies when non-NULL. */
+static int client_control_stats(struct skv_client *c, int timeout_ms,
+				struct skv_msg_opened *opened, int *fds, int *n_fds,
+				struct skv_msg_error *error, struct skv_msg_stats *stats);
+
 static int client_control(struct skv_client *c, int timeout_ms, struct skv_msg_opened *opened,
 			  int *fds, int *n_fds, struct skv_msg_error *error)
+{
+	return client_control_stats(c, timeout_ms, opened, fds, n_fds, error, NULL);
+}
+
+static int client_control_stats(struct skv_client *c, int timeout_ms,
+				struct skv_msg_opened *opened, int *fds, int *n_fds,
+				struct skv_msg_error *error, struct skv_msg_stats *stats)
 {
 	struct pollfd pfd = { .fd = c->sock, .events = POLLIN };
 	int r = poll(&pfd, 1, timeout_ms);
@@ -164,6 +175,7 @@ static int client_control(struct skv_client *c, int timeout_ms, struct skv_msg_o
 		struct skv_msg_failed failed;
 		struct skv_msg_stream stream;
 		struct skv_msg_error error;
+		struct skv_msg_stats stats;
 	} body;
 	int local_fds[SKV_MSG_MAX_FDS], local_n = 0;
 	int got = skv_msg_recv(c->sock, &h, &body, sizeof(body), fds ? fds : local_fds,
@@ -192,6 +204,10 @@ static int client_control(struct skv_client *c, int timeout_ms, struct skv_msg_o
 	case SKV_MSG_ERROR:
 		if (error)
 			*error = body.error;
+		break;
+	case SKV_MSG_STATS:
+		if (stats)
+			*stats = body.stats;
 		break;
 	default:
 		break;
@@ -370,6 +386,13 @@ static int client_push(struct skv_client_stream *s, const struct skv_chan_msg *m
 int skv_client_stream_request(struct skv_client_stream *s, const char *text, size_t len,
 			      uint32_t type, uint64_t arg, char *msg, size_t msg_len)
 {
+	return skv_client_stream_request_flags(s, text, len, type, arg, 0, msg, msg_len);
+}
+
+int skv_client_stream_request_flags(struct skv_client_stream *s, const char *text, size_t len,
+				    uint32_t type, uint64_t arg, uint32_t flags, char *msg,
+				    size_t msg_len)
+{
 	if (type != SKV_CHAN_GENERATE && type != SKV_CHAN_SCORE)
 		return -EINVAL;
 	for (size_t off = 0; off < len;) {
@@ -385,7 +408,7 @@ int skv_client_stream_request(struct skv_client_stream *s, const char *text, siz
 		if (off % (SKV_CHAN_DATA * 256) == 0)
 			skv_wake(s->doorbell, s->engine_efd);
 	}
-	struct skv_chan_msg end = { .type = type, .arg = arg };
+	struct skv_chan_msg end = { .type = type, .arg = arg, .flags = flags };
 	int err = client_push(s, &end, msg, msg_len);
 	if (err < 0)
 		return err;
@@ -418,6 +441,32 @@ int skv_client_stream_next(struct skv_client_stream *s, struct skv_chan_msg *out
 			return 0;
 		else if (w < 0 && w != -EINTR)
 			return w;
+	}
+}
+
+int skv_client_stats(struct skv_client *c, struct skv_msg_stats *out, char *msg, size_t msg_len)
+{
+	if (c->gone)
+		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
+	struct skv_msg_stream req = { 0 };
+	if (skv_msg_send(c->sock, SKV_MSG_STATS_REQ, c->seq++, &req, NULL, 0) < 0) {
+		client_fail_all(c, "skv-cached went away");
+		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
+	}
+	struct skv_msg_error error = { 0 };
+	for (;;) {
+		int type = client_control_stats(c, CLIENT_REPLY_TIMEOUT_MS, NULL, NULL, NULL, &error,
+						out);
+		if (type == SKV_MSG_STATS)
+			return 0;
+		if (type == SKV_MSG_ERROR) {
+			error.text[sizeof(error.text) - 1] = '\0';
+			return client_errorf(msg, msg_len, error.code < 0 ? error.code : -EPROTO,
+					     "%s", error.text);
+		}
+		if (type <= 0)
+			return client_errorf(msg, msg_len, type ? type : -EPIPE,
+					     "skv-cached went away");
 	}
 }
 

@@ -49,11 +49,19 @@ void skv_client_stream_info(const struct skv_client_stream *s, int64_t *sink_slo
 int skv_client_stream_request(struct skv_client_stream *s, const char *text, size_t len,
 			      uint32_t type, uint64_t arg, char *msg, size_t msg_len);
 
+/* The same with request flags (SKV_GEN_IGNORE_BOS for GENERATE). */
+int skv_client_stream_request_flags(struct skv_client_stream *s, const char *text, size_t len,
+				    uint32_t type, uint64_t arg, uint32_t flags, char *msg,
+				    size_t msg_len);
+
 /* Next message from the engine (SKV_CHAN_TOKEN, ECHO, DONE, SCORED, ERROR). Waits up to
  * timeout_ns (< 0: no limit). Returns 1 with *out filled, 0 on timeout, -EPIPE when the stream
  * failed or the daemon went away (msg says why). */
 int skv_client_stream_next(struct skv_client_stream *s, struct skv_chan_msg *out,
 			   int64_t timeout_ns, char *msg, size_t msg_len);
+
+/* Ask the daemon for a summary of its state (streams, engines, arena use). */
+int skv_client_stats(struct skv_client *c, struct skv_msg_stats *out, char *msg, size_t msg_len);
 
 /* Close a stream: the daemon drops it from its engine and frees its KV. Accepts NULL. */
 void skv_client_stream_close(struct skv_client_stream *s);

@@ -65,6 +65,7 @@ struct eng_stream {
 	int32_t *ids;             /* the request's tokens */
 	size_t n_ids, fed;
 	uint64_t to_generate, generated;
+	uint32_t gen_flags;       /* SKV_GEN_* of the current request */
 	int32_t prev_token, next_token;
 	uint64_t predictions;     /* SCORE: how many next-token predictions to score */
 	double nll;
@@ -314,6 +315,7 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 			stream_emit_bytes(e, st, SKV_CHAN_ECHO, (uint64_t)st->ids[i], piece, len);
 	}
 	st->to_generate = m->arg;
+	st->gen_flags = m->flags;
 	st->generated = 0;
 	if (!st->n_ids) {
 		/* A continuation with no new text: go on from the last sampled token. */
@@ -371,17 +373,20 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 {
 	int32_t next = skv_sampler_sample(&st->sampler, st->logits);
 	st->generated++;
-	if (next == SKV_TOKEN_BOS) {
+	if (next == SKV_TOKEN_BOS && !(st->gen_flags & SKV_GEN_IGNORE_BOS)) {
 		struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
 					     .flags = SKV_DONE_BOS };
 		stream_emit(e, st, &done);
 		st->state = ENG_IDLE;
 		return;
 	}
-	size_t len;
+	/* Every token is one TOKEN message (clients count them); a piece llama2.c would not
+	 * print (a lone control byte) goes with no bytes. */
+	size_t len = 0;
 	const char *piece = skv_tokenizer_decode(e->tok, st->prev_token, next, &len);
-	if (piece && skv_piece_is_printable(piece, len))
-		stream_emit_bytes(e, st, SKV_CHAN_TOKEN, (uint64_t)next, piece, len);
+	if (!piece || !skv_piece_is_printable(piece, len))
+		len = 0;
+	stream_emit_bytes(e, st, SKV_CHAN_TOKEN, (uint64_t)next, piece ? piece : "", len);
 	st->prev_token = next;
 	st->next_token = next;
 	if (st->generated >= st->to_generate) {

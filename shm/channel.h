@@ -55,6 +55,9 @@ enum skv_chan_type {
 	SKV_CHAN_ECHO = 20,       /* the prompt's tokens as the engine decoded them (for echo) */
 };
 
+/* Flags of a GENERATE request. */
+#define SKV_GEN_IGNORE_BOS 1u /* do not stop at BOS: stream on (endless streams, benchmarks) */
+
 #define SKV_DONE_LENGTH 0u  /* generated the requested number of tokens */
 #define SKV_DONE_BOS 1u     /* the model produced BOS (llama2.c's end of story) */
 

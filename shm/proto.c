@@ -25,6 +25,8 @@ static const struct {
 	[SKV_MSG_DROP] = { "DROP", sizeof(struct skv_msg_stream) },
 	[SKV_MSG_DROPPED] = { "DROPPED", sizeof(struct skv_msg_stream) },
 	[SKV_MSG_STREAM_ERROR] = { "STREAM_ERROR", sizeof(struct skv_msg_failed) },
+	[SKV_MSG_STATS_REQ] = { "STATS_REQ", sizeof(struct skv_msg_stream) },
+	[SKV_MSG_STATS] = { "STATS", sizeof(struct skv_msg_stats) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

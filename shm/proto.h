@@ -40,6 +40,8 @@ enum skv_msg_type {
 	SKV_MSG_DROP = 10,          /* daemon -> engine: struct skv_msg_stream */
 	SKV_MSG_DROPPED = 11,       /* engine -> daemon: struct skv_msg_stream */
 	SKV_MSG_STREAM_ERROR = 12,  /* engine -> daemon: struct skv_msg_failed (a stream failed) */
+	SKV_MSG_STATS_REQ = 13,     /* client/admin -> daemon: struct skv_msg_stream (unused id) */
+	SKV_MSG_STATS = 14,         /* daemon -> client/admin: struct skv_msg_stats */
 	SKV_MSG_TYPE_END
 };
 
@@ -144,6 +146,25 @@ struct skv_msg_assign {
 	uint64_t channel_bytes;
 };
 _Static_assert(sizeof(struct skv_msg_assign) == 80, "ABI");
+
+/* A summary of the daemon's state, for tests and tools (issue 6 extends what admin tools see). */
+struct skv_msg_stats {
+	uint64_t instance;
+	uint64_t streams;          /* in the stream table (open, closing or failed) */
+	uint64_t streams_opened;
+	uint64_t streams_closed;
+	uint64_t streams_failed;
+	uint64_t engine_restarts;
+	uint32_t engines;          /* known */
+	uint32_t engines_ready;
+	uint32_t arenas;
+	uint32_t reserved;
+	uint64_t arena_bytes;      /* sum over arenas */
+	uint64_t arena_used_bytes; /* KV regions handed out */
+	uint64_t arena_largest_free_bytes; /* the largest free extent of any arena */
+	int32_t engine_pid[16];    /* pids of the first 16 engines, 0 when not running */
+};
+_Static_assert(sizeof(struct skv_msg_stats) == 152, "ABI");
 
 /* The daemon's default socket: $XDG_RUNTIME_DIR/streamkv/cached.sock, or, without
  * XDG_RUNTIME_DIR, /tmp/streamkv-<uid>/cached.sock. Returns 0 or -ENAMETOOLONG. */
