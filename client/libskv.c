@@ -17,6 +17,8 @@
 
 #define CLIENT_SPIN_NS 20000
 #define CLIENT_REPLY_TIMEOUT_MS 30000
+#define CLIENT_OPEN_RETRIES 200
+#define CLIENT_OPEN_RETRY_US 50000
 
 struct skv_client_stream {
 	struct skv_client *client;
@@ -229,8 +231,25 @@ static void client_stream_free(struct skv_client_stream *s)
 	free(s);
 }
 
+static int client_stream_open_once(struct skv_client *c, const struct skv_stream_params *params,
+				   struct skv_client_stream **out, char *msg, size_t msg_len);
+
+/* A daemon that has just started may have no engine ready yet (-EAGAIN): that is transient,
+ * so retry for a while before giving up. */
 int skv_client_stream_open(struct skv_client *c, const struct skv_stream_params *params,
 			   struct skv_client_stream **out, char *msg, size_t msg_len)
+{
+	int err;
+	for (int attempt = 0;; attempt++) {
+		err = client_stream_open_once(c, params, out, msg, msg_len);
+		if (err != -EAGAIN || attempt >= CLIENT_OPEN_RETRIES)
+			return err;
+		usleep(CLIENT_OPEN_RETRY_US);
+	}
+}
+
+static int client_stream_open_once(struct skv_client *c, const struct skv_stream_params *params,
+				   struct skv_client_stream **out, char *msg, size_t msg_len)
 {
 	if (c->gone)
 		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
