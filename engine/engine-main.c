@@ -74,6 +74,7 @@ struct eng_stream {
 	int n_out_pending;
 	int in_batch;             /* rows this stream has in the step being built */
 	int emitted;              /* output went out since the client was last rung */
+	int broken;               /* its client corrupted the channel: served no more */
 	struct eng_stream *next;
 };
 
@@ -124,8 +125,17 @@ static void stream_emit(struct engine *e, struct eng_stream *st, const struct sk
 {
 	(void)e;
 	st->emitted = 1;
-	if (!st->n_out_pending && skv_ring_push(&st->chan.out, m) == 0)
+	if (st->broken)
 		return;
+	if (!st->n_out_pending) {
+		int err = skv_ring_push(&st->chan.out, m);
+		if (err == 0)
+			return;
+		if (err != -EAGAIN) {
+			st->broken = 1;
+			return;
+		}
+	}
 	if (st->n_out_pending < (int)(sizeof(st->out_pending) / sizeof(*st->out_pending)))
 		st->out_pending[st->n_out_pending++] = *m;
 }
@@ -133,9 +143,13 @@ static void stream_emit(struct engine *e, struct eng_stream *st, const struct sk
 /* Try to flush queued messages; returns 1 if the queue is empty afterwards. */
 static int stream_flush(struct eng_stream *st)
 {
-	int i = 0;
-	while (i < st->n_out_pending && skv_ring_push(&st->chan.out, &st->out_pending[i]) == 0)
+	int i = 0, err = 0;
+	while (i < st->n_out_pending && (err = skv_ring_push(&st->chan.out, &st->out_pending[i])) == 0)
 		i++;
+	if (err && err != -EAGAIN) {
+		st->broken = 1;
+		return 0;
+	}
 	if (i) {
 		st->emitted = 1;
 		memmove(st->out_pending, st->out_pending + i,
@@ -146,9 +160,12 @@ static int stream_flush(struct eng_stream *st)
 		/* Full: ask the client to ring us when it frees a slot (Dekker: flag, fence,
 		 * re-check). */
 		__atomic_store_n(&st->chan.hdr->engine_wants_room, 1, __ATOMIC_SEQ_CST);
-		if (skv_ring_count(&st->chan.out) > 0)
-			return stream_flush(st);
-		return 0;
+		uint32_t room = skv_ring_count(&st->chan.out);
+		if (room == SKV_RING_CORRUPT) {
+			st->broken = 1;
+			return 0;
+		}
+		return room > 0 ? stream_flush(st) : 0;
 	}
 	return 1;
 }
@@ -330,8 +347,8 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 static void stream_take_input(struct engine *e, struct eng_stream *st)
 {
 	struct skv_chan_msg m;
-	int took = 0;
-	while (st->state == ENG_IDLE && skv_ring_pop(&st->chan.in, &m) == 0) {
+	int took = 0, err = 0;
+	while (st->state == ENG_IDLE && !st->broken && (err = skv_ring_pop(&st->chan.in, &m)) == 0) {
 		took = 1;
 		uint32_t n = m.n < SKV_CHAN_DATA ? m.n : SKV_CHAN_DATA;
 		switch (m.type) {
@@ -361,6 +378,8 @@ static void stream_take_input(struct engine *e, struct eng_stream *st)
 			break;
 		}
 	}
+	if (err && err != -EAGAIN)
+		st->broken = 1;
 	/* A client blocked on a full input ring waits for this. */
 	if (took && __atomic_load_n(&st->chan.hdr->client_wants_room, __ATOMIC_SEQ_CST)) {
 		__atomic_store_n(&st->chan.hdr->client_wants_room, 0, __ATOMIC_RELAXED);
@@ -403,7 +422,7 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 
 static int stream_runnable(struct eng_stream *st)
 {
-	if (st->state == ENG_IDLE)
+	if (st->state == ENG_IDLE || st->broken)
 		return 0;
 	return stream_flush(st);
 }
@@ -465,6 +484,17 @@ static int engine_step(struct engine *e)
 	for (struct eng_stream *st = e->streams; st; st = st->next) {
 		stream_take_input(e, st);
 		st->in_batch = 0;
+		if (st->broken == 1) {
+			/* Tell the daemon once; it fails the stream to its client, whose CLOSE
+			 * makes us drop it. Other streams go on. */
+			struct skv_msg_failed f = { .stream_id = st->id, .code = -SKV_EFORMAT };
+			snprintf(f.text, sizeof(f.text),
+				 "the stream's channel was corrupted by its client");
+			skv_msg_send(e->sock, SKV_MSG_STREAM_ERROR, e->seq++, &f, NULL, 0);
+			engine_log("stream %llu: its channel is corrupt; not serving it any more",
+				   (unsigned long long)st->id);
+			st->broken = 2;
+		}
 		if (!stream_runnable(st))
 			continue;
 		if (st->policy.kind == SKV_POLICY_RECOMPUTE) {
@@ -625,6 +655,10 @@ static int engine_has_input(void *arg)
 {
 	struct engine *e = arg;
 	for (struct eng_stream *st = e->streams; st; st = st->next) {
+		if (st->broken)
+			continue;
+		/* A corrupt count (SKV_RING_CORRUPT) is non-zero too: the step finds it and
+		 * marks the stream broken. */
 		if (st->state != ENG_IDLE && !st->n_out_pending)
 			return 1;
 		if (st->state == ENG_IDLE && skv_ring_count(&st->chan.in))
