@@ -380,6 +380,14 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 		next = s->next;
 		if (s->engine != e)
 			continue;
+		if (s->state == CACHED_STREAM_CLOSING) {
+			/* Its client asked to close it: the close is complete now. */
+			struct skv_msg_stream m = { .stream_id = s->id };
+			if (s->client)
+				conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
+			stream_destroy(d, s);
+			continue;
+		}
 		stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
 		if (!s->client) {
 			stream_destroy(d, s);
@@ -392,6 +400,18 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 		}
 	}
 	e->n_streams = 0;
+	if (!e->supervised) {
+		/* Started by hand: nobody restarts it; its slot and fds are free again. */
+		if (e->doorbell)
+			munmap(e->doorbell, 4096);
+		if (e->doorbell_fd >= 0)
+			close(e->doorbell_fd);
+		if (e->efd >= 0)
+			close(e->efd);
+		e->doorbell = NULL;
+		e->doorbell_fd = e->efd = -1;
+		e->state = CACHED_ENGINE_NONE;
+	}
 	if (WIFSIGNALED(status))
 		cached_log("engine %u died of signal %d", e->id, WTERMSIG(status));
 	else
@@ -422,8 +442,10 @@ static void cached_engine_lost(struct cached *d, struct cached_engine *e)
 	if (e->state == CACHED_ENGINE_READY || e->state == CACHED_ENGINE_STARTING)
 		e->state = CACHED_ENGINE_LOST;
 	e->conn = NULL;
+	/* Streams being closed get CLOSED once the process has exited (their regions are only
+	 * safe then); the others fail now. */
 	for (struct cached_stream *s = d->streams; s; s = s->next)
-		if (s->engine == e)
+		if (s->engine == e && s->state != CACHED_STREAM_CLOSING)
 			stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
 	if (e->pidfd < 0 && e->state != CACHED_ENGINE_EXITED) {
 		/* No pidfd (it could not be opened): nothing will tell us more. */
@@ -443,9 +465,9 @@ int cached_engine_prepare(struct cached_engine *e)
 		e->doorbell = NULL;
 		return -errno;
 	}
-	/* Blocking: an io_uring read on an O_NONBLOCK eventfd would complete at once with
-	 * -EAGAIN instead of waiting. */
-	e->efd = eventfd(0, EFD_CLOEXEC);
+	/* Non-blocking, as shm/wake.h recommends: io_uring then waits for it by polling
+	 * instead of parking a worker thread in read(). */
+	e->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	return e->efd < 0 ? -errno : 0;
 }
 
@@ -465,19 +487,28 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 			return;
 		}
 	} else {
-		if (d->n_engines == CACHED_MAX_ENGINES) {
+		/* Started by hand: not restarted by us; it runs on the node it asks for. A slot
+		 * of a hand-started engine that has exited is reused. */
+		unsigned slot = d->n_engines;
+		for (unsigned i = 0; i < d->n_engines; i++)
+			if (!d->engines[i].supervised && d->engines[i].state == CACHED_ENGINE_NONE) {
+				slot = i;
+				break;
+			}
+		if (slot == CACHED_MAX_ENGINES) {
 			conn_error(d, c, -ENOSPC, "too many engines (%d)", CACHED_MAX_ENGINES);
 			cached_drop_conn(d, c);
 			return;
 		}
-		/* Started by hand: not restarted by us; it runs on the node it asks for. */
 		unsigned node_arena = 0;
 		for (unsigned a = 0; a < d->n_arenas; a++)
 			if (h->node != UINT32_MAX && d->arena_node[a] == (int)h->node)
 				node_arena = a;
-		e = &d->engines[d->n_engines];
+		e = &d->engines[slot];
 		memset(e, 0, sizeof(*e));
-		e->id = d->n_engines++;
+		e->id = slot;
+		if (slot == d->n_engines)
+			d->n_engines++;
 		e->arena = node_arena;
 		e->node = d->arena_node[node_arena];
 		e->pidfd = (int)syscall(SYS_pidfd_open, (pid_t)c->peer_pid, 0);

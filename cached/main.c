@@ -272,6 +272,10 @@ static void cached_shutdown(struct cached *d)
 			close(c->fd);
 			c->fd = -1;
 		}
+	/* An engine asleep on a futex does not see its socket close: ring it. */
+	for (unsigned i = 0; i < d->n_engines; i++)
+		if (d->engines[i].doorbell)
+			skv_wake(d->engines[i].doorbell, d->engines[i].efd);
 	double deadline = 0;
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);

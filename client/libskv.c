@@ -18,6 +18,7 @@
 #define CLIENT_SPIN_NS 20000
 #define CLIENT_REPLY_TIMEOUT_MS 30000
 #define CLIENT_OPEN_RETRIES 200
+#define CLIENT_SLICE_NS 100000000ll /* 100 ms */
 #define CLIENT_OPEN_RETRY_US 50000
 
 struct skv_client_stream {
@@ -107,6 +108,15 @@ int skv_client_connect(const char *socket_path, struct skv_client **out, char *m
 		err = -ETIMEDOUT;
 	if (!err)
 		err = skv_msg_recv(fd, &h, &body, sizeof(body), fds, &n_fds);
+	/* A daemon that refuses us (permission) answers ERROR and closes at once, so our
+	 * HELLO may fail with EPIPE or the read with ECONNRESET before we see its answer:
+	 * the ERROR is still queued, read it. */
+	if (err == -EPIPE || err == -ECONNRESET) {
+		n_fds = 0;
+		int again = skv_msg_recv(fd, &h, &body, sizeof(body), fds, &n_fds);
+		if (again == 1)
+			err = again;
+	}
 	for (int i = 0; i < n_fds; i++)
 		close(fds[i]);
 	if (err == 1 && h.type == SKV_MSG_ERROR) {
@@ -258,8 +268,8 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 		return -ENOMEM;
 	s->client = c;
 	s->engine_efd = -1;
-	/* Blocking: an io_uring read on an O_NONBLOCK eventfd would not wait. */
-	s->efd = eventfd(0, EFD_CLOEXEC);
+	/* Non-blocking, as shm/wake.h recommends (io_uring polls it). */
+	s->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (s->efd < 0) {
 		int err = -errno;
 		client_stream_free(s);
@@ -394,8 +404,8 @@ static int client_push(struct skv_client_stream *s, const struct skv_chan_msg *m
 		__atomic_store_n(&s->chan.hdr->client_wants_room, 1, __ATOMIC_SEQ_CST);
 		skv_wake(s->doorbell, s->engine_efd);
 		int w = skv_waiter_wait(s->waiter, client_has_room, s, CLIENT_SPIN_NS,
-					1000000000ll);
-		if (w == 2)
+					CLIENT_SLICE_NS);
+		if (w == 2 || w == 0)
 			client_poll_control(s->client);
 		else if (w < 0 && w != -EINTR)
 			return w;
@@ -453,13 +463,20 @@ int skv_client_stream_next(struct skv_client_stream *s, struct skv_chan_msg *out
 			return client_errorf(msg, msg_len, err, "the stream's channel is corrupt");
 		if (s->failed)
 			return client_failed(s, msg, msg_len);
-		int w = skv_waiter_wait(s->waiter, client_has_output, s, CLIENT_SPIN_NS, timeout_ns);
-		if (w == 2)
+		/* Sleep in slices: on the futex fallback a control message (FAILED, a hang-up)
+		 * does not wake us, so look at the socket between slices. */
+		int64_t slice = timeout_ns < 0 || timeout_ns > CLIENT_SLICE_NS ? CLIENT_SLICE_NS
+									     : timeout_ns;
+		int w = skv_waiter_wait(s->waiter, client_has_output, s, CLIENT_SPIN_NS, slice);
+		if (w == 2 || w == 0)
 			client_poll_control(s->client);
-		else if (w == 0 && timeout_ns >= 0 && !client_has_output(s))
-			return 0;
-		else if (w < 0 && w != -EINTR)
+		if (w == 0 && timeout_ns >= 0 && !client_has_output(s)) {
+			timeout_ns -= slice;
+			if (timeout_ns <= 0)
+				return 0;
+		} else if (w < 0 && w != -EINTR) {
 			return w;
+		}
 	}
 }
 
@@ -506,7 +523,8 @@ void skv_client_stream_close(struct skv_client_stream *s)
 			for (;;) {
 				int type = client_control(c, CLIENT_REPLY_TIMEOUT_MS, NULL, NULL, NULL,
 							  NULL);
-				if (type <= 0 || type == SKV_MSG_CLOSED || type == SKV_MSG_ERROR)
+				if (type <= 0 || type == SKV_MSG_CLOSED || type == SKV_MSG_ERROR ||
+				    (type == SKV_MSG_FAILED && s->failed))
 					break;
 			}
 		}

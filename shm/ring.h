@@ -20,8 +20,9 @@
  *   A2  push load-acquires tail, then overwrites the slot
  *   R0  init stores the immutable line, then store-release of magic  -->  A0 in attach
  * Each side keeps a private cached copy of the other's index and reloads it only when the ring
- * looks full (producer) or empty (consumer), so a busy ring costs no cache-line transfer per
- * element. Neither side ever reads its own index back from shared memory after attaching.
+ * looks full (producer) or empty (consumer), so a side with a backlog reads the other's cache
+ * line once per batch, not once per element. Neither side ever reads its own index back from
+ * shared memory after attaching. Pop copies the element out: validate the copy, never the slot.
  *
  * Never trust shared memory: skv_ring_attach copies the immutable fields once into the private
  * struct skv_ring and validates them against the mapped size; every index read from the other

@@ -36,7 +36,8 @@
 
 #include <stdint.h>
 
-/* In shared memory, written by the consumer (sleeping) and by producers (seq). */
+/* In shared memory: sleeping is set by the consumer and cleared by it or by the one producer
+ * that claims the wake-up; seq is bumped by claiming producers. */
 #define SKV_SLEEP_AWAKE 0u
 #define SKV_SLEEP_EVENTFD 1u /* asleep in io_uring on its eventfd: producers write the eventfd */
 #define SKV_SLEEP_FUTEX 2u   /* asleep in FUTEX_WAIT on seq: producers FUTEX_WAKE */
@@ -95,7 +96,8 @@ int skv_waiter_wait(struct skv_waiter *w, int (*ready)(void *arg), void *arg, in
  * unclaimed for a producer that has it (hand every producer the eventfd). Async-signal-safe. */
 void skv_wake(struct skv_wake_word *word, int efd);
 
-/* Wakes since start that needed a system call (per process, for metrics). */
+/* Wakes since start that needed a system call (per process, for metrics; a forked child starts
+ * from its parent's count). */
 uint64_t skv_wake_syscalls(void);
 
 #endif

@@ -3,6 +3,8 @@
  * wake-up paths. */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -11,6 +13,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -376,9 +379,56 @@ static void big_producer(void *ring_mem, size_t bytes, int efd, struct big_resul
 	_exit(0);
 }
 
+/* A peer's death must fail the test, not hang it: a thread of the consumer process watches the
+ * producer's pidfd and, when it exits, raises a flag and wakes the consumer through the wake
+ * protocol itself (it is one more producer on the wake word). A lost wake-up still hangs the
+ * consumer, and the suite's timeout fails the test. */
+struct death_watch {
+	int pidfd;
+	struct skv_wake_word *word;
+	int efd;
+	uint32_t exited;
+	pthread_t thread;
+};
+
+static void *death_watch_main(void *arg)
+{
+	struct death_watch *dw = arg;
+	struct pollfd pfd = { .fd = dw->pidfd, .events = POLLIN };
+	while (poll(&pfd, 1, -1) < 0 && errno == EINTR)
+		;
+	__atomic_store_n(&dw->exited, 1, __ATOMIC_RELEASE);
+	skv_wake(dw->word, dw->efd);
+	return NULL;
+}
+
+static void death_watch_start(struct death_watch *dw, pid_t pid, struct skv_wake_word *word,
+			      int efd)
+{
+	dw->pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+	cr_assert(dw->pidfd >= 0, "pidfd_open: %s", strerror(errno));
+	dw->word = word;
+	dw->efd = efd;
+	dw->exited = 0;
+	cr_assert_eq(pthread_create(&dw->thread, NULL, death_watch_main, dw), 0);
+}
+
+/* After the producer was reaped. */
+static void death_watch_stop(struct death_watch *dw)
+{
+	cr_assert_eq(pthread_join(dw->thread, NULL), 0);
+	close(dw->pidfd);
+}
+
+struct big_consumer {
+	struct skv_ring ring;
+	struct death_watch watch;
+};
+
 static int big_ready(void *arg)
 {
-	return skv_ring_count(arg) != 0;
+	struct big_consumer *c = arg;
+	return skv_ring_count(&c->ring) != 0 || __atomic_load_n(&c->watch.exited, __ATOMIC_ACQUIRE);
 }
 
 /* io_uring works here if a forced URING waiter can be made. */
@@ -422,17 +472,19 @@ static void big_run(const char *test_name, enum skv_wait_backend backend)
 		big_producer(mem, ring_bytes, efd, res);
 	}
 
-	struct skv_ring r;
-	cr_assert_eq(skv_ring_attach(&r, mem, ring_bytes, SKV_RING_CONSUMER), 0);
+	struct big_consumer c;
+	struct skv_ring *r = &c.ring;
+	cr_assert_eq(skv_ring_attach(r, mem, ring_bytes, SKV_RING_CONSUMER), 0);
 	struct skv_waiter *w;
-	cr_assert_eq(skv_waiter_new(backend, skv_ring_wake_word(&r), efd, NULL, &w), 0);
+	cr_assert_eq(skv_waiter_new(backend, skv_ring_wake_word(r), efd, NULL, &w), 0);
 	cr_assert_eq(skv_waiter_backend(w), backend);
+	death_watch_start(&c.watch, child, skv_ring_wake_word(r), efd);
 
 	uint64_t expected = 0, bad = 0, first_bad = UINT64_MAX, waits = 0;
 	int err = 0;
 	while (expected < BIG_MESSAGES) {
 		struct big_msg m;
-		err = skv_ring_pop(&r, &m);
+		err = skv_ring_pop(r, &m);
 		if (err == 0) {
 			if (m.seq != expected || m.check != big_checksum(&m) ||
 			    m.payload[0] != splitmix64(m.seq)) {
@@ -445,9 +497,12 @@ static void big_run(const char *test_name, enum skv_wait_backend backend)
 		if (err != -EAGAIN)
 			break;
 		err = 0;
+		/* Empty, and the producer is gone (the count is re-read after the flag). */
+		if (__atomic_load_n(&c.watch.exited, __ATOMIC_ACQUIRE) && !skv_ring_count(r))
+			break;
 		waits++;
 		/* No timeout: a lost wake-up hangs here and the suite's timeout fails the test. */
-		int ret = skv_waiter_wait(w, big_ready, &r, 2000, -1);
+		int ret = skv_waiter_wait(w, big_ready, &c, 2000, -1);
 		if (ret != 1) {
 			err = ret < 0 ? ret : -EPROTO;
 			break;
@@ -455,6 +510,7 @@ static void big_run(const char *test_name, enum skv_wait_backend backend)
 	}
 	int status = 0;
 	cr_assert_eq(waitpid(child, &status, 0), child);
+	death_watch_stop(&c.watch);
 	cr_assert_eq(err, 0, "consumer: %s after %lu messages", skv_strerror(err),
 		     (unsigned long)expected);
 	cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
@@ -464,14 +520,14 @@ static void big_run(const char *test_name, enum skv_wait_backend backend)
 	cr_assert_eq(bad, 0, "%lu bad messages, the first at %lu", (unsigned long)bad,
 		     (unsigned long)first_bad);
 	struct big_msg extra;
-	cr_assert_eq(skv_ring_pop(&r, &extra), -EAGAIN, "a message beyond the last one");
+	cr_assert_eq(skv_ring_pop(r, &extra), -EAGAIN, "a message beyond the last one");
 	/* The sleep path really ran: the consumer slept, and the producer woke it by system
 	 * call (only when it had announced sleep: how often depends on scheduling, so the count is
 	 * logged, not bounded). */
 	cr_assert_gt(res->producer_pauses, 0);
 	cr_assert_gt(skv_waiter_sleeps(w), 0);
 	cr_assert_gt(res->producer_wake_syscalls, 0);
-	cr_assert_eq(skv_ring_wake_word(&r)->sleeping, SKV_SLEEP_AWAKE);
+	cr_assert_eq(skv_ring_wake_word(r)->sleeping, SKV_SLEEP_AWAKE);
 	cr_log_info("%s: %lu waits, %lu sleeps, %lu producer wake syscalls, %lu pauses", test_name,
 		    (unsigned long)waits, (unsigned long)skv_waiter_sleeps(w),
 		    (unsigned long)res->producer_wake_syscalls,
