@@ -15,7 +15,10 @@
 #include "skv-error.h"
 #include "wake.h"
 
-#define CLIENT_SPIN_NS 20000
+/* How long a waiting client spins before it sleeps. A stream's tokens come every few tens of
+ * microseconds on the shipped model; spinning through that gap keeps the engine from paying a
+ * wake-up system call per token (measured in tools/README.md). SKV_CLIENT_SPIN_US overrides. */
+#define CLIENT_SPIN_NS_DEFAULT 200000
 #define CLIENT_REPLY_TIMEOUT_MS 30000
 #define CLIENT_OPEN_RETRIES 200
 #define CLIENT_SLICE_NS 100000000ll /* 100 ms */
@@ -40,6 +43,7 @@ struct skv_client_stream {
 
 struct skv_client {
 	int sock;
+	int64_t spin_ns;
 	uint32_t seq;
 	int gone;                       /* the daemon hung up */
 	struct skv_client_stream *streams;
@@ -139,6 +143,14 @@ int skv_client_connect(const char *socket_path, struct skv_client **out, char *m
 	}
 	c->sock = fd;
 	c->seq = 1;
+	c->spin_ns = CLIENT_SPIN_NS_DEFAULT;
+	const char *spin = getenv("SKV_CLIENT_SPIN_US");
+	if (spin && *spin) {
+		char *end;
+		long long us = strtoll(spin, &end, 10);
+		if (!*end && us >= 0 && us <= 10000000)
+			c->spin_ns = us * 1000;
+	}
 	*out = c;
 	return 0;
 }
@@ -403,7 +415,7 @@ static int client_push(struct skv_client_stream *s, const struct skv_chan_msg *m
 		/* Full: ask the engine to ring us when it frees a slot, and make sure it runs. */
 		__atomic_store_n(&s->chan.hdr->client_wants_room, 1, __ATOMIC_SEQ_CST);
 		skv_wake(s->doorbell, s->engine_efd);
-		int w = skv_waiter_wait(s->waiter, client_has_room, s, CLIENT_SPIN_NS,
+		int w = skv_waiter_wait(s->waiter, client_has_room, s, s->client->spin_ns,
 					CLIENT_SLICE_NS);
 		if (w == 2 || w == 0)
 			client_poll_control(s->client);
@@ -467,7 +479,7 @@ int skv_client_stream_next(struct skv_client_stream *s, struct skv_chan_msg *out
 		 * does not wake us, so look at the socket between slices. */
 		int64_t slice = timeout_ns < 0 || timeout_ns > CLIENT_SLICE_NS ? CLIENT_SLICE_NS
 									     : timeout_ns;
-		int w = skv_waiter_wait(s->waiter, client_has_output, s, CLIENT_SPIN_NS, slice);
+		int w = skv_waiter_wait(s->waiter, client_has_output, s, s->client->spin_ns, slice);
 		if (w == 2 || w == 0)
 			client_poll_control(s->client);
 		if (w == 0 && timeout_ns >= 0 && !client_has_output(s)) {
