@@ -86,9 +86,16 @@ int mp_track_pidfd(pid_t pid)
 	return fd;
 }
 
+/* Admin connections opened by mp_daemon_start, closed by mp_suite_fini. */
+static struct skv_client *mp_admins[MP_MAX_TRACKED];
+static unsigned mp_n_admins;
+
 void mp_suite_fini(void)
 {
 	/* Best effort, no assertions: this also runs after a failed one. */
+	for (unsigned i = 0; i < mp_n_admins; i++)
+		skv_client_disconnect(mp_admins[i]);
+	mp_n_admins = 0;
 	for (unsigned i = 0; i < mp_n_children; i++)
 		if (mp_children[i] > 0)
 			kill(mp_children[i], SIGKILL);
@@ -376,8 +383,11 @@ void mp_daemon_start(struct mp_daemon *d, const char *test, unsigned engines,
 	double deadline = mp_now() + MP_START_TIMEOUT_S;
 	char msg[256] = "";
 	for (;;) {
-		if (skv_client_connect(d->sock, &d->admin, msg, sizeof(msg)) == 0)
+		if (skv_client_connect(d->sock, &d->admin, msg, sizeof(msg)) == 0) {
+			if (mp_n_admins < MP_MAX_TRACKED)
+				mp_admins[mp_n_admins++] = d->admin;
 			break;
+		}
 		if (!mp_daemon_alive(d) || mp_now() > deadline) {
 			char *log = mp_daemon_log(d);
 			cr_assert_fail("skv-cached did not come up (%s); log:\n%s", msg, log);
