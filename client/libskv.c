@@ -82,21 +82,13 @@ int skv_client_connect(const char *socket_path, struct skv_client **out, char *m
 					     "the default socket path is too long");
 		socket_path = path;
 	}
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if (strlen(socket_path) >= sizeof(sa.sun_path))
-		return client_errorf(msg, msg_len, -ENAMETOOLONG, "%s: socket path too long",
-				     socket_path);
-	strcpy(sa.sun_path, socket_path);
-	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	int fd = skv_msg_connect(socket_path);
+	if (fd == -ENAMETOOLONG)
+		return client_errorf(msg, msg_len, fd, "%s: socket path too long", socket_path);
 	if (fd < 0)
-		return -errno;
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		int err = -errno;
-		close(fd);
-		return client_errorf(msg, msg_len, err,
+		return client_errorf(msg, msg_len, fd,
 				     "cannot reach skv-cached at %s: %s (is the daemon running?)",
-				     socket_path, strerror(-err));
-	}
+				     socket_path, strerror(-fd));
 	struct skv_msg_hello hello = { .major = SKV_PROTO_MAJOR, .minor = SKV_PROTO_MINOR,
 				       .role = SKV_ROLE_CLIENT, .pid = (uint32_t)getpid(),
 				       .engine_id = UINT32_MAX, .node = UINT32_MAX };

@@ -671,23 +671,6 @@ static int engine_has_input(void *arg)
 
 /* ---- start-up ---------------------------------------------------------------------------- */
 
-static int engine_connect(const char *path)
-{
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	if (strlen(path) >= sizeof(sa.sun_path))
-		return -ENAMETOOLONG;
-	strcpy(sa.sun_path, path);
-	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return -errno;
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		int err = -errno;
-		close(fd);
-		return err;
-	}
-	return fd;
-}
-
 static void *engine_map_fd(int fd, uint64_t bytes, int prot)
 {
 	void *p = mmap(NULL, bytes, prot, MAP_SHARED, fd, 0);
@@ -697,7 +680,7 @@ static void *engine_map_fd(int fd, uint64_t bytes, int prot)
 static int engine_hello(struct engine *e, const char *socket_path, uint32_t want_id,
 			uint32_t want_node)
 {
-	int fd = engine_connect(socket_path);
+	int fd = skv_msg_connect(socket_path);
 	if (fd < 0) {
 		engine_log("cannot connect to %s: %s (is skv-cached running?)", socket_path,
 			   strerror(-fd));

@@ -170,6 +170,10 @@ _Static_assert(sizeof(struct skv_msg_stats) == 152, "ABI");
  * XDG_RUNTIME_DIR, /tmp/streamkv-<uid>/cached.sock. Returns 0 or -ENAMETOOLONG. */
 int skv_default_socket_path(char *buf, size_t len);
 
+/* Connect a SOCK_SEQPACKET socket (close-on-exec, blocking) to path: the fd, or -errno
+ * (-ENAMETOOLONG for a path that does not fit sockaddr_un). */
+int skv_msg_connect(const char *path);
+
 /* Body size of each type; 0 for unknown types. */
 size_t skv_msg_body_size(uint16_t type);
 const char *skv_msg_name(uint16_t type);

@@ -24,6 +24,7 @@
 #include "skv-error.h"
 #include "stream.h"
 #include "bench-plain.h"
+#include "bench-util.h"
 
 #ifndef SKV_MODEL_DIR
 #define SKV_MODEL_DIR "models/stories260K"
@@ -42,38 +43,6 @@ struct bench_opts {
 	int threads;
 	int json;
 };
-
-static void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
-static void bench_die(const char *fmt, ...)
-{
-	va_list ap;
-	fputs("skv-bench-engine: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
-static double bench_now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int bench_cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return (x > y) - (x < y);
-}
-
-static double bench_median(double *v, int n)
-{
-	qsort(v, (size_t)n, sizeof(*v), bench_cmp_double);
-	return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 /* Deterministic token ids (not BOS), so every run feeds the same text. */
 static void bench_tokens(int32_t *ids, size_t n, int32_t vocab, uint64_t seed)
@@ -119,16 +88,6 @@ static double bench_decode_steps(struct skv_stream *s, int steps, float *logits,
 	return (bench_now() - t0) / steps;
 }
 
-static int bench_parse_int(const char *flag, const char *text, int lo, int hi)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(text, &end, 10);
-	if (errno || end == text || *end || v < lo || v > hi)
-		bench_die("%s: '%s' is not a whole number in [%d, %d]", flag, text, lo, hi);
-	return (int)v;
-}
-
 static void bench_usage(FILE *out)
 {
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
@@ -164,11 +123,11 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 	while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
 		switch (c) {
 		case 'm': o->model_path = optarg; break;
-		case 'r': o->repeats = bench_parse_int("--repeats", optarg, 1, 1000); break;
-		case 'd': o->decode_tokens = bench_parse_int("--decode-tokens", optarg, 1, 1 << 24); break;
-		case 'p': o->prefill_tokens = bench_parse_int("--prefill", optarg, 1, 1 << 20); break;
-		case 'c': o->compare_tokens = bench_parse_int("--compare-tokens", optarg, 1, 1 << 20); break;
-		case 't': o->threads = bench_parse_int("--threads", optarg, 1, 256); break;
+		case 'r': o->repeats = (int)bench_parse_int("--repeats", optarg, 1, 1000); break;
+		case 'd': o->decode_tokens = (int)bench_parse_int("--decode-tokens", optarg, 1, 1 << 24); break;
+		case 'p': o->prefill_tokens = (int)bench_parse_int("--prefill", optarg, 1, 1 << 20); break;
+		case 'c': o->compare_tokens = (int)bench_parse_int("--compare-tokens", optarg, 1, 1 << 20); break;
+		case 't': o->threads = (int)bench_parse_int("--threads", optarg, 1, 256); break;
 		case 'j': o->json = 1; break;
 		case 's': {
 			o->n_sizes = 0;
@@ -177,7 +136,7 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 				list = NULL;
 				if (o->n_sizes == BENCH_MAX_SIZES)
 					bench_die("--sizes: at most %d sizes", BENCH_MAX_SIZES);
-				o->sizes[o->n_sizes++] = bench_parse_int("--sizes", tok, 8, 1 << 20);
+				o->sizes[o->n_sizes++] = (int)bench_parse_int("--sizes", tok, 8, 1 << 20);
 			}
 			if (!o->n_sizes)
 				bench_die("--sizes: give a comma-separated list such as 64,128");
@@ -264,9 +223,9 @@ int main(int argc, char **argv)
 		}
 	}
 
-	double dec_med = bench_median(decode, o.repeats);
-	double pre_med = bench_median(prefill, o.repeats);
-	double naive_med = bench_median(naive, o.repeats);
+	double dec_med = bench_median(decode, (size_t)o.repeats);
+	double pre_med = bench_median(prefill, (size_t)o.repeats);
+	double naive_med = bench_median(naive, (size_t)o.repeats);
 	const char *impl1 = skv_runner_impl(runner, 1);
 	if (o.json) {
 		printf("{\"model\": \"%s\", \"threads\": %d, \"repeats\": %d, \"matmul_impl\": \"%s\", "
@@ -276,8 +235,8 @@ int main(int argc, char **argv)
 		       o.model_path, o.threads, o.repeats, impl1 ? impl1 : "?", dec_med, trained,
 		       pre_med, o.prefill_tokens, naive_med);
 		for (int si = 0; si < o.n_sizes; si++) {
-			double st = bench_median(sink_t + si * o.repeats, o.repeats);
-			double rt = bench_median(rec_t + si * o.repeats, o.repeats);
+			double st = bench_median(sink_t + si * o.repeats, (size_t)o.repeats);
+			double rt = bench_median(rec_t + si * o.repeats, (size_t)o.repeats);
 			printf("%s{\"cache\": %d, \"sink_s_per_token\": %.9f, "
 			       "\"recompute_s_per_token\": %.9f, \"speedup\": %.2f}",
 			       si ? ", " : "", o.sizes[si], st, rt, rt / st);
@@ -296,8 +255,8 @@ int main(int argc, char **argv)
 		printf("\n%-8s %16s %20s %10s\n", "cache", "sink us/token", "recompute us/token",
 		       "speed-up");
 		for (int si = 0; si < o.n_sizes; si++) {
-			double st = bench_median(sink_t + si * o.repeats, o.repeats);
-			double rt = bench_median(rec_t + si * o.repeats, o.repeats);
+			double st = bench_median(sink_t + si * o.repeats, (size_t)o.repeats);
+			double rt = bench_median(rec_t + si * o.repeats, (size_t)o.repeats);
 			printf("%-8d %16.1f %20.1f %9.1fx\n", o.sizes[si], st * 1e6, rt * 1e6,
 			       rt / st);
 		}

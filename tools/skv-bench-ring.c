@@ -30,6 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench-util.h"
 #include "ring.h"
 #include "skv-error.h"
 #include "wake.h"
@@ -96,34 +97,11 @@ struct bench_cpus {
 	int usable;
 };
 
-static void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
-static void bench_die(const char *fmt, ...)
-{
-	va_list ap;
-	fputs("skv-bench-ring: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
 static int64_t bench_now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static int bench_parse_int(const char *flag, const char *text, int lo, int hi)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(text, &end, 10);
-	if (errno || end == text || *end || v < lo || v > hi)
-		bench_die("%s: '%s' is not a whole number in [%d, %d]", flag, text, lo, hi);
-	return (int)v;
 }
 
 static void bench_usage(FILE *out)
@@ -146,9 +124,9 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
 		switch (c) {
-		case 'n': o->round_trips = bench_parse_int("--round-trips", optarg, 1, 10000000); break;
-		case 'w': o->warmup = bench_parse_int("--warmup", optarg, 0, 10000000); break;
-		case 'r': o->repeats = bench_parse_int("--repeats", optarg, 1, 1000); break;
+		case 'n': o->round_trips = (int)bench_parse_int("--round-trips", optarg, 1, 10000000); break;
+		case 'w': o->warmup = (int)bench_parse_int("--warmup", optarg, 0, 10000000); break;
+		case 'r': o->repeats = (int)bench_parse_int("--repeats", optarg, 1, 1000); break;
 		case 'j': o->json = 1; break;
 		case 'h': bench_usage(stdout); exit(0);
 		default:

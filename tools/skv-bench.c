@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench-util.h"
 #include "forward.h"
 #include "model.h"
 #include "sampler.h"
@@ -56,42 +57,6 @@ struct bench_stream {
 	int err;
 	char msg[256];
 };
-
-static void bench_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-
-static void bench_die(const char *fmt, ...)
-{
-	va_list ap;
-	fputs("skv-bench: ", stderr);
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
-
-static double bench_now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int bench_cmp(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return (x > y) - (x < y);
-}
-
-/* Nearest-rank percentile of a sorted array. */
-static double bench_pct(const double *sorted, long n, double p)
-{
-	if (n <= 0)
-		return 0.0;
-	long rank = (long)ceil(p / 100.0 * (double)n);
-	rank = rank < 1 ? 1 : rank > n ? n : rank;
-	return sorted[rank - 1];
-}
 
 static void *bench_thread(void *arg)
 {
@@ -206,16 +171,6 @@ static double bench_local(const struct bench_opts *o)
 	return rate;
 }
 
-static long bench_int(const char *flag, const char *text, long lo, long hi)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(text, &end, 10);
-	if (errno || end == text || *end || v < lo || v > hi)
-		bench_die("%s: '%s' is not a whole number in [%ld, %ld]", flag, text, lo, hi);
-	return v;
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option longs[] = {
@@ -238,10 +193,10 @@ int main(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
 		switch (c) {
 		case 's': o.socket_path = optarg; break;
-		case 'n': o.streams = (int)bench_int("--streams", optarg, 1, 4096); break;
-		case 't': o.tokens = bench_int("--tokens", optarg, 1, 1L << 40); break;
-		case 'w': o.window = bench_int("--window", optarg, 1, 1 << 24); break;
-		case 'r': o.repeats = (int)bench_int("--repeats", optarg, 1, 1000); break;
+		case 'n': o.streams = (int)bench_parse_int("--streams", optarg, 1, 4096); break;
+		case 't': o.tokens = bench_parse_int("--tokens", optarg, 1, 1L << 40); break;
+		case 'w': o.window = bench_parse_int("--window", optarg, 1, 1 << 24); break;
+		case 'r': o.repeats = (int)bench_parse_int("--repeats", optarg, 1, 1000); break;
 		case 'P': o.prompt = optarg; break;
 		case 'l': o.local = 1; break;
 		case 'j': o.json = 1; break;
@@ -314,10 +269,10 @@ int main(int argc, char **argv)
 		rates[r] = (double)run_tokens / (t_last_end - t_first_req);
 		pthread_barrier_destroy(&start);
 	}
-	qsort(rates, (size_t)o.repeats, sizeof(double), bench_cmp);
-	qsort(locals, (size_t)o.repeats, sizeof(double), bench_cmp);
-	qsort(ttft, (size_t)n_ttft, sizeof(double), bench_cmp);
-	qsort(all_gaps, (size_t)n_all_gaps, sizeof(double), bench_cmp);
+	qsort(rates, (size_t)o.repeats, sizeof(double), bench_cmp_double);
+	qsort(locals, (size_t)o.repeats, sizeof(double), bench_cmp_double);
+	qsort(ttft, (size_t)n_ttft, sizeof(double), bench_cmp_double);
+	qsort(all_gaps, (size_t)n_all_gaps, sizeof(double), bench_cmp_double);
 	double rate = rates[o.repeats / 2];
 	long rss = bench_rss_kib(getpid());
 	long rss_total = rss > 0 ? rss : 0;
@@ -330,9 +285,9 @@ int main(int argc, char **argv)
 		printf("{\"streams\": %d, \"tokens\": %ld, \"tokens_per_s\": %.1f, "
 		       "\"ttft_p50_s\": %.6f, \"ttft_p99_s\": %.6f, \"itl_p50_s\": %.6f, "
 		       "\"itl_p99_s\": %.6f, \"rss_bytes\": %ld, \"arena_used_bytes\": %llu",
-		       o.streams, o.tokens, rate, bench_pct(ttft, n_ttft, 50),
-		       bench_pct(ttft, n_ttft, 99), bench_pct(all_gaps, n_all_gaps, 50),
-		       bench_pct(all_gaps, n_all_gaps, 99), rss_total * 1024,
+		       o.streams, o.tokens, rate, bench_pct(ttft, (size_t)n_ttft, 50),
+		       bench_pct(ttft, (size_t)n_ttft, 99), bench_pct(all_gaps, (size_t)n_all_gaps, 50),
+		       bench_pct(all_gaps, (size_t)n_all_gaps, 99), rss_total * 1024,
 		       (unsigned long long)stats_busy.arena_used_bytes);
 		if (o.local)
 			printf(", \"local_tokens_per_s\": %.1f", locals[o.repeats / 2]);
@@ -346,10 +301,10 @@ int main(int argc, char **argv)
 			printf("  local, same process  %10.0f tokens/s (one stream, no daemon)\n",
 			       locals[o.repeats / 2]);
 		printf("  time to first token  p50 %8.3f ms   p99 %8.3f ms\n",
-		       bench_pct(ttft, n_ttft, 50) * 1e3, bench_pct(ttft, n_ttft, 99) * 1e3);
+		       bench_pct(ttft, (size_t)n_ttft, 50) * 1e3, bench_pct(ttft, (size_t)n_ttft, 99) * 1e3);
 		printf("  inter-token latency  p50 %8.3f ms   p99 %8.3f ms\n",
-		       bench_pct(all_gaps, n_all_gaps, 50) * 1e3,
-		       bench_pct(all_gaps, n_all_gaps, 99) * 1e3);
+		       bench_pct(all_gaps, (size_t)n_all_gaps, 50) * 1e3,
+		       bench_pct(all_gaps, (size_t)n_all_gaps, 99) * 1e3);
 		printf("  arena in use         %10llu bytes (%llu streams)\n",
 		       (unsigned long long)stats_busy.arena_used_bytes,
 		       (unsigned long long)stats_busy.streams);
