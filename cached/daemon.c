@@ -75,11 +75,15 @@ static double cached_now(void)
 int cached_watch_fd(struct cached *d, int fd, uint32_t kind, void *ptr)
 {
 	struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP };
-	d->tags[fd % CACHED_MAX_FDS] = (struct cached_tag){ .kind = kind, .ptr = ptr, .fd = fd };
-	ev.data.fd = fd;
-	if (fd >= CACHED_MAX_FDS)
+	if (fd < 0 || fd >= CACHED_MAX_FDS)
 		return -EMFILE;
-	return epoll_ctl(d->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+	d->tags[fd] = (struct cached_tag){ .kind = kind, .ptr = ptr, .fd = fd };
+	ev.data.fd = fd;
+	if (epoll_ctl(d->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+		d->tags[fd].kind = CACHED_TAG_NONE;
+		return -errno;
+	}
+	return 0;
 }
 
 static void cached_unwatch(struct cached *d, int fd)
@@ -833,7 +837,9 @@ int cached_run(struct cached *d)
 		}
 		for (int i = 0; i < n; i++) {
 			int fd = evs[i].data.fd;
-			struct cached_tag *t = &d->tags[fd % CACHED_MAX_FDS];
+			if (fd < 0 || fd >= CACHED_MAX_FDS)
+				continue;
+			struct cached_tag *t = &d->tags[fd];
 			if (t->fd != fd || t->kind == CACHED_TAG_NONE)
 				continue;
 			switch (t->kind) {

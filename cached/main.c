@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -314,6 +315,13 @@ int main(int argc, char **argv)
 	d.next_stream_id = 1;
 	d.instance = skv_arena_instance_id_new();
 	signal(SIGPIPE, SIG_IGN);
+	/* Every client and stream holds descriptors here for a moment: allow what the hard
+	 * limit allows (capped by the fd table of the event loop). */
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+		nofile.rlim_cur = nofile.rlim_max < CACHED_MAX_FDS ? nofile.rlim_max : CACHED_MAX_FDS;
+		setrlimit(RLIMIT_NOFILE, &nofile);
+	}
 
 	if (o.socket_path) {
 		if (strlen(o.socket_path) >= sizeof(d.socket_path))
