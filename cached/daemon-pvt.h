@@ -56,6 +56,9 @@ struct cached_engine {
 	double started_at;
 	double restart_window_start;
 	int restarts_in_window;
+	/* for rates between two admin listings */
+	uint64_t rate_tokens;
+	double rate_time;
 };
 
 struct cached_conn {
@@ -66,6 +69,7 @@ struct cached_conn {
 	uint32_t seq_out;
 	uint32_t n_streams;
 	struct cached_engine *engine; /* role engine */
+	int watching;              /* admin: receives ADMIN_EVENTs */
 	int dead;
 	struct cached_conn *next;
 };
@@ -86,6 +90,9 @@ struct cached_stream {
 	uint64_t region_bytes;       /* 0 once returned to the arena */
 	struct skv_stream_params params;
 	double opened_at;
+	uint64_t rate_tokens;        /* tokens_seen at the previous admin listing */
+	double rate_time;
+	uint64_t evicted_reported;   /* tokens_evicted already announced to watchers */
 	struct cached_stream *next;
 };
 
@@ -94,6 +101,7 @@ struct cached_stats {
 	uint64_t streams_closed;
 	uint64_t streams_failed;
 	uint64_t engine_restarts;
+	uint64_t tokens_evicted_closed; /* evictions of streams no longer in the table */
 };
 
 struct skv_arena;
@@ -130,6 +138,8 @@ struct cached {
 	uint64_t n_streams;
 	uint64_t next_stream_id;
 	struct cached_stats stats;
+	double started_at;
+	unsigned watchers;
 	struct cached_tag tags[CACHED_MAX_FDS];
 };
 
@@ -141,5 +151,15 @@ int cached_watch_fd(struct cached *d, int fd, uint32_t kind, void *ptr);
 int cached_spawn_engine(struct cached *d, struct cached_engine *e);
 /* Create an engine's doorbell page and eventfd. */
 int cached_engine_prepare(struct cached_engine *e);
+/* Admin (cached/admin.c): answer an ADMIN_REQ; announce an event to watchers; the periodic
+ * scan that announces evictions. */
+void cached_admin_request(struct cached *d, struct cached_conn *c,
+			  const struct skv_msg_admin_req *req);
+void cached_event(struct cached *d, uint32_t type, uint64_t stream_id, uint32_t engine,
+		  uint64_t arg, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+void cached_admin_tick(struct cached *d);
+int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
+		     const int *fds, int n_fds);
+double cached_now(void);
 
 #endif

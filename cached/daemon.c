@@ -63,7 +63,7 @@ void cached_log(const char *fmt, ...)
 	fputc('\n', stderr);
 }
 
-static double cached_now(void)
+double cached_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -97,7 +97,7 @@ static void cached_unwatch(struct cached *d, int fd)
 
 /* ---- sending ------------------------------------------------------------------------------ */
 
-static int conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
+int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
 		     const int *fds, int n_fds)
 {
 	int err = skv_msg_send(c->fd, type, c->seq_out++, body, fds, n_fds);
@@ -118,7 +118,7 @@ static void conn_error(struct cached *d, struct cached_conn *c, int code, const 
 	va_start(ap, fmt);
 	vsnprintf(e.text, sizeof(e.text), fmt, ap);
 	va_end(ap);
-	conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
+	cached_conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
 }
 
 /* ---- streams ------------------------------------------------------------------------------ */
@@ -139,8 +139,15 @@ static void stream_destroy(struct cached *d, struct cached_stream *s)
 		l = &(*l)->next;
 	if (*l)
 		*l = s->next;
-	if (s->region_bytes)
+	if (s->region_bytes) {
+		struct skv_kv_ring ring;
+		char *region = (char *)skv_arena_base(d->arenas[s->arena]) + s->region_offset;
+		if (skv_kv_ring_snapshot(skv_kv_region_ring(region), &ring, 64) == 0)
+			d->stats.tokens_evicted_closed += ring.tokens_evicted;
 		skv_arena_free(d->arenas[s->arena], s->region_offset);
+	}
+	cached_event(d, SKV_EVENT_CLOSE, s->id, s->engine ? s->engine->id : UINT32_MAX, 0,
+		     "stream closed");
 	if (s->engine && s->engine->n_streams)
 		s->engine->n_streams--;
 	if (s->client && s->client->n_streams)
@@ -155,10 +162,13 @@ static void stream_fail(struct cached *d, struct cached_stream *s, int code, con
 	if (s->client && s->state != CACHED_STREAM_FAILED) {
 		struct skv_msg_failed f = { .stream_id = s->id, .code = code };
 		snprintf(f.text, sizeof(f.text), "%s", why);
-		conn_send(d, s->client, SKV_MSG_FAILED, &f, NULL, 0);
+		cached_conn_send(d, s->client, SKV_MSG_FAILED, &f, NULL, 0);
 	}
-	if (s->state != CACHED_STREAM_FAILED)
+	if (s->state != CACHED_STREAM_FAILED) {
 		d->stats.streams_failed++;
+		cached_event(d, SKV_EVENT_FAIL, s->id, s->engine ? s->engine->id : UINT32_MAX,
+			     (uint64_t)(int64_t)code, "%s", why);
+	}
 	s->state = CACHED_STREAM_FAILED;
 }
 
@@ -268,7 +278,7 @@ static void cached_open_stream(struct cached *d, struct cached_conn *c,
 	s->params.sink_slots = p.sink_slots;
 	s->params.window_slots = p.window_slots;
 	s->state = CACHED_STREAM_OPEN;
-	s->opened_at = cached_now();
+	s->opened_at = s->rate_time = cached_now();
 	s->next = d->streams;
 	d->streams = s;
 	d->n_streams++;
@@ -280,7 +290,7 @@ static void cached_open_stream(struct cached *d, struct cached_conn *c,
 				    .region_offset = offset, .region_bytes = desc.region_bytes,
 				    .channel_bytes = chan_bytes };
 	int fds_e[2] = { chan_fd, client_efd };
-	err = conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 2);
+	err = cached_conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 2);
 	if (!err) {
 		struct skv_msg_opened o = { .stream_id = s->id, .engine_id = e->id,
 					    .node = (uint32_t)(e->node < 0 ? 0 : e->node),
@@ -289,12 +299,14 @@ static void cached_open_stream(struct cached *d, struct cached_conn *c,
 					    .channel_bytes = chan_bytes,
 					    .kv_bytes = desc.region_bytes };
 		int fds_c[3] = { chan_fd, e->doorbell_fd, e->efd };
-		err = conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
+		err = cached_conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
 	} else {
 		/* The engine is going away; its death handling frees the region. */
 		stream_fail(d, s, -EPIPE, "the engine went away while the stream was opening");
 	}
 	close(chan_fd);
+	cached_event(d, SKV_EVENT_OPEN, s->id, e->id, 0, "%s, %lld sinks, window %lld",
+		     skv_policy_name(p.kind), (long long)p.sink_slots, (long long)p.window_slots);
 	if (d->verbose)
 		cached_log("stream %llu opened on engine %u (%s, %lld sinks, window %lld)",
 			   (unsigned long long)s->id, e->id, skv_policy_name(p.kind),
@@ -312,20 +324,20 @@ static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_
 	if (s->engine && s->engine->state == CACHED_ENGINE_READY &&
 	    s->state != CACHED_STREAM_CLOSING) {
 		s->state = CACHED_STREAM_CLOSING;
-		conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
+		cached_conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
 		return; /* CLOSED goes out when the engine acknowledges */
 	}
 	if (s->state == CACHED_STREAM_CLOSING)
 		return;
 	/* No engine can touch it (failed and its engine exited): free it now. */
 	if (!s->engine || s->engine->state == CACHED_ENGINE_EXITED) {
-		conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
+		cached_conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
 		stream_destroy(d, s);
 	} else {
 		s->state = CACHED_STREAM_CLOSING; /* freed when the engine's process has exited */
 		s->client = NULL;
 		c->n_streams--;
-		conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
+		cached_conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
 	}
 }
 
@@ -388,7 +400,7 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 			/* Its client asked to close it: the close is complete now. */
 			struct skv_msg_stream m = { .stream_id = s->id };
 			if (s->client)
-				conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
+				cached_conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
 			stream_destroy(d, s);
 			continue;
 		}
@@ -407,7 +419,7 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 	if (!e->supervised) {
 		/* Started by hand: nobody restarts it; its slot and fds are free again. */
 		if (e->doorbell)
-			munmap(e->doorbell, 4096);
+			munmap(e->doorbell, SKV_DOORBELL_BYTES);
 		if (e->doorbell_fd >= 0)
 			close(e->doorbell_fd);
 		if (e->efd >= 0)
@@ -416,10 +428,15 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 		e->doorbell_fd = e->efd = -1;
 		e->state = CACHED_ENGINE_NONE;
 	}
-	if (WIFSIGNALED(status))
+	if (WIFSIGNALED(status)) {
 		cached_log("engine %u died of signal %d", e->id, WTERMSIG(status));
-	else
+		cached_event(d, SKV_EVENT_ENGINE_EXIT, 0, e->id, (uint64_t)WTERMSIG(status),
+			     "engine died of signal %d", WTERMSIG(status));
+	} else {
 		cached_log("engine %u exited with status %d", e->id, WEXITSTATUS(status));
+		cached_event(d, SKV_EVENT_ENGINE_EXIT, 0, e->id, (uint64_t)WEXITSTATUS(status),
+			     "engine exited with status %d", WEXITSTATUS(status));
+	}
 	if (d->stopping || !e->supervised)
 		return;
 	double now = cached_now();
@@ -462,9 +479,10 @@ int cached_engine_prepare(struct cached_engine *e)
 	char name[32];
 	snprintf(name, sizeof(name), "skv-doorbell-%u", e->id);
 	e->doorbell_fd = memfd_create(name, MFD_CLOEXEC);
-	if (e->doorbell_fd < 0 || ftruncate(e->doorbell_fd, 4096) < 0)
+	if (e->doorbell_fd < 0 || ftruncate(e->doorbell_fd, SKV_DOORBELL_BYTES) < 0)
 		return -errno;
-	e->doorbell = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, e->doorbell_fd, 0);
+	e->doorbell = mmap(NULL, SKV_DOORBELL_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED,
+			   e->doorbell_fd, 0);
 	if (e->doorbell == MAP_FAILED) {
 		e->doorbell = NULL;
 		return -errno;
@@ -541,10 +559,13 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 	snprintf(ok.tokenizer_path, sizeof(ok.tokenizer_path), "%s", d->tokenizer_path);
 	int fds[4] = { skv_arena_fd(d->arenas[e->arena]), d->weights_fd, e->doorbell_fd,
 		       e->efd };
-	if (conn_send(d, c, SKV_MSG_HELLO_OK, &ok, fds, 4) < 0)
+	if (cached_conn_send(d, c, SKV_MSG_HELLO_OK, &ok, fds, 4) < 0) {
 		cached_drop_conn(d, c);
-	else
-		cached_log("engine %u ready (pid %u, node %d%s%s)", e->id, c->peer_pid, e->node,
+		return;
+	}
+	cached_event(d, SKV_EVENT_ENGINE_START, 0, e->id, c->peer_pid, "engine ready (pid %u)",
+		     c->peer_pid);
+	cached_log("engine %u ready (pid %u, node %d%s%s)", e->id, c->peer_pid, e->node,
 			   e->cpus[0] ? ", cpu " : "", e->cpus);
 }
 
@@ -571,11 +592,15 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 			if (s->state != CACHED_STREAM_CLOSING) {
 				struct skv_msg_stream m = { .stream_id = s->id };
 				s->state = CACHED_STREAM_CLOSING;
-				conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
+				cached_conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
 			}
 		} else if (!s->engine || s->engine->state == CACHED_ENGINE_EXITED) {
 			stream_destroy(d, s);
 		}
+	}
+	if (c->watching) {
+		c->watching = 0;
+		d->watchers--;
 	}
 	c->dead = 1; /* freed by the loop once no event can still name it */
 }
@@ -658,7 +683,8 @@ static void cached_hello(struct cached *d, struct cached_conn *c, const struct s
 		struct skv_msg_hello_ok ok = { .major = SKV_PROTO_MAJOR, .minor = SKV_PROTO_MINOR,
 					       .role = h->role, .instance = d->instance };
 		snprintf(ok.model_path, sizeof(ok.model_path), "%s", d->model_path);
-		if (conn_send(d, c, SKV_MSG_HELLO_OK, &ok, NULL, 0) < 0)
+		snprintf(ok.tokenizer_path, sizeof(ok.tokenizer_path), "%s", d->tokenizer_path);
+		if (cached_conn_send(d, c, SKV_MSG_HELLO_OK, &ok, NULL, 0) < 0)
 			cached_drop_conn(d, c);
 		return;
 	}
@@ -700,7 +726,7 @@ static void cached_send_stats(struct cached *d, struct cached_conn *c)
 		if (hs.largest_free > st.arena_largest_free_bytes)
 			st.arena_largest_free_bytes = hs.largest_free;
 	}
-	conn_send(d, c, SKV_MSG_STATS, &st, NULL, 0);
+	cached_conn_send(d, c, SKV_MSG_STATS, &st, NULL, 0);
 }
 
 /* One message from a peer; every unexpected one ends the connection. */
@@ -732,12 +758,16 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 		cached_send_stats(d, c);
 		return;
 	}
+	if (c->role == SKV_ROLE_ADMIN && h->type == SKV_MSG_ADMIN_REQ && n_fds == 0) {
+		cached_admin_request(d, c, body);
+		return;
+	}
 	if (c->role == SKV_ROLE_ENGINE && h->type == SKV_MSG_DROPPED && n_fds == 0) {
 		struct cached_stream *s = stream_find(d, ((const struct skv_msg_stream *)body)->stream_id);
 		if (s && s->engine == c->engine && s->state == CACHED_STREAM_CLOSING) {
 			struct skv_msg_stream m = { .stream_id = s->id };
 			if (s->client)
-				conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
+				cached_conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
 			stream_destroy(d, s);
 		}
 		return;
@@ -828,7 +858,10 @@ int cached_run(struct cached *d)
 {
 	struct epoll_event evs[CACHED_MAX_EVENTS];
 	while (!d->stopping) {
-		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, -1);
+		/* With watchers, look at the streams' rings once a second (eviction events). */
+		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, d->watchers ? 1000 : -1);
+		if (d->watchers)
+			cached_admin_tick(d);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;

@@ -313,6 +313,7 @@ int main(int argc, char **argv)
 	d.verbose = o.verbose;
 	d.wait_backend = o.wait;
 	d.next_stream_id = 1;
+	d.started_at = cached_now();
 	d.instance = skv_arena_instance_id_new();
 	signal(SIGPIPE, SIG_IGN);
 	/* Every client and stream holds descriptors here for a moment: allow what the hard

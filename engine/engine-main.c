@@ -34,6 +34,7 @@
 #include "model.h"
 #include "proto.h"
 #include "sampler.h"
+#include "seqlock.h"
 #include "skv-error.h"
 #include "stream.h"
 #include "tokenizer.h"
@@ -90,6 +91,7 @@ struct engine {
 	const float *weights;
 	uint64_t weights_bytes;
 	struct skv_wake_word *doorbell;
+	struct skv_engine_stats stats; /* private copy, published into the doorbell page */
 	int efd;
 	struct skv_waiter *waiter;
 	struct eng_stream *streams;
@@ -392,6 +394,7 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 {
 	int32_t next = skv_sampler_sample(&st->sampler, st->logits);
 	st->generated++;
+	e->stats.tokens_generated++;
 	if (next == SKV_TOKEN_BOS && !(st->gen_flags & SKV_GEN_IGNORE_BOS)) {
 		struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
 					     .flags = SKV_DONE_BOS };
@@ -466,6 +469,14 @@ static void step_recompute(struct engine *e, struct eng_stream *st)
 	stream_after_logits(e, st);
 }
 
+static void engine_publish_stats(struct engine *e)
+{
+	e->stats.wake_syscalls = skv_wake_syscalls();
+	e->stats.streams = e->n_streams;
+	struct skv_engine_stats *shared = skv_doorbell_stats(e->doorbell);
+	skv_seqlock_write(&shared->seq, &shared->steps, &e->stats.steps, SKV_ENGINE_STATS_WORDS);
+}
+
 /* Ring each client whose output moved (no system call unless it sleeps). */
 static void engine_ring_clients(struct engine *e)
 {
@@ -521,9 +532,13 @@ static int engine_step(struct engine *e)
 		e->item_stream[n_items++] = st;
 		st->in_batch = (int)n;
 		rows += n;
+		if (st->state != ENG_DECODE)
+			e->stats.prompt_tokens += n;
 	}
 	if (!n_items) {
 		engine_ring_clients(e);
+		if (ran)
+			engine_publish_stats(e);
 		return ran;
 	}
 
@@ -576,6 +591,10 @@ static int engine_step(struct engine *e)
 		}
 	}
 	engine_ring_clients(e);
+	e->stats.steps++;
+	e->stats.rows += rows;
+	e->stats.last_batch_rows = rows;
+	engine_publish_stats(e);
 	return 1;
 }
 
@@ -738,7 +757,7 @@ static int engine_hello(struct engine *e, const char *socket_path, uint32_t want
 	e->arena_bytes = view.bytes;
 	e->weights_bytes = ok->weights_bytes;
 	e->weights = engine_map_fd(fds[1], ok->weights_bytes, PROT_READ);
-	e->doorbell = engine_map_fd(fds[2], sizeof(struct skv_wake_word), PROT_READ | PROT_WRITE);
+	e->doorbell = engine_map_fd(fds[2], SKV_DOORBELL_BYTES, PROT_READ | PROT_WRITE);
 	close(fds[1]);
 	close(fds[2]);
 	if (!e->weights || !e->doorbell) {

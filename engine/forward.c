@@ -22,6 +22,7 @@ struct forward_row {
 	struct skv_seq *seq;
 	struct skv_kv_step step;
 	uint64_t sink_pos;    /* position of the query as the sinks see it */
+	int32_t token;
 };
 
 struct skv_runner {
@@ -306,6 +307,7 @@ static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32
 				return -EINVAL;
 			struct forward_row *fr = &r->rows[row];
 			fr->seq = it->seq;
+			fr->token = it->tokens[t];
 			err = skv_kv_ring_append(&ring, &it->seq->desc, (int)it->seq->allow_evict,
 						 &fr->step);
 			if (err < 0)
@@ -361,6 +363,8 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 
 		skv_rope_rotate(&r->rope, k, (uint32_t)c->n_kv_heads, ca, sa);
 		forward_store_kv(fr->seq, layer, fr->step.slot, k, v, kv_dim);
+		if (layer == 0)
+			skv_kv_region_tokens(fr->seq->kv_base, &fr->seq->desc)[fr->step.slot] = fr->token;
 
 		const float *q_sink = q;
 		if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
@@ -426,7 +430,7 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 
 	/* The rings are committed once the KV of every row is in place. */
 	for (uint32_t i = 0; i < n_items; i++)
-		*items[i].seq->ring = r->ring_after[i];
+		skv_kv_ring_publish(items[i].seq->ring, &r->ring_after[i]);
 
 	/* Final norm and classifier only for the rows whose logits are wanted, gathered so that
 	 * one matmul serves them all. */

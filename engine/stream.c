@@ -329,7 +329,10 @@ uint64_t skv_stream_make_room(struct skv_stream *s, uint64_t n)
 	uint64_t fill = skv_kv_ring_window_fill(s->seq.ring, d);
 	if (fill + need <= d->window_slots)
 		return 0;
-	return skv_kv_ring_evict(s->seq.ring, d, fill + need - d->window_slots);
+	struct skv_kv_ring ring = *s->seq.ring; /* ours to write: read it plainly */
+	uint64_t evicted = skv_kv_ring_evict(&ring, d, fill + need - d->window_slots);
+	skv_kv_ring_publish(s->seq.ring, &ring);
+	return evicted;
 }
 
 const struct skv_policy *skv_stream_policy(const struct skv_stream *s)

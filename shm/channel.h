@@ -71,6 +71,31 @@ struct skv_chan_msg {
 };
 _Static_assert(sizeof(struct skv_chan_msg) == 64, "ABI");
 
+/* An engine's doorbell: one page shared by the engine, its clients and the daemon. It holds the
+ * engine's wake word (its clients ring it) and its statistics, which the engine publishes after
+ * each step behind a seqlock (shm/seqlock.h) and the daemon reads for admin tools. */
+#define SKV_DOORBELL_BYTES 4096u
+#define SKV_DOORBELL_STATS_OFFSET 64u
+
+struct skv_engine_stats {
+	uint64_t seq;              /* seqlock over the words below */
+	uint64_t steps;            /* forward passes run */
+	uint64_t rows;             /* rows (tokens) through the model */
+	uint64_t tokens_generated; /* tokens sampled for clients */
+	uint64_t prompt_tokens;    /* prompt and scored tokens fed */
+	uint64_t last_batch_rows;  /* rows of the latest step */
+	uint64_t wake_syscalls;    /* wake-ups of clients that needed a system call */
+	uint64_t streams;          /* streams it serves */
+	uint64_t reserved[8];
+};
+#define SKV_ENGINE_STATS_WORDS 15
+_Static_assert(sizeof(struct skv_engine_stats) == 8 * (1 + SKV_ENGINE_STATS_WORDS), "ABI");
+
+static inline struct skv_engine_stats *skv_doorbell_stats(void *doorbell)
+{
+	return (struct skv_engine_stats *)((char *)doorbell + SKV_DOORBELL_STATS_OFFSET);
+}
+
 /* Bytes of a channel with the default ring capacity. */
 size_t skv_chan_bytes(void);
 

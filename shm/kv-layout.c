@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "seqlock.h"
 #include "skv-error.h"
 
 _Static_assert(sizeof(struct skv_kv_desc) <= SKV_KV_RING_OFFSET, "descriptor overlaps the ring");
@@ -22,8 +23,9 @@ int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_k
 		return -EOVERFLOW;
 	uint64_t stride = kv_round_up(slots, SKV_KV_SLOT_ROUND);
 	uint64_t plane = kv_round_up(stride * n_kv_heads * head_size * sizeof(float), SKV_KV_ALIGN);
-	uint64_t planes_offset = SKV_KV_RING_OFFSET +
+	uint64_t tokens_offset = SKV_KV_RING_OFFSET +
 				 kv_round_up(sizeof(struct skv_kv_ring), SKV_KV_ALIGN);
+	uint64_t planes_offset = tokens_offset + kv_round_up(stride * sizeof(int32_t), SKV_KV_ALIGN);
 	uint64_t region = planes_offset + plane * 2 * n_layers;
 	if (region >> 48)
 		return -EOVERFLOW;
@@ -41,6 +43,7 @@ int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_k
 	desc->slot_stride = (uint32_t)stride;
 	desc->plane_bytes = plane;
 	desc->planes_offset = planes_offset;
+	desc->tokens_offset = tokens_offset;
 	desc->region_bytes = region;
 	return 0;
 }
@@ -74,6 +77,7 @@ int skv_kv_layout_check(const struct skv_kv_desc *desc, uint64_t mapped_bytes, c
 				  desc->window_slots);
 	if (desc->slot_stride != expect.slot_stride || desc->plane_bytes != expect.plane_bytes ||
 	    desc->planes_offset != expect.planes_offset ||
+	    desc->tokens_offset != expect.tokens_offset ||
 	    desc->region_bytes != expect.region_bytes)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
 				  "KV descriptor: sizes disagree with its shape");
@@ -87,8 +91,23 @@ int skv_kv_layout_check(const struct skv_kv_desc *desc, uint64_t mapped_bytes, c
 
 void skv_kv_ring_reset(struct skv_kv_ring *ring, const struct skv_kv_desc *desc)
 {
-	memset(ring, 0, sizeof(*ring));
-	ring->window_start = desc->sink_slots;
+	struct skv_kv_ring fresh = { .window_start = desc->sink_slots };
+	skv_kv_ring_publish(ring, &fresh);
+}
+
+/* The three counters are the words the seqlock protects (shm/seqlock.h). */
+_Static_assert(offsetof(struct skv_kv_ring, seq) == 3 * sizeof(uint64_t), "ring seqlock words");
+
+void skv_kv_ring_publish(struct skv_kv_ring *shared, const struct skv_kv_ring *value)
+{
+	skv_seqlock_write(&shared->seq, &shared->tokens_seen, &value->tokens_seen, 3);
+}
+
+int skv_kv_ring_snapshot(const struct skv_kv_ring *shared, struct skv_kv_ring *out,
+			 unsigned max_tries)
+{
+	out->seq = 0;
+	return skv_seqlock_read(&shared->seq, &shared->tokens_seen, &out->tokens_seen, 3, max_tries);
 }
 
 uint32_t skv_kv_ring_sink_fill(const struct skv_kv_ring *ring, const struct skv_kv_desc *desc)

@@ -9,7 +9,7 @@
  * writes its K and V into one slot of every row; eviction only advances the ring state; no
  * slot is ever moved or copied.
  *
- *   region:  [struct skv_kv_desc][pad][struct skv_kv_ring, own cache line][L0 K][L0 V][L1 K]...
+ *   region:  [struct skv_kv_desc][pad][struct skv_kv_ring, own line][token ids][L0 K][L0 V]...
  *   plane:   row (h, d) = floats [ (h * head_size + d) * slot_stride ... + slot_stride )
  *   row:     | sink 0 .. sink S-1 | ring slot 0 .. ring slot W-1 | pad to slot_stride |
  *
@@ -31,7 +31,7 @@
 
 #define SKV_KV_MAGIC 0x31564b53u /* "SKV1" little-endian */
 #define SKV_KV_ABI_MAJOR 1
-#define SKV_KV_ABI_MINOR 0
+#define SKV_KV_ABI_MINOR 1 /* 1.1: the token-id row (tokens_offset) */
 #define SKV_KV_DTYPE_F32 1u
 /* Plane and row alignment: a cache line, and a whole AVX-512 vector of float32 per 16 slots. */
 #define SKV_KV_ALIGN 64u
@@ -54,7 +54,8 @@ struct skv_kv_desc {
 	uint64_t plane_bytes;        /* bytes of one K or V plane */
 	uint64_t planes_offset;      /* from region start to layer 0's K plane (after the ring) */
 	uint64_t region_bytes;       /* whole region, descriptor included */
-	uint64_t reserved[2];        /* zero */
+	uint64_t tokens_offset;      /* int32 token id of each slot: [slot_stride] */
+	uint64_t reserved;           /* zero */
 };
 _Static_assert(sizeof(struct skv_kv_desc) == 80, "skv_kv_desc is ABI");
 _Static_assert(offsetof(struct skv_kv_desc, plane_bytes) == 40, "skv_kv_desc is ABI");
@@ -65,7 +66,7 @@ struct skv_kv_ring {
 	uint64_t tokens_seen;    /* tokens appended so far = absolute index of the next token */
 	uint64_t window_start;   /* absolute index of the oldest token still in the window (>= S) */
 	uint64_t tokens_evicted; /* tokens dropped from the window so far */
-	uint64_t reserved;
+	uint64_t seq;            /* seqlock: odd while the writer updates the fields above */
 };
 _Static_assert(sizeof(struct skv_kv_ring) == 32, "skv_kv_ring is ABI");
 
@@ -76,6 +77,21 @@ static inline struct skv_kv_ring *skv_kv_region_ring(void *base)
 {
 	return (struct skv_kv_ring *)((char *)base + SKV_KV_RING_OFFSET);
 }
+
+/* The token id held by each slot (what the KV of that slot was computed from), so that tools can
+ * show a stream's sinks and window as text. Written by the engine with the slot's K/V. */
+static inline int32_t *skv_kv_region_tokens(void *base, const struct skv_kv_desc *desc)
+{
+	return (int32_t *)((char *)base + desc->tokens_offset);
+}
+
+/* Seqlock over a ring state in shared memory: the one writer (the engine serving the stream)
+ * publishes a new value; readers in other processes take a consistent snapshot, retrying while
+ * a write is in progress or if one happened during their read. Readers never block the
+ * writer. skv_kv_ring_snapshot returns 0, or -EAGAIN after max_tries torn reads. */
+void skv_kv_ring_publish(struct skv_kv_ring *shared, const struct skv_kv_ring *value);
+int skv_kv_ring_snapshot(const struct skv_kv_ring *shared, struct skv_kv_ring *out,
+			 unsigned max_tries);
 
 /* Where one appended token goes and what its attention step sees. */
 struct skv_kv_step {

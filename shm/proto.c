@@ -28,6 +28,14 @@ static const struct {
 	[SKV_MSG_STREAM_ERROR] = { "STREAM_ERROR", sizeof(struct skv_msg_failed) },
 	[SKV_MSG_STATS_REQ] = { "STATS_REQ", sizeof(struct skv_msg_stream) },
 	[SKV_MSG_STATS] = { "STATS", sizeof(struct skv_msg_stats) },
+	[SKV_MSG_ADMIN_REQ] = { "ADMIN_REQ", sizeof(struct skv_msg_admin_req) },
+	[SKV_MSG_ADMIN_SERVER] = { "ADMIN_SERVER", sizeof(struct skv_admin_server) },
+	[SKV_MSG_ADMIN_STREAM] = { "ADMIN_STREAM", sizeof(struct skv_admin_stream) },
+	[SKV_MSG_ADMIN_ARENA] = { "ADMIN_ARENA", sizeof(struct skv_admin_arena) },
+	[SKV_MSG_ADMIN_ENGINE] = { "ADMIN_ENGINE", sizeof(struct skv_admin_engine) },
+	[SKV_MSG_ADMIN_TOKENS] = { "ADMIN_TOKENS", sizeof(struct skv_admin_tokens) },
+	[SKV_MSG_ADMIN_END] = { "ADMIN_END", sizeof(struct skv_admin_end) },
+	[SKV_MSG_ADMIN_EVENT] = { "ADMIN_EVENT", sizeof(struct skv_admin_event) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

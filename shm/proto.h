@@ -42,6 +42,14 @@ enum skv_msg_type {
 	SKV_MSG_STREAM_ERROR = 12,  /* engine -> daemon: struct skv_msg_failed (a stream failed) */
 	SKV_MSG_STATS_REQ = 13,     /* client/admin -> daemon: struct skv_msg_stream (unused id) */
 	SKV_MSG_STATS = 14,         /* daemon -> client/admin: struct skv_msg_stats */
+	SKV_MSG_ADMIN_REQ = 15,     /* admin -> daemon: struct skv_msg_admin_req */
+	SKV_MSG_ADMIN_SERVER = 16,  /* daemon -> admin: struct skv_admin_server */
+	SKV_MSG_ADMIN_STREAM = 17,  /* daemon -> admin: struct skv_admin_stream, one per stream */
+	SKV_MSG_ADMIN_ARENA = 18,   /* daemon -> admin: struct skv_admin_arena, one per arena */
+	SKV_MSG_ADMIN_ENGINE = 19,  /* daemon -> admin: struct skv_admin_engine, one per engine */
+	SKV_MSG_ADMIN_TOKENS = 20,  /* daemon -> admin: struct skv_admin_tokens, a chunk of ids */
+	SKV_MSG_ADMIN_END = 21,     /* daemon -> admin: struct skv_admin_end, closes a listing */
+	SKV_MSG_ADMIN_EVENT = 22,   /* daemon -> admin (after WATCH): struct skv_admin_event */
 	SKV_MSG_TYPE_END
 };
 
@@ -165,6 +173,138 @@ struct skv_msg_stats {
 	int32_t engine_pid[16];    /* pids of the first 16 engines, 0 when not running */
 };
 _Static_assert(sizeof(struct skv_msg_stats) == 152, "ABI");
+
+/* ---- admin: seeing inside the cache while it serves ------------------------------------
+ * An admin peer (HELLO role SKV_ROLE_ADMIN) sends ADMIN_REQ; the daemon answers from its own
+ * tables and from the shared state it can read without taking anything an engine waits on (the
+ * ring state of each stream in the arena and each engine's statistics block, both behind
+ * seqlocks that the daemon retries on a torn read). A listing is a run of rows closed by
+ * ADMIN_END; WATCH turns the connection into an event stream (ADMIN_EVENT) until it closes. */
+
+enum skv_admin_what {
+	SKV_ADMIN_SERVER = 1,   /* one ADMIN_SERVER */
+	SKV_ADMIN_STREAMS = 2,  /* ADMIN_STREAM per stream, then ADMIN_END */
+	SKV_ADMIN_STREAM = 3,   /* ADMIN_STREAM of stream_id, its ADMIN_TOKENS (sinks, then the
+				 * window oldest first), then ADMIN_END; ERROR if unknown */
+	SKV_ADMIN_ARENAS = 4,   /* ADMIN_ARENA per arena, then ADMIN_END */
+	SKV_ADMIN_ENGINES = 5,  /* ADMIN_ENGINE per engine, then ADMIN_END */
+	SKV_ADMIN_WATCH = 6,    /* ADMIN_EVENT as things happen */
+};
+
+struct skv_msg_admin_req {
+	uint32_t what;       /* enum skv_admin_what */
+	uint32_t reserved;
+	uint64_t stream_id;  /* SKV_ADMIN_STREAM */
+};
+_Static_assert(sizeof(struct skv_msg_admin_req) == 16, "ABI");
+
+struct skv_admin_server {
+	uint64_t instance;
+	double uptime_s;
+	uint32_t pid;
+	uint16_t proto_major, proto_minor;
+	uint32_t engines, engines_ready;
+	uint32_t arenas, reserved0;
+	uint64_t streams;             /* in the table now */
+	uint64_t streams_opened, streams_closed, streams_failed;
+	uint64_t engine_restarts;
+	uint64_t arena_bytes, arena_used_bytes;
+	uint64_t tokens_generated;    /* over the engines' lives, from their statistics */
+	uint64_t prompt_tokens;
+	uint64_t tokens_evicted;      /* over the streams in the table */
+	uint64_t wake_syscalls;       /* engines' wake-ups that needed a system call */
+	uint64_t steps;               /* engines' forward steps */
+	char version[32];
+	char model_path[256];
+	char socket_path[108];
+	uint32_t reserved1;
+};
+_Static_assert(sizeof(struct skv_admin_server) == 536, "ABI");
+
+struct skv_admin_stream {
+	uint64_t id;
+	uint32_t engine;
+	int32_t node;
+	uint32_t client_pid;      /* 0 once the client is gone */
+	uint32_t state;           /* 1 open, 2 closing, 3 failed (cached/daemon-pvt.h) */
+	uint32_t policy;          /* enum skv_policy_kind */
+	uint32_t evict;
+	int64_t sink_slots, window_slots;
+	uint32_t sink_fill, window_fill;
+	uint64_t tokens_seen, tokens_evicted;
+	uint64_t window_start;    /* absolute position of the oldest window token */
+	uint32_t ring_head;       /* slot of the oldest window token */
+	uint32_t abs_positions;
+	uint64_t kv_bytes;
+	double age_s;
+	double tokens_per_s;      /* tokens appended per second since the previous listing */
+};
+_Static_assert(sizeof(struct skv_admin_stream) == 112, "ABI");
+
+#define SKV_ADMIN_TOKENS_MAX 256
+struct skv_admin_tokens {
+	uint64_t stream_id;
+	uint32_t part;            /* 0: sinks, 1: window (oldest first) */
+	uint32_t offset;          /* index of ids[0] within the part */
+	uint32_t n;               /* ids in this chunk */
+	uint32_t total;           /* ids in the part */
+	uint64_t first_pos;       /* absolute position of the part's first token */
+	int32_t ids[SKV_ADMIN_TOKENS_MAX];
+};
+_Static_assert(sizeof(struct skv_admin_tokens) == 32 + 4 * SKV_ADMIN_TOKENS_MAX, "ABI");
+
+struct skv_admin_arena {
+	uint32_t index;
+	int32_t node;
+	uint32_t backing;         /* SKV_ARENA_BACKING_* */
+	uint32_t flags;
+	uint64_t page_bytes, bytes, used_bytes, free_bytes, largest_free_bytes;
+	uint64_t live_allocs, free_extents, failed_allocs;
+	uint32_t size_classes_used; /* classes with live allocations */
+	uint32_t reserved;
+	char backing_desc[320];
+};
+_Static_assert(sizeof(struct skv_admin_arena) == 408, "ABI");
+
+struct skv_admin_engine {
+	uint32_t id;
+	uint32_t pid;             /* 0 when not running */
+	int32_t node;
+	uint32_t state;           /* cached_engine_state */
+	uint32_t supervised;
+	uint32_t streams;
+	uint32_t restarts;
+	uint32_t last_batch_rows;
+	uint64_t steps, tokens_generated, prompt_tokens, rows;
+	uint64_t wake_syscalls;
+	double tokens_per_s;      /* generated per second since the previous listing */
+	char cpus[32];
+};
+_Static_assert(sizeof(struct skv_admin_engine) == 112, "ABI");
+
+struct skv_admin_end {
+	uint64_t count;           /* rows sent */
+};
+_Static_assert(sizeof(struct skv_admin_end) == 8, "ABI");
+
+enum skv_admin_event_type {
+	SKV_EVENT_OPEN = 1,
+	SKV_EVENT_CLOSE = 2,
+	SKV_EVENT_FAIL = 3,
+	SKV_EVENT_EVICT = 4,      /* a stream started evicting, or evicted more (arg = evicted) */
+	SKV_EVENT_ENGINE_START = 5,
+	SKV_EVENT_ENGINE_EXIT = 6,
+};
+
+struct skv_admin_event {
+	uint32_t type;
+	uint32_t engine;
+	uint64_t stream_id;
+	uint64_t arg;
+	double time_s;            /* CLOCK_REALTIME */
+	char text[96];
+};
+_Static_assert(sizeof(struct skv_admin_event) == 128, "ABI");
 
 /* The daemon's default socket: $XDG_RUNTIME_DIR/streamkv/cached.sock, or, without
  * XDG_RUNTIME_DIR, /tmp/streamkv-<uid>/cached.sock. Returns 0 or -ENAMETOOLONG. */
