@@ -40,6 +40,33 @@ static int admin_engine_stats(const struct cached_engine *e, struct skv_engine_s
 				ADMIN_SNAPSHOT_TRIES);
 }
 
+static void admin_hist_add(struct skv_hist *to, const struct skv_hist *from)
+{
+	for (unsigned b = 0; b < SKV_HIST_BUCKETS; b++)
+		to->bucket[b] += from->bucket[b];
+	to->count += from->count;
+	to->sum_ns += from->sum_ns;
+}
+
+void cached_admin_retire(struct cached *d, struct cached_engine *e)
+{
+	struct skv_engine_stats es;
+	if (admin_engine_stats(e, &es) < 0)
+		return;
+	d->retired.steps += es.steps;
+	d->retired.rows += es.rows;
+	d->retired.tokens_generated += es.tokens_generated;
+	d->retired.prompt_tokens += es.prompt_tokens;
+	d->retired.wake_syscalls += es.wake_syscalls;
+	admin_hist_add(&d->retired.ttft, &es.ttft);
+	admin_hist_add(&d->retired.itl, &es.itl);
+	/* The page is reused by a restarted engine, which counts from zero. */
+	struct skv_engine_stats *shared = skv_doorbell_stats(e->doorbell);
+	struct skv_engine_stats zero = { 0 };
+	skv_seqlock_write(&shared->seq, &shared->steps, &zero.steps, SKV_ENGINE_STATS_WORDS);
+	e->rate_tokens = 0;
+}
+
 void cached_event(struct cached *d, uint32_t type, uint64_t stream_id, uint32_t engine,
 		  uint64_t arg, const char *fmt, ...)
 {
@@ -175,6 +202,10 @@ static void admin_server(struct cached *d, struct cached_conn *c)
 		.streams_failed = d->stats.streams_failed,
 		.engine_restarts = d->stats.engine_restarts,
 		.tokens_evicted = d->stats.tokens_evicted_closed,
+		.tokens_generated = d->retired.tokens_generated,
+		.prompt_tokens = d->retired.prompt_tokens,
+		.wake_syscalls = d->retired.wake_syscalls,
+		.steps = d->retired.steps,
 	};
 	for (unsigned i = 0; i < d->n_engines; i++) {
 		struct skv_engine_stats es;
@@ -307,6 +338,27 @@ void cached_admin_request(struct cached *d, struct cached_conn *c,
 	case SKV_ADMIN_ENGINES:
 		admin_engines(d, c);
 		return;
+	case SKV_ADMIN_HISTOGRAMS: {
+		_Static_assert(SKV_HIST_BUCKETS == 16, "skv_admin_hist has 16 buckets");
+		struct skv_admin_hist h = { 0 };
+		for (unsigned i = 0; i <= d->n_engines; i++) {
+			struct skv_engine_stats es;
+			if (i == d->n_engines)
+				es = d->retired; /* engines that have exited */
+			else if (admin_engine_stats(&d->engines[i], &es) < 0)
+				continue;
+			for (unsigned b = 0; b < SKV_HIST_BUCKETS; b++) {
+				h.ttft_bucket[b] += es.ttft.bucket[b];
+				h.itl_bucket[b] += es.itl.bucket[b];
+			}
+			h.ttft_count += es.ttft.count;
+			h.ttft_sum_ns += es.ttft.sum_ns;
+			h.itl_count += es.itl.count;
+			h.itl_sum_ns += es.itl.sum_ns;
+		}
+		cached_conn_send(d, c, SKV_MSG_ADMIN_HIST, &h, NULL, 0);
+		return;
+	}
 	case SKV_ADMIN_WATCH:
 		if (!c->watching) {
 			c->watching = 1;

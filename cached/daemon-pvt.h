@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "channel.h"
 #include "proto.h"
 #include "wake.h"
 
@@ -140,6 +141,8 @@ struct cached {
 	struct cached_stats stats;
 	double started_at;
 	unsigned watchers;
+	/* Statistics of engine processes that have exited, so that totals never go back. */
+	struct skv_engine_stats retired;
 	struct cached_tag tags[CACHED_MAX_FDS];
 };
 
@@ -158,6 +161,8 @@ void cached_admin_request(struct cached *d, struct cached_conn *c,
 void cached_event(struct cached *d, uint32_t type, uint64_t stream_id, uint32_t engine,
 		  uint64_t arg, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
 void cached_admin_tick(struct cached *d);
+/* Fold an exited engine's last statistics into d->retired. */
+void cached_admin_retire(struct cached *d, struct cached_engine *e);
 int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
 		     const int *fds, int n_fds);
 double cached_now(void);

@@ -416,6 +416,7 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 		}
 	}
 	e->n_streams = 0;
+	cached_admin_retire(d, e);
 	if (!e->supervised) {
 		/* Started by hand: nobody restarts it; its slot and fds are free again. */
 		if (e->doorbell)

@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -67,6 +68,8 @@ struct eng_stream {
 	size_t n_ids, fed;
 	uint64_t to_generate, generated;
 	uint32_t gen_flags;       /* SKV_GEN_* of the current request */
+	uint64_t t_request_ns;    /* when the request was taken */
+	uint64_t t_last_token_ns; /* when its previous token went out; 0 before the first */
 	int32_t prev_token, next_token;
 	uint64_t predictions;     /* SCORE: how many next-token predictions to score */
 	double nll;
@@ -118,6 +121,25 @@ static void engine_log(const char *fmt, ...)
 static void engine_log_line(const char *line)
 {
 	engine_log("%s", line);
+}
+
+static uint64_t engine_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void engine_hist_add(struct skv_hist *h, uint64_t ns)
+{
+	static const double bounds[SKV_HIST_BUCKETS] = SKV_HIST_BOUNDS_S;
+	double s = (double)ns * 1e-9;
+	unsigned i = 0;
+	while (i < SKV_HIST_BUCKETS - 1 && s > bounds[i])
+		i++;
+	h->bucket[i]++;
+	h->count++;
+	h->sum_ns += ns;
 }
 
 /* ---- output ---------------------------------------------------------------------------- */
@@ -335,6 +357,8 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 	}
 	st->to_generate = m->arg;
 	st->gen_flags = m->flags;
+	st->t_request_ns = engine_now_ns();
+	st->t_last_token_ns = 0;
 	st->generated = 0;
 	if (!st->n_ids) {
 		/* A continuation with no new text: go on from the last sampled token. */
@@ -409,6 +433,12 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 	if (!piece || !skv_piece_is_printable(piece, len))
 		len = 0;
 	stream_emit_bytes(e, st, SKV_CHAN_TOKEN, (uint64_t)next, piece ? piece : "", len);
+	uint64_t now = engine_now_ns();
+	if (st->t_last_token_ns)
+		engine_hist_add(&e->stats.itl, now - st->t_last_token_ns);
+	else
+		engine_hist_add(&e->stats.ttft, now - st->t_request_ns);
+	st->t_last_token_ns = now;
 	st->prev_token = next;
 	st->next_token = next;
 	if (st->generated >= st->to_generate) {

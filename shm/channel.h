@@ -77,6 +77,19 @@ _Static_assert(sizeof(struct skv_chan_msg) == 64, "ABI");
 #define SKV_DOORBELL_BYTES 4096u
 #define SKV_DOORBELL_STATS_OFFSET 64u
 
+/* Latency histograms: cumulative-free bucket counts with these upper bounds in seconds (the
+ * last bucket is +Inf), plus the sum in nanoseconds, as Prometheus histograms need them. */
+#define SKV_HIST_BUCKETS 16
+#define SKV_HIST_BOUNDS_S                                                                  \
+	{ 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, \
+	  2.5, 5.0, 1e300 }
+
+struct skv_hist {
+	uint64_t bucket[SKV_HIST_BUCKETS]; /* observations <= bound[i] and > bound[i-1] */
+	uint64_t count;
+	uint64_t sum_ns;
+};
+
 struct skv_engine_stats {
 	uint64_t seq;              /* seqlock over the words below */
 	uint64_t steps;            /* forward passes run */
@@ -86,9 +99,11 @@ struct skv_engine_stats {
 	uint64_t last_batch_rows;  /* rows of the latest step */
 	uint64_t wake_syscalls;    /* wake-ups of clients that needed a system call */
 	uint64_t streams;          /* streams it serves */
+	struct skv_hist ttft;      /* request taken -> its first token emitted */
+	struct skv_hist itl;       /* between consecutive tokens of a request */
 	uint64_t reserved[8];
 };
-#define SKV_ENGINE_STATS_WORDS 15
+#define SKV_ENGINE_STATS_WORDS (7 + 2 * (SKV_HIST_BUCKETS + 2) + 8)
 _Static_assert(sizeof(struct skv_engine_stats) == 8 * (1 + SKV_ENGINE_STATS_WORDS), "ABI");
 
 static inline struct skv_engine_stats *skv_doorbell_stats(void *doorbell)

@@ -36,6 +36,7 @@ static const struct {
 	[SKV_MSG_ADMIN_TOKENS] = { "ADMIN_TOKENS", sizeof(struct skv_admin_tokens) },
 	[SKV_MSG_ADMIN_END] = { "ADMIN_END", sizeof(struct skv_admin_end) },
 	[SKV_MSG_ADMIN_EVENT] = { "ADMIN_EVENT", sizeof(struct skv_admin_event) },
+	[SKV_MSG_ADMIN_HIST] = { "ADMIN_HIST", sizeof(struct skv_admin_hist) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

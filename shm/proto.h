@@ -50,6 +50,7 @@ enum skv_msg_type {
 	SKV_MSG_ADMIN_TOKENS = 20,  /* daemon -> admin: struct skv_admin_tokens, a chunk of ids */
 	SKV_MSG_ADMIN_END = 21,     /* daemon -> admin: struct skv_admin_end, closes a listing */
 	SKV_MSG_ADMIN_EVENT = 22,   /* daemon -> admin (after WATCH): struct skv_admin_event */
+	SKV_MSG_ADMIN_HIST = 23,    /* daemon -> admin: struct skv_admin_hist */
 	SKV_MSG_TYPE_END
 };
 
@@ -189,6 +190,7 @@ enum skv_admin_what {
 	SKV_ADMIN_ARENAS = 4,   /* ADMIN_ARENA per arena, then ADMIN_END */
 	SKV_ADMIN_ENGINES = 5,  /* ADMIN_ENGINE per engine, then ADMIN_END */
 	SKV_ADMIN_WATCH = 6,    /* ADMIN_EVENT as things happen */
+	SKV_ADMIN_HISTOGRAMS = 7, /* one ADMIN_HIST: latency histograms summed over engines */
 };
 
 struct skv_msg_admin_req {
@@ -281,6 +283,18 @@ struct skv_admin_engine {
 	char cpus[32];
 };
 _Static_assert(sizeof(struct skv_admin_engine) == 112, "ABI");
+
+/* Time to first token and inter-token latency as the engines measure them (request taken ->
+ * first token emitted; token -> next token of the same request), summed over the running
+ * engines. Bucket upper bounds: SKV_HIST_BOUNDS_S in shm/channel.h (last: +Inf); counts are
+ * per bucket, not cumulative. */
+struct skv_admin_hist {
+	uint64_t ttft_bucket[16];
+	uint64_t ttft_count, ttft_sum_ns;
+	uint64_t itl_bucket[16];
+	uint64_t itl_count, itl_sum_ns;
+};
+_Static_assert(sizeof(struct skv_admin_hist) == 288, "ABI");
 
 struct skv_admin_end {
 	uint64_t count;           /* rows sent */
