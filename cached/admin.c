@@ -3,8 +3,11 @@
  *
  * Reading never slows the data path: the ring states and engine statistics are read through
  * their seqlocks (shm/seqlock.h), which the engines never wait on; a read torn by a concurrent
- * write is retried, and after 64 torn reads the row says so (its counters are then the last
- * consistent ones the daemon saw: zero). The token ids of a stream's slots are read without a
+ * write is retried (64 times: in a listing a row that still fails shows zero counters; for one
+ * stream the request is answered with an ERROR to retry). A stream's row and its token ids come
+ * from the same ring snapshot. Recompute streams keep no ring (each token re-runs a fresh
+ * window), so their counters show zero. Token-rate baselines are shared by all admin peers: two
+ * tools polling at once shorten each other's intervals. The token ids of a stream's slots are read without a
  * lock: a slot being overwritten at that moment shows its old or its new token, either of which
  * the stream really held. */
 #include <errno.h>
@@ -104,8 +107,10 @@ void cached_admin_tick(struct cached *d)
 	}
 }
 
-static void admin_stream_row(struct cached *d, struct cached_stream *s,
-			     struct skv_admin_stream *row, double now)
+/* Fill row from one snapshot of the stream's ring, returned in *ring (0), or -EAGAIN when no
+ * consistent snapshot could be taken (the counters are then zero). */
+static int admin_stream_row(struct cached *d, struct cached_stream *s,
+			    struct skv_admin_stream *row, double now, struct skv_kv_ring *ring_out)
 {
 	memset(row, 0, sizeof(*row));
 	row->id = s->id;
@@ -122,11 +127,14 @@ static void admin_stream_row(struct cached *d, struct cached_stream *s,
 	row->age_s = now - s->opened_at;
 	void *region = admin_region(d, s);
 	struct skv_kv_ring ring;
-	if (!region || skv_kv_ring_snapshot(skv_kv_region_ring(region), &ring,
-					    ADMIN_SNAPSHOT_TRIES) < 0)
-		return;
+	if (!region)
+		return -ENOENT;
+	if (skv_kv_ring_snapshot(skv_kv_region_ring(region), &ring, ADMIN_SNAPSHOT_TRIES) < 0)
+		return -EAGAIN;
 	struct skv_kv_desc desc;
 	memcpy(&desc, region, sizeof(desc));
+	if (ring_out)
+		*ring_out = ring;
 	row->tokens_seen = ring.tokens_seen;
 	row->tokens_evicted = ring.tokens_evicted;
 	row->window_start = ring.window_start;
@@ -141,6 +149,7 @@ static void admin_stream_row(struct cached *d, struct cached_stream *s,
 		row->tokens_per_s = (double)(ring.tokens_seen - s->rate_tokens) / (now - s->rate_time);
 	s->rate_tokens = ring.tokens_seen;
 	s->rate_time = now;
+	return 0;
 }
 
 static int admin_send_end(struct cached *d, struct cached_conn *c, uint64_t count)
@@ -149,17 +158,17 @@ static int admin_send_end(struct cached *d, struct cached_conn *c, uint64_t coun
 	return cached_conn_send(d, c, SKV_MSG_ADMIN_END, &end, NULL, 0);
 }
 
-/* Sinks, then the window oldest first, as token ids in chunks. */
-static int admin_send_tokens(struct cached *d, struct cached_conn *c, struct cached_stream *s)
+/* Sinks, then the window oldest first, as token ids in chunks: the slots of the same ring
+ * snapshot the row was made from. */
+static int admin_send_tokens(struct cached *d, struct cached_conn *c, struct cached_stream *s,
+			     const struct skv_kv_ring *snapshot)
 {
 	void *region = admin_region(d, s);
 	if (!region)
 		return 0;
 	struct skv_kv_desc desc;
-	struct skv_kv_ring ring;
+	struct skv_kv_ring ring = *snapshot;
 	memcpy(&desc, region, sizeof(desc));
-	if (skv_kv_ring_snapshot(skv_kv_region_ring(region), &ring, ADMIN_SNAPSHOT_TRIES) < 0)
-		return -EAGAIN;
 	const int32_t *slots = skv_kv_region_tokens(region, &desc);
 	uint32_t counts[2] = { skv_kv_ring_sink_fill(&ring, &desc),
 			       skv_kv_ring_window_fill(&ring, &desc) };
@@ -305,7 +314,7 @@ void cached_admin_request(struct cached *d, struct cached_conn *c,
 		uint64_t sent = 0;
 		for (struct cached_stream *s = d->streams; s; s = s->next) {
 			struct skv_admin_stream row;
-			admin_stream_row(d, s, &row, now);
+			admin_stream_row(d, s, &row, now, NULL);
 			if (cached_conn_send(d, c, SKV_MSG_ADMIN_STREAM, &row, NULL, 0) < 0)
 				return;
 			sent++;
@@ -325,10 +334,25 @@ void cached_admin_request(struct cached *d, struct cached_conn *c,
 			return;
 		}
 		struct skv_admin_stream row;
-		admin_stream_row(d, s, &row, now);
-		if (cached_conn_send(d, c, SKV_MSG_ADMIN_STREAM, &row, NULL, 0) < 0 ||
-		    admin_send_tokens(d, c, s) < 0)
+		struct skv_kv_ring ring;
+		int snap = admin_stream_row(d, s, &row, now, &ring);
+		if (snap == -EAGAIN) {
+			struct skv_msg_error e = { .code = -EAGAIN };
+			snprintf(e.text, sizeof(e.text),
+				 "stream %llu is being written too fast to read; try again",
+				 (unsigned long long)s->id);
+			cached_conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
 			return;
+		}
+		if (cached_conn_send(d, c, SKV_MSG_ADMIN_STREAM, &row, NULL, 0) < 0)
+			return;
+		if (snap == 0 && admin_send_tokens(d, c, s, &ring) < 0) {
+			struct skv_msg_error e = { .code = -EIO };
+			snprintf(e.text, sizeof(e.text), "cannot send the tokens of stream %llu",
+				 (unsigned long long)s->id);
+			cached_conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
+			return;
+		}
 		admin_send_end(d, c, 1);
 		return;
 	}

@@ -29,12 +29,13 @@ struct cached_tag {
 	void *ptr;
 };
 
+/* The numbers are the admin protocol's (shm/proto.h), so rows carry them as they are. */
 enum cached_engine_state {
-	CACHED_ENGINE_NONE = 0,
-	CACHED_ENGINE_STARTING, /* spawned, no HELLO yet */
-	CACHED_ENGINE_READY,    /* serving */
-	CACHED_ENGINE_LOST,     /* its connection dropped; the process may still be exiting */
-	CACHED_ENGINE_EXITED,   /* its process is gone: its regions are free */
+	CACHED_ENGINE_NONE = SKV_ADMIN_ENGINE_NONE,
+	CACHED_ENGINE_STARTING = SKV_ADMIN_ENGINE_STARTING, /* spawned, no HELLO yet */
+	CACHED_ENGINE_READY = SKV_ADMIN_ENGINE_READY,       /* serving */
+	CACHED_ENGINE_LOST = SKV_ADMIN_ENGINE_LOST,   /* connection dropped, process may linger */
+	CACHED_ENGINE_EXITED = SKV_ADMIN_ENGINE_EXITED, /* process gone: its regions are free */
 };
 
 struct cached_conn;
@@ -76,9 +77,9 @@ struct cached_conn {
 };
 
 enum cached_stream_state {
-	CACHED_STREAM_OPEN = 1,
-	CACHED_STREAM_CLOSING,     /* DROP sent; freed on DROPPED or when the engine exits */
-	CACHED_STREAM_FAILED,      /* its engine died; waits for the client's CLOSE */
+	CACHED_STREAM_OPEN = SKV_ADMIN_STREAM_OPEN,
+	CACHED_STREAM_CLOSING = SKV_ADMIN_STREAM_CLOSING, /* DROP sent; freed on DROPPED or exit */
+	CACHED_STREAM_FAILED = SKV_ADMIN_STREAM_FAILED,   /* engine died; waits for CLOSE */
 };
 
 struct cached_stream {

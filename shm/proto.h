@@ -5,7 +5,8 @@
  * type; the header's size must equal the body size the receiver expects for that type, or the
  * message is refused. The first message on a connection is HELLO; a peer that speaks another
  * major version, sends garbage or a valid message at the wrong time gets an ERROR and is
- * dropped.
+ * dropped. A valid request that cannot be served (an unknown stream id, bad stream parameters)
+ * gets an ERROR and the connection stays.
  *
  * Data plane: each stream has a channel (shm/channel.h): two rings in a memfd shared by the
  * client and the engine serving the stream, carrying struct skv_chan_msg elements. The daemon
@@ -213,7 +214,7 @@ struct skv_admin_server {
 	uint64_t arena_bytes, arena_used_bytes;
 	uint64_t tokens_generated;    /* over the engines' lives, from their statistics */
 	uint64_t prompt_tokens;
-	uint64_t tokens_evicted;      /* over the streams in the table */
+	uint64_t tokens_evicted;      /* over all streams, closed ones included */
 	uint64_t wake_syscalls;       /* engines' wake-ups that needed a system call */
 	uint64_t steps;               /* engines' forward steps */
 	char version[32];
@@ -223,12 +224,26 @@ struct skv_admin_server {
 };
 _Static_assert(sizeof(struct skv_admin_server) == 536, "ABI");
 
+enum skv_admin_stream_state {
+	SKV_ADMIN_STREAM_OPEN = 1,
+	SKV_ADMIN_STREAM_CLOSING = 2,  /* closed by its client; the engine has not let go yet */
+	SKV_ADMIN_STREAM_FAILED = 3,   /* its engine died; waits for the client to close it */
+};
+
+enum skv_admin_engine_state {
+	SKV_ADMIN_ENGINE_NONE = 0,
+	SKV_ADMIN_ENGINE_STARTING = 1,
+	SKV_ADMIN_ENGINE_READY = 2,
+	SKV_ADMIN_ENGINE_LOST = 3,     /* connection dropped, process not yet gone */
+	SKV_ADMIN_ENGINE_EXITED = 4,
+};
+
 struct skv_admin_stream {
 	uint64_t id;
 	uint32_t engine;
 	int32_t node;
 	uint32_t client_pid;      /* 0 once the client is gone */
-	uint32_t state;           /* 1 open, 2 closing, 3 failed (cached/daemon-pvt.h) */
+	uint32_t state;           /* enum skv_admin_stream_state */
 	uint32_t policy;          /* enum skv_policy_kind */
 	uint32_t evict;
 	int64_t sink_slots, window_slots;
@@ -272,7 +287,7 @@ struct skv_admin_engine {
 	uint32_t id;
 	uint32_t pid;             /* 0 when not running */
 	int32_t node;
-	uint32_t state;           /* cached_engine_state */
+	uint32_t state;           /* enum skv_admin_engine_state */
 	uint32_t supervised;
 	uint32_t streams;
 	uint32_t restarts;
