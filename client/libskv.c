@@ -49,20 +49,6 @@ struct skv_client {
 	struct skv_client_stream *streams;
 };
 
-static int client_errorf(char *msg, size_t len, int err, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-
-static int client_errorf(char *msg, size_t len, int err, const char *fmt, ...)
-{
-	if (msg && len) {
-		va_list ap;
-		va_start(ap, fmt);
-		vsnprintf(msg, len, fmt, ap);
-		va_end(ap);
-	}
-	return err;
-}
-
 void skv_client_params_default(struct skv_stream_params *p)
 {
 	memset(p, 0, sizeof(*p));
@@ -78,15 +64,15 @@ int skv_client_connect(const char *socket_path, struct skv_client **out, char *m
 	char path[108];
 	if (!socket_path) {
 		if (skv_default_socket_path(path, sizeof(path)) < 0)
-			return client_errorf(msg, msg_len, -ENAMETOOLONG,
+			return skv_errorf(msg, msg_len, -ENAMETOOLONG,
 					     "the default socket path is too long");
 		socket_path = path;
 	}
 	int fd = skv_msg_connect(socket_path);
 	if (fd == -ENAMETOOLONG)
-		return client_errorf(msg, msg_len, fd, "%s: socket path too long", socket_path);
+		return skv_errorf(msg, msg_len, fd, "%s: socket path too long", socket_path);
 	if (fd < 0)
-		return client_errorf(msg, msg_len, fd,
+		return skv_errorf(msg, msg_len, fd,
 				     "cannot reach skv-cached at %s: %s (is the daemon running?)",
 				     socket_path, strerror(-fd));
 	struct skv_msg_hello hello = { .major = SKV_PROTO_MAJOR, .minor = SKV_PROTO_MINOR,
@@ -118,14 +104,14 @@ int skv_client_connect(const char *socket_path, struct skv_client **out, char *m
 	if (err == 1 && h.type == SKV_MSG_ERROR) {
 		body.error.text[sizeof(body.error.text) - 1] = '\0';
 		close(fd);
-		return client_errorf(msg, msg_len, body.error.code < 0 ? body.error.code : -EPROTO,
+		return skv_errorf(msg, msg_len, body.error.code < 0 ? body.error.code : -EPROTO,
 				     "skv-cached refused us: %s", body.error.text);
 	}
 	if (err != 1 || h.type != SKV_MSG_HELLO_OK) {
 		close(fd);
 		if (err == 1 || err == 0)
 			err = -EPROTO;
-		return client_errorf(msg, msg_len, err, "no valid answer from skv-cached at %s: %s",
+		return skv_errorf(msg, msg_len, err, "no valid answer from skv-cached at %s: %s",
 				     socket_path, skv_strerror(err));
 	}
 	struct skv_client *c = calloc(1, sizeof(*c));
@@ -266,7 +252,7 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 				   struct skv_client_stream **out, char *msg, size_t msg_len)
 {
 	if (c->gone)
-		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
+		return skv_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
 	struct skv_client_stream *s = calloc(1, sizeof(*s));
 	if (!s)
 		return -ENOMEM;
@@ -284,7 +270,7 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 	if (err < 0) {
 		client_stream_free(s);
 		client_fail_all(c, "skv-cached went away");
-		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
+		return skv_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
 	}
 	struct skv_msg_opened opened = { 0 };
 	struct skv_msg_error error = { 0 };
@@ -300,14 +286,14 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 	if (type == SKV_MSG_ERROR) {
 		client_stream_free(s);
 		error.text[sizeof(error.text) - 1] = '\0';
-		return client_errorf(msg, msg_len, error.code < 0 ? error.code : -EPROTO, "%s",
+		return skv_errorf(msg, msg_len, error.code < 0 ? error.code : -EPROTO, "%s",
 				     error.text);
 	}
 	if (type != SKV_MSG_OPENED || n_fds != 3) {
 		client_stream_free(s);
 		for (int i = 0; type == SKV_MSG_OPENED && i < n_fds; i++)
 			close(fds[i]);
-		return client_errorf(msg, msg_len, type < 0 ? type : -EPROTO,
+		return skv_errorf(msg, msg_len, type < 0 ? type : -EPROTO,
 				     "no valid answer to OPEN from skv-cached");
 	}
 	s->id = opened.stream_id;
@@ -327,12 +313,12 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 			s->chan_map = NULL;
 		if (s->doorbell == MAP_FAILED)
 			s->doorbell = NULL;
-		err = client_errorf(msg, msg_len, -errno, "cannot map the stream's channel");
+		err = skv_errorf(msg, msg_len, -errno, "cannot map the stream's channel");
 	}
 	if (!err) {
 		err = skv_chan_attach(&s->chan, s->chan_map, s->chan_bytes, 0);
 		if (err < 0)
-			client_errorf(msg, msg_len, err, "bad channel from skv-cached: %s",
+			skv_errorf(msg, msg_len, err, "bad channel from skv-cached: %s",
 				      skv_strerror(err));
 	}
 	if (!err)
@@ -377,7 +363,7 @@ static void client_poll_control(struct skv_client *c)
 
 static int client_failed(struct skv_client_stream *s, char *msg, size_t msg_len)
 {
-	return client_errorf(msg, msg_len, -EPIPE, "stream %llu failed: %s",
+	return skv_errorf(msg, msg_len, -EPIPE, "stream %llu failed: %s",
 			     (unsigned long long)s->id, s->why[0] ? s->why : "unknown reason");
 }
 
@@ -403,7 +389,7 @@ static int client_push(struct skv_client_stream *s, const struct skv_chan_msg *m
 		if (err == 0)
 			return 0;
 		if (err != -EAGAIN)
-			return client_errorf(msg, msg_len, err, "the stream's channel is corrupt");
+			return skv_errorf(msg, msg_len, err, "the stream's channel is corrupt");
 		/* Full: ask the engine to ring us when it frees a slot, and make sure it runs. */
 		__atomic_store_n(&s->chan.hdr->client_wants_room, 1, __ATOMIC_SEQ_CST);
 		skv_wake(s->doorbell, s->engine_efd);
@@ -464,7 +450,7 @@ int skv_client_stream_next(struct skv_client_stream *s, struct skv_chan_msg *out
 			return 1;
 		}
 		if (err != -EAGAIN)
-			return client_errorf(msg, msg_len, err, "the stream's channel is corrupt");
+			return skv_errorf(msg, msg_len, err, "the stream's channel is corrupt");
 		if (s->failed)
 			return client_failed(s, msg, msg_len);
 		/* Sleep in slices: on the futex fallback a control message (FAILED, a hang-up)
@@ -487,11 +473,11 @@ int skv_client_stream_next(struct skv_client_stream *s, struct skv_chan_msg *out
 int skv_client_stats(struct skv_client *c, struct skv_msg_stats *out, char *msg, size_t msg_len)
 {
 	if (c->gone)
-		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
+		return skv_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
 	struct skv_msg_stream req = { 0 };
 	if (skv_msg_send(c->sock, SKV_MSG_STATS_REQ, c->seq++, &req, NULL, 0) < 0) {
 		client_fail_all(c, "skv-cached went away");
-		return client_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
+		return skv_errorf(msg, msg_len, -EPIPE, "skv-cached went away");
 	}
 	struct skv_msg_error error = { 0 };
 	for (;;) {
@@ -501,11 +487,11 @@ int skv_client_stats(struct skv_client *c, struct skv_msg_stats *out, char *msg,
 			return 0;
 		if (type == SKV_MSG_ERROR) {
 			error.text[sizeof(error.text) - 1] = '\0';
-			return client_errorf(msg, msg_len, error.code < 0 ? error.code : -EPROTO,
+			return skv_errorf(msg, msg_len, error.code < 0 ? error.code : -EPROTO,
 					     "%s", error.text);
 		}
 		if (type <= 0)
-			return client_errorf(msg, msg_len, type ? type : -EPIPE,
+			return skv_errorf(msg, msg_len, type ? type : -EPIPE,
 					     "skv-cached went away");
 	}
 }

@@ -29,20 +29,6 @@ union conn_body {
 	struct skv_admin_hist hist;
 };
 
-static int conn_errorf(char *msg, size_t len, int err, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-
-static int conn_errorf(char *msg, size_t len, int err, const char *fmt, ...)
-{
-	if (msg && len) {
-		va_list ap;
-		va_start(ap, fmt);
-		vsnprintf(msg, len, fmt, ap);
-		va_end(ap);
-	}
-	return err;
-}
-
 #define TERMINATE(field) ((field)[sizeof(field) - 1] = '\0')
 
 /* One message within timeout_ms (< 0: no limit). 1 with h/body filled (fds closed), or < 0. */
@@ -56,7 +42,7 @@ static int conn_recv(struct admin_conn *c, struct skv_msg_hdr *h, union conn_bod
 	if (r < 0)
 		return -errno;
 	if (r == 0)
-		return conn_errorf(msg, msg_len, -ETIMEDOUT,
+		return skv_errorf(msg, msg_len, -ETIMEDOUT,
 				   "skv-cached at %s did not answer within %d s", c->path,
 				   ADMIN_REPLY_TIMEOUT_MS / 1000);
 	int fds[SKV_MSG_MAX_FDS], n_fds = 0;
@@ -64,15 +50,15 @@ static int conn_recv(struct admin_conn *c, struct skv_msg_hdr *h, union conn_bod
 	for (int i = 0; i < n_fds; i++)
 		close(fds[i]);
 	if (got == 0 || got == -ECONNRESET || got == -EPIPE)
-		return conn_errorf(msg, msg_len, -EPIPE, "skv-cached at %s went away", c->path);
+		return skv_errorf(msg, msg_len, -EPIPE, "skv-cached at %s went away", c->path);
 	if (got < 0)
-		return conn_errorf(msg, msg_len, got == -SKV_EFORMAT || got == -SKV_EVERSION ?
+		return skv_errorf(msg, msg_len, got == -SKV_EFORMAT || got == -SKV_EVERSION ?
 				   -EPROTO : got, "bad message from skv-cached at %s: %s", c->path,
 				   skv_strerror(got));
 	if (h->type == SKV_MSG_ERROR) {
 		TERMINATE(body->error.text);
 		c->error_code = body->error.code;
-		return conn_errorf(msg, msg_len, -EREMOTEIO, "%s", body->error.text);
+		return skv_errorf(msg, msg_len, -EREMOTEIO, "%s", body->error.text);
 	}
 	return 1;
 }
@@ -80,7 +66,7 @@ static int conn_recv(struct admin_conn *c, struct skv_msg_hdr *h, union conn_bod
 static int conn_unexpected(const struct admin_conn *c, const struct skv_msg_hdr *h,
 			   const char *waiting_for, char *msg, size_t msg_len)
 {
-	return conn_errorf(msg, msg_len, -EPROTO, "skv-cached at %s sent %s while we waited for %s",
+	return skv_errorf(msg, msg_len, -EPROTO, "skv-cached at %s sent %s while we waited for %s",
 			   c->path, skv_msg_name(h->type), waiting_for);
 }
 
@@ -90,13 +76,13 @@ int admin_connect(struct admin_conn *c, const char *path, char *msg, size_t msg_
 	c->sock = -1;
 	c->seq = 1;
 	if (snprintf(c->path, sizeof(c->path), "%s", path) >= (int)sizeof(c->path))
-		return conn_errorf(msg, msg_len, -ENAMETOOLONG, "%s: socket path too long", path);
+		return skv_errorf(msg, msg_len, -ENAMETOOLONG, "%s: socket path too long", path);
 	int fd = skv_msg_connect(path);
 	if (fd == -ENOENT || fd == -ECONNREFUSED)
-		return conn_errorf(msg, msg_len, fd, "no daemon at %s (is skv-cached running?)",
+		return skv_errorf(msg, msg_len, fd, "no daemon at %s (is skv-cached running?)",
 				   path);
 	if (fd < 0)
-		return conn_errorf(msg, msg_len, fd, "cannot connect to skv-cached at %s: %s", path,
+		return skv_errorf(msg, msg_len, fd, "cannot connect to skv-cached at %s: %s", path,
 				   strerror(-fd));
 	c->sock = fd;
 	struct ucred cred;
@@ -110,7 +96,7 @@ int admin_connect(struct admin_conn *c, const char *path, char *msg, size_t msg_
 	int err = skv_msg_send(fd, SKV_MSG_HELLO, c->seq++, &hello, NULL, 0);
 	if (err < 0 && err != -EPIPE && err != -ECONNRESET) {
 		admin_disconnect(c);
-		return conn_errorf(msg, msg_len, err, "cannot send to skv-cached at %s: %s", path,
+		return skv_errorf(msg, msg_len, err, "cannot send to skv-cached at %s: %s", path,
 				   strerror(-err));
 	}
 	struct skv_msg_hdr h;
@@ -122,13 +108,13 @@ int admin_connect(struct admin_conn *c, const char *path, char *msg, size_t msg_
 		char why[SKV_MSG_TEXT];
 		snprintf(why, sizeof(why), "%s", body.error.text);
 		admin_disconnect(c);
-		return conn_errorf(msg, msg_len, -EREMOTEIO, "skv-cached at %s refused us: %s", path,
+		return skv_errorf(msg, msg_len, -EREMOTEIO, "skv-cached at %s refused us: %s", path,
 				   why);
 	}
 	if (err == 1 && h.type != SKV_MSG_HELLO_OK)
 		err = conn_unexpected(c, &h, "HELLO_OK", msg, msg_len);
 	if (err == 1 && body.hello_ok.major != SKV_PROTO_MAJOR)
-		err = conn_errorf(msg, msg_len, -EPROTO,
+		err = skv_errorf(msg, msg_len, -EPROTO,
 				  "skv-cached at %s speaks protocol %u.%u; skv-admin speaks %u.%u",
 				  path, body.hello_ok.major, body.hello_ok.minor, SKV_PROTO_MAJOR,
 				  SKV_PROTO_MINOR);
@@ -156,14 +142,14 @@ static int conn_request(struct admin_conn *c, uint32_t what, uint64_t stream_id,
 			size_t msg_len)
 {
 	if (c->sock < 0)
-		return conn_errorf(msg, msg_len, -EPIPE, "not connected to skv-cached at %s",
+		return skv_errorf(msg, msg_len, -EPIPE, "not connected to skv-cached at %s",
 				   c->path);
 	struct skv_msg_admin_req req = { .what = what, .stream_id = stream_id };
 	int err = skv_msg_send(c->sock, SKV_MSG_ADMIN_REQ, c->seq++, &req, NULL, 0);
 	if (err == -EPIPE || err == -ECONNRESET)
-		return conn_errorf(msg, msg_len, -EPIPE, "skv-cached at %s went away", c->path);
+		return skv_errorf(msg, msg_len, -EPIPE, "skv-cached at %s went away", c->path);
 	if (err < 0)
-		return conn_errorf(msg, msg_len, err, "cannot send to skv-cached at %s: %s", c->path,
+		return skv_errorf(msg, msg_len, err, "cannot send to skv-cached at %s: %s", c->path,
 				   strerror(-err));
 	return 0;
 }
@@ -185,7 +171,7 @@ static int conn_listing(struct admin_conn *c, uint32_t what, uint16_t row_type, 
 			return err;
 		if (h.type == SKV_MSG_ADMIN_END) {
 			if (body.end.count != *n)
-				return conn_errorf(msg, msg_len, -EPROTO,
+				return skv_errorf(msg, msg_len, -EPROTO,
 						   "skv-cached sent %zu %s rows but its ADMIN_END "
 						   "counts %llu", *n, skv_msg_name(row_type),
 						   (unsigned long long)body.end.count);
@@ -194,14 +180,14 @@ static int conn_listing(struct admin_conn *c, uint32_t what, uint16_t row_type, 
 		if (h.type != row_type)
 			return conn_unexpected(c, &h, skv_msg_name(row_type), msg, msg_len);
 		if (*n >= ADMIN_MAX_ROWS)
-			return conn_errorf(msg, msg_len, -EPROTO,
+			return skv_errorf(msg, msg_len, -EPROTO,
 					   "skv-cached sent more than %u %s rows", ADMIN_MAX_ROWS,
 					   skv_msg_name(row_type));
 		if (*n == cap) {
 			cap = cap ? 2 * cap : 16;
 			void *grown = realloc(*rows, cap * row_size);
 			if (!grown)
-				return conn_errorf(msg, msg_len, -ENOMEM, "out of memory");
+				return skv_errorf(msg, msg_len, -ENOMEM, "out of memory");
 			*rows = grown;
 		}
 		memcpy((char *)*rows + *n * row_size, &body, row_size);
@@ -235,7 +221,7 @@ int admin_fetch(struct admin_conn *c, unsigned want, struct admin_snapshot *snap
 	TERMINATE(snap->server.model_path);
 	TERMINATE(snap->server.socket_path);
 	if (snap->server.instance != c->instance)
-		return conn_errorf(msg, msg_len, -EPROTO,
+		return skv_errorf(msg, msg_len, -EPROTO,
 				   "ADMIN_SERVER names instance %016llx, HELLO_OK named %016llx",
 				   (unsigned long long)snap->server.instance,
 				   (unsigned long long)c->instance);
@@ -308,7 +294,7 @@ static int conn_tokens_chunk(struct admin_stream_detail *d, const struct skv_adm
 	if (t->stream_id != d->row.id || t->part > 1 || t->n > SKV_ADMIN_TOKENS_MAX ||
 	    t->total > ADMIN_MAX_PART_TOKENS || t->offset > t->total ||
 	    t->n > t->total - t->offset)
-		return conn_errorf(msg, msg_len, -EPROTO,
+		return skv_errorf(msg, msg_len, -EPROTO,
 				   "bad ADMIN_TOKENS chunk: stream %llu part %u offset %u n %u of %u",
 				   (unsigned long long)t->stream_id, t->part, t->offset, t->n,
 				   t->total);
@@ -318,12 +304,12 @@ static int conn_tokens_chunk(struct admin_stream_detail *d, const struct skv_adm
 	uint64_t *first = t->part == 0 ? &d->sink_first_pos : &d->window_first_pos;
 	if (!*ids) {
 		if (t->offset != 0)
-			return conn_errorf(msg, msg_len, -EPROTO,
+			return skv_errorf(msg, msg_len, -EPROTO,
 					   "ADMIN_TOKENS part %u starts at offset %u", t->part,
 					   t->offset);
 		*ids = calloc(t->total ? t->total : 1, sizeof(int32_t));
 		if (!*ids)
-			return conn_errorf(msg, msg_len, -ENOMEM, "out of memory");
+			return skv_errorf(msg, msg_len, -ENOMEM, "out of memory");
 		*first = t->first_pos;
 		*total = t->total;
 		*have = 0;
@@ -333,7 +319,7 @@ static int conn_tokens_chunk(struct admin_stream_detail *d, const struct skv_adm
 			*torn = 1;
 	}
 	if (t->total != *total || t->offset != *have || t->first_pos != *first)
-		return conn_errorf(msg, msg_len, -EPROTO,
+		return skv_errorf(msg, msg_len, -EPROTO,
 				   "ADMIN_TOKENS part %u: offset %u of %u (first position %llu) does "
 				   "not follow %u ids of %u at position %llu",
 				   t->part, t->offset, t->total, (unsigned long long)t->first_pos,
@@ -366,7 +352,7 @@ static int conn_fetch_stream_once(struct admin_conn *c, uint64_t stream_id,
 			d->row = body.stream;
 			have_row = 1;
 			if (d->row.id != stream_id) {
-				err = conn_errorf(msg, msg_len, -EPROTO,
+				err = skv_errorf(msg, msg_len, -EPROTO,
 						  "asked for stream %llu, skv-cached answered with "
 						  "stream %llu", (unsigned long long)stream_id,
 						  (unsigned long long)d->row.id);
@@ -387,7 +373,7 @@ static int conn_fetch_stream_once(struct admin_conn *c, uint64_t stream_id,
 	/* Parts the daemon began must be complete; parts it sent nothing for are empty. */
 	if ((d->sink_ids && d->n_sink != d->sink_total) ||
 	    (d->window_ids && d->n_window != d->window_total)) {
-		err = conn_errorf(msg, msg_len, -EPROTO,
+		err = skv_errorf(msg, msg_len, -EPROTO,
 				  "stream %llu: skv-cached sent %u of %u sink ids and %u of %u "
 				  "window ids", (unsigned long long)stream_id, d->n_sink,
 				  d->sink_total, d->n_window, d->window_total);
@@ -396,7 +382,7 @@ static int conn_fetch_stream_once(struct admin_conn *c, uint64_t stream_id,
 	if ((!d->sink_ids && d->row.sink_fill) || (!d->window_ids && d->row.window_fill))
 		torn = 1;
 	if (torn) {
-		err = conn_errorf(msg, msg_len, -EAGAIN,
+		err = skv_errorf(msg, msg_len, -EAGAIN,
 				  "stream %llu changed between its row (%u sinks, %u in the window "
 				  "from %llu) and its ids (%u, %u from %llu) in %d reads; try again",
 				  (unsigned long long)stream_id, d->row.sink_fill, d->row.window_fill,
@@ -460,7 +446,7 @@ int admin_tokenizer_open(const struct admin_conn *c, const char *override,
 	*model = NULL;
 	*tok = NULL;
 	if (!c->model_path[0])
-		return conn_errorf(msg, msg_len, -ENOENT,
+		return skv_errorf(msg, msg_len, -ENOENT,
 				   "skv-cached did not name its model in HELLO_OK");
 	/* The daemon's paths are relative to its own working directory. */
 	char model_path[PATH_MAX], guess[PATH_MAX];
@@ -491,7 +477,7 @@ int admin_tokenizer_open(const struct admin_conn *c, const char *override,
 		if (!conn_file_exists(guess))
 			snprintf(guess, sizeof(guess), "%.*s/tokenizer.bin", dir_len, dir);
 		if (!conn_file_exists(guess))
-			err = conn_errorf(msg, msg_len, -ENOENT,
+			err = skv_errorf(msg, msg_len, -ENOENT,
 					  "%s: no tokenizer next to the model (tok%d.bin or "
 					  "tokenizer.bin); pass --tokenizer PATH", c->model_path,
 					  vocab);
