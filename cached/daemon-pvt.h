@@ -150,7 +150,6 @@ struct cached {
 void cached_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void cached_drop_conn(struct cached *d, struct cached_conn *c);
 int cached_run(struct cached *d);
-int cached_start_engines(struct cached *d);
 int cached_watch_fd(struct cached *d, int fd, uint32_t kind, void *ptr);
 int cached_spawn_engine(struct cached *d, struct cached_engine *e);
 /* Create an engine's doorbell page and eventfd. */
