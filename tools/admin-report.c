@@ -871,6 +871,27 @@ static void report_print_quoted(FILE *out, const json_t *s)
 	fputc('"', out);
 }
 
+/* One part of a stream (sinks or window): count, positions in the text and in the cache, ids,
+ * decoded text. name is the key prefix, pos_name the prefix in "model_positions". */
+static void report_print_part(FILE *out, const json_t *d, const json_t *pos, const char *name,
+			      const char *pos_name)
+{
+	char key[64];
+	snprintf(key, sizeof(key), "%s_ids", name);
+	const json_t *ids = json_object_get(d, key);
+	fprintf(out, "%s_count:%zu\n%s_positions:", name, json_array_size(ids), name);
+	snprintf(key, sizeof(key), "%s_absolute", pos_name);
+	report_print_range(out, json_object_get(pos, key));
+	fprintf(out, "\n%s_cache_positions:", name);
+	snprintf(key, sizeof(key), "%s_cache", pos_name);
+	report_print_range(out, json_object_get(pos, key));
+	fprintf(out, "\n%s_ids:", name);
+	report_print_value(out, ids, 0);
+	fprintf(out, "\n%s_text:", name);
+	snprintf(key, sizeof(key), "%s_text", name);
+	report_print_quoted(out, json_object_get(d, key));
+}
+
 void admin_stream_detail_print(FILE *out, const json_t *d)
 {
 	static const char *const parts[] = { "sink_first_position", "sink_ids", "sink_text",
@@ -891,26 +912,9 @@ void admin_stream_detail_print(FILE *out, const json_t *d)
 	}
 	const json_t *pos = json_object_get(d, "model_positions");
 	fputs("\n# Sinks\n", out);
-	fprintf(out, "sink_count:%zu\n", json_array_size(json_object_get(d, "sink_ids")));
-	fputs("sink_positions:", out);
-	report_print_range(out, json_object_get(pos, "sinks_absolute"));
-	fputs("\nsink_cache_positions:", out);
-	report_print_range(out, json_object_get(pos, "sinks_cache"));
-	fputs("\nsink_ids:", out);
-	report_print_value(out, json_object_get(d, "sink_ids"), 0);
-	fputs("\nsink_text:", out);
-	report_print_quoted(out, json_object_get(d, "sink_text"));
-
+	report_print_part(out, d, pos, "sink", "sinks");
 	fputs("\n\n# Window\n", out);
-	fprintf(out, "window_count:%zu\n", json_array_size(json_object_get(d, "window_ids")));
-	fputs("window_positions:", out);
-	report_print_range(out, json_object_get(pos, "window_absolute"));
-	fputs("\nwindow_cache_positions:", out);
-	report_print_range(out, json_object_get(pos, "window_cache"));
-	fputs("\nwindow_ids:", out);
-	report_print_value(out, json_object_get(d, "window_ids"), 0);
-	fputs("\nwindow_text:", out);
-	report_print_quoted(out, json_object_get(d, "window_text"));
+	report_print_part(out, d, pos, "window", "window");
 
 	const json_t *ring = json_object_get(d, "ring");
 	fputs("\n\n# Ring\n", out);

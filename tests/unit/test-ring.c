@@ -20,21 +20,8 @@
 
 #include "ring.h"
 #include "skv-error.h"
+#include "testutil.h"
 #include "wake.h"
-
-/* A MAP_SHARED memfd mapping named after the pid and the test, as real peers would share. */
-static void *map_shared(const char *test_name, size_t bytes)
-{
-	char name[128];
-	snprintf(name, sizeof(name), "skv-test-ring-%d-%s", (int)getpid(), test_name);
-	int fd = memfd_create(name, MFD_CLOEXEC);
-	cr_assert(fd >= 0, "memfd_create: %s", strerror(errno));
-	cr_assert_eq(ftruncate(fd, (off_t)bytes), 0);
-	void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	cr_assert(mem != MAP_FAILED, "mmap: %s", strerror(errno));
-	close(fd);
-	return mem;
-}
 
 struct elem {
 	uint64_t value;
@@ -45,7 +32,7 @@ static void *make_ring(const char *test_name, uint32_t capacity, uint32_t start,
 {
 	*bytes = skv_ring_bytes(sizeof(struct elem), capacity);
 	cr_assert_neq(*bytes, 0);
-	void *mem = map_shared(test_name, *bytes);
+	void *mem = tu_map_shared(test_name, *bytes);
 	cr_assert_eq(skv_ring_init_at(mem, *bytes, sizeof(struct elem), capacity, start), 0);
 	return mem;
 }
@@ -67,7 +54,7 @@ Test(ring, bytes_validates_shape)
 Test(ring, init_refuses_bad_memory)
 {
 	size_t bytes = skv_ring_bytes(16, 8);
-	char *mem = map_shared("init_refuses_bad_memory", bytes + 64);
+	char *mem = tu_map_shared("init_refuses_bad_memory", bytes + 64);
 	cr_assert_eq(skv_ring_init(NULL, bytes, 16, 8), -EINVAL);
 	cr_assert_eq(skv_ring_init(mem + 8, bytes, 16, 8), -EINVAL); /* not cache-line aligned */
 	cr_assert_eq(skv_ring_init(mem, bytes - 1, 16, 8), -EINVAL);
@@ -456,7 +443,7 @@ static void big_run(const char *test_name, enum skv_wait_backend backend)
 
 	size_t ring_bytes = skv_ring_bytes(sizeof(struct big_msg), BIG_CAPACITY);
 	size_t total = ring_bytes + 4096;
-	char *mem = map_shared(test_name, total);
+	char *mem = tu_map_shared(test_name, total);
 	struct big_results *res = (struct big_results *)(mem + ring_bytes);
 	cr_assert_eq(skv_ring_init(mem, ring_bytes, sizeof(struct big_msg), BIG_CAPACITY), 0);
 	int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -24,20 +24,8 @@
 
 #include "ring.h"
 #include "skv-error.h"
+#include "testutil.h"
 #include "wake.h"
-
-static void *map_shared(const char *test_name, size_t bytes)
-{
-	char name[128];
-	snprintf(name, sizeof(name), "skv-test-wake-%d-%s", (int)getpid(), test_name);
-	int fd = memfd_create(name, MFD_CLOEXEC);
-	cr_assert(fd >= 0, "memfd_create: %s", strerror(errno));
-	cr_assert_eq(ftruncate(fd, (off_t)bytes), 0);
-	void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	cr_assert(mem != MAP_FAILED, "mmap: %s", strerror(errno));
-	close(fd);
-	return mem;
-}
 
 static int new_eventfd(void)
 {
@@ -279,7 +267,7 @@ Test(wake, timeouts_return_zero_futex)
 static void cross_process_wakeup(const char *test_name, enum skv_wait_backend backend)
 {
 	require_backend(backend);
-	struct waker_page *page = map_shared(test_name, 4096);
+	struct waker_page *page = tu_map_shared(test_name, 4096);
 	int efd = new_eventfd();
 	struct skv_waiter *w;
 	cr_assert_eq(skv_waiter_new(backend, &page->word, efd, NULL, &w), 0);
@@ -314,7 +302,7 @@ Test(wake, cross_process_wakeup_futex)
 static void watched_fd_wakes(const char *test_name, enum skv_wait_backend backend)
 {
 	require_backend(backend);
-	struct waker_page *page = map_shared(test_name, 4096);
+	struct waker_page *page = tu_map_shared(test_name, 4096);
 	int efd = new_eventfd();
 	int sv[2];
 	cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
@@ -396,7 +384,7 @@ Test(wake, changing_the_watched_fd_cancels_the_old_poll)
 static void late_wakeup_is_absorbed(const char *test_name, enum skv_wait_backend backend)
 {
 	require_backend(backend);
-	struct waker_page *page = map_shared(test_name, 4096);
+	struct waker_page *page = tu_map_shared(test_name, 4096);
 	int efd = new_eventfd();
 	struct skv_waiter *w;
 	cr_assert_eq(skv_waiter_new(backend, &page->word, efd, NULL, &w), 0);
@@ -505,7 +493,7 @@ static void ping_pong(const char *test_name, enum skv_wait_backend backend, int6
 	struct pp_layout l;
 	l.ring_bytes = skv_ring_bytes(sizeof(struct pp_msg), PP_CAPACITY);
 	l.total = 2 * l.ring_bytes + 4096;
-	l.mem = map_shared(test_name, l.total);
+	l.mem = tu_map_shared(test_name, l.total);
 	l.ping = l.mem;
 	l.pong = l.mem + l.ring_bytes;
 	l.page = (struct pp_page *)(l.mem + 2 * l.ring_bytes);
@@ -738,7 +726,7 @@ Test(wake, io_uring_refused_falls_back_to_futex, .timeout = 300)
 	const char *name = "io_uring_refused_falls_back_to_futex";
 	size_t ring_bytes = skv_ring_bytes(sizeof(struct pp_msg), FB_CAPACITY);
 	size_t total = ring_bytes + 4096;
-	char *mem = map_shared(name, total);
+	char *mem = tu_map_shared(name, total);
 	cr_assert_eq(skv_ring_init(mem, ring_bytes, sizeof(struct pp_msg), FB_CAPACITY), 0);
 	fb_page = (struct fb_page *)(mem + ring_bytes);
 
@@ -778,7 +766,7 @@ Test(wake, io_uring_refused_falls_back_to_futex, .timeout = 300)
  * first read, and AUTO falls back all the same. */
 Test(wake, io_uring_enter_refused_falls_back_to_futex)
 {
-	struct fb_page *page = map_shared("io_uring_enter_refused_falls_back_to_futex", 4096);
+	struct fb_page *page = tu_map_shared("io_uring_enter_refused_falls_back_to_futex", 4096);
 	fb_page = page;
 	pid_t parent = getpid();
 	pid_t child = fork();

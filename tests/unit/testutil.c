@@ -1,11 +1,13 @@
 #include "testutil.h"
 
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <dirent.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 static char tu_slots[8][PATH_MAX];
@@ -99,4 +101,17 @@ const char *tu_write_scratch(const char *name, const void *data, size_t len)
 	cr_assert(fwrite(data, 1, len, f) == len);
 	cr_assert(fclose(f) == 0);
 	return path;
+}
+
+void *tu_map_shared(const char *test_name, size_t bytes)
+{
+	char name[128];
+	snprintf(name, sizeof(name), "skv-test-%d-%s", (int)getpid(), test_name);
+	int fd = memfd_create(name, MFD_CLOEXEC);
+	cr_assert(fd >= 0, "memfd_create: %s", strerror(errno));
+	cr_assert_eq(ftruncate(fd, (off_t)bytes), 0);
+	void *mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	cr_assert(mem != MAP_FAILED, "mmap: %s", strerror(errno));
+	close(fd);
+	return mem;
 }

@@ -24,4 +24,8 @@ void tu_scratch_cleanup(void);
 /* Write len bytes to <scratch>/<name>; returns the full path (static buffer slot). */
 const char *tu_write_scratch(const char *name, const void *data, size_t len);
 
+/* A MAP_SHARED memfd mapping of bytes, named after the pid and the test as real peers would
+ * share one; it survives fork(). Asserts on failure. */
+void *tu_map_shared(const char *test_name, size_t bytes);
+
 #endif
