@@ -13,6 +13,12 @@
 #define CACHED_MAX_FDS 65536
 #define CACHED_MAX_ENGINES 256
 #define CACHED_MAX_ARENAS 64
+/* DROPs an engine has unanswered at once; the rest wait in the daemon (see stream_drop). */
+#define CACHED_DROP_WINDOW 32
+/* Bytes of replies a peer may leave unread before the daemon gives up on it. */
+#define CACHED_OUT_MAX_BYTES (16u << 20)
+/* The longest idle time-out (--idle-timeout, or a stream's own): a week. */
+#define CACHED_IDLE_MAX_S 604800u
 
 enum cached_tag_kind {
 	CACHED_TAG_NONE = 0,
@@ -39,6 +45,7 @@ enum cached_engine_state {
 };
 
 struct cached_conn;
+struct cached_stream;
 
 struct cached_engine {
 	uint32_t id;
@@ -55,6 +62,8 @@ struct cached_engine {
 	int efd;                   /* its eventfd (io_uring wake-ups) */
 	uint32_t n_streams;
 	uint32_t restarts;
+	uint32_t drops_in_flight;  /* DROPs sent, DROPPED not yet back (<= CACHED_DROP_WINDOW) */
+	struct cached_stream *drop_head, *drop_tail; /* streams whose DROP waits for the window */
 	double started_at;
 	double restart_window_start;
 	int restarts_in_window;
@@ -72,8 +81,42 @@ struct cached_conn {
 	uint32_t n_streams;
 	struct cached_engine *engine; /* role engine */
 	int watching;              /* admin: receives ADMIN_EVENTs */
+	int doorbell_fd;           /* client: its doorbell page (-1: none yet) */
+	uint32_t n_queued;         /* client: its OPENs in the admission queue */
+	/* Messages the socket had no room for, in order (sent when it polls writable). */
+	struct cached_outmsg *out_head, *out_tail;
+	size_t out_bytes;
+	int overflow;              /* more than CACHED_OUT_MAX_BYTES unread: to be dropped */
 	int dead;
 	struct cached_conn *next;
+};
+
+/* A message waiting in a connection's output queue; its fds are the daemon's own copies. */
+struct cached_outmsg {
+	struct cached_outmsg *next;
+	uint16_t type;
+	uint32_t seq;
+	int n_fds;
+	int fds[SKV_MSG_MAX_FDS];
+	size_t len;
+	unsigned char body[];
+};
+
+/* Why a queued OPEN still waits: the reason its time-out gives. */
+enum cached_wait_reason {
+	CACHED_WAIT_ARENA = 1,     /* no arena has a free extent large enough */
+	CACHED_WAIT_LIMIT,         /* --max-streams streams hold KV */
+	CACHED_WAIT_ENGINE,        /* no engine is ready */
+};
+
+/* An OPEN in the admission queue (--admission queue): answered QUEUED, then OPENED or ERROR. */
+struct cached_pending {
+	struct cached_conn *client;
+	struct skv_msg_open open;
+	int client_efd;            /* the OPEN's eventfd, handed to the engine at placement */
+	double deadline;           /* CLOCK_MONOTONIC seconds: ERROR -ETIMEDOUT then */
+	enum cached_wait_reason reason;
+	struct cached_pending *next;
 };
 
 enum cached_stream_state {
@@ -95,6 +138,18 @@ struct cached_stream {
 	uint64_t rate_tokens;        /* tokens_seen at the previous admin listing */
 	double rate_time;
 	uint64_t evicted_reported;   /* tokens_evicted already announced to watchers */
+	int dropping;                /* DROP asked of the engine (sent or waiting for the window);
+				      * the region is freed when DROPPED comes back */
+	int drop_queued;             /* in its engine's drop queue, DROP not sent yet */
+	struct cached_stream *drop_next;
+	/* Idle time-out: a read-only view of the channel's header and ring indices (NULL when
+	 * the stream has no time-out), the indices at the last look and when they last moved. */
+	const void *chan_view;
+	size_t chan_view_bytes;
+	uint64_t chan_in_offset, chan_out_offset;
+	uint32_t idle_timeout_s;     /* 0: none */
+	uint32_t chan_seen[4];       /* in head, in tail, out head, out tail */
+	double active_at;
 	struct cached_stream *next;
 };
 
@@ -104,6 +159,9 @@ struct cached_stats {
 	uint64_t streams_failed;
 	uint64_t engine_restarts;
 	uint64_t tokens_evicted_closed; /* evictions of streams no longer in the table */
+	uint64_t opens_queued;       /* OPENs that waited in the admission queue */
+	uint64_t opens_timed_out;    /* ... and got ERROR -ETIMEDOUT */
+	uint64_t streams_idle_closed; /* streams failed by the idle time-out */
 };
 
 struct skv_arena;
@@ -121,6 +179,11 @@ struct cached {
 	int verbose;
 	enum skv_wait_backend wait_backend;
 	uint64_t instance;
+	uint64_t max_streams;      /* --max-streams: streams holding KV at once (0: no limit) */
+	int admission_queue;       /* --admission queue (else reject) */
+	uint32_t queue_timeout_s;  /* --queue-timeout */
+	uint32_t queue_max;        /* --queue-max */
+	uint32_t idle_timeout_s;   /* --idle-timeout (0: none) */
 	/* resources */
 	struct skv_model *model;
 	int weights_fd;
@@ -138,7 +201,14 @@ struct cached {
 	struct cached_conn *conns;
 	struct cached_stream *streams;
 	uint64_t n_streams;
+	uint64_t n_kv_streams;     /* streams holding a KV region (what --max-streams counts) */
+	uint64_t n_idle_tracked;   /* streams with an idle time-out */
 	uint64_t next_stream_id;
+	struct cached_pending *queue_head, *queue_tail; /* the admission queue, FIFO */
+	uint32_t n_queued;
+	int admission_dirty;       /* room may have come free: try the queue */
+	int overflowed;            /* some connection has overflow set */
+	double next_tick;          /* the once-a-second look at idle streams and evictions */
 	struct cached_stats stats;
 	double started_at;
 	unsigned watchers;
@@ -163,8 +233,42 @@ void cached_event(struct cached *d, uint32_t type, uint64_t stream_id, uint32_t 
 void cached_admin_tick(struct cached *d);
 /* Fold an exited engine's last statistics into d->retired. */
 void cached_admin_retire(struct cached *d, struct cached_engine *e);
+/* Send a message to a peer. A full socket does not lose it: it waits in the connection's
+ * output queue (fds duplicated) until the socket polls writable. Returns 0, -ENOBUFS when the
+ * peer left more than CACHED_OUT_MAX_BYTES unread (it is dropped after the current event), or
+ * -errno (-EPIPE: gone). */
 int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
 		     const int *fds, int n_fds);
 double cached_now(void);
+
+/* Place an OPEN now (daemon.c): resolve its policy, pick an engine with room, allocate the
+ * region, ASSIGN it and answer OPENED. Returns 0 when answered (OPENED), -ENOSPC / -EAGAIN when
+ * there is no room now (arena full or --max-streams reached / no engine ready: *reason says
+ * which) with nothing sent, or another error (why filled, nothing sent: the caller answers
+ * ERROR). client_efd stays the caller's. */
+int cached_place_stream(struct cached *d, struct cached_conn *c, const struct skv_msg_open *open,
+			int client_efd, enum cached_wait_reason *reason, char *why, size_t why_len);
+/* Check an OPEN without placing it: 0, or an error that placing would give whatever room
+ * came free (bad parameters, a stream larger than any arena), why filled. */
+int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
+		      size_t why_len);
+/* The idle time-out fired: FAILED -ETIMEDOUT to the client, DROP to the engine; the region
+ * is freed on DROPPED. */
+void cached_stream_idle_expire(struct cached *d, struct cached_stream *s);
+
+/* Admission control and idle time-outs (cached/admission.c). */
+/* An OPEN from a client: place it, queue it (--admission queue) or refuse it. */
+void cached_admission_open(struct cached *d, struct cached_conn *c,
+			   const struct skv_msg_open *open, int client_efd);
+/* Room may have come free: place queued OPENs in order while they fit. */
+void cached_admission_pump(struct cached *d);
+/* Answer ERROR -ETIMEDOUT to queued OPENs past their deadline. */
+void cached_admission_expire(struct cached *d, double now);
+/* The client is gone: forget its queued OPENs (their fds closed). */
+void cached_admission_forget(struct cached *d, struct cached_conn *c);
+/* Milliseconds epoll may sleep before a deadline or the next tick is due (-1: none). */
+int cached_timer_ms(struct cached *d, double now);
+/* Once a second: fail streams idle for their time-out. */
+void cached_idle_tick(struct cached *d, double now);
 
 #endif

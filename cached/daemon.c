@@ -97,15 +97,113 @@ static void cached_unwatch(struct cached *d, int fd)
 
 /* ---- sending ------------------------------------------------------------------------------ */
 
+/* Poll the connection for room (EPOLLOUT) only while its output queue holds something. */
+static void conn_want_out(struct cached *d, struct cached_conn *c, int on)
+{
+	struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0u),
+				  .data.fd = c->fd };
+	epoll_ctl(d->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void conn_free_out(struct cached_conn *c)
+{
+	for (struct cached_outmsg *m = c->out_head, *next; m; m = next) {
+		next = m->next;
+		for (int i = 0; i < m->n_fds; i++)
+			close(m->fds[i]);
+		free(m);
+	}
+	c->out_head = c->out_tail = NULL;
+	c->out_bytes = 0;
+}
+
+/* A message the socket has no room for: keep it, with our own copies of its fds (the caller
+ * closes its own). A burst (a thousand DROPs when a client dies, a thousand FAILEDs when an
+ * engine does) is larger than a socket buffer, and none of it may be lost. */
+static int conn_enqueue(struct cached *d, struct cached_conn *c, uint16_t type, uint32_t seq,
+			const void *body, const int *fds, int n_fds)
+{
+	size_t len = skv_msg_body_size(type);
+	if (c->out_bytes + len > CACHED_OUT_MAX_BYTES) {
+		c->overflow = 1;
+		d->overflowed = 1;
+		return -ENOBUFS;
+	}
+	struct cached_outmsg *m = malloc(sizeof(*m) + len);
+	if (!m)
+		return -ENOMEM;
+	m->next = NULL;
+	m->type = type;
+	m->seq = seq;
+	m->len = len;
+	m->n_fds = 0;
+	memcpy(m->body, body, len);
+	for (int i = 0; i < n_fds; i++) {
+		int fd = fcntl(fds[i], F_DUPFD_CLOEXEC, 0);
+		if (fd < 0) {
+			int err = -errno;
+			for (int k = 0; k < m->n_fds; k++)
+				close(m->fds[k]);
+			free(m);
+			return err;
+		}
+		m->fds[m->n_fds++] = fd;
+	}
+	if (c->out_tail)
+		c->out_tail->next = m;
+	else
+		c->out_head = m;
+	c->out_tail = m;
+	if (c->out_head == m)
+		conn_want_out(d, c, 1);
+	c->out_bytes += len;
+	return 0;
+}
+
 int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
 		     const int *fds, int n_fds)
 {
-	int err = skv_msg_send(c->fd, type, c->seq_out++, body, fds, n_fds);
+	if (c->fd < 0 || c->overflow)
+		return -EPIPE;
+	uint32_t seq = c->seq_out++;
+	/* Behind queued messages, a message waits its turn: order is part of the protocol. */
+	if (c->out_head)
+		return conn_enqueue(d, c, type, seq, body, fds, n_fds);
+	int err = skv_msg_send(c->fd, type, seq, body, fds, n_fds);
+	if (err == -EAGAIN || err == -EWOULDBLOCK)
+		return conn_enqueue(d, c, type, seq, body, fds, n_fds);
 	/* An engine sleeping in a futex does not see its socket: ring its doorbell too. */
 	if (!err && c->engine)
 		skv_wake(c->engine->doorbell, c->engine->efd);
-	(void)d;
 	return err;
+}
+
+/* The socket polls writable: send what waits, in order. */
+static void conn_flush(struct cached *d, struct cached_conn *c)
+{
+	int sent = 0;
+	while (c->fd >= 0 && c->out_head) {
+		struct cached_outmsg *m = c->out_head;
+		int err = skv_msg_send(c->fd, m->type, m->seq, m->body, m->fds, m->n_fds);
+		if (err == -EAGAIN || err == -EWOULDBLOCK)
+			break;
+		if (err < 0) {
+			cached_drop_conn(d, c);
+			return;
+		}
+		for (int i = 0; i < m->n_fds; i++)
+			close(m->fds[i]);
+		c->out_head = m->next;
+		if (!c->out_head)
+			c->out_tail = NULL;
+		c->out_bytes -= m->len;
+		free(m);
+		sent = 1;
+	}
+	if (c->fd >= 0 && !c->out_head)
+		conn_want_out(d, c, 0);
+	if (sent && c->engine)
+		skv_wake(c->engine->doorbell, c->engine->efd);
 }
 
 static void conn_error(struct cached *d, struct cached_conn *c, int code, const char *fmt, ...)
@@ -131,7 +229,61 @@ static struct cached_stream *stream_find(struct cached *d, uint64_t id)
 	return NULL;
 }
 
-/* The region goes back to the arena: only when no engine can touch it any more. */
+/* The idle time-out's view of the channel goes with the stream's KV. */
+static void stream_unwatch_idle(struct cached *d, struct cached_stream *s)
+{
+	if (!s->chan_view)
+		return;
+	munmap((void *)(uintptr_t)s->chan_view, s->chan_view_bytes);
+	s->chan_view = NULL;
+	d->n_idle_tracked--;
+}
+
+/* Take s out of its engine's queue of DROPs not sent yet. */
+static void stream_unqueue_drop(struct cached_stream *s)
+{
+	struct cached_engine *e = s->engine;
+	if (!s->drop_queued || !e)
+		return;
+	struct cached_stream *prev = NULL;
+	for (struct cached_stream *q = e->drop_head; q; prev = q, q = q->drop_next) {
+		if (q != s)
+			continue;
+		if (prev)
+			prev->drop_next = s->drop_next;
+		else
+			e->drop_head = s->drop_next;
+		if (e->drop_tail == s)
+			e->drop_tail = prev;
+		break;
+	}
+	s->drop_queued = 0;
+	s->drop_next = NULL;
+}
+
+/* The region goes back to the arena and the stream leaves its engine: only when no engine can
+ * touch the region any more (DROPPED came back, or the engine's process has exited). The
+ * table entry may stay (a failed stream waits for its client's CLOSE). */
+static void stream_release(struct cached *d, struct cached_stream *s)
+{
+	if (s->region_bytes) {
+		struct skv_kv_ring ring;
+		char *region = (char *)skv_arena_base(d->arenas[s->arena]) + s->region_offset;
+		if (skv_kv_ring_snapshot(skv_kv_region_ring(region), &ring, 64) == 0)
+			d->stats.tokens_evicted_closed += ring.tokens_evicted;
+		skv_arena_free(d->arenas[s->arena], s->region_offset);
+		s->region_bytes = 0;
+		d->n_kv_streams--;
+		d->admission_dirty = 1;
+	}
+	stream_unwatch_idle(d, s);
+	stream_unqueue_drop(s);
+	if (s->engine && s->engine->n_streams)
+		s->engine->n_streams--;
+	s->engine = NULL;
+	s->dropping = 0;
+}
+
 static void stream_destroy(struct cached *d, struct cached_stream *s)
 {
 	struct cached_stream **l = &d->streams;
@@ -139,17 +291,9 @@ static void stream_destroy(struct cached *d, struct cached_stream *s)
 		l = &(*l)->next;
 	if (*l)
 		*l = s->next;
-	if (s->region_bytes) {
-		struct skv_kv_ring ring;
-		char *region = (char *)skv_arena_base(d->arenas[s->arena]) + s->region_offset;
-		if (skv_kv_ring_snapshot(skv_kv_region_ring(region), &ring, 64) == 0)
-			d->stats.tokens_evicted_closed += ring.tokens_evicted;
-		skv_arena_free(d->arenas[s->arena], s->region_offset);
-	}
 	cached_event(d, SKV_EVENT_CLOSE, s->id, s->engine ? s->engine->id : UINT32_MAX, 0,
 		     "stream closed");
-	if (s->engine && s->engine->n_streams)
-		s->engine->n_streams--;
+	stream_release(d, s);
 	if (s->client && s->client->n_streams)
 		s->client->n_streams--;
 	d->n_streams--;
@@ -172,23 +316,134 @@ static void stream_fail(struct cached *d, struct cached_stream *s, int code, con
 	s->state = CACHED_STREAM_FAILED;
 }
 
-static struct cached_engine *cached_pick_engine(struct cached *d)
+static void stream_send_drop(struct cached *d, struct cached_stream *s)
 {
-	struct cached_engine *best = NULL;
-	for (unsigned i = 0; i < d->n_engines; i++) {
-		struct cached_engine *e = &d->engines[i];
-		if (e->state != CACHED_ENGINE_READY)
-			continue;
-		if (!best || e->n_streams < best->n_streams)
-			best = e;
-	}
-	return best;
+	struct skv_msg_stream m = { .stream_id = s->id };
+	s->engine->drops_in_flight++;
+	cached_conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
 }
 
-static int cached_make_channel(uint64_t stream_id, size_t *bytes)
+/* Ask the stream's (ready) engine to let go of it; DROPPED comes back, then the region is
+ * free. At most CACHED_DROP_WINDOW DROPs are unanswered per engine: a client with a thousand
+ * streams that dies would otherwise have the engine answer a thousand DROPPEDs at once, more
+ * than its socket buffer holds. The rest wait here, in order, for answers. */
+static void stream_drop(struct cached *d, struct cached_stream *s)
+{
+	struct cached_engine *e = s->engine;
+	if (s->dropping)
+		return;
+	s->dropping = 1;
+	if (e->drops_in_flight < CACHED_DROP_WINDOW) {
+		stream_send_drop(d, s);
+		return;
+	}
+	s->drop_queued = 1;
+	s->drop_next = NULL;
+	if (e->drop_tail)
+		e->drop_tail->drop_next = s;
+	else
+		e->drop_head = s;
+	e->drop_tail = s;
+}
+
+/* A DROPPED came back: send the DROPs that waited for the window. */
+static void engine_drop_acked(struct cached *d, struct cached_engine *e)
+{
+	if (e->drops_in_flight)
+		e->drops_in_flight--;
+	while (e->drop_head && e->drops_in_flight < CACHED_DROP_WINDOW && e->conn) {
+		struct cached_stream *s = e->drop_head;
+		e->drop_head = s->drop_next;
+		if (!e->drop_head)
+			e->drop_tail = NULL;
+		s->drop_queued = 0;
+		s->drop_next = NULL;
+		stream_send_drop(d, s);
+	}
+}
+
+/* The engine can answer no more DROPs: forget the window (its death frees the regions). */
+static void engine_drops_reset(struct cached_engine *e)
+{
+	for (struct cached_stream *s = e->drop_head, *next; s; s = next) {
+		next = s->drop_next;
+		s->drop_queued = 0;
+		s->drop_next = NULL;
+	}
+	e->drop_head = e->drop_tail = NULL;
+	e->drops_in_flight = 0;
+}
+
+void cached_stream_idle_expire(struct cached *d, struct cached_stream *s)
+{
+	char why[SKV_MSG_TEXT];
+	snprintf(why, sizeof(why), "idle for %u s: closed by the daemon's idle time-out",
+		 s->idle_timeout_s);
+	stream_fail(d, s, -ETIMEDOUT, why);
+	d->stats.streams_idle_closed++;
+	/* Nothing more to watch: it is going away. */
+	stream_unwatch_idle(d, s);
+	if (d->verbose)
+		cached_log("stream %llu: idle for %u s; dropping it", (unsigned long long)s->id,
+			   s->idle_timeout_s);
+	stream_drop(d, s);
+}
+
+/* The least loaded ready engine whose arena has room for bytes, with the region allocated
+ * there (*offset); NULL when none has (*any_ready says whether any engine is ready). With
+ * several nodes a full arena does not refuse a stream that another node's arena can take. */
+static struct cached_engine *cached_pick_engine(struct cached *d, uint64_t bytes,
+						uint64_t *offset, int *any_ready)
+{
+	uint64_t tried = 0; /* arenas found full, by index */
+	*any_ready = 0;
+	for (;;) {
+		struct cached_engine *best = NULL;
+		for (unsigned i = 0; i < d->n_engines; i++) {
+			struct cached_engine *e = &d->engines[i];
+			if (e->state != CACHED_ENGINE_READY)
+				continue;
+			*any_ready = 1;
+			if (tried & (1ull << e->arena))
+				continue;
+			if (!best || e->n_streams < best->n_streams)
+				best = e;
+		}
+		if (!best)
+			return NULL;
+		int64_t got = skv_arena_alloc(d->arenas[best->arena], bytes);
+		if (got >= 0) {
+			*offset = (uint64_t)got;
+			return best;
+		}
+		tried |= 1ull << best->arena;
+	}
+}
+
+/* A sealed page shared with peers: its size is fixed for good, so no peer can shrink it under
+ * another's mapping (a SIGBUS in the engine or the daemon). Returns the fd or -errno. */
+static int cached_make_page(const char *name, size_t bytes)
+{
+	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0)
+		return -errno;
+	if (ftruncate(fd, (off_t)bytes) < 0 ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+		int err = -errno;
+		close(fd);
+		return err;
+	}
+	return fd;
+}
+
+/* The stream's channel: a sealed memfd formatted here. With an idle time-out the daemon keeps a
+ * read-only view of its first bytes, up to the output ring's header, to see whether the ring
+ * indices move (the slots in between are never touched through it, so they cost no memory
+ * here). Returns the fd or -errno. */
+static int cached_make_channel(struct cached_stream *s, size_t *bytes)
 {
 	char name[64];
-	snprintf(name, sizeof(name), "skv-chan-%llu", (unsigned long long)stream_id);
+	snprintf(name, sizeof(name), "skv-chan-%llu", (unsigned long long)s->id);
 	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (fd < 0)
 		return -errno;
@@ -199,12 +454,28 @@ static int cached_make_channel(uint64_t stream_id, size_t *bytes)
 	    (p = mmap(NULL, *bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED)
 		err = -errno;
 	if (!err)
-		err = skv_chan_init(p, *bytes, stream_id);
+		err = skv_chan_init(p, *bytes, s->id);
+	if (!err) {
+		/* Our own numbers, read before any peer can see the memory. */
+		const struct skv_chan_hdr *h = p;
+		s->chan_in_offset = h->in_offset;
+		s->chan_out_offset = h->out_offset;
+	}
 	if (p != MAP_FAILED)
 		munmap(p, *bytes);
 	/* Its size is fixed for good: a peer cannot shrink it under the other's mapping. */
 	if (!err && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
 		err = -errno;
+	if (!err && s->idle_timeout_s) {
+		size_t view = s->chan_out_offset + sizeof(struct skv_ring_hdr);
+		void *v = mmap(NULL, view, PROT_READ, MAP_SHARED, fd, 0);
+		if (v == MAP_FAILED) {
+			err = -errno;
+		} else {
+			s->chan_view = v;
+			s->chan_view_bytes = view;
+		}
+	}
 	if (err) {
 		close(fd);
 		return err;
@@ -212,47 +483,91 @@ static int cached_make_channel(uint64_t stream_id, size_t *bytes)
 	return fd;
 }
 
-static void cached_open_stream(struct cached *d, struct cached_conn *c,
-			       const struct skv_msg_open *open, int client_efd)
+/* An OPEN's policy and the shape of its KV region; why gets the reason of a refusal. */
+static int open_resolve(struct cached *d, const struct skv_stream_params *in, struct skv_policy *p,
+			struct skv_kv_desc *desc, char *why, size_t why_len)
 {
 	char msg[256] = "";
-	struct skv_policy p;
-	skv_policy_default(&p);
-	const struct skv_stream_params *in = &open->params;
+	skv_policy_default(p);
 	if (in->policy > SKV_POLICY_RECOMPUTE || in->evict > SKV_EVICT_PROMPT ||
 	    !(in->temperature >= 0.0f && in->temperature <= 100.0f) || in->top_p != in->top_p) {
-		conn_error(d, c, -EINVAL, "OPEN: invalid policy or sampling parameters");
-		return;
+		snprintf(why, why_len, "OPEN: invalid policy or sampling parameters");
+		return -EINVAL;
 	}
-	p.kind = (enum skv_policy_kind)in->policy;
-	p.evict = (enum skv_evict_mode)in->evict;
-	p.sink_slots = in->sink_slots;
-	p.window_slots = in->window_slots;
-	p.abs_positions = in->abs_positions != 0;
-	int err = skv_policy_resolve(&p, d->model->cfg.seq_len, msg, sizeof(msg));
-	struct skv_kv_desc desc;
+	p->kind = (enum skv_policy_kind)in->policy;
+	p->evict = (enum skv_evict_mode)in->evict;
+	p->sink_slots = in->sink_slots;
+	p->window_slots = in->window_slots;
+	p->abs_positions = in->abs_positions != 0;
+	int err = skv_policy_resolve(p, d->model->cfg.seq_len, msg, sizeof(msg));
 	if (!err)
-		err = skv_kv_layout_init(&desc, (uint32_t)d->model->cfg.n_layers,
+		err = skv_kv_layout_init(desc, (uint32_t)d->model->cfg.n_layers,
 					 (uint32_t)d->model->cfg.n_kv_heads,
-					 (uint32_t)d->model->cfg.head_size, (uint32_t)p.sink_slots,
-					 (uint32_t)p.window_slots);
-	if (err) {
-		conn_error(d, c, err, "OPEN: %s", msg[0] ? msg : skv_strerror(err));
-		return;
+					 (uint32_t)d->model->cfg.head_size, (uint32_t)p->sink_slots,
+					 (uint32_t)p->window_slots);
+	if (err)
+		snprintf(why, why_len, "OPEN: %s", msg[0] ? msg : skv_strerror(err));
+	return err;
+}
+
+int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
+		      size_t why_len)
+{
+	struct skv_policy p;
+	struct skv_kv_desc desc;
+	int err = open_resolve(d, &open->params, &p, &desc, why, why_len);
+	if (err)
+		return err;
+	/* Larger than a whole arena: no amount of waiting makes room for it. */
+	uint64_t largest = 0;
+	for (unsigned a = 0; a < d->n_arenas; a++) {
+		struct skv_arena_heap_stats hs;
+		skv_arena_heap_stats(skv_arena_heap(d->arenas[a]), &hs);
+		largest = hs.heap_bytes > largest ? hs.heap_bytes : largest;
 	}
-	struct cached_engine *e = cached_pick_engine(d);
+	if (desc.region_bytes > largest) {
+		snprintf(why, why_len,
+			 "a stream of this policy needs %llu bytes of KV, more than a whole KV arena "
+			 "(%llu); start the daemon with a larger --arena-mb",
+			 (unsigned long long)desc.region_bytes, (unsigned long long)largest);
+		return -ENOSPC;
+	}
+	return 0;
+}
+
+int cached_place_stream(struct cached *d, struct cached_conn *c, const struct skv_msg_open *open,
+			int client_efd, enum cached_wait_reason *reason, char *why, size_t why_len)
+{
+	struct skv_policy p;
+	struct skv_kv_desc desc;
+	const struct skv_stream_params *in = &open->params;
+	int err = cached_check_open(d, open, why, why_len);
+	if (err)
+		return err == -ENOSPC ? -E2BIG : err; /* -ENOSPC means "wait" to the caller */
+	open_resolve(d, in, &p, &desc, why, why_len);
+	if (d->max_streams && d->n_kv_streams >= d->max_streams) {
+		*reason = CACHED_WAIT_LIMIT;
+		snprintf(why, why_len,
+			 "the daemon's stream limit (%llu) is reached: close a stream, or start "
+			 "skv-cached with a larger --max-streams",
+			 (unsigned long long)d->max_streams);
+		return -ENOSPC;
+	}
+	uint64_t offset = 0;
+	int any_ready;
+	struct cached_engine *e = cached_pick_engine(d, desc.region_bytes, &offset, &any_ready);
+	if (!e && !any_ready) {
+		*reason = CACHED_WAIT_ENGINE;
+		snprintf(why, why_len, "no engine is ready to serve a stream; try again");
+		return -EAGAIN;
+	}
 	if (!e) {
-		conn_error(d, c, -EAGAIN, "no engine is ready to serve a stream; try again");
-		return;
-	}
-	int64_t got = skv_arena_alloc(d->arenas[e->arena], desc.region_bytes);
-	uint64_t offset = got < 0 ? 0 : (uint64_t)got;
-	if (got < 0) {
-		conn_error(d, c, -ENOSPC,
-			   "the KV arena of node %d is full: a stream needs %llu bytes; close streams "
-			   "or start the daemon with a larger --arena-mb",
-			   e->node, (unsigned long long)desc.region_bytes);
-		return;
+		*reason = CACHED_WAIT_ARENA;
+		snprintf(why, why_len,
+			 "the KV arena%s full: a stream needs %llu bytes; close streams or start the "
+			 "daemon with a larger --arena-mb",
+			 d->n_arenas > 1 ? "s are" : " is", (unsigned long long)desc.region_bytes);
+		return -ENOSPC;
 	}
 	/* Lay the region out before anyone sees it: descriptor, empty ring. */
 	char *region = (char *)skv_arena_base(d->arenas[e->arena]) + offset;
@@ -261,14 +576,22 @@ static void cached_open_stream(struct cached *d, struct cached_conn *c,
 
 	struct cached_stream *s = calloc(1, sizeof(*s));
 	size_t chan_bytes = 0;
-	int chan_fd = s ? cached_make_channel(d->next_stream_id, &chan_bytes) : -ENOMEM;
-	if (!s || chan_fd < 0) {
+	int chan_fd = -ENOMEM;
+	if (s) {
+		s->id = d->next_stream_id;
+		s->idle_timeout_s = in->idle_timeout_s ? in->idle_timeout_s : d->idle_timeout_s;
+		if (s->idle_timeout_s > CACHED_IDLE_MAX_S)
+			s->idle_timeout_s = CACHED_IDLE_MAX_S;
+		chan_fd = cached_make_channel(s, &chan_bytes);
+	}
+	if (chan_fd < 0) {
 		skv_arena_free(d->arenas[e->arena], offset);
 		free(s);
-		conn_error(d, c, chan_fd < 0 ? chan_fd : -ENOMEM, "cannot create the stream's channel");
-		return;
+		snprintf(why, why_len, "cannot create the stream's channel: %s",
+			 skv_strerror(chan_fd));
+		return chan_fd;
 	}
-	s->id = d->next_stream_id++;
+	d->next_stream_id++;
 	s->client = c;
 	s->engine = e;
 	s->arena = e->arena;
@@ -277,40 +600,53 @@ static void cached_open_stream(struct cached *d, struct cached_conn *c,
 	s->params = *in;
 	s->params.sink_slots = p.sink_slots;
 	s->params.window_slots = p.window_slots;
+	s->params.idle_timeout_s = s->idle_timeout_s;
 	s->state = CACHED_STREAM_OPEN;
-	s->opened_at = s->rate_time = cached_now();
-	s->next = d->streams;
-	d->streams = s;
-	d->n_streams++;
-	d->stats.streams_opened++;
-	e->n_streams++;
-	c->n_streams++;
+	s->opened_at = s->rate_time = s->active_at = cached_now();
+	if (s->chan_view)
+		d->n_idle_tracked++;
 
 	struct skv_msg_assign a = { .stream_id = s->id, .params = s->params,
 				    .region_offset = offset, .region_bytes = desc.region_bytes,
 				    .channel_bytes = chan_bytes };
-	int fds_e[2] = { chan_fd, client_efd };
-	err = cached_conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 2);
-	if (!err) {
-		struct skv_msg_opened o = { .stream_id = s->id, .engine_id = e->id,
-					    .node = (uint32_t)(e->node < 0 ? 0 : e->node),
-					    .sink_slots = p.sink_slots,
-					    .window_slots = p.window_slots,
-					    .channel_bytes = chan_bytes,
-					    .kv_bytes = desc.region_bytes };
-		int fds_c[3] = { chan_fd, e->doorbell_fd, e->efd };
-		err = cached_conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
-	} else {
-		/* The engine is going away; its death handling frees the region. */
-		stream_fail(d, s, -EPIPE, "the engine went away while the stream was opening");
+	int fds_e[3] = { chan_fd, client_efd, c->doorbell_fd };
+	err = cached_conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 3);
+	if (err) {
+		/* Not delivered: the engine is going away and never learns of the region, which is
+		 * ours again at once. */
+		close(chan_fd);
+		if (s->chan_view) {
+			munmap((void *)(uintptr_t)s->chan_view, s->chan_view_bytes);
+			d->n_idle_tracked--;
+		}
+		skv_arena_free(d->arenas[e->arena], offset);
+		free(s);
+		*reason = CACHED_WAIT_ENGINE;
+		snprintf(why, why_len, "the engine went away while the stream was opening; try again");
+		return -EAGAIN;
 	}
+	s->next = d->streams;
+	d->streams = s;
+	d->n_streams++;
+	d->n_kv_streams++;
+	d->stats.streams_opened++;
+	e->n_streams++;
+	c->n_streams++;
+	struct skv_msg_opened o = { .stream_id = s->id, .engine_id = e->id,
+				    .node = (uint32_t)(e->node < 0 ? 0 : e->node),
+				    .sink_slots = p.sink_slots, .window_slots = p.window_slots,
+				    .channel_bytes = chan_bytes, .kv_bytes = desc.region_bytes };
+	int fds_c[3] = { chan_fd, e->doorbell_fd, e->efd };
+	cached_conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
 	close(chan_fd);
 	cached_event(d, SKV_EVENT_OPEN, s->id, e->id, 0, "%s, %lld sinks, window %lld",
 		     skv_policy_name(p.kind), (long long)p.sink_slots, (long long)p.window_slots);
 	if (d->verbose)
-		cached_log("stream %llu opened on engine %u (%s, %lld sinks, window %lld)",
+		cached_log("stream %llu opened on engine %u (%s, %lld sinks, window %lld%s)",
 			   (unsigned long long)s->id, e->id, skv_policy_name(p.kind),
-			   (long long)p.sink_slots, (long long)p.window_slots);
+			   (long long)p.sink_slots, (long long)p.window_slots,
+			   s->idle_timeout_s ? ", idle time-out" : "");
+	return 0;
 }
 
 static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_t id)
@@ -479,9 +815,9 @@ int cached_engine_prepare(struct cached_engine *e)
 {
 	char name[32];
 	snprintf(name, sizeof(name), "skv-doorbell-%u", e->id);
-	e->doorbell_fd = memfd_create(name, MFD_CLOEXEC);
-	if (e->doorbell_fd < 0 || ftruncate(e->doorbell_fd, SKV_DOORBELL_BYTES) < 0)
-		return -errno;
+	e->doorbell_fd = cached_make_page(name, SKV_DOORBELL_BYTES);
+	if (e->doorbell_fd < 0)
+		return e->doorbell_fd;
 	e->doorbell = mmap(NULL, SKV_DOORBELL_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED,
 			   e->doorbell_fd, 0);
 	if (e->doorbell == MAP_FAILED) {
@@ -579,6 +915,9 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 	cached_unwatch(d, c->fd);
 	close(c->fd);
 	c->fd = -1;
+	if (c->doorbell_fd >= 0)
+		close(c->doorbell_fd);
+	c->doorbell_fd = -1;
 	if (c->engine) {
 		cached_engine_lost(d, c->engine);
 		c->engine = NULL;
@@ -646,6 +985,7 @@ static void cached_accept(struct cached *d)
 			continue;
 		}
 		c->fd = fd;
+		c->doorbell_fd = -1;
 		c->peer_pid = (uint32_t)cred.pid;
 		c->peer_uid = cred.uid;
 		c->next = d->conns;
@@ -685,7 +1025,23 @@ static void cached_hello(struct cached *d, struct cached_conn *c, const struct s
 					       .role = h->role, .instance = d->instance };
 		snprintf(ok.model_path, sizeof(ok.model_path), "%s", d->model_path);
 		snprintf(ok.tokenizer_path, sizeof(ok.tokenizer_path), "%s", d->tokenizer_path);
-		if (cached_conn_send(d, c, SKV_MSG_HELLO_OK, &ok, NULL, 0) < 0)
+		if (h->role == SKV_ROLE_ADMIN) {
+			if (cached_conn_send(d, c, SKV_MSG_HELLO_OK, &ok, NULL, 0) < 0)
+				cached_drop_conn(d, c);
+			return;
+		}
+		/* A client's doorbell: the wake word all its streams' engines ring. */
+		char name[48];
+		snprintf(name, sizeof(name), "skv-client-doorbell-%u", c->peer_pid);
+		if (c->doorbell_fd < 0)
+			c->doorbell_fd = cached_make_page(name, SKV_CLIENT_DOORBELL_BYTES);
+		if (c->doorbell_fd < 0) {
+			conn_error(d, c, c->doorbell_fd, "cannot create the client's doorbell: %s",
+				   skv_strerror(c->doorbell_fd));
+			cached_drop_conn(d, c);
+			return;
+		}
+		if (cached_conn_send(d, c, SKV_MSG_HELLO_OK, &ok, &c->doorbell_fd, 1) < 0)
 			cached_drop_conn(d, c);
 		return;
 	}

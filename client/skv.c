@@ -587,26 +587,39 @@ static struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struc
 	int err = skv_client_connect(o->socket_path, c, msg, sizeof(msg));
 	if (err < 0)
 		skv_die(1, "%s", msg);
-	struct skv_stream_params p;
-	skv_client_params_default(&p);
-	p.policy = (uint32_t)o->policy.kind;
-	p.evict = (uint32_t)o->policy.evict;
-	p.sink_slots = o->policy.sink_slots;
-	p.window_slots = o->policy.window_slots;
-	p.abs_positions = (uint32_t)o->policy.abs_positions;
-	p.temperature = o->temperature;
-	p.top_p = o->top_p;
-	p.seed = seed;
+	skv_client_opts *co;
+	if (skv_client_opts_new(&co) < 0)
+		skv_die(1, "out of memory");
+	/* The flags were checked when parsed; the daemon checks them against the model. */
+	if (skv_client_opts_policy(co, (enum skv_client_policy)o->policy.kind) < 0 ||
+	    skv_client_opts_evict(co, (enum skv_client_evict)o->policy.evict) < 0 ||
+	    skv_client_opts_sinks(co, o->policy.sink_slots) < 0 ||
+	    skv_client_opts_window(co, o->policy.window_slots) < 0 ||
+	    skv_client_opts_abs_positions(co, o->policy.abs_positions) < 0 ||
+	    skv_client_opts_sampling(co, o->temperature, o->top_p, seed) < 0)
+		skv_die(SKV_EXIT_USAGE, "invalid stream options");
 	struct skv_client_stream *s;
-	err = skv_client_stream_open(*c, &p, &s, msg, sizeof(msg));
+	err = skv_client_stream_open(*c, co, &s);
+	skv_client_opts_free(co);
 	if (err < 0)
-		skv_die(err == -EINVAL || err == -SKV_EINVAL_POLICY ? SKV_EXIT_USAGE : 1, "%s", msg);
+		skv_die(err == -EINVAL || err == -SKV_EINVAL_POLICY ? SKV_EXIT_USAGE : 1, "%s",
+			skv_client_last_error(*c));
 	return s;
 }
 
-static void skv_remote_error(const struct skv_chan_msg *m)
+/* Print a stream's prompt echo and tokens as they come, until its request ends. */
+static int skv_remote_print(struct skv_client_stream *s, const struct skv_client_event *ev,
+			    void *arg)
 {
-	skv_die(1, "%.*s", (int)(m->n < SKV_CHAN_DATA ? m->n : SKV_CHAN_DATA), (const char *)m->data);
+	(void)s;
+	(void)arg;
+	if (ev->type == SKV_CLIENT_EV_PROMPT || ev->type == SKV_CLIENT_EV_TOKEN) {
+		fwrite(ev->text, 1, ev->len, stdout);
+		fflush(stdout);
+	} else if (ev->type == SKV_CLIENT_EV_ERROR) {
+		skv_die(1, "%.*s", (int)ev->len, ev->text);
+	}
+	return 0;
 }
 
 static int skv_remote_generate(struct skv_opts *o, int argc, char **argv)
@@ -618,25 +631,11 @@ static int skv_remote_generate(struct skv_opts *o, int argc, char **argv)
 	struct skv_client *c;
 	uint64_t seed = o->have_seed ? o->seed : (uint64_t)time(NULL);
 	struct skv_client_stream *s = skv_remote_open(o, &c, seed);
-	char msg[512] = "";
-	int err = skv_client_stream_request(s, prompt, strlen(prompt), SKV_CHAN_GENERATE,
-					    (uint64_t)o->steps, msg, sizeof(msg));
+	int err = skv_client_stream_generate(s, prompt, strlen(prompt), (uint64_t)o->steps, 0);
+	if (!err)
+		err = skv_client_stream_run(s, skv_remote_print, NULL);
 	if (err < 0)
-		skv_die(1, "%s", msg);
-	for (;;) {
-		struct skv_chan_msg m;
-		err = skv_client_stream_next(s, &m, -1, msg, sizeof(msg));
-		if (err < 0)
-			skv_die(1, "%s", msg);
-		if (m.type == SKV_CHAN_ECHO || m.type == SKV_CHAN_TOKEN) {
-			fwrite(m.data, 1, m.n < SKV_CHAN_DATA ? m.n : SKV_CHAN_DATA, stdout);
-			fflush(stdout);
-		} else if (m.type == SKV_CHAN_DONE) {
-			break;
-		} else if (m.type == SKV_CHAN_ERROR) {
-			skv_remote_error(&m);
-		}
-	}
+		skv_die(1, "%s", skv_client_last_error(c));
 	fputc('\n', stdout);
 	skv_client_stream_close(s);
 	skv_client_disconnect(c);
@@ -653,28 +652,24 @@ static int skv_remote_ppl(struct skv_opts *o, int argc, char **argv)
 		skv_die(1, "%s: no text to score", argv[0]);
 	struct skv_client *c;
 	struct skv_client_stream *s = skv_remote_open(o, &c, 1);
-	char msg[512] = "";
-	int err = skv_client_stream_request(s, text, len, SKV_CHAN_SCORE,
-					    o->max_tokens > 0 ? (uint64_t)o->max_tokens : 0, msg,
-					    sizeof(msg));
+	int err = skv_client_stream_score(s, text, len,
+					  o->max_tokens > 0 ? (uint64_t)o->max_tokens : 0);
 	if (err < 0)
-		skv_die(1, "%s", msg);
+		skv_die(1, "%s", skv_client_last_error(c));
 	free(text);
-	struct skv_chan_msg m;
+	struct skv_client_event ev;
 	do {
-		err = skv_client_stream_next(s, &m, -1, msg, sizeof(msg));
+		err = skv_client_stream_read(s, &ev, -1);
 		if (err < 0)
-			skv_die(1, "%s", msg);
-		if (m.type == SKV_CHAN_ERROR)
-			skv_remote_error(&m);
-	} while (m.type != SKV_CHAN_SCORED);
-	double nll;
-	memcpy(&nll, m.data, sizeof(nll));
-	size_t predictions = (size_t)m.arg;
-	double ppl = exp(nll / (double)predictions);
-	int64_t sinks, window;
-	skv_client_stream_info(s, &sinks, &window, NULL);
-	skv_print_ppl(o, ppl, predictions, o->policy.kind, sinks, window, o->policy.abs_positions);
+			skv_die(1, "%s", skv_client_last_error(c));
+		if (ev.type == SKV_CLIENT_EV_ERROR)
+			skv_die(1, "%.*s", (int)ev.len, ev.text);
+	} while (ev.type != SKV_CLIENT_EV_SCORED);
+	double ppl = exp(ev.nll / (double)ev.count);
+	struct skv_client_stream_info info;
+	skv_client_stream_info(s, &info);
+	skv_print_ppl(o, ppl, (size_t)ev.count, o->policy.kind, info.sinks, info.window,
+		      o->policy.abs_positions);
 	skv_client_stream_close(s);
 	skv_client_disconnect(c);
 	return 0;

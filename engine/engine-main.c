@@ -25,6 +25,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -61,6 +62,8 @@ struct eng_stream {
 	size_t chan_bytes;
 	struct skv_chan chan;
 	int client_efd;
+	struct skv_wake_word *client_word; /* in the client's doorbell page: ring it */
+	uint32_t epoch;           /* of the request in progress (skv_chan_msg.epoch) */
 	enum eng_state state;
 	char *text;               /* pending prompt bytes */
 	size_t text_len, text_cap;
@@ -74,8 +77,10 @@ struct eng_stream {
 	uint64_t predictions;     /* SCORE: how many next-token predictions to score */
 	double nll;
 	float *logits;            /* [vocab] */
-	struct skv_chan_msg out_pending[4]; /* messages waiting for room in the output ring */
-	int n_out_pending;
+	struct skv_chan_msg *out_pending; /* messages waiting for room in the output ring (a
+					   * prompt's echo can outgrow the ring): nothing is dropped */
+	size_t n_out_pending, cap_out_pending;
+	uint32_t cancel_now;      /* hdr->cancel as read at the start of this step */
 	int in_batch;             /* rows this stream has in the step being built */
 	int emitted;              /* output went out since the client was last rung */
 	int broken;               /* its client corrupted the channel: served no more */
@@ -160,14 +165,25 @@ static void stream_emit(struct engine *e, struct eng_stream *st, const struct sk
 			return;
 		}
 	}
-	if (st->n_out_pending < (int)(sizeof(st->out_pending) / sizeof(*st->out_pending)))
-		st->out_pending[st->n_out_pending++] = *m;
+	if (st->n_out_pending == st->cap_out_pending) {
+		size_t cap = st->cap_out_pending ? 2 * st->cap_out_pending : 64;
+		struct skv_chan_msg *q = realloc(st->out_pending, cap * sizeof(*q));
+		if (!q) {
+			/* Cannot keep it: fail the stream rather than lose output silently. */
+			st->broken = 1;
+			return;
+		}
+		st->out_pending = q;
+		st->cap_out_pending = cap;
+	}
+	st->out_pending[st->n_out_pending++] = *m;
 }
 
 /* Try to flush queued messages; returns 1 if the queue is empty afterwards. */
 static int stream_flush(struct eng_stream *st)
 {
-	int i = 0, err = 0;
+	size_t i = 0;
+	int err = 0;
 	while (i < st->n_out_pending && (err = skv_ring_push(&st->chan.out, &st->out_pending[i])) == 0)
 		i++;
 	if (err && err != -EAGAIN) {
@@ -177,7 +193,7 @@ static int stream_flush(struct eng_stream *st)
 	if (i) {
 		st->emitted = 1;
 		memmove(st->out_pending, st->out_pending + i,
-			(size_t)(st->n_out_pending - i) * sizeof(*st->out_pending));
+			(st->n_out_pending - i) * sizeof(*st->out_pending));
 		st->n_out_pending -= i;
 	}
 	if (st->n_out_pending) {
@@ -203,7 +219,7 @@ static void stream_emit_bytes(struct engine *e, struct eng_stream *st, uint32_t 
 		size_t n = len - off < SKV_CHAN_DATA ? len - off : SKV_CHAN_DATA;
 		memcpy(m.data, bytes + off, n);
 		m.n = (uint32_t)n;
-		m.flags = off ? 1 : 0; /* 1: continues the previous message's bytes */
+		m.flags = (off ? SKV_CHAN_CONTINUES : 0) | (off + n < len ? SKV_CHAN_MORE : 0);
 		stream_emit(e, st, &m);
 		off += n;
 	} while (off < len);
@@ -211,12 +227,7 @@ static void stream_emit_bytes(struct engine *e, struct eng_stream *st, uint32_t 
 
 static void stream_error(struct engine *e, struct eng_stream *st, int code, const char *text)
 {
-	struct skv_chan_msg m = { .type = SKV_CHAN_ERROR, .arg = (uint64_t)(int64_t)code };
-	size_t n = strlen(text);
-	n = n < SKV_CHAN_DATA ? n : SKV_CHAN_DATA;
-	memcpy(m.data, text, n);
-	m.n = (uint32_t)n;
-	stream_emit(e, st, &m);
+	stream_emit_bytes(e, st, SKV_CHAN_ERROR, (uint64_t)(int64_t)code, text, strlen(text));
 	st->state = ENG_IDLE;
 	st->text_len = 0;
 }
@@ -233,6 +244,9 @@ static void stream_free(struct eng_stream *st)
 		munmap(st->chan_map, st->chan_bytes);
 	if (st->client_efd >= 0)
 		close(st->client_efd);
+	if (st->client_word)
+		munmap(st->client_word, SKV_CLIENT_DOORBELL_BYTES);
+	free(st->out_pending);
 	free(st->text);
 	free(st->ids);
 	free(st->logits);
@@ -252,7 +266,7 @@ static struct eng_stream *engine_find(struct engine *e, uint64_t id, struct eng_
 }
 
 static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int chan_fd,
-			 int client_efd, char *msg, size_t msg_len)
+			 int client_efd, int doorbell_fd, char *msg, size_t msg_len)
 {
 	if (engine_find(e, a->stream_id, NULL))
 		return skv_errorf(msg, msg_len, -EEXIST, "stream %llu assigned twice",
@@ -273,6 +287,15 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 	st->chan_bytes = a->channel_bytes;
 	st->chan_map = mmap(NULL, st->chan_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, chan_fd, 0);
 	int err;
+	/* The client's doorbell page, made and sealed by the daemon. */
+	st->client_word = mmap(NULL, SKV_CLIENT_DOORBELL_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED,
+			       doorbell_fd, 0);
+	if (st->client_word == MAP_FAILED) {
+		st->client_word = NULL;
+		err = skv_errorf(msg, msg_len, -errno, "stream %llu: cannot map its doorbell: %s",
+				 (unsigned long long)a->stream_id, strerror(errno));
+		goto fail;
+	}
 	if (st->chan_map == MAP_FAILED) {
 		st->chan_map = NULL;
 		err = skv_errorf(msg, msg_len, -errno, "stream %llu: cannot map its channel: %s",
@@ -326,6 +349,14 @@ fail:
 /* Tokenize the pending text and start a request. */
 static void stream_start(struct engine *e, struct eng_stream *st, const struct skv_chan_msg *m)
 {
+	st->epoch = m->epoch;
+	if ((int32_t)(st->cancel_now - m->epoch) > 0) {
+		/* Cancelled before it started: drop its text, end it at once. */
+		struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .flags = SKV_DONE_CANCELLED };
+		stream_emit(e, st, &done);
+		st->text_len = 0;
+		return;
+	}
 	int first = skv_stream_tokens_seen(st->s) == 0;
 	free(st->ids);
 	st->ids = NULL;
@@ -409,7 +440,7 @@ static void stream_take_input(struct engine *e, struct eng_stream *st)
 	/* A client blocked on a full input ring waits for this. */
 	if (took && __atomic_load_n(&st->chan.hdr->client_wants_room, __ATOMIC_SEQ_CST)) {
 		__atomic_store_n(&st->chan.hdr->client_wants_room, 0, __ATOMIC_RELAXED);
-		skv_ring_wake(&st->chan.out, st->client_efd);
+		skv_wake(st->client_word, st->client_efd);
 	}
 }
 
@@ -513,8 +544,24 @@ static void engine_ring_clients(struct engine *e)
 	for (struct eng_stream *st = e->streams; st; st = st->next)
 		if (st->emitted) {
 			st->emitted = 0;
-			skv_ring_wake(&st->chan.out, st->client_efd);
+			skv_wake(st->client_word, st->client_efd);
 		}
+}
+
+/* Make st the head of the stream list, the streams before it moving to the tail in order. */
+static void engine_rotate(struct engine *e, struct eng_stream *st)
+{
+	if (e->streams == st)
+		return;
+	struct eng_stream **l = &e->streams;
+	while (*l != st)
+		l = &(*l)->next;
+	*l = NULL; /* the part before st ends here */
+	struct eng_stream *tail = st;
+	while (tail->next)
+		tail = tail->next;
+	tail->next = e->streams;
+	e->streams = st;
 }
 
 /* Gather every runnable stream's work into one forward pass. Returns rows run (0: idle). */
@@ -522,8 +569,21 @@ static int engine_step(struct engine *e)
 {
 	uint32_t n_items = 0, rows = 0;
 	int ran = 0;
+	struct eng_stream *stop_at = NULL; /* the first stream that did not fit */
 	for (struct eng_stream *st = e->streams; st; st = st->next) {
+		/* Read the cancel word before the input: a request sent before a cancel is then
+		 * visible to stream_take_input (the client bumps it with release order). */
+		st->cancel_now = __atomic_load_n(&st->chan.hdr->cancel, __ATOMIC_ACQUIRE);
 		stream_take_input(e, st);
+		if (st->state != ENG_IDLE && (int32_t)(st->cancel_now - st->epoch) > 0) {
+			struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
+						     .flags = SKV_DONE_CANCELLED };
+			if (st->state == ENG_SCORE)
+				done.arg = 0;
+			stream_emit(e, st, &done);
+			st->state = ENG_IDLE;
+			stream_take_input(e, st);
+		}
 		st->in_batch = 0;
 		if (st->broken == 1) {
 			/* Tell the daemon once; it fails the stream to its client, whose CLOSE
@@ -556,8 +616,10 @@ static int engine_step(struct engine *e)
 			n = 1;
 			tokens = st->ids + st->fed;
 		}
-		if (rows + n > ENGINE_MAX_ROWS || n_items == ENGINE_MAX_ROWS)
+		if (rows + n > ENGINE_MAX_ROWS || n_items == ENGINE_MAX_ROWS) {
+			stop_at = st;
 			break;
+		}
 		skv_stream_item(st->s, tokens, n, st->logits, &e->items[n_items]);
 		e->item_stream[n_items++] = st;
 		st->in_batch = (int)n;
@@ -572,6 +634,10 @@ static int engine_step(struct engine *e)
 		return ran;
 	}
 
+	/* More work than one step holds: the streams that did not fit go first next time, so
+	 * every stream advances within ceil(streams / ENGINE_MAX_ROWS) steps. */
+	if (stop_at)
+		engine_rotate(e, stop_at);
 	int err = skv_forward(e->runner, e->items, n_items);
 	if (err < 0) {
 		/* A stream-level refusal (dense cache full, a bad token) fails that stream alone:
@@ -654,12 +720,14 @@ static int engine_control(struct engine *e)
 		char msg[256] = "";
 		switch (hdr.type) {
 		case SKV_MSG_ASSIGN: {
-			int err = n_fds == 2 ? engine_assign(e, &body.assign, fds[0], fds[1], msg,
-							     sizeof(msg))
+			int err = n_fds == 3 ? engine_assign(e, &body.assign, fds[0], fds[1],
+							     fds[2], msg, sizeof(msg))
 					     : -SKV_EFORMAT;
 			if (n_fds >= 1)
 				close(fds[0]);
-			if (n_fds != 2)
+			if (n_fds == 3)
+				close(fds[2]);
+			else
 				for (int i = 1; i < n_fds; i++)
 					close(fds[i]);
 			if (err < 0) {
@@ -915,6 +983,13 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	signal(SIGPIPE, SIG_IGN);
+	/* Each stream costs the engine one fd (its client's eventfd): a thousand streams need
+	 * more than the usual soft limit of 1024. */
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+		nofile.rlim_cur = nofile.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &nofile);
+	}
 	if (cpus && engine_pin(cpus) < 0) {
 		engine_log("--cpus: cannot pin to '%s'", cpus);
 		return 2;

@@ -10,7 +10,7 @@
  * client sleeps on the wake word of its output ring. Either side that waits for room in a full
  * ring sets its *_wants_room flag first, and the other side wakes it after it frees a slot.
  *
- * Who writes what: in_ring head, client_wants_room: the client. in_ring tail, out_ring head,
+ * Who writes what: in_ring head, client_wants_room, cancel: the client. in_ring tail, out_ring head,
  * engine_wants_room: the engine. out_ring tail and its wake word: the client. */
 #ifndef SKV_CHANNEL_H
 #define SKV_CHANNEL_H
@@ -36,7 +36,8 @@ struct skv_chan_hdr {
 	uint64_t stream_id;
 	uint8_t pad0[SKV_CACHE_LINE - 56];
 	uint32_t client_wants_room; /* client: set before it sleeps on a full input ring */
-	uint8_t pad1[SKV_CACHE_LINE - 4];
+	uint32_t cancel;            /* client: bumped to cancel the request in progress */
+	uint8_t pad1[SKV_CACHE_LINE - 8];
 	uint32_t engine_wants_room; /* engine: set while its output ring is full */
 	uint8_t pad2[SKV_CACHE_LINE - 4];
 };
@@ -55,17 +56,30 @@ enum skv_chan_type {
 	SKV_CHAN_ECHO = 20,       /* the prompt's tokens as the engine decoded them (for echo) */
 };
 
+/* A client's doorbell: one sealed page per client connection, made by the daemon at HELLO and
+ * mapped by the client and by every engine serving one of its streams. It holds the client's
+ * wake word: the client sleeps on it (with its one eventfd) for all its streams at once, and an
+ * engine rings it after writing any of them, so one wake-up system call serves all the streams
+ * of a client that moved in a step. (The output ring's own wake word is unused.) */
+#define SKV_CLIENT_DOORBELL_BYTES 4096u
+
+/* Flags of TOKEN, ECHO and ERROR messages, whose bytes may span several messages. */
+#define SKV_CHAN_CONTINUES 1u /* continues the previous message's bytes */
+#define SKV_CHAN_MORE 2u      /* the next message continues this one's bytes */
+
 /* Flags of a GENERATE request. */
 #define SKV_GEN_IGNORE_BOS 1u /* do not stop at BOS: stream on (endless streams, benchmarks) */
 
 #define SKV_DONE_LENGTH 0u  /* generated the requested number of tokens */
 #define SKV_DONE_BOS 1u     /* the model produced BOS (llama2.c's end of story) */
+#define SKV_DONE_CANCELLED 2u /* the client cancelled it (hdr->cancel) */
+#define SKV_CHAN_DONE_MASK 3u /* DONE: flags & this is the reason */
 
 struct skv_chan_msg {
 	uint32_t type;
 	uint32_t flags;
 	uint32_t n;        /* bytes used in data */
-	uint32_t reserved;
+	uint32_t epoch;    /* GENERATE/SCORE: hdr->cancel when sent; a later cancel stops it */
 	uint64_t arg;
 	uint8_t data[SKV_CHAN_DATA];
 };

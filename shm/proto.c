@@ -37,6 +37,7 @@ static const struct {
 	[SKV_MSG_ADMIN_END] = { "ADMIN_END", sizeof(struct skv_admin_end) },
 	[SKV_MSG_ADMIN_EVENT] = { "ADMIN_EVENT", sizeof(struct skv_admin_event) },
 	[SKV_MSG_ADMIN_HIST] = { "ADMIN_HIST", sizeof(struct skv_admin_hist) },
+	[SKV_MSG_QUEUED] = { "QUEUED", sizeof(struct skv_msg_queued) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

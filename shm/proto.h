@@ -21,14 +21,15 @@
 #include <stdint.h>
 
 #define SKV_PROTO_MAGIC 0x50564b53u /* "SKVP" */
-#define SKV_PROTO_MAJOR 1
+#define SKV_PROTO_MAJOR 2
 #define SKV_PROTO_MINOR 0
 #define SKV_MSG_MAX_FDS 4
 #define SKV_MSG_TEXT 192
 
 enum skv_msg_type {
 	SKV_MSG_HELLO = 1,          /* peer -> daemon: struct skv_msg_hello */
-	SKV_MSG_HELLO_OK = 2,       /* daemon -> peer: struct skv_msg_hello_ok (+ fds, engines) */
+	SKV_MSG_HELLO_OK = 2,       /* daemon -> peer: struct skv_msg_hello_ok (+ fds: engines get
+				     * theirs; a client gets its doorbell page, channel.h) */
 	SKV_MSG_ERROR = 3,          /* either way: struct skv_msg_error, then the sender drops */
 	SKV_MSG_OPEN = 4,           /* client -> daemon: struct skv_msg_open + fd: client eventfd */
 	SKV_MSG_OPENED = 5,         /* daemon -> client: struct skv_msg_opened + fds: channel,
@@ -37,7 +38,7 @@ enum skv_msg_type {
 	SKV_MSG_CLOSED = 7,         /* daemon -> client: struct skv_msg_stream */
 	SKV_MSG_FAILED = 8,         /* daemon -> client: struct skv_msg_failed */
 	SKV_MSG_ASSIGN = 9,         /* daemon -> engine: struct skv_msg_assign + fds: channel,
-				     * client eventfd */
+				     * client eventfd, client doorbell page */
 	SKV_MSG_DROP = 10,          /* daemon -> engine: struct skv_msg_stream */
 	SKV_MSG_DROPPED = 11,       /* engine -> daemon: struct skv_msg_stream */
 	SKV_MSG_STREAM_ERROR = 12,  /* engine -> daemon: struct skv_msg_failed (a stream failed) */
@@ -52,6 +53,8 @@ enum skv_msg_type {
 	SKV_MSG_ADMIN_END = 21,     /* daemon -> admin: struct skv_admin_end, closes a listing */
 	SKV_MSG_ADMIN_EVENT = 22,   /* daemon -> admin (after WATCH): struct skv_admin_event */
 	SKV_MSG_ADMIN_HIST = 23,    /* daemon -> admin: struct skv_admin_hist */
+	SKV_MSG_QUEUED = 24,        /* daemon -> client: struct skv_msg_queued, an OPEN waits for
+				     * room (--admission queue); OPENED or ERROR follows */
 	SKV_MSG_TYPE_END
 };
 
@@ -112,7 +115,8 @@ struct skv_stream_params {
 	uint32_t abs_positions;
 	float temperature;
 	float top_p;
-	uint32_t reserved0;
+	uint32_t idle_timeout_s; /* close the stream after this long with no traffic (0: the
+				  * daemon's --idle-timeout) */
 	uint64_t seed;
 };
 _Static_assert(sizeof(struct skv_stream_params) == 48, "ABI");
@@ -134,6 +138,12 @@ struct skv_msg_opened {
 	uint64_t kv_bytes;
 };
 _Static_assert(sizeof(struct skv_msg_opened) == 48, "ABI");
+
+struct skv_msg_queued {
+	uint32_t position;    /* 1: next to be placed */
+	uint32_t timeout_ms;  /* the daemon answers within this (ERROR -ETIMEDOUT at worst) */
+};
+_Static_assert(sizeof(struct skv_msg_queued) == 8, "ABI");
 
 struct skv_msg_stream {
 	uint64_t stream_id;
@@ -168,7 +178,7 @@ struct skv_msg_stats {
 	uint32_t engines;          /* known */
 	uint32_t engines_ready;
 	uint32_t arenas;
-	uint32_t reserved;
+	uint32_t streams_queued;   /* OPENs waiting for room (--admission queue) */
 	uint64_t arena_bytes;      /* sum over arenas */
 	uint64_t arena_used_bytes; /* KV regions handed out */
 	uint64_t arena_largest_free_bytes; /* the largest free extent of any arena */

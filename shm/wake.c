@@ -57,16 +57,6 @@ static int64_t wake_now_ns(void)
 	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void wake_cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-	__builtin_ia32_pause();
-#elif defined(__aarch64__)
-	__asm__ __volatile__("yield" ::: "memory");
-#else
-	__asm__ __volatile__("" ::: "memory");
-#endif
-}
 
 static long wake_futex(uint32_t *uaddr, int op, uint32_t val, const struct timespec *timeout)
 {
@@ -443,7 +433,7 @@ int skv_waiter_wait(struct skv_waiter *w, int (*ready)(void *arg), void *arg, in
 			for (int i = 0; i < WAKE_SPIN_BATCH; i++) {
 				if (ready(arg))
 					return 1;
-				wake_cpu_relax();
+				skv_cpu_relax();
 			}
 			now = wake_now_ns();
 		}

@@ -96,6 +96,18 @@ int skv_waiter_wait(struct skv_waiter *w, int (*ready)(void *arg), void *arg, in
  * unclaimed for a producer that has it (hand every producer the eventfd). Async-signal-safe. */
 void skv_wake(struct skv_wake_word *word, int efd);
 
+/* A spinning waiter's pause between checks. */
+static inline void skv_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#else
+	__atomic_signal_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
 /* Wakes since start that needed a system call (per process, for metrics; a forked child starts
  * from its parent's count). */
 uint64_t skv_wake_syscalls(void);

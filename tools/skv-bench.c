@@ -66,40 +66,46 @@ static void *bench_thread(void *arg)
 	struct skv_client_stream *s = NULL;
 	b->err = skv_client_connect(o->socket_path, &c, b->msg, sizeof(b->msg));
 	if (!b->err) {
-		struct skv_stream_params p;
-		skv_client_params_default(&p);
-		p.policy = (uint32_t)o->policy;
-		p.window_slots = o->window;
-		b->err = skv_client_stream_open(c, &p, &s, b->msg, sizeof(b->msg));
+		skv_client_opts *co = NULL;
+		b->err = skv_client_opts_new(&co);
+		if (!b->err)
+			b->err = skv_client_opts_policy(co, (enum skv_client_policy)o->policy);
+		if (!b->err)
+			b->err = skv_client_opts_window(co, o->window);
+		if (!b->err)
+			b->err = skv_client_stream_open(c, co, &s);
+		if (b->err)
+			snprintf(b->msg, sizeof(b->msg), "%s", skv_client_last_error(c));
+		skv_client_opts_free(co);
 	}
 	pthread_barrier_wait(b->start);
 	if (b->err)
 		goto out;
 	b->t_request = bench_now();
-	b->err = skv_client_stream_request_flags(s, o->prompt, strlen(o->prompt),
-						 SKV_CHAN_GENERATE, (uint64_t)o->tokens,
-						 SKV_GEN_IGNORE_BOS, b->msg, sizeof(b->msg));
+	b->err = skv_client_stream_generate(s, o->prompt, strlen(o->prompt), (uint64_t)o->tokens,
+					    SKV_CLIENT_ENDLESS);
 	double last = 0.0;
 	while (!b->err) {
-		struct skv_chan_msg m;
-		int got = skv_client_stream_next(s, &m, -1, b->msg, sizeof(b->msg));
+		struct skv_client_event ev;
+		int got = skv_client_stream_read(s, &ev, -1);
 		if (got < 0) {
 			b->err = got;
+			snprintf(b->msg, sizeof(b->msg), "%s", skv_client_last_error(c));
 			break;
 		}
 		double now = bench_now();
-		if (m.type == SKV_CHAN_TOKEN && !m.flags) { /* flags: a piece's continuation */
+		if (ev.type == SKV_CLIENT_EV_TOKEN) {
 			if (!b->tokens)
 				b->t_first = now;
 			else if (b->n_gaps < o->tokens)
 				b->gaps[b->n_gaps++] = now - last;
 			last = now;
 			b->tokens++;
-		} else if (m.type == SKV_CHAN_DONE) {
+		} else if (ev.type == SKV_CLIENT_EV_DONE) {
 			b->t_end = now;
 			break;
-		} else if (m.type == SKV_CHAN_ERROR) {
-			snprintf(b->msg, sizeof(b->msg), "%.*s", (int)m.n, (const char *)m.data);
+		} else if (ev.type == SKV_CLIENT_EV_ERROR) {
+			snprintf(b->msg, sizeof(b->msg), "%.*s", (int)ev.len, ev.text);
 			b->err = -EIO;
 		}
 	}
@@ -227,7 +233,7 @@ int main(int argc, char **argv)
 	if (!rates || !locals || !all_gaps || !ttft || !bs || !th)
 		bench_die("out of memory");
 	long n_all_gaps = 0, n_ttft = 0, total_tokens = 0;
-	struct skv_msg_stats stats_busy = { 0 };
+	struct skv_client_stats stats_busy = { 0 };
 
 	for (int r = 0; r < o.repeats; r++) {
 		if (o.local)
@@ -247,7 +253,7 @@ int main(int argc, char **argv)
 		char msg[256];
 		if (skv_client_connect(o.socket_path, &probe, msg, sizeof(msg)) == 0) {
 			usleep(100000);
-			skv_client_stats(probe, &stats_busy, msg, sizeof(msg));
+			skv_client_stats(probe, &stats_busy);
 			skv_client_disconnect(probe);
 		}
 		double t_first_req = 1e300, t_last_end = 0;

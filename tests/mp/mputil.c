@@ -87,14 +87,14 @@ int mp_track_pidfd(pid_t pid)
 }
 
 /* Admin connections opened by mp_daemon_start, closed by mp_suite_fini. */
-static struct skv_client *mp_admins[MP_MAX_TRACKED];
+static int mp_admins[MP_MAX_TRACKED];
 static unsigned mp_n_admins;
 
 void mp_suite_fini(void)
 {
 	/* Best effort, no assertions: this also runs after a failed one. */
 	for (unsigned i = 0; i < mp_n_admins; i++)
-		skv_client_disconnect(mp_admins[i]);
+		close(mp_admins[i]);
 	mp_n_admins = 0;
 	for (unsigned i = 0; i < mp_n_children; i++)
 		if (mp_children[i] > 0)
@@ -304,12 +304,35 @@ int mp_daemon_reap(struct mp_daemon *d, double timeout_s)
 	}
 }
 
+/* An admin connection: HELLO as SKV_ROLE_ADMIN, HELLO_OK read back (asserted). */
+static void mp_admin_hello(int fd)
+{
+	struct skv_msg_hello hello = { .major = SKV_PROTO_MAJOR, .minor = SKV_PROTO_MINOR,
+				       .role = SKV_ROLE_ADMIN, .pid = (uint32_t)getpid(),
+				       .engine_id = UINT32_MAX, .node = UINT32_MAX };
+	cr_assert(skv_msg_send(fd, SKV_MSG_HELLO, 0, &hello, NULL, 0) == 0);
+	struct skv_msg_hdr h;
+	uint8_t body[2048];
+	int rc = mp_raw_recv(fd, MP_RAW_TIMEOUT_MS, &h, body, sizeof(body), NULL);
+	cr_assert_eq(rc, 1, "no answer to the admin HELLO (%d)", rc);
+	cr_assert_eq(h.type, SKV_MSG_HELLO_OK, "HELLO answered with %s", skv_msg_name(h.type));
+}
+
 void mp_stats(struct mp_daemon *d, struct skv_msg_stats *st)
 {
-	char msg[256] = "";
-	cr_assert(d->admin != NULL);
-	int err = skv_client_stats(d->admin, st, msg, sizeof(msg));
-	cr_assert(err == 0, "stats: %s (%d)", msg, err);
+	cr_assert(d->admin >= 0);
+	struct skv_msg_stream req = { 0 };
+	cr_assert(skv_msg_send(d->admin, SKV_MSG_STATS_REQ, 0, &req, NULL, 0) == 0,
+		  "stats: the daemon went away");
+	struct skv_msg_hdr h;
+	union {
+		struct skv_msg_stats stats;
+		uint8_t raw[2048];
+	} body;
+	int rc = mp_raw_recv(d->admin, MP_RAW_TIMEOUT_MS, &h, &body, sizeof(body), NULL);
+	cr_assert(rc == 1 && h.type == SKV_MSG_STATS, "stats: no STATS answer (%d, %s)", rc,
+		  rc == 1 ? skv_msg_name(h.type) : "-");
+	*st = body.stats;
 }
 
 void mp_daemon_wait_ready(struct mp_daemon *d, unsigned n, double timeout_s)
@@ -383,11 +406,14 @@ void mp_daemon_start(struct mp_daemon *d, const char *test, unsigned engines,
 	double deadline = mp_now() + MP_START_TIMEOUT_S;
 	char msg[256] = "";
 	for (;;) {
-		if (skv_client_connect(d->sock, &d->admin, msg, sizeof(msg)) == 0) {
+		d->admin = skv_msg_connect(d->sock);
+		if (d->admin >= 0) {
+			mp_admin_hello(d->admin);
 			if (mp_n_admins < MP_MAX_TRACKED)
 				mp_admins[mp_n_admins++] = d->admin;
 			break;
 		}
+		snprintf(msg, sizeof(msg), "%s", strerror(-d->admin));
 		if (!mp_daemon_alive(d) || mp_now() > deadline) {
 			char *log = mp_daemon_log(d);
 			cr_assert_fail("skv-cached did not come up (%s); log:\n%s", msg, log);
@@ -527,6 +553,34 @@ struct skv_client *mp_connect(const struct mp_daemon *d)
 	return c;
 }
 
+void mp_params_default(struct skv_stream_params *p)
+{
+	memset(p, 0, sizeof(*p));
+	p->sink_slots = -1;
+	p->window_slots = -1;
+	p->top_p = 0.9f;
+}
+
+skv_client_opts *mp_opts(const struct skv_stream_params *p)
+{
+	skv_client_opts *o = NULL;
+	cr_assert(skv_client_opts_new(&o) == 0);
+	/* Out-of-range numbers are for the daemon to refuse: no client-side check here. */
+	o->p = *p;
+	return o;
+}
+
+int mp_try_open(struct skv_client *c, const struct skv_stream_params *p,
+		struct skv_client_stream **s, char *msg, size_t msg_len)
+{
+	skv_client_opts *o = mp_opts(p);
+	int err = skv_client_stream_open(c, o, s);
+	skv_client_opts_free(o);
+	if (err < 0 && msg)
+		snprintf(msg, msg_len, "%s", skv_client_last_error(c));
+	return err;
+}
+
 struct skv_client_stream *mp_open(struct skv_client *c, const struct skv_stream_params *p,
 				  uint64_t *chan_inode)
 {
@@ -534,7 +588,7 @@ struct skv_client_stream *mp_open(struct skv_client *c, const struct skv_stream_
 	size_t n_before = mp_chan_inodes(0, before, 256);
 	struct skv_client_stream *s = NULL;
 	char msg[256] = "";
-	int err = skv_client_stream_open(c, p, &s, msg, sizeof(msg));
+	int err = mp_try_open(c, p, &s, msg, sizeof(msg));
 	cr_assert(err == 0, "stream open: %s (%d)", msg, err);
 	size_t n_after = mp_chan_inodes(0, after, 256);
 	uint64_t found = 0;
@@ -586,39 +640,38 @@ static void mp_result_append(struct mp_result *r, const uint8_t *data, size_t n)
 int mp_step(struct skv_client_stream *s, struct mp_result *r, int64_t timeout_ns, char *msg,
 	    size_t msg_len)
 {
-	struct skv_chan_msg m;
-	int rc = skv_client_stream_next(s, &m, timeout_ns, msg, msg_len);
+	struct skv_client_event ev;
+	int timeout_ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
+	int rc = skv_client_stream_read(s, &ev, timeout_ms);
+	if (rc < 0 && msg)
+		snprintf(msg, msg_len, "%s", skv_client_last_error(mp_client_of(s)));
 	if (rc != 1)
 		return rc;
-	cr_assert(m.n <= SKV_CHAN_DATA, "a channel message claims %u data bytes", m.n);
-	switch (m.type) {
-	case SKV_CHAN_ECHO:
-		mp_result_append(r, m.data, m.n);
+	switch (ev.type) {
+	case SKV_CLIENT_EV_PROMPT:
+		mp_result_append(r, (const uint8_t *)ev.text, ev.len);
 		break;
-	case SKV_CHAN_TOKEN:
-		if (!m.flags)
-			r->tokens++;
-		mp_result_append(r, m.data, m.n);
+	case SKV_CLIENT_EV_TOKEN:
+		r->tokens++;
+		mp_result_append(r, (const uint8_t *)ev.text, ev.len);
 		break;
-	case SKV_CHAN_DONE:
+	case SKV_CLIENT_EV_DONE:
 		r->finished = r->done = 1;
-		r->done_flags = m.flags;
-		r->done_arg = m.arg;
+		r->done_flags = (uint32_t)ev.reason;
+		r->done_arg = ev.count;
 		break;
-	case SKV_CHAN_SCORED:
-		cr_assert_eq(m.n, sizeof(double));
+	case SKV_CLIENT_EV_SCORED:
 		r->finished = r->scored = 1;
-		memcpy(&r->nll, m.data, sizeof(double));
-		r->predictions = m.arg;
+		r->nll = ev.nll;
+		r->predictions = ev.count;
 		break;
-	case SKV_CHAN_ERROR:
+	case SKV_CLIENT_EV_ERROR:
 		r->finished = r->error = 1;
-		r->error_code = (int64_t)m.arg;
-		memcpy(r->error_text, m.data, m.n);
-		r->error_text[m.n] = '\0';
+		r->error_code = ev.error;
+		snprintf(r->error_text, sizeof(r->error_text), "%.*s", (int)ev.len, ev.text);
 		break;
 	default:
-		cr_assert_fail("unknown channel message type %u", m.type);
+		cr_assert_fail("unknown event type %d", (int)ev.type);
 	}
 	return rc;
 }
@@ -649,9 +702,10 @@ void mp_result_free(struct mp_result *r)
 
 void mp_request(struct skv_client_stream *s, const char *text, uint32_t type, uint64_t arg)
 {
-	char msg[256] = "";
-	int err = skv_client_stream_request(s, text, strlen(text), type, arg, msg, sizeof(msg));
-	cr_assert(err == 0, "request: %s (%d)", msg, err);
+	int err = type == SKV_CHAN_SCORE
+			  ? skv_client_stream_score(s, text, strlen(text), arg)
+			  : skv_client_stream_generate(s, text, strlen(text), arg, 0);
+	cr_assert(err == 0, "request: %s (%d)", skv_client_last_error(mp_client_of(s)), err);
 }
 
 void mp_ppl_text(const struct mp_result *r, char *buf, size_t len)
@@ -809,7 +863,7 @@ void mp_raw_expect_drop(int fd, const char *what)
 
 void mp_params_generate(struct skv_stream_params *p, float temperature, uint64_t seed)
 {
-	skv_client_params_default(p);
+	mp_params_default(p);
 	p->temperature = temperature;
 	p->top_p = 0.9f;
 	p->seed = seed;
@@ -862,8 +916,10 @@ int mp_wait_gone(pid_t pid, double timeout_s, const char *what)
 
 int mp_request_endless(struct skv_client_stream *s, char *msg, size_t msg_len)
 {
-	return skv_client_stream_request_flags(s, "", 0, SKV_CHAN_GENERATE, LONG_GENERATION,
-					       SKV_GEN_IGNORE_BOS, msg, msg_len);
+	int err = skv_client_stream_generate(s, "", 0, LONG_GENERATION, SKV_CLIENT_ENDLESS);
+	if (err < 0 && msg)
+		snprintf(msg, msg_len, "%s", skv_client_last_error(mp_client_of(s)));
+	return err;
 }
 
 int mp_pump(struct skv_client_stream *s, struct mp_result *r, char *msg, size_t msg_len)
@@ -893,18 +949,18 @@ void mp_pump_until(struct skv_client_stream *s, struct mp_result *r, uint64_t to
 
 /* Read a stream that must fail: whatever is still in its ring, then -EPIPE within bound_s.
  * Returns the message libskv gave. */
-void mp_expect_epipe(struct skv_client_stream *s, struct mp_result *r, double bound_s,
-			 char *msg, size_t msg_len, const char *what)
+void mp_expect_failure(struct skv_client_stream *s, struct mp_result *r, double bound_s,
+		       char *msg, size_t msg_len, const char *what, int want)
 {
 	double deadline = mp_now() + bound_s;
 	for (;;) {
 		int rc = mp_pump(s, r, msg, msg_len);
 		if (rc < 0) {
-			cr_assert_eq(rc, -EPIPE, "%s: stream_next returned %d (%s), not -EPIPE", what,
-				     rc, msg);
+			cr_assert_eq(rc, want, "%s: the read returned %d (%s), not %d", what, rc, msg,
+				     want);
 			return;
 		}
-		cr_assert(mp_now() < deadline, "%s: no -EPIPE within %.0f s", what, bound_s);
+		cr_assert(mp_now() < deadline, "%s: no failure within %.0f s", what, bound_s);
 	}
 }
 

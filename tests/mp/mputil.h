@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "channel.h"
+#include "libskv-pvt.h"
+#include "proto.h"
 #include "skv-client.h"
 
 #define MP_MAX_ENGINES 16
@@ -30,7 +33,7 @@ struct mp_daemon {
 	unsigned engines;             /* --engines */
 	char sock[108];               /* its socket, in the scratch directory */
 	char log[PATH_MAX];           /* its stderr (and its engines') */
-	struct skv_client *admin;     /* our own connection, for stats */
+	int admin;                    /* our own admin connection, for stats */
 };
 
 /* Suite .init / .fini (see the file comment). */
@@ -103,6 +106,14 @@ char *mp_greedy_reference(void);
 /* ---- libskv ---------------------------------------------------------------------------- */
 
 struct skv_client *mp_connect(const struct mp_daemon *d);
+#define mp_client_of skv_client_stream_owner
+/* Stream parameters as the wire carries them: the defaults (sink, default sizes, greedy). */
+void mp_params_default(struct skv_stream_params *p);
+/* Options carrying exactly p (even values the public setters refuse: for daemon checks). */
+skv_client_opts *mp_opts(const struct skv_stream_params *p);
+/* Open with p; returns skv_client_stream_open's value, msg its last error. */
+int mp_try_open(struct skv_client *c, const struct skv_stream_params *p,
+		struct skv_client_stream **s, char *msg, size_t msg_len);
 /* Open a stream and return the inode of its channel as this process maps it (for
  * mp_engine_serving). */
 struct skv_client_stream *mp_open(struct skv_client *c, const struct skv_stream_params *p,
@@ -161,10 +172,13 @@ int mp_request_endless(struct skv_client_stream *s, char *msg, size_t msg_len);
 int mp_pump(struct skv_client_stream *s, struct mp_result *r, char *msg, size_t msg_len);
 /* Pump until r counts tokens TOKEN messages (asserted within REQUEST_TIMEOUT_S). */
 void mp_pump_until(struct skv_client_stream *s, struct mp_result *r, uint64_t tokens);
-/* Pump a stream that must fail: what is still in its ring, then -EPIPE within bound_s
- * (asserted); msg receives libskv's message. */
-void mp_expect_epipe(struct skv_client_stream *s, struct mp_result *r, double bound_s,
-		     char *msg, size_t msg_len, const char *what);
+/* Pump a stream that must fail: what is still in its ring, then the error want (-EPIPE: its
+ * engine or the daemon died; -SKV_EFORMAT: its channel was corrupted; -ETIMEDOUT: idle)
+ * within bound_s (asserted); msg receives libskv's message. */
+void mp_expect_failure(struct skv_client_stream *s, struct mp_result *r, double bound_s,
+		       char *msg, size_t msg_len, const char *what, int want);
+#define mp_expect_epipe(s, r, bound_s, msg, msg_len, what) \
+	mp_expect_failure(s, r, bound_s, msg, msg_len, what, -EPIPE)
 int mp_eventfd(void);
 /* Wait until pid holds want fds (asserted within timeout_s). */
 void mp_wait_fd_count(pid_t pid, unsigned want, double timeout_s, const char *what);

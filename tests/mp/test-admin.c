@@ -196,12 +196,14 @@ static struct skv_client_stream *open_fed(struct workload *w, uint32_t policy, i
 					  int64_t window, const char *prompt, uint64_t *kv)
 {
 	struct skv_stream_params p;
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.policy = policy;
 	p.sink_slots = sinks;
 	p.window_slots = window;
 	struct skv_client_stream *s = mp_open(w->client, &p, NULL);
-	skv_client_stream_info(s, NULL, NULL, kv);
+	struct skv_client_stream_info info;
+	skv_client_stream_info(s, &info);
+	*kv = info.kv_bytes;
 	mp_request(s, prompt, SKV_CHAN_GENERATE, 0);
 	struct mp_result r = { 0 };
 	mp_collect(s, &r, REQUEST_TIMEOUT_S);
@@ -1123,7 +1125,7 @@ Test(admin, watch_prints_events)
 	char *text = NULL, *json = NULL;
 	for (;;) {
 		struct skv_stream_params p;
-		skv_client_params_default(&p);
+		mp_params_default(&p);
 		struct skv_client_stream *s = mp_open(c, &p, NULL);
 		json_t *rows = ADMIN_JSON(d.sock, "streams", "--json");
 		cr_assert_eq(json_array_size(rows), 1);

@@ -161,7 +161,7 @@ Test(daemon, libskv_greedy_and_prompt_match_local)
 	skv_client_stream_close(s);
 	local = MP_SKV("ppl", "--json", "--tokens", "250", "--policy", "sink", "--window", "60",
 		       sample_path());
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.window_slots = 60;
 	s = mp_open(c, &p, NULL);
 	char *text = tu_read_file(sample_path(), NULL);
@@ -254,7 +254,7 @@ Test(daemon, concurrent_streams_on_two_engines_match_local)
 	for (unsigned i = 0; i < 3; i++) {
 		struct concurrent_case *k = &cases[3 + i];
 		k->what = scores[i].name;
-		skv_client_params_default(&k->params);
+		mp_params_default(&k->params);
 		k->params.policy = scores[i].policy;
 		k->params.window_slots = scores[i].window;
 		k->params.temperature = 1.0f;
@@ -350,7 +350,7 @@ Test(daemon, engine_killed_mid_generation)
 	mp_params_generate(&p, 1.0f, 99);
 	uint64_t inode_a, inode_b;
 	struct skv_client_stream *a = mp_open(ca, &p, &inode_a);
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.window_slots = 2000;
 	p.temperature = 1.0f;
 	p.seed = 1;
@@ -389,7 +389,7 @@ Test(daemon, engine_killed_mid_generation)
 		     "B finished before A's failure was noticed: the test proves nothing");
 
 	/* The stream stays failed: a new request is refused the same way. */
-	int err = skv_client_stream_request(a, "more", 4, SKV_CHAN_GENERATE, 5, msg, sizeof(msg));
+	int err = skv_client_stream_generate(a, "more", 4, 5, 0);
 	cr_assert_eq(err, -EPIPE, "a request on a failed stream returned %d", err);
 
 	/* B, on the other engine, goes on and finishes exactly as local mode. */
@@ -447,21 +447,21 @@ static void client_child(const char *sock, int ready_fd)
 	if (skv_client_connect(sock, &c, msg, sizeof(msg)) < 0)
 		_exit(10);
 	struct skv_stream_params p;
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.temperature = 1.0f;
 	p.seed = 5;
 	struct skv_client_stream *read_s, *stalled_s;
-	if (skv_client_stream_open(c, &p, &read_s, msg, sizeof(msg)) < 0 ||
-	    skv_client_stream_open(c, &p, &stalled_s, msg, sizeof(msg)) < 0)
+	if (mp_try_open(c, &p, &read_s, msg, sizeof(msg)) < 0 ||
+	    mp_try_open(c, &p, &stalled_s, msg, sizeof(msg)) < 0)
 		_exit(11);
 	if (mp_request_endless(stalled_s, msg, sizeof(msg)) < 0 ||
 	    mp_request_endless(read_s, msg, sizeof(msg)) < 0)
 		_exit(12);
 	for (uint64_t got = 0;; got++) {
-		struct skv_chan_msg m;
-		if (skv_client_stream_next(read_s, &m, -1, msg, sizeof(msg)) < 0)
+		struct skv_client_event m;
+		if (skv_client_stream_read(read_s, &m, -1) < 0)
 			_exit(13);
-		if (m.type != SKV_CHAN_TOKEN)
+		if (m.type != SKV_CLIENT_EV_TOKEN)
 			_exit(14);
 		if (got == 200 && write(ready_fd, "R", 1) != 1)
 			_exit(15);
@@ -527,8 +527,9 @@ struct waiter_arg {
 static void *waiter_thread(void *arg)
 {
 	struct waiter_arg *w = arg;
-	struct skv_chan_msg m;
-	w->rc = skv_client_stream_next(w->s, &m, 30 * NS_PER_S, w->msg, sizeof(w->msg));
+	struct skv_client_event m;
+	w->rc = skv_client_stream_read(w->s, &m, 30000);
+	snprintf(w->msg, sizeof(w->msg), "%s", skv_client_last_error(mp_client_of(w->s)));
 	return NULL;
 }
 
@@ -573,7 +574,7 @@ static void daemon_dies(const char *test, const char *wait_mode, int sig)
 	char msg[256] = "";
 	mp_expect_epipe(gen, &r, FAIL_NOTICE_S, msg, sizeof(msg), "the generating stream");
 	struct skv_client_stream *none = NULL;
-	int err = skv_client_stream_open(busy, &p, &none, msg, sizeof(msg));
+	int err = mp_try_open(busy, &p, &none, msg, sizeof(msg));
 	cr_assert_eq(err, -EPIPE, "opening a stream on a dead daemon returned %d", err);
 
 	cr_assert(mp_daemon_reap(&d, EXIT_NOTICE_S), "the daemon did not exit after signal %d",
@@ -839,19 +840,20 @@ static void futex_client_child(const char *sock, int report_fd)
 	struct skv_stream_params p;
 	mp_params_generate(&p, 1.0f, 21);
 	if (skv_client_connect(sock, &c, msg, sizeof(msg)) < 0 ||
-	    skv_client_stream_open(c, &p, &s, msg, sizeof(msg)) < 0 ||
+	    mp_try_open(c, &p, &s, msg, sizeof(msg)) < 0 ||
 	    mp_request_endless(s, msg, sizeof(msg)) < 0) {
 		futex_report(report_fd, -1, -EIO, msg);
 		_exit(1);
 	}
 	for (uint64_t got = 0;; got++) {
-		struct skv_chan_msg m;
-		int rc = skv_client_stream_next(s, &m, -1, msg, sizeof(msg));
+		struct skv_client_event m;
+		int rc = skv_client_stream_read(s, &m, -1);
+		snprintf(msg, sizeof(msg), "%s", skv_client_last_error(c));
 		if (rc < 0) {
 			futex_report(report_fd, 2, rc, msg);
 			_exit(0);
 		}
-		if (m.type != SKV_CHAN_TOKEN) {
+		if (m.type != SKV_CLIENT_EV_TOKEN) {
 			futex_report(report_fd, -1, -EPROTO, "not a TOKEN");
 			_exit(1);
 		}

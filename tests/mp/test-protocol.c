@@ -493,7 +493,7 @@ static void expect_open_refused(struct skv_client *c, const struct skv_stream_pa
 {
 	struct skv_client_stream *s = NULL;
 	char msg[256] = "";
-	int err = skv_client_stream_open(c, p, &s, msg, sizeof(msg));
+	int err = mp_try_open(c, p, &s, msg, sizeof(msg));
 	cr_assert_eq(err, want, "%s: open returned %d (%s), want %d", what, err, msg, want);
 	cr_assert(s == NULL || err == 0);
 	cr_assert(strstr(msg, needle) != NULL, "%s: the message does not mention '%s': %s", what,
@@ -507,40 +507,40 @@ Test(protocol, bad_stream_parameters_leave_the_connection_usable)
 	struct skv_client *c = mp_connect(&d);
 	struct skv_stream_params p;
 
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.policy = 1; /* window */
 	p.sink_slots = 4;
 	expect_open_refused(c, &p, -SKV_EINVAL_POLICY, "keeps no sinks", "window with 4 sinks");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.policy = 1;
 	p.window_slots = 0;
 	expect_open_refused(c, &p, -SKV_EINVAL_POLICY, "at least 1", "window 0");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.window_slots = 0;
 	expect_open_refused(c, &p, -SKV_EINVAL_POLICY, "at least 1", "sink with window 0");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.policy = 3; /* recompute */
 	p.sink_slots = 2;
 	expect_open_refused(c, &p, -SKV_EINVAL_POLICY, "keeps no sinks", "recompute with sinks");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.sink_slots = 1 << 24;
 	expect_open_refused(c, &p, -SKV_EINVAL_POLICY, "exceed", "more slots than the limit");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.policy = 7;
 	expect_open_refused(c, &p, -EINVAL, "invalid policy", "policy 7");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.evict = 9;
 	expect_open_refused(c, &p, -EINVAL, "invalid policy", "evict mode 9");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.temperature = NAN;
 	expect_open_refused(c, &p, -EINVAL, "sampling", "temperature NaN");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.temperature = -1.0f;
 	expect_open_refused(c, &p, -EINVAL, "sampling", "temperature -1");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.top_p = NAN;
 	expect_open_refused(c, &p, -EINVAL, "sampling", "top-p NaN");
-	skv_client_params_default(&p);
+	mp_params_default(&p);
 	p.policy = 2; /* dense, 16M tokens: larger than the 64 MiB arena */
 	p.window_slots = (1 << 24) - 1;
 	expect_open_refused(c, &p, -ENOSPC, "--arena-mb", "a stream larger than the arena");
@@ -606,7 +606,7 @@ Test(protocol, corrupt_input_ring_fails_only_that_stream)
 	int rc = 0;
 	while (!r.finished && rc >= 0 && mp_now() < deadline)
 		rc = mp_step(bad, &r, NS_PER_S / 10, msg, sizeof(msg));
-	cr_assert(rc == -EPIPE || (rc == 1 && r.error),
+	cr_assert(rc == -SKV_EFORMAT || (rc == 1 && r.error),
 		  "the stream with a corrupt ring did not fail within %.0f s (rc %d)", FAIL_NOTICE_S,
 		  rc);
 	cr_assert(strstr(rc < 0 ? msg : r.error_text, "corrupt") != NULL,
@@ -668,7 +668,8 @@ Test(protocol, corrupt_output_ring_fails_only_that_stream)
 	cr_assert_eq(st.streams_failed, 1, "the stream with a corrupt ring was not failed");
 	struct mp_result r = { 0 };
 	char msg[256] = "";
-	mp_expect_epipe(bad, &r, FAIL_NOTICE_S, msg, sizeof(msg), "the corrupt stream");
+	mp_expect_failure(bad, &r, FAIL_NOTICE_S, msg, sizeof(msg), "the corrupt stream",
+			  -SKV_EFORMAT);
 	cr_assert(strstr(msg, "corrupt") != NULL, "the failure does not say why: %s", msg);
 	mp_result_free(&r);
 

@@ -1,0 +1,16 @@
+/* libskv's insides that the project's own tests and tools may use (never installed): the
+ * options as the wire carries them, so that tests can send values the public setters refuse. */
+#ifndef SKV_LIBSKV_PVT_H
+#define SKV_LIBSKV_PVT_H
+
+#include "proto.h"
+#include "skv-client.h"
+
+struct skv_client_opts {
+	struct skv_stream_params p;
+};
+
+/* The client a stream belongs to. */
+skv_client *skv_client_stream_owner(const skv_client_stream *s);
+
+#endif
