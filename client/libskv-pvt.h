@@ -11,6 +11,6 @@ struct skv_client_opts {
 };
 
 /* The client a stream belongs to. */
-skv_client *skv_client_stream_owner(const skv_client_stream *s);
+skv_client *libskv_stream_owner(const skv_client_stream *s);
 
 #endif

@@ -565,7 +565,7 @@ void skv_client_stream_info(const skv_client_stream *s, struct skv_client_stream
 	out->kv_bytes = s->kv_bytes;
 }
 
-skv_client *skv_client_stream_owner(const skv_client_stream *s)
+skv_client *libskv_stream_owner(const skv_client_stream *s)
 {
 	return s->client;
 }

@@ -106,7 +106,7 @@ char *mp_greedy_reference(void);
 /* ---- libskv ---------------------------------------------------------------------------- */
 
 struct skv_client *mp_connect(const struct mp_daemon *d);
-#define mp_client_of skv_client_stream_owner
+#define mp_client_of libskv_stream_owner
 /* Stream parameters as the wire carries them: the defaults (sink, default sizes, greedy). */
 void mp_params_default(struct skv_stream_params *p);
 /* Options carrying exactly p (even values the public setters refuse: for daemon checks). */
