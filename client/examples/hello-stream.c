@@ -1,11 +1,11 @@
 /* A libskv example: open a stream on a running skv-cached, send a prompt, print the answer as
- * it streams, then ask for more on the same stream (its cache keeps the conversation).
+ * it streams, then ask for more on the same stream (its cache keeps the conversation). README.md
+ * shows this file as it is.
  *
  *   cc hello-stream.c $(pkg-config --cflags --libs libskv) -o hello-stream
  *   ./hello-stream [SOCKET] */
 #include <stdio.h>
 #include <string.h>
-
 #include <skv-client.h>
 
 static int print_token(skv_client_stream *s, const struct skv_client_event *ev, void *arg)
@@ -14,23 +14,21 @@ static int print_token(skv_client_stream *s, const struct skv_client_event *ev, 
 	(void)arg;
 	if (ev->type == SKV_CLIENT_EV_PROMPT || ev->type == SKV_CLIENT_EV_TOKEN)
 		fwrite(ev->text, 1, ev->len, stdout);
-	else if (ev->type == SKV_CLIENT_EV_ERROR)
-		fprintf(stderr, "\nrequest failed: %.*s\n", (int)ev->len, ev->text);
 	fflush(stdout);
-	return 0;
+	return 0; /* non-zero stops skv_client_stream_run */
 }
 
 int main(int argc, char **argv)
 {
 	char why[256];
 	skv_client *c;
+	skv_client_opts *o;
+	skv_client_stream *s = NULL;
 	int err = skv_client_connect(argc > 1 ? argv[1] : NULL, &c, why, sizeof(why));
 	if (err < 0) {
 		fprintf(stderr, "hello-stream: %s\n", why);
 		return 1;
 	}
-	skv_client_opts *o;
-	skv_client_stream *s = NULL;
 	err = skv_client_opts_new(&o);
 	if (!err)
 		err = skv_client_opts_window(o, 256); /* 4 sinks (the default) + 256 recent tokens */
@@ -45,8 +43,7 @@ int main(int argc, char **argv)
 		putchar('\n');
 	}
 	if (err < 0)
-		fprintf(stderr, "hello-stream: %s (%s)\n", skv_client_last_error(c),
-			skv_strerror(err));
+		fprintf(stderr, "hello-stream: %s (%s)\n", skv_client_last_error(c), skv_strerror(err));
 	skv_client_stream_close(s);
 	skv_client_disconnect(c);
 	return err < 0;

@@ -107,6 +107,26 @@ Test(client, docs_example_builds_with_pkg_config_and_runs)
 	free(err);
 }
 
+Test(client, readme_shows_the_example_as_it_is)
+{
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/README.md", mp_env_path("SKV_SOURCE_ROOT"));
+	char *readme = tu_read_file(path, NULL);
+	snprintf(path, sizeof(path), "%s/client/examples/hello-stream.c",
+		 mp_env_path("SKV_SOURCE_ROOT"));
+	char *file = tu_read_file(path, NULL);
+	const char *code = strstr(file, "#include <stdio.h>");
+	const char *block = strstr(readme, "```c\n#include <stdio.h>");
+	cr_assert(code && block, "README.md has no C block of the example");
+	block += 5;
+	const char *end = strstr(block, "```");
+	cr_assert(end);
+	cr_assert_eq((size_t)(end - block), strlen(code), "README.md's copy differs in length");
+	cr_assert(!strncmp(block, code, strlen(code)), "README.md's copy of the example differs");
+	free(readme);
+	free(file);
+}
+
 /* ==== error paths =========================================================================== */
 
 Test(client, bad_options_are_refused_with_einval)
