@@ -13,4 +13,8 @@ struct skv_client_opts {
 /* The client a stream belongs to. */
 skv_client *libskv_stream_owner(const skv_client_stream *s);
 
+/* The statistics of the engine serving s, as it publishes them in its doorbell page. */
+struct skv_engine_stats;
+const struct skv_engine_stats *libskv_stream_engine_stats(const skv_client_stream *s);
+
 #endif

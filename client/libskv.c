@@ -570,6 +570,11 @@ skv_client *libskv_stream_owner(const skv_client_stream *s)
 	return s->client;
 }
 
+const struct skv_engine_stats *libskv_stream_engine_stats(const skv_client_stream *s)
+{
+	return skv_doorbell_stats(s->engine_word);
+}
+
 uint64_t skv_client_stream_pending(const skv_client_stream *s)
 {
 	return s->pending;
