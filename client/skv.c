@@ -4,6 +4,8 @@
  *   skv generate [flags] [PROMPT]   stream a continuation (from BOS when no prompt)
  *   skv tokenize FILE               print the ids `skv ppl` scores, BOS first, on one line
  *   skv ppl [flags] FILE            perplexity as the StreamingLLM paper evaluates it
+ *   skv chat [flags]                a conversation on one endless stream (client/chat.c)
+ * With --socket PATH, generate, ppl and chat run through the daemon and print the same bytes.
  * Every user mistake gets one line on stderr naming what was wrong, and a non-zero exit:
  * 2 for usage errors, 1 for everything else. */
 #include <errno.h>
@@ -18,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "chat.h"
 #include "forward.h"
 #include "skv-client.h"
 #include "model.h"
@@ -30,43 +33,18 @@
 #define SKV_MODEL_DIR "models/stories260K"
 #endif
 
-#define SKV_EXIT_USAGE 2
 #define SKV_MAX_ROWS 512
-
-struct skv_opts {
-	const char *model_path;
-	const char *tokenizer_path;
-	const char *socket_path;
-	struct skv_policy policy;
-	long long steps;        /* generate: tokens to produce */
-	float temperature;
-	float top_p;
-	unsigned long long seed;
-	int have_seed;
-	long long max_tokens;   /* ppl: predictions to score, -1 = all */
-	int json;
-	int stats;
-	long long threads;      /* OpenMP threads for oneDNN */
-	unsigned given;         /* SKV_FLAG_* bits of the command-specific flags given */
-};
 
 /* Flags that only some commands take; giving one to another command is a usage error. */
 enum {
-	SKV_FLAG_GENERATE = 1u << 0, /* -n, --temp, --top-p, --seed, --stats */
+	SKV_FLAG_STEPS = 1u << 0,    /* -n */
 	SKV_FLAG_PPL = 1u << 1,      /* --tokens, --json */
 	SKV_FLAG_POLICY = 1u << 2,   /* --policy, --sink, --window, --limit, --evict, --positions */
+	SKV_FLAG_SAMPLING = 1u << 3, /* --temp, --top-p, --seed, --stats */
+	SKV_FLAG_CHAT = 1u << 4,     /* --turns, --template, --max-answer, --echo */
 };
 
-/* Everything a local command needs: model, tokenizer, runner. */
-struct skv_local {
-	struct skv_model *model;
-	struct skv_tokenizer *tok;
-	struct skv_runner *runner;
-};
-
-static void skv_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
-
-static void skv_die(int code, const char *fmt, ...)
+void skv_die(int code, const char *fmt, ...)
 {
 	va_list ap;
 	fputs("skv: ", stderr);
@@ -85,6 +63,8 @@ static void skv_usage(FILE *out)
 	      "  generate [PROMPT]   stream a continuation of PROMPT (from BOS when absent)\n"
 	      "  tokenize FILE       print the token ids of FILE, BOS first, on one line\n"
 	      "  ppl FILE            perplexity of FILE, tokens fed one at a time\n"
+	      "  chat                a conversation on one stream: turns from the terminal or\n"
+	      "                      --turns, each answer streamed as it is generated\n"
 	      "\n"
 	      "model:\n"
 	      "  --model PATH        llama2.c .bin or GGUF model (default: shipped stories260K)\n"
@@ -104,10 +84,23 @@ static void skv_usage(FILE *out)
 	      "  --temp T            temperature, 0 = greedy (default 1.0)\n"
 	      "  --top-p P           nucleus sampling mass (default 0.9)\n"
 	      "  --seed N            random seed (default: time)\n"
-	      "  --stats             print tokens/s on stderr at the end\n"
+	      "  --stats             print tokens/s on stderr at the end (chat: after each turn)\n"
 	      "ppl:\n"
 	      "  --tokens N          score N predictions: BOS and the first N tokens of the text\n"
-	      "  --json              print one JSON object\n",
+	      "  --json              print one JSON object\n"
+	      "chat (also --temp, --top-p, --seed, --stats and the cache policy flags):\n"
+	      "  --turns FILE        one turn per line, blank lines skipped; - = stdin\n"
+	      "                      (default: the terminal, with a \"> \" prompt on a tty)\n"
+	      "  --template T        what the model is fed per turn; {turn} is the turn, \\n a\n"
+	      "                      newline (default: Tom said, \"{turn}\"\\nMom said,)\n"
+	      "  --max-answer N      tokens per answer at most (default 128); an answer also\n"
+	      "                      ends at the model's end-of-text token; with --evict prompt\n"
+	      "                      a turn and N tokens must fit the window\n"
+	      "  --echo              with --turns: print each fed turn before its answer\n"
+	      "  Ctrl-C stops the answer being written and goes on with the next turn; Ctrl-C\n"
+	      "  while waiting for a turn ends the chat as Ctrl-D does; twice within a second,\n"
+	      "  with exit status 130. At the end, one line on stderr: turns, tokens fed, cache\n"
+	      "  size and whether the stream's KV bytes stayed constant.\n",
 	      out);
 }
 
@@ -149,6 +142,10 @@ enum {
 	OPT_JSON,
 	OPT_STATS,
 	OPT_THREADS,
+	OPT_TURNS,
+	OPT_TEMPLATE,
+	OPT_MAX_ANSWER,
+	OPT_ECHO,
 	OPT_HELP,
 };
 
@@ -169,6 +166,10 @@ static const struct option skv_long_opts[] = {
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "stats", no_argument, NULL, OPT_STATS },
 	{ "threads", required_argument, NULL, OPT_THREADS },
+	{ "turns", required_argument, NULL, OPT_TURNS },
+	{ "template", required_argument, NULL, OPT_TEMPLATE },
+	{ "max-answer", required_argument, NULL, OPT_MAX_ANSWER },
+	{ "echo", no_argument, NULL, OPT_ECHO },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -185,6 +186,7 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 	o->top_p = 0.9f;
 	o->max_tokens = -1;
 	o->threads = 1;
+	o->max_answer = SKV_CHAT_DEFAULT_MAX_ANSWER;
 
 	int c;
 	opterr = 0;
@@ -231,19 +233,19 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 				skv_die(SKV_EXIT_USAGE, "--positions: '%s' is not cache or abs", optarg);
 			break;
 		case 'n':
-			o->given |= SKV_FLAG_GENERATE;
+			o->given |= SKV_FLAG_STEPS;
 			o->steps = skv_parse_int("-n", optarg, 0, LLONG_MAX);
 			break;
 		case OPT_TEMP:
-			o->given |= SKV_FLAG_GENERATE;
+			o->given |= SKV_FLAG_SAMPLING;
 			o->temperature = skv_parse_float("--temp", optarg, 0.0f, 100.0f);
 			break;
 		case OPT_TOPP:
-			o->given |= SKV_FLAG_GENERATE;
+			o->given |= SKV_FLAG_SAMPLING;
 			o->top_p = skv_parse_float("--top-p", optarg, 0.0f, 1.0f);
 			break;
 		case OPT_SEED:
-			o->given |= SKV_FLAG_GENERATE;
+			o->given |= SKV_FLAG_SAMPLING;
 			o->seed = (unsigned long long)skv_parse_int("--seed", optarg, 0, LLONG_MAX);
 			o->have_seed = 1;
 			break;
@@ -256,10 +258,29 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 			o->json = 1;
 			break;
 		case OPT_STATS:
-			o->given |= SKV_FLAG_GENERATE;
+			o->given |= SKV_FLAG_SAMPLING;
 			o->stats = 1;
 			break;
 		case OPT_THREADS: o->threads = skv_parse_int("--threads", optarg, 1, 256); break;
+		case OPT_TURNS:
+			o->given |= SKV_FLAG_CHAT;
+			if (!*optarg)
+				skv_die(SKV_EXIT_USAGE, "--turns needs a file name (- for stdin)");
+			o->turns_path = optarg;
+			break;
+		case OPT_TEMPLATE:
+			o->given |= SKV_FLAG_CHAT;
+			free(o->chat_template);
+			o->chat_template = skv_chat_parse_template(optarg);
+			break;
+		case OPT_MAX_ANSWER:
+			o->given |= SKV_FLAG_CHAT;
+			o->max_answer = skv_parse_int("--max-answer", optarg, 1, SKV_KV_MAX_SLOTS);
+			break;
+		case OPT_ECHO:
+			o->given |= SKV_FLAG_CHAT;
+			o->echo = 1;
+			break;
 		case 'h':
 		case OPT_HELP: skv_usage(stdout); exit(0);
 		case ':':
@@ -291,6 +312,10 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 		skv_die(SKV_EXIT_USAGE, "--evict prompt applies to the sink and window policies");
 	if (o->policy.abs_positions && o->policy.kind != SKV_POLICY_SINK)
 		skv_die(SKV_EXIT_USAGE, "--positions abs applies to the sink policy");
+	if (o->echo && !o->turns_path)
+		skv_die(SKV_EXIT_USAGE, "--echo applies to turns read with --turns FILE");
+	if (!o->chat_template)
+		o->chat_template = skv_chat_parse_template(SKV_CHAT_DEFAULT_TEMPLATE);
 	return optind;
 }
 
@@ -306,7 +331,7 @@ static const char *skv_model_dir(void)
 	return env && *env ? env : SKV_MODEL_DIR;
 }
 
-static void skv_local_open(const struct skv_opts *o, struct skv_local *L)
+void skv_local_open(const struct skv_opts *o, struct skv_local *L, int with_runner)
 {
 	char msg[512] = "";
 	static char default_model[PATH_MAX], guess[PATH_MAX];
@@ -344,20 +369,23 @@ static void skv_local_open(const struct skv_opts *o, struct skv_local *L)
 	if (err < 0)
 		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
 
+	L->runner = NULL;
+	if (!with_runner)
+		return;
 	err = skv_runner_new(L->model, SKV_MAX_ROWS, (uint32_t)o->threads, &L->runner, msg,
 			     sizeof(msg));
 	if (err < 0)
 		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
 }
 
-static void skv_local_close(struct skv_local *L)
+void skv_local_close(struct skv_local *L)
 {
 	skv_runner_free(L->runner);
 	skv_tokenizer_free(L->tok);
 	skv_model_close(L->model);
 }
 
-static struct skv_stream *skv_open_stream(struct skv_local *L, struct skv_policy *policy)
+struct skv_stream *skv_open_stream(struct skv_local *L, struct skv_policy *policy)
 {
 	char msg[512] = "";
 	struct skv_stream *s;
@@ -370,8 +398,8 @@ static struct skv_stream *skv_open_stream(struct skv_local *L, struct skv_policy
 	return s;
 }
 
-static void skv_feed_or_die(struct skv_stream *s, const int32_t *tokens, size_t n, float *logits,
-			    const struct skv_policy *p)
+void skv_feed_or_die(struct skv_stream *s, const int32_t *tokens, size_t n, float *logits,
+		     const struct skv_policy *p)
 {
 	int err = skv_stream_feed(s, tokens, n, logits, NULL);
 	if (err == -SKV_ECACHEFULL)
@@ -385,7 +413,7 @@ static void skv_feed_or_die(struct skv_stream *s, const int32_t *tokens, size_t 
 
 /* llama2.c's safe_printf: a raw byte piece that is neither printable nor white space is
  * dropped, everything else is written as is. */
-static void skv_emit(const char *piece, size_t len)
+void skv_emit(const char *piece, size_t len)
 {
 	if (len == 1) {
 		unsigned char b = (unsigned char)piece[0];
@@ -395,7 +423,7 @@ static void skv_emit(const char *piece, size_t len)
 	fwrite(piece, 1, len, stdout);
 }
 
-static double skv_now(void)
+double skv_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -409,7 +437,7 @@ static int skv_cmd_generate(struct skv_opts *o, int argc, char **argv)
 			argc);
 	const char *prompt = argc ? argv[0] : "";
 	struct skv_local L;
-	skv_local_open(o, &L);
+	skv_local_open(o, &L, 1);
 	struct skv_stream *s = skv_open_stream(&L, &o->policy);
 	const struct skv_model_config *c = &L.model->cfg;
 
@@ -507,7 +535,7 @@ static int skv_cmd_tokenize(struct skv_opts *o, int argc, char **argv)
 	if (argc != 1)
 		skv_die(SKV_EXIT_USAGE, "usage: skv tokenize FILE");
 	struct skv_local L;
-	skv_local_open(o, &L);
+	skv_local_open(o, &L, 1);
 	size_t n;
 	int32_t *ids = skv_encode_file(&L, argv[0], &n);
 	for (size_t i = 0; i < n; i++)
@@ -536,7 +564,7 @@ static int skv_cmd_ppl(struct skv_opts *o, int argc, char **argv)
 	if (argc != 1)
 		skv_die(SKV_EXIT_USAGE, "usage: skv ppl [flags] FILE");
 	struct skv_local L;
-	skv_local_open(o, &L);
+	skv_local_open(o, &L, 1);
 	size_t n_ids;
 	int32_t *ids = skv_encode_file(&L, argv[0], &n_ids);
 	if (n_ids < 2)
@@ -580,8 +608,8 @@ static int skv_cmd_ppl(struct skv_opts *o, int argc, char **argv)
 
 /* ---- through the daemon (--socket) -------------------------------------------------------- */
 
-static struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_client **c,
-						 uint64_t seed)
+struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_client **c,
+					  uint64_t seed)
 {
 	char msg[512] = "";
 	int err = skv_client_connect(o->socket_path, c, msg, sizeof(msg));
@@ -690,9 +718,11 @@ static void skv_check_flags(const struct skv_opts *o, const char *cmd, unsigned 
 		unsigned bit;
 		const char *flags;
 	} groups[] = {
-		{ SKV_FLAG_GENERATE, "-n, --temp, --top-p, --seed and --stats are for generate" },
+		{ SKV_FLAG_STEPS, "-n is for generate (chat: --max-answer)" },
+		{ SKV_FLAG_SAMPLING, "--temp, --top-p, --seed and --stats are for generate and chat" },
 		{ SKV_FLAG_PPL, "--tokens and --json are for ppl" },
-		{ SKV_FLAG_POLICY, "cache policy flags are for generate and ppl" },
+		{ SKV_FLAG_POLICY, "cache policy flags are for generate, ppl and chat" },
+		{ SKV_FLAG_CHAT, "--turns, --template, --max-answer and --echo are for chat" },
 	};
 	for (size_t i = 0; i < sizeof(groups) / sizeof(*groups); i++)
 		if ((o->given & groups[i].bit) && !(allowed & groups[i].bit))
@@ -705,11 +735,11 @@ int main(int argc, char **argv)
 	atexit(skv_close_stdout);
 	int first = skv_parse_opts(argc, argv, &o);
 	if (first >= argc)
-		skv_die(SKV_EXIT_USAGE, "no command given (generate, tokenize, ppl; see skv --help)");
+		skv_die(SKV_EXIT_USAGE, "no command given (generate, tokenize, ppl, chat; see skv --help)");
 	const char *cmd = argv[first];
 	int remote = o.socket_path != NULL;
 	if (!strcmp(cmd, "generate")) {
-		skv_check_flags(&o, cmd, SKV_FLAG_GENERATE | SKV_FLAG_POLICY);
+		skv_check_flags(&o, cmd, SKV_FLAG_STEPS | SKV_FLAG_SAMPLING | SKV_FLAG_POLICY);
 		return (remote ? skv_remote_generate : skv_cmd_generate)(&o, argc - first - 1,
 									argv + first + 1);
 	}
@@ -724,6 +754,10 @@ int main(int argc, char **argv)
 		return (remote ? skv_remote_ppl : skv_cmd_ppl)(&o, argc - first - 1,
 							      argv + first + 1);
 	}
-	skv_die(SKV_EXIT_USAGE, "unknown command '%s' (generate, tokenize, ppl; see skv --help)",
-		cmd);
+	if (!strcmp(cmd, "chat")) {
+		skv_check_flags(&o, cmd, SKV_FLAG_SAMPLING | SKV_FLAG_POLICY | SKV_FLAG_CHAT);
+		return skv_cmd_chat(&o, argc - first - 1, argv + first + 1);
+	}
+	skv_die(SKV_EXIT_USAGE,
+		"unknown command '%s' (generate, tokenize, ppl, chat; see skv --help)", cmd);
 }

@@ -1,6 +1,7 @@
 /* CLI tests: the real `skv` binary ($SKV_BIN), spawned without a shell, its stdout, stderr and
  * exit status captured. Local mode only: generate against llama2.c's greedy output on every
- * model source, flag placement, seeds, prompts, tokenize, ppl under every policy, and the
+ * model source, flag placement, seeds, prompts, tokenize, ppl under every policy, chat (turn
+ * sources, templates, eviction modes, token accounting), and the
  * contract for mistakes: exit 2 for usage, 1 for the rest, exactly one "skv: " line on stderr
  * naming the fault, nothing on stdout. */
 #include "testutil.h"
@@ -83,10 +84,11 @@ static bool cli_buf_read(struct cli_buf *b, int fd)
 	return n > 0;
 }
 
-/* Run skv with args (NULL-terminated, without argv[0]). stdin is /dev/null; stdout goes to a
- * pipe, or to stdout_path when it is not NULL. Both pipes are drained together, so a chatty
- * stderr cannot block the child while we wait on stdout. */
-static void cli_spawn(struct cli_run *r, const char *stdout_path, const char *const *args)
+/* Run skv with args (NULL-terminated, without argv[0]). stdin is stdin_path, or /dev/null when
+ * it is NULL; stdout goes to a pipe, or to stdout_path when it is not NULL. Both pipes are
+ * drained together, so a chatty stderr cannot block the child while we wait on stdout. */
+static void cli_spawn_in(struct cli_run *r, const char *stdin_path, const char *stdout_path,
+			 const char *const *args)
 {
 	const char *argv[CLI_MAX_ARGS + 2];
 	size_t argc = 0;
@@ -104,8 +106,9 @@ static void cli_spawn(struct cli_run *r, const char *stdout_path, const char *co
 
 	posix_spawn_file_actions_t fa;
 	cr_assert(posix_spawn_file_actions_init(&fa) == 0);
-	cr_assert(posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0) ==
-		  0);
+	cr_assert(posix_spawn_file_actions_addopen(&fa, STDIN_FILENO,
+						   stdin_path ? stdin_path : "/dev/null", O_RDONLY,
+						   0) == 0);
 	if (stdout_path)
 		cr_assert(posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, stdout_path,
 							   O_WRONLY, 0) == 0);
@@ -157,7 +160,15 @@ static void cli_spawn(struct cli_run *r, const char *stdout_path, const char *co
 	r->err_len = err.len;
 }
 
+static void cli_spawn(struct cli_run *r, const char *stdout_path, const char *const *args)
+{
+	cli_spawn_in(r, NULL, stdout_path, args);
+}
+
 #define CLI_RUN(r, ...) cli_spawn((r), NULL, (const char *const[]){ __VA_ARGS__, NULL })
+/* The same with stdin read from a file. */
+#define CLI_RUN_STDIN(r, path, ...) \
+	cli_spawn_in((r), (path), NULL, (const char *const[]){ __VA_ARGS__, NULL })
 
 static void cli_run_free(struct cli_run *r)
 {
@@ -831,5 +842,390 @@ Test(cli, error_stdout_write_failure)
 	cli_spawn(&r, "/dev/full",
 		  (const char *const[]){ "tokenize", tu_data_path("tokenizer-sample.txt"), NULL });
 	cli_expect_error(&r, CLI_EXIT_RUNTIME, strerror(ENOSPC), NULL);
+	cli_run_free(&r);
+}
+
+/* --- chat ---------------------------------------------------------------------------------- */
+
+#define CLI_CHAT_TEMPLATE "Tom said, \"%s\"\nMom said,"  /* the default, filled in */
+#define CLI_CHAT_ANSWER "40"
+
+static const char cli_chat_turns[] = "Can we play with the ball?\n"
+				     "Where is the cat?\n"
+				     "I am hungry.\n";
+
+/* What skv chat says on stderr at the end (its last line). */
+struct cli_chat_summary {
+	unsigned long long turns, fed, kv;
+	long long sinks, window;
+	char policy[16], evict[16], constant[16];
+};
+
+static void cli_chat_summary(const char *err, struct cli_chat_summary *s)
+{
+	const char *line = NULL;
+	for (const char *p = err; (p = strstr(p, "chat: ")); p++)
+		if (p == err || p[-1] == '\n')
+			line = p;
+	cr_assert(line != NULL, "no chat summary on stderr: %s", err);
+	int n = sscanf(line,
+		       "chat: %llu turns, %llu tokens fed; cache %lld sinks + %lld window slots "
+		       "(%15[a-z], evict %15[a-z]); kv %llu bytes, %15[a-z ]",
+		       &s->turns, &s->fed, &s->sinks, &s->window, s->policy, s->evict, &s->kv,
+		       s->constant);
+	cr_assert_eq(n, 8, "the summary does not parse (%d fields): %s", n, line);
+	cr_assert(strchr(line, '\n') && !strchr(line, '\n')[1], "the summary is not the last line");
+}
+
+/* The --stats line of every turn, in order: prompt tokens, answer tokens, how it ended, the
+ * total fed after it, the stream's KV bytes. Returns how many. */
+struct cli_chat_turn {
+	unsigned long long prompt, answer, fed, kv;
+	char end[24];
+};
+
+static size_t cli_chat_turns_of(const char *err, struct cli_chat_turn *t, size_t cap)
+{
+	size_t n = 0;
+	for (const char *p = err; (p = strstr(p, "chat: turn ")); p++) {
+		unsigned long long index;
+		double ms;
+		cr_assert(n < cap, "more turns than expected");
+		int got = sscanf(p, "chat: turn %llu: %llu + %llu tokens (%23[a-z ]) in %lf ms; %llu "
+				    "fed in all, kv %llu bytes",
+				 &index, &t[n].prompt, &t[n].answer, t[n].end, &ms, &t[n].fed,
+				 &t[n].kv);
+		cr_assert_eq(got, 7, "a turn's stats line does not parse: %.120s", p);
+		cr_assert_eq(index, n + 1, "turn %llu reported as number %zu", index, n + 1);
+		n++;
+	}
+	return n;
+}
+
+/* Every turn adds its prompt and every answer token but the last one sampled (which is the
+ * end-of-text token when the answer ended there): what the engine holds, counted as local
+ * mode's stream counts it. */
+static void cli_chat_expect_accounting(const struct cli_chat_turn *t, size_t n,
+				       unsigned long long fed_total)
+{
+	unsigned long long fed = 0;
+	for (size_t i = 0; i < n; i++) {
+		fed += t[i].prompt + t[i].answer - 1 + (strcmp(t[i].end, "end of text") == 0);
+		cr_assert_eq(t[i].fed, fed, "turn %zu: %llu fed, expected %llu", i + 1, t[i].fed,
+			     fed);
+		cr_assert_eq(t[i].kv, t[0].kv, "turn %zu: the stream's KV bytes changed", i + 1);
+	}
+	cr_assert_eq(fed_total, fed);
+}
+
+static const char *cli_chat_file(const char *test, const char *text)
+{
+	tu_scratch_dir(test);
+	return tu_write_scratch("turns.txt", text, strlen(text));
+}
+
+/* The first answer is exactly what generate continues the filled-in template with: the same
+ * stream from BOS, greedy. The other turns follow on the same stream. */
+Test(cli, chat_first_answer_is_generate_continuation)
+{
+	const char *turns = cli_chat_file("cli-chat-first", cli_chat_turns);
+	char prompt[128];
+	snprintf(prompt, sizeof(prompt), CLI_CHAT_TEMPLATE, "Can we play with the ball?");
+	struct cli_run gen, chat;
+	CLI_RUN(&gen, "generate", "--temp", "0", "-n", CLI_CHAT_ANSWER, prompt);
+	cli_expect_success(&gen);
+	cr_assert(strncmp(gen.out, prompt, strlen(prompt)) == 0, "generate did not echo: %s",
+		  gen.out);
+	CLI_RUN(&chat, "chat", "--temp", "0", "--max-answer", CLI_CHAT_ANSWER, "--turns", turns,
+		"--echo", "--stats");
+	cli_expect_success(&chat);
+	cr_assert(strncmp(chat.out, gen.out, gen.out_len) == 0,
+		  "chat's first turn differs from generate:\n%s\n---\n%s", chat.out, gen.out);
+	char second[128];
+	snprintf(second, sizeof(second), CLI_CHAT_TEMPLATE, "Where is the cat?");
+	cr_assert(strncmp(chat.out + gen.out_len, second, strlen(second)) == 0,
+		  "the second turn does not follow the first answer: %s", chat.out + gen.out_len);
+
+	struct cli_chat_summary s;
+	cli_chat_summary(chat.err, &s);
+	cr_assert_eq(s.turns, 3);
+	cr_assert_eq(s.sinks, 4);
+	cr_assert_eq(s.window, 508);
+	cr_assert_str_eq(s.policy, "sink");
+	cr_assert_str_eq(s.evict, "token");
+	cr_assert_str_eq(s.constant, "constant");
+	struct cli_chat_turn t[8];
+	cr_assert_eq(cli_chat_turns_of(chat.err, t, 8), 3);
+	cli_chat_expect_accounting(t, 3, s.fed);
+	cr_assert_eq(s.kv, t[0].kv);
+	cli_run_free(&gen);
+	cli_run_free(&chat);
+}
+
+/* Without --echo only the answers are printed, one per turn, without their leading space; the
+ * same turns from a file, from --turns - and from a non-terminal stdin give the same bytes, and
+ * no "> " prompt is written when stdin is not a terminal. */
+Test(cli, chat_turn_sources_agree)
+{
+	const char *turns = cli_chat_file("cli-chat-sources", cli_chat_turns);
+	struct cli_run file, dash, plain, echo;
+	CLI_RUN(&file, "chat", "--temp", "0", "--max-answer", "30", "--turns", turns);
+	CLI_RUN_STDIN(&dash, turns, "chat", "--temp", "0", "--max-answer", "30", "--turns", "-");
+	CLI_RUN_STDIN(&plain, turns, "chat", "--temp", "0", "--max-answer", "30");
+	CLI_RUN(&echo, "chat", "--temp", "0", "--max-answer", "30", "--turns", turns, "--echo");
+	cli_expect_success(&file);
+	cli_expect_success(&dash);
+	cli_expect_success(&plain);
+	cli_expect_success(&echo);
+	cr_assert_str_eq(dash.out, file.out);
+	cr_assert_str_eq(plain.out, file.out);
+	cr_assert(file.out_len > 0 && file.out[0] != ' ' && file.out[file.out_len - 1] == '\n',
+		  "answers: '%s'", file.out);
+	cr_assert(strstr(plain.err, "> ") == NULL, "a prompt on a pipe: %s", plain.err);
+	cr_assert(strncmp(plain.err, "chat: 3 turns", 13) == 0 && !strchr(plain.err, '\n')[1],
+		  "stderr is not the one summary line: %s", plain.err);
+	/* The echoed transcript holds every answer, each after its turn. */
+	const char *at = echo.out;
+	const char *turn_texts[] = { "Can we play with the ball?", "Where is the cat?",
+				     "I am hungry." };
+	for (size_t i = 0; i < 3; i++) {
+		char filled[128];
+		snprintf(filled, sizeof(filled), CLI_CHAT_TEMPLATE, turn_texts[i]);
+		at = strstr(at, filled);
+		cr_assert(at != NULL, "turn %zu is not echoed in order: %s", i + 1, echo.out);
+		at += strlen(filled);
+	}
+	cli_run_free(&file);
+	cli_run_free(&dash);
+	cli_run_free(&plain);
+	cli_run_free(&echo);
+}
+
+/* Blank lines, lines of spaces, CRLF line ends and a last line without its newline change
+ * nothing; the count of turns says so too. */
+Test(cli, chat_blank_lines_and_crlf)
+{
+	const char *clean = cli_chat_file("cli-chat-blank", cli_chat_turns);
+	const char *messy = tu_write_scratch("messy.txt",
+					     "\n   \nCan we play with the ball?\r\n\t\r\n\n"
+					     "Where is the cat?\n  \nI am hungry.",
+					     strlen("\n   \nCan we play with the ball?\r\n\t\r\n\n"
+						    "Where is the cat?\n  \nI am hungry."));
+	struct cli_run a, b;
+	CLI_RUN(&a, "chat", "--temp", "0", "--max-answer", "20", "--turns", clean);
+	CLI_RUN(&b, "chat", "--temp", "0", "--max-answer", "20", "--turns", messy);
+	cli_expect_success(&a);
+	cli_expect_success(&b);
+	cr_assert_str_eq(a.out, b.out);
+	cr_assert_str_eq(a.err, b.err);
+	struct cli_chat_summary s;
+	cli_chat_summary(b.err, &s);
+	cr_assert_eq(s.turns, 3);
+	cli_run_free(&a);
+	cli_run_free(&b);
+}
+
+/* --template: every {turn} is replaced, \n and \t and \\ are decoded, and the answer after it
+ * is generate's continuation of the filled-in text. */
+Test(cli, chat_template_escapes)
+{
+	const char *turns = cli_chat_file("cli-chat-template", "the ball\n");
+	struct cli_run chat, gen;
+	CLI_RUN(&chat, "chat", "--temp", "0", "--max-answer", "20", "--turns", turns, "--echo",
+		"--template", "Q:\\t{turn} or {turn}?\\nA: a\\\\b");
+	cli_expect_success(&chat);
+	const char *filled = "Q:\tthe ball or the ball?\nA: a\\b";
+	CLI_RUN(&gen, "generate", "--temp", "0", "-n", "20", filled);
+	cli_expect_success(&gen);
+	cr_assert(strncmp(chat.out, filled, strlen(filled)) == 0, "echo: %s", chat.out);
+	cr_assert_str_eq(chat.out, gen.out);
+	cli_run_free(&chat);
+	cli_run_free(&gen);
+}
+
+/* Per-prompt eviction frees room for a turn and its answer at once. With a window that never
+ * fills it never evicts, so it answers as per-token eviction does; with a small one, turns go
+ * on in constant memory, evicting differently from per-token eviction. */
+Test(cli, chat_evict_prompt_and_token)
+{
+	char many[4096] = "";
+	static const char *const asks[] = { "Where is the dog?", "Can I play with the cat?",
+					    "Look at the bird!", "I like the tree." };
+	for (size_t i = 0; i < 24; i++) {
+		strcat(many, asks[(i * 7) % 4]);
+		strcat(many, "\n");
+	}
+	const char *small = cli_chat_file("cli-chat-evict", cli_chat_turns);
+	const char *longer = tu_write_scratch("many.txt", many, strlen(many));
+	struct cli_run tok, pr;
+	CLI_RUN(&tok, "chat", "--temp", "0", "--max-answer", "24", "--turns", small);
+	CLI_RUN(&pr, "chat", "--temp", "0", "--max-answer", "24", "--turns", small, "--evict",
+		"prompt");
+	cli_expect_success(&tok);
+	cli_expect_success(&pr);
+	cr_assert_str_eq(tok.out, pr.out, "nothing was evicted, yet the answers differ");
+	cli_run_free(&tok);
+	cli_run_free(&pr);
+
+	CLI_RUN(&tok, "chat", "--temp", "0", "--max-answer", "24", "--window", "60", "--turns",
+		longer, "--stats");
+	CLI_RUN(&pr, "chat", "--temp", "0", "--max-answer", "24", "--window", "60", "--turns",
+		longer, "--stats", "--evict", "prompt");
+	cli_expect_success(&tok);
+	cli_expect_success(&pr);
+	cr_assert_str_neq(tok.out, pr.out, "per-prompt eviction answered as per-token eviction");
+	struct cli_run *runs[] = { &tok, &pr };
+	for (size_t i = 0; i < 2; i++) {
+		struct cli_chat_summary s;
+		cli_chat_summary(runs[i]->err, &s);
+		struct cli_chat_turn t[32];
+		cr_assert_eq(cli_chat_turns_of(runs[i]->err, t, 32), 24);
+		cli_chat_expect_accounting(t, 24, s.fed);
+		cr_assert_eq(s.turns, 24);
+		cr_assert_gt(s.fed, 4 * (4 + 60), "the window never wrapped: %llu fed", s.fed);
+		cr_assert_eq(s.window, 60);
+		cr_assert_str_eq(s.evict, i ? "prompt" : "token");
+		cr_assert_str_eq(s.constant, "constant");
+	}
+	cli_run_free(&tok);
+	cli_run_free(&pr);
+}
+
+Test(cli, usage_chat_template)
+{
+	struct cli_run r;
+	CLI_RUN(&r, "chat", "--template", "User: {tur}\\nBot:");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--template", "{turn}");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--template", "{turn}\\q");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--template", "'\\q'");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--template", "{turn}\\");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--template", "backslash");
+	cli_run_free(&r);
+}
+
+Test(cli, usage_chat_flags)
+{
+	struct cli_run r;
+	CLI_RUN(&r, "chat", "--max-answer", "0");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--max-answer", "'0'");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--max-answer", "-3");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--max-answer", NULL);
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--echo");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--echo", "--turns");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--turns", "");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--turns", NULL);
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--turns");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--turns", "value");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--tunrs", "x.txt");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "unknown flag", "--tunrs");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "Hello there");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "no arguments", "--turns");
+	cli_run_free(&r);
+	/* Flags of the other commands, and chat's flags on them. */
+	CLI_RUN(&r, "chat", "-n", "5");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "-n", "--max-answer");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--json");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--json", "ppl");
+	cli_run_free(&r);
+	CLI_RUN(&r, "generate", "--turns", "x.txt");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--turns", "chat");
+	cli_run_free(&r);
+	CLI_RUN(&r, "ppl", "--max-answer", "3", "x.txt");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--max-answer", "chat");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--evict", "prompt", "--policy", "dense");
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--evict prompt", NULL);
+	cli_run_free(&r);
+}
+
+/* Per-prompt eviction needs room for a turn and its whole answer: an answer as long as the
+ * window is a usage error, found before any turn is read. */
+Test(cli, usage_chat_answer_fills_the_window)
+{
+	const char *turns = cli_chat_file("cli-chat-fill", cli_chat_turns);
+	struct cli_run r;
+	CLI_RUN(&r, "chat", "--evict", "prompt", "--window", "64", "--turns", turns);
+	cli_expect_error(&r, CLI_EXIT_USAGE, "--max-answer 128", "64 window slots");
+	cli_run_free(&r);
+	/* Per-token eviction has no such limit. */
+	CLI_RUN(&r, "chat", "--window", "64", "--max-answer", "100", "--temp", "0", "--turns",
+		turns);
+	cli_expect_success(&r);
+	cli_run_free(&r);
+}
+
+/* A turn that does not fit the window with its answer: the file and the line are named, and
+ * nothing was answered before it. */
+Test(cli, error_chat_turn_too_long_for_evict_prompt)
+{
+	const char *turns = cli_chat_file(
+		"cli-chat-long", "\n\nOnce upon a time there was a little girl named Lily who "
+				 "loved to play in the park with her big red ball every day.\n"
+				 "Where is the cat?\n");
+	struct cli_run r;
+	CLI_RUN(&r, "chat", "--evict", "prompt", "--window", "40", "--max-answer", "16",
+		"--turns", turns);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, ":3: the turn is", "--window");
+	cli_run_free(&r);
+	/* The same turn fits a larger window. */
+	CLI_RUN(&r, "chat", "--evict", "prompt", "--window", "80", "--max-answer", "16",
+		"--temp", "0", "--turns", turns);
+	cli_expect_success(&r);
+	cli_run_free(&r);
+}
+
+Test(cli, error_chat_turns_files)
+{
+	char missing[PATH_MAX];
+	const char *dir = tu_scratch_dir("cli-chat-files");
+	snprintf(missing, sizeof(missing), "%s/no-such-turns.txt", dir);
+	struct cli_run r;
+	CLI_RUN(&r, "chat", "--turns", missing);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, missing, "cannot open");
+	cli_run_free(&r);
+	const char *empty = tu_write_scratch("empty.txt", "", 0);
+	CLI_RUN(&r, "chat", "--turns", empty);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, empty, "no turns");
+	cli_run_free(&r);
+	const char *blank = tu_write_scratch("blank.txt", "\n  \n\t\r\n\n", 7);
+	CLI_RUN(&r, "chat", "--turns", blank);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, blank, "no turns");
+	cli_run_free(&r);
+	CLI_RUN_STDIN(&r, empty, "chat", "--turns", "-");
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, "stdin", "no turns");
+	cli_run_free(&r);
+	CLI_RUN(&r, "chat", "--turns", dir);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, dir, "directory");
+	cli_run_free(&r);
+	const char *nul = tu_write_scratch("nul.txt", "a\0b\n", 4);
+	CLI_RUN(&r, "chat", "--turns", nul);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, ":1:", "NUL");
+	cli_run_free(&r);
+	/* Without --turns, an empty stdin is simply the end of the conversation. */
+	CLI_RUN_STDIN(&r, empty, "chat");
+	cli_expect_success(&r);
+	cr_assert_eq(r.out_len, 0);
+	cr_assert(strncmp(r.err, "chat: 0 turns", 13) == 0, "%s", r.err);
+	cli_run_free(&r);
+}
+
+/* A dense cache fills up during the conversation: one clear line, exit 1. */
+Test(cli, error_chat_dense_cache_full)
+{
+	const char *turns = cli_chat_file(
+		"cli-chat-dense", "Once upon a time there was a little girl named Lily who loved to "
+				  "play in the park with her big red ball every day.\n");
+	struct cli_run r;
+	CLI_RUN(&r, "chat", "--policy", "dense", "--limit", "20", "--turns", turns);
+	cli_expect_error(&r, CLI_EXIT_RUNTIME, "full", "--limit 20");
 	cli_run_free(&r);
 }
