@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kv-layout.h"
+#include "wake.h"
 #include "skv-error.h"
 
 Test(kv_layout, sizes_and_offsets)
@@ -181,6 +182,10 @@ static void *seqlock_writer(void *arg)
 					     .tokens_evicted = 3 * v };
 		skv_kv_ring_publish(&race->shared, &value);
 		__atomic_store_n(&race->published, v, __ATOMIC_RELAXED);
+		/* A gap between writes, as an engine's steps have: without it a reader on the
+		 * other core that tries once may find a write in progress every time. */
+		for (int k = 0; k < 4; k++)
+			skv_cpu_relax();
 	}
 	return NULL;
 }
