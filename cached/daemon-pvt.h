@@ -102,7 +102,7 @@ struct cached_outmsg {
 	unsigned char body[];
 };
 
-/* Why a queued OPEN still waits: the reason its time-out gives. */
+/* Why an OPEN cannot be placed now: the reason a queue time-out gives. */
 enum cached_wait_reason {
 	CACHED_WAIT_ARENA = 1,     /* no arena has a free extent large enough */
 	CACHED_WAIT_LIMIT,         /* --max-streams streams hold KV */
@@ -115,7 +115,6 @@ struct cached_pending {
 	struct skv_msg_open open;
 	int client_efd;            /* the OPEN's eventfd, handed to the engine at placement */
 	double deadline;           /* CLOCK_MONOTONIC seconds: ERROR -ETIMEDOUT then */
-	enum cached_wait_reason reason;
 	struct cached_pending *next;
 };
 
@@ -206,6 +205,7 @@ struct cached {
 	uint64_t next_stream_id;
 	struct cached_pending *queue_head, *queue_tail; /* the admission queue, FIFO */
 	uint32_t n_queued;
+	enum cached_wait_reason queue_reason; /* why the queue's first OPEN does not fit */
 	int admission_dirty;       /* room may have come free: try the queue */
 	int overflowed;            /* some connection has overflow set */
 	double next_tick;          /* the once-a-second look at idle streams and evictions */
@@ -242,14 +242,14 @@ int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, con
 double cached_now(void);
 
 /* Place an OPEN now (daemon.c): resolve its policy, pick an engine with room, allocate the
- * region, ASSIGN it and answer OPENED. Returns 0 when answered (OPENED), -ENOSPC / -EAGAIN when
- * there is no room now (arena full or --max-streams reached / no engine ready: *reason says
- * which) with nothing sent, or another error (why filled, nothing sent: the caller answers
- * ERROR). client_efd stays the caller's. */
+ * region, ASSIGN it and answer OPENED. Returns 0 when answered (OPENED); a positive
+ * enum cached_wait_reason when there is no room now (nothing sent, why says what is full);
+ * or -errno for an OPEN no room would help (bad parameters: -EINVAL / -SKV_E*, larger than a
+ * whole arena: -ENOSPC, no memory for the daemon's own bookkeeping), nothing sent and why
+ * filled: the caller answers ERROR. client_efd stays the caller's. */
 int cached_place_stream(struct cached *d, struct cached_conn *c, const struct skv_msg_open *open,
-			int client_efd, enum cached_wait_reason *reason, char *why, size_t why_len);
-/* Check an OPEN without placing it: 0, or an error that placing would give whatever room
- * came free (bad parameters, a stream larger than any arena), why filled. */
+			int client_efd, char *why, size_t why_len);
+/* The checks of cached_place_stream that do not depend on room: 0 or its -errno, why filled. */
 int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
 		      size_t why_len);
 /* The idle time-out fired: FAILED -ETIMEDOUT to the client, DROP to the engine; the region

@@ -130,8 +130,12 @@ static int conn_enqueue(struct cached *d, struct cached_conn *c, uint16_t type, 
 		return -ENOBUFS;
 	}
 	struct cached_outmsg *m = malloc(sizeof(*m) + len);
-	if (!m)
+	if (!m) {
+		/* A lost reply would leave the peer waiting: hang up on it instead. */
+		c->overflow = 1;
+		d->overflowed = 1;
 		return -ENOMEM;
+	}
 	m->next = NULL;
 	m->type = type;
 	m->seq = seq;
@@ -145,6 +149,8 @@ static int conn_enqueue(struct cached *d, struct cached_conn *c, uint16_t type, 
 			for (int k = 0; k < m->n_fds; k++)
 				close(m->fds[k]);
 			free(m);
+			c->overflow = 1;
+			d->overflowed = 1;
 			return err;
 		}
 		m->fds[m->n_fds++] = fd;
@@ -510,64 +516,67 @@ static int open_resolve(struct cached *d, const struct skv_stream_params *in, st
 	return err;
 }
 
-int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
-		      size_t why_len)
+/* open_resolve, and refuse a stream larger than a whole arena: no amount of waiting would
+ * make room for it. */
+static int open_check(struct cached *d, const struct skv_msg_open *open, struct skv_policy *p,
+		      struct skv_kv_desc *desc, char *why, size_t why_len)
 {
-	struct skv_policy p;
-	struct skv_kv_desc desc;
-	int err = open_resolve(d, &open->params, &p, &desc, why, why_len);
+	int err = open_resolve(d, &open->params, p, desc, why, why_len);
 	if (err)
 		return err;
-	/* Larger than a whole arena: no amount of waiting makes room for it. */
 	uint64_t largest = 0;
 	for (unsigned a = 0; a < d->n_arenas; a++) {
 		struct skv_arena_heap_stats hs;
 		skv_arena_heap_stats(skv_arena_heap(d->arenas[a]), &hs);
 		largest = hs.heap_bytes > largest ? hs.heap_bytes : largest;
 	}
-	if (desc.region_bytes > largest) {
+	if (desc->region_bytes > largest) {
 		snprintf(why, why_len,
 			 "a stream of this policy needs %llu bytes of KV, more than a whole KV arena "
 			 "(%llu); start the daemon with a larger --arena-mb",
-			 (unsigned long long)desc.region_bytes, (unsigned long long)largest);
+			 (unsigned long long)desc->region_bytes, (unsigned long long)largest);
 		return -ENOSPC;
 	}
 	return 0;
 }
 
+int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
+		      size_t why_len)
+{
+	struct skv_policy p;
+	struct skv_kv_desc desc;
+	return open_check(d, open, &p, &desc, why, why_len);
+}
+
 int cached_place_stream(struct cached *d, struct cached_conn *c, const struct skv_msg_open *open,
-			int client_efd, enum cached_wait_reason *reason, char *why, size_t why_len)
+			int client_efd, char *why, size_t why_len)
 {
 	struct skv_policy p;
 	struct skv_kv_desc desc;
 	const struct skv_stream_params *in = &open->params;
-	int err = cached_check_open(d, open, why, why_len);
+	int err = open_check(d, open, &p, &desc, why, why_len);
 	if (err)
-		return err == -ENOSPC ? -E2BIG : err; /* -ENOSPC means "wait" to the caller */
-	open_resolve(d, in, &p, &desc, why, why_len);
+		return err;
 	if (d->max_streams && d->n_kv_streams >= d->max_streams) {
-		*reason = CACHED_WAIT_LIMIT;
 		snprintf(why, why_len,
 			 "the daemon's stream limit (%llu) is reached: close a stream, or start "
 			 "skv-cached with a larger --max-streams",
 			 (unsigned long long)d->max_streams);
-		return -ENOSPC;
+		return CACHED_WAIT_LIMIT;
 	}
 	uint64_t offset = 0;
 	int any_ready;
 	struct cached_engine *e = cached_pick_engine(d, desc.region_bytes, &offset, &any_ready);
 	if (!e && !any_ready) {
-		*reason = CACHED_WAIT_ENGINE;
 		snprintf(why, why_len, "no engine is ready to serve a stream; try again");
-		return -EAGAIN;
+		return CACHED_WAIT_ENGINE;
 	}
 	if (!e) {
-		*reason = CACHED_WAIT_ARENA;
 		snprintf(why, why_len,
 			 "the KV arena%s full: a stream needs %llu bytes; close streams or start the "
 			 "daemon with a larger --arena-mb",
 			 d->n_arenas > 1 ? "s are" : " is", (unsigned long long)desc.region_bytes);
-		return -ENOSPC;
+		return CACHED_WAIT_ARENA;
 	}
 	/* Lay the region out before anyone sees it: descriptor, empty ring. */
 	char *region = (char *)skv_arena_base(d->arenas[e->arena]) + offset;
@@ -586,9 +595,12 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 	}
 	if (chan_fd < 0) {
 		skv_arena_free(d->arenas[e->arena], offset);
+		if (s)
+			snprintf(why, why_len, "cannot create the stream's channel: %s",
+				 skv_strerror(chan_fd));
+		else
+			snprintf(why, why_len, "the daemon has no memory for another stream");
 		free(s);
-		snprintf(why, why_len, "cannot create the stream's channel: %s",
-			 skv_strerror(chan_fd));
 		return chan_fd;
 	}
 	d->next_stream_id++;
@@ -621,9 +633,8 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 		}
 		skv_arena_free(d->arenas[e->arena], offset);
 		free(s);
-		*reason = CACHED_WAIT_ENGINE;
 		snprintf(why, why_len, "the engine went away while the stream was opening; try again");
-		return -EAGAIN;
+		return CACHED_WAIT_ENGINE;
 	}
 	s->next = d->streams;
 	d->streams = s;
@@ -642,10 +653,9 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 	cached_event(d, SKV_EVENT_OPEN, s->id, e->id, 0, "%s, %lld sinks, window %lld",
 		     skv_policy_name(p.kind), (long long)p.sink_slots, (long long)p.window_slots);
 	if (d->verbose)
-		cached_log("stream %llu opened on engine %u (%s, %lld sinks, window %lld%s)",
-			   (unsigned long long)s->id, e->id, skv_policy_name(p.kind),
-			   (long long)p.sink_slots, (long long)p.window_slots,
-			   s->idle_timeout_s ? ", idle time-out" : "");
+		cached_log("stream %llu opened on engine %u (%s, %lld sinks, window %lld, idle "
+			   "time-out %u s)", (unsigned long long)s->id, e->id, skv_policy_name(p.kind),
+			   (long long)p.sink_slots, (long long)p.window_slots, s->idle_timeout_s);
 	return 0;
 }
 
@@ -657,14 +667,18 @@ static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_
 		return;
 	}
 	struct skv_msg_stream m = { .stream_id = id };
-	if (s->engine && s->engine->state == CACHED_ENGINE_READY &&
-	    s->state != CACHED_STREAM_CLOSING) {
-		s->state = CACHED_STREAM_CLOSING;
-		cached_conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
-		return; /* CLOSED goes out when the engine acknowledges */
-	}
 	if (s->state == CACHED_STREAM_CLOSING)
 		return;
+	if (s->dropping) {
+		/* Already being dropped (its idle time-out): CLOSED goes out with DROPPED. */
+		s->state = CACHED_STREAM_CLOSING;
+		return;
+	}
+	if (s->engine && s->engine->state == CACHED_ENGINE_READY) {
+		s->state = CACHED_STREAM_CLOSING;
+		stream_drop(d, s);
+		return; /* CLOSED goes out when the engine acknowledges */
+	}
 	/* No engine can touch it (failed and its engine exited): free it now. */
 	if (!s->engine || s->engine->state == CACHED_ENGINE_EXITED) {
 		cached_conn_send(d, c, SKV_MSG_CLOSED, &m, NULL, 0);
@@ -741,17 +755,13 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 			continue;
 		}
 		stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
-		if (!s->client) {
+		if (!s->client)
 			stream_destroy(d, s);
-		} else {
-			/* Keep the entry until the client closes it; the region is free now. */
-			skv_arena_free(d->arenas[s->arena], s->region_offset);
-			s->region_bytes = 0;
-			e->n_streams--;
-			s->engine = NULL;
-		}
+		else
+			stream_release(d, s); /* the entry waits for the client's CLOSE */
 	}
 	e->n_streams = 0;
+	engine_drops_reset(e);
 	cached_admin_retire(d, e);
 	if (!e->supervised) {
 		/* Started by hand: nobody restarts it; its slot and fds are free again. */
@@ -800,6 +810,7 @@ static void cached_engine_lost(struct cached *d, struct cached_engine *e)
 	if (e->state == CACHED_ENGINE_READY || e->state == CACHED_ENGINE_STARTING)
 		e->state = CACHED_ENGINE_LOST;
 	e->conn = NULL;
+	engine_drops_reset(e);
 	/* Streams being closed get CLOSED once the process has exited (their regions are only
 	 * safe then); the others fail now. */
 	for (struct cached_stream *s = d->streams; s; s = s->next)
@@ -900,6 +911,7 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 		cached_drop_conn(d, c);
 		return;
 	}
+	d->admission_dirty = 1; /* OPENs queued while no engine was ready */
 	cached_event(d, SKV_EVENT_ENGINE_START, 0, e->id, c->peer_pid, "engine ready (pid %u)",
 		     c->peer_pid);
 	cached_log("engine %u ready (pid %u, node %d%s%s)", e->id, c->peer_pid, e->node,
@@ -918,6 +930,9 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 	if (c->doorbell_fd >= 0)
 		close(c->doorbell_fd);
 	c->doorbell_fd = -1;
+	conn_free_out(c);
+	if (c->n_queued)
+		cached_admission_forget(d, c);
 	if (c->engine) {
 		cached_engine_lost(d, c->engine);
 		c->engine = NULL;
@@ -929,11 +944,8 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 			continue;
 		s->client = NULL;
 		if (s->engine && s->engine->state == CACHED_ENGINE_READY) {
-			if (s->state != CACHED_STREAM_CLOSING) {
-				struct skv_msg_stream m = { .stream_id = s->id };
-				s->state = CACHED_STREAM_CLOSING;
-				cached_conn_send(d, s->engine->conn, SKV_MSG_DROP, &m, NULL, 0);
-			}
+			s->state = CACHED_STREAM_CLOSING;
+			stream_drop(d, s);
 		} else if (!s->engine || s->engine->state == CACHED_ENGINE_EXITED) {
 			stream_destroy(d, s);
 		}
@@ -1068,6 +1080,7 @@ static void cached_send_stats(struct cached *d, struct cached_conn *c)
 		.engine_restarts = d->stats.engine_restarts,
 		.engines = d->n_engines,
 		.arenas = d->n_arenas,
+		.streams_queued = d->n_queued,
 	};
 	for (unsigned i = 0; i < d->n_engines; i++) {
 		if (d->engines[i].state == CACHED_ENGINE_READY)
@@ -1102,8 +1115,7 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 		return;
 	}
 	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_OPEN && n_fds == 1) {
-		cached_open_stream(d, c, body, fds[0]);
-		close(fds[0]);
+		cached_admission_open(d, c, body, fds[0]); /* takes the fd */
 		return;
 	}
 	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_CLOSE && n_fds == 0) {
@@ -1121,11 +1133,19 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 	}
 	if (c->role == SKV_ROLE_ENGINE && h->type == SKV_MSG_DROPPED && n_fds == 0) {
 		struct cached_stream *s = stream_find(d, ((const struct skv_msg_stream *)body)->stream_id);
-		if (s && s->engine == c->engine && s->state == CACHED_STREAM_CLOSING) {
+		if (!s || s->engine != c->engine || !s->dropping || s->drop_queued)
+			return; /* not a DROP of ours: nothing to free */
+		engine_drop_acked(d, c->engine);
+		if (s->state == CACHED_STREAM_CLOSING) {
 			struct skv_msg_stream m = { .stream_id = s->id };
 			if (s->client)
 				cached_conn_send(d, s->client, SKV_MSG_CLOSED, &m, NULL, 0);
 			stream_destroy(d, s);
+		} else if (!s->client) {
+			stream_destroy(d, s);
+		} else {
+			/* Failed by its idle time-out: its KV is free, the entry waits for CLOSE. */
+			stream_release(d, s);
 		}
 		return;
 	}
@@ -1199,6 +1219,18 @@ static void cached_reap(struct cached *d, struct cached_engine *e)
 
 static void cached_free_dead(struct cached *d)
 {
+	/* Peers whose replies could not be kept: they left too much unread (holding it without
+	 * bound would make the daemon the one to run out of memory) or memory ran out. */
+	if (d->overflowed) {
+		d->overflowed = 0;
+		for (struct cached_conn *c = d->conns; c; c = c->next)
+			if (c->overflow && c->fd >= 0) {
+				cached_log("peer pid %u: its unread replies cannot be kept (over %u "
+					   "MiB, or no memory): dropping it", c->peer_pid,
+					   CACHED_OUT_MAX_BYTES >> 20);
+				cached_drop_conn(d, c);
+			}
+	}
 	struct cached_conn **l = &d->conns;
 	while (*l) {
 		struct cached_conn *c = *l;
@@ -1214,14 +1246,12 @@ static void cached_free_dead(struct cached *d)
 int cached_run(struct cached *d)
 {
 	struct epoll_event evs[CACHED_MAX_EVENTS];
+	d->next_tick = cached_now() + 1.0;
 	while (!d->stopping) {
-		/* With watchers, look at the streams' rings once a second (eviction events). */
-		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, d->watchers ? 1000 : -1);
-		if (d->watchers)
-			cached_admin_tick(d);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
+		/* Sleep until a peer speaks, or until the next queue deadline or once-a-second
+		 * look (idle streams, evictions for watchers) is due. */
+		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, cached_timer_ms(d, cached_now()));
+		if (n < 0 && errno != EINTR) {
 			cached_log("epoll_wait: %s", strerror(errno));
 			return 1;
 		}
@@ -1236,9 +1266,14 @@ int cached_run(struct cached *d)
 			case CACHED_TAG_LISTEN:
 				cached_accept(d);
 				break;
-			case CACHED_TAG_CONN:
-				cached_readable(d, t->ptr);
+			case CACHED_TAG_CONN: {
+				struct cached_conn *c = t->ptr;
+				if (evs[i].events & EPOLLOUT)
+					conn_flush(d, c);
+				if (c->fd >= 0 && (evs[i].events & ~(uint32_t)EPOLLOUT))
+					cached_readable(d, c);
 				break;
+			}
 			case CACHED_TAG_PIDFD:
 				cached_reap(d, t->ptr);
 				break;
@@ -1256,6 +1291,18 @@ int cached_run(struct cached *d)
 				break;
 			}
 		}
+		double now = cached_now();
+		if (now >= d->next_tick) {
+			d->next_tick = now + 1.0;
+			if (d->watchers)
+				cached_admin_tick(d);
+			if (d->n_idle_tracked)
+				cached_idle_tick(d, now);
+		}
+		/* Streams freed above make room: place waiting OPENs before any times out. */
+		if (d->admission_dirty)
+			cached_admission_pump(d);
+		cached_admission_expire(d, now);
 		cached_free_dead(d);
 	}
 	return 0;

@@ -24,8 +24,10 @@
 #include "arena.h"
 #include "daemon-pvt.h"
 #include "forward.h"
+#include "kv-layout.h"
 #include "model.h"
 #include "skv-error.h"
+#include "stream.h"
 #include "topology.h"
 
 #ifndef SKV_MODEL_DIR
@@ -49,6 +51,11 @@ struct cached_opts {
 	enum skv_wait_backend wait;
 	int prefault;
 	int verbose;
+	long long max_streams;
+	int admission_queue;
+	long long queue_timeout_s;
+	long long queue_max;
+	long long idle_timeout_s;
 };
 
 static void cached_usage(FILE *out)
@@ -58,15 +65,23 @@ static void cached_usage(FILE *out)
 	      "  --model PATH         model to serve (default: the shipped stories260K)\n"
 	      "  --tokenizer PATH     llama2.c tokenizer (default: tok<vocab>.bin next to a .bin model)\n"
 	      "  --arena-mb N         KV arena size per NUMA node in MiB (default 256)\n"
-	      "  --tokens N           size the arenas for N tokens of KV instead\n"
+	      "  --tokens N           size each arena for N tokens of KV instead, counted in\n"
+	      "                       default sink streams (N / trained length of them)\n"
 	      "  --hugepages MODE     auto (default), on (fail without reserved huge pages), off\n"
 	      "  --numa SPEC          auto (default: every node), off, or a node list such as 0,2-3\n"
 	      "  --engines N          engine processes (default: one per core of the used nodes)\n"
 	      "  --group NAME         also admit members of this group (socket mode 0660)\n"
 	      "  --wait MODE          how engines sleep: auto (default), uring, futex\n"
 	      "  --engine-bin PATH    the skv-engine executable (default: next to skv-cached)\n"
+	      "  --max-streams N      at most N streams hold KV at once (default: as many as fit)\n"
+	      "  --admission MODE     when no stream fits: reject (default: ERROR at once) or queue\n"
+	      "                       (the OPEN waits, first come first placed, until room frees)\n"
+	      "  --queue-timeout SEC  queue: answer ERROR after waiting this long (default 60)\n"
+	      "  --queue-max N        queue: at most N OPENs wait; more are refused (default 1024)\n"
+	      "  --idle-timeout SEC   close streams with no traffic for SEC seconds (default 0:\n"
+	      "                       never); a stream may ask for its own, up to a week\n"
 	      "  --prefault           fault the arenas in at start\n"
-	      "  --verbose            log every stream\n",
+	      "  --verbose            log every stream, and how many default streams an arena holds\n",
 	      out);
 }
 
@@ -108,6 +123,11 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "group", required_argument, NULL, 'g' },
 		{ "wait", required_argument, NULL, 'w' },
 		{ "engine-bin", required_argument, NULL, 'b' },
+		{ "max-streams", required_argument, NULL, 'M' },
+		{ "admission", required_argument, NULL, 'A' },
+		{ "queue-timeout", required_argument, NULL, 'Q' },
+		{ "queue-max", required_argument, NULL, 'q' },
+		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "prefault", no_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
@@ -117,6 +137,8 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 	o->numa = "auto";
 	o->arena_mb = -1;
 	o->token_budget = -1;
+	o->queue_timeout_s = -1;
+	o->queue_max = -1;
 	int c;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":h", longs, NULL)) != -1) {
@@ -145,6 +167,28 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 				cached_die(CACHED_EXIT_USAGE, "--wait: '%s' is not auto, uring or futex",
 					   optarg);
 			break;
+		case 'M':
+			o->max_streams = cached_parse_int("--max-streams", optarg, 1, 1ll << 40);
+			break;
+		case 'A':
+			if (!strcmp(optarg, "reject"))
+				o->admission_queue = 0;
+			else if (!strcmp(optarg, "queue"))
+				o->admission_queue = 1;
+			else
+				cached_die(CACHED_EXIT_USAGE, "--admission: '%s' is not reject or queue",
+					   optarg);
+			break;
+		case 'Q':
+			o->queue_timeout_s = cached_parse_int("--queue-timeout", optarg, 1, 86400);
+			break;
+		case 'q':
+			o->queue_max = cached_parse_int("--queue-max", optarg, 1, CACHED_MAX_FDS);
+			break;
+		case 'I':
+			o->idle_timeout_s = cached_parse_int("--idle-timeout", optarg, 0,
+							     CACHED_IDLE_MAX_S);
+			break;
 		case 'b': o->engine_bin = optarg; break;
 		case 'p': o->prefault = 1; break;
 		case 'v': o->verbose = 1; break;
@@ -159,6 +203,57 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		cached_die(CACHED_EXIT_USAGE, "unexpected argument '%s'", argv[optind]);
 	if (o->arena_mb > 0 && o->token_budget > 0)
 		cached_die(CACHED_EXIT_USAGE, "give --arena-mb or --tokens, not both");
+	if (!o->admission_queue && (o->queue_timeout_s > 0 || o->queue_max > 0))
+		cached_die(CACHED_EXIT_USAGE, "--queue-timeout and --queue-max need --admission queue");
+	if (o->queue_timeout_s < 0)
+		o->queue_timeout_s = 60;
+	if (o->queue_max < 0)
+		o->queue_max = 1024;
+}
+
+/* Descriptors: the daemon holds two per client (socket, doorbell page) and one per queued
+ * OPEN, and each engine, which inherits the limit, one per stream it serves (the client's
+ * eventfd). Allow what the hard limit allows (capped by the event loop's fd table), and say so
+ * when that is too little for thousands of streams. */
+#define CACHED_NOFILE_WANT 8192
+
+static void cached_raise_nofile(void)
+{
+	struct rlimit nofile;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) < 0)
+		return;
+	rlim_t want = nofile.rlim_max < CACHED_MAX_FDS ? nofile.rlim_max : CACHED_MAX_FDS;
+	if (nofile.rlim_cur < want) {
+		nofile.rlim_cur = want;
+		if (setrlimit(RLIMIT_NOFILE, &nofile) < 0)
+			cached_log("cannot raise the descriptor limit to %llu: %s",
+				   (unsigned long long)want, strerror(errno));
+	}
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < CACHED_NOFILE_WANT)
+		cached_log("the descriptor limit is %llu (hard %llu): an engine serves fewer streams "
+			   "than that and the daemon about half as many clients; raise the hard "
+			   "limit (ulimit -Hn, LimitNOFILE=) to serve thousands",
+			   (unsigned long long)nofile.rlim_cur, (unsigned long long)nofile.rlim_max);
+}
+
+/* The KV region of a stream with the default policy (sink: 4 sinks + the rest of the trained
+ * length as window), and what it takes in an arena (its allocator size class). */
+static int cached_default_stream(const struct skv_model *m, struct skv_policy *p,
+				 uint64_t *region_bytes, uint64_t *arena_bytes)
+{
+	char msg[256];
+	struct skv_kv_desc desc;
+	skv_policy_default(p);
+	int err = skv_policy_resolve(p, m->cfg.seq_len, msg, sizeof(msg));
+	if (!err)
+		err = skv_kv_layout_init(&desc, (uint32_t)m->cfg.n_layers,
+					 (uint32_t)m->cfg.n_kv_heads, (uint32_t)m->cfg.head_size,
+					 (uint32_t)p->sink_slots, (uint32_t)p->window_slots);
+	if (err)
+		return err;
+	*region_bytes = desc.region_bytes;
+	*arena_bytes = skv_arena_class_bytes(skv_arena_class_of(desc.region_bytes));
+	return 0;
 }
 
 /* The model's weights packed once into a sealed memfd that every engine maps read-only. */
@@ -316,13 +411,12 @@ int main(int argc, char **argv)
 	d.started_at = cached_now();
 	d.instance = skv_arena_instance_id_new();
 	signal(SIGPIPE, SIG_IGN);
-	/* Every client and stream holds descriptors here for a moment: allow what the hard
-	 * limit allows (capped by the fd table of the event loop). */
-	struct rlimit nofile;
-	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
-		nofile.rlim_cur = nofile.rlim_max < CACHED_MAX_FDS ? nofile.rlim_max : CACHED_MAX_FDS;
-		setrlimit(RLIMIT_NOFILE, &nofile);
-	}
+	d.max_streams = (uint64_t)o.max_streams;
+	d.admission_queue = o.admission_queue;
+	d.queue_timeout_s = (uint32_t)o.queue_timeout_s;
+	d.queue_max = (uint32_t)o.queue_max;
+	d.idle_timeout_s = (uint32_t)o.idle_timeout_s;
+	cached_raise_nofile();
 
 	if (o.socket_path) {
 		if (strlen(o.socket_path) >= sizeof(d.socket_path))
@@ -393,13 +487,20 @@ int main(int argc, char **argv)
 	if (plan->n_arenas > CACHED_MAX_ARENAS || plan->n_engines > CACHED_MAX_ENGINES)
 		cached_die(CACHED_EXIT_USAGE, "too many arenas or engines for this build");
 
-	const struct skv_model_config *mc = &d.model->cfg;
-	uint64_t per_token = 2ull * mc->n_layers * mc->kv_dim * sizeof(float);
-	uint64_t arena_bytes = o.token_budget > 0 ? (uint64_t)o.token_budget * per_token +
-							    (16ull << 20)
-						  : (uint64_t)(o.arena_mb > 0 ? o.arena_mb
-									    : CACHED_DEFAULT_ARENA_MB)
-							    << 20;
+	/* --tokens N sizes for whole default streams: their regions are what fills arenas, with
+	 * the allocator's rounding to a size class counted in, so N tokens of them fit. */
+	struct skv_policy def;
+	uint64_t def_region, def_take;
+	err = cached_default_stream(d.model, &def, &def_region, &def_take);
+	if (err)
+		cached_die(1, "the model's default stream has no valid KV layout: %s",
+			   skv_strerror(err));
+	uint64_t def_tokens = (uint64_t)(def.sink_slots + def.window_slots);
+	uint64_t arena_bytes = (uint64_t)(o.arena_mb > 0 ? o.arena_mb : CACHED_DEFAULT_ARENA_MB)
+			       << 20;
+	if (o.token_budget > 0)
+		arena_bytes = SKV_ARENA_HEADER_BLOCK +
+			      ((uint64_t)o.token_budget + def_tokens - 1) / def_tokens * def_take;
 	for (unsigned a = 0; a < plan->n_arenas; a++) {
 		char name[32];
 		snprintf(name, sizeof(name), "skv-arena-%u", a);
@@ -415,6 +516,29 @@ int main(int argc, char **argv)
 		cached_log("arena %u: %llu MiB, %s", a,
 			   (unsigned long long)(skv_arena_info(d.arenas[a])->bytes >> 20),
 			   skv_arena_info(d.arenas[a])->backing_desc);
+		if (o.verbose) {
+			struct skv_arena_heap_stats hs;
+			skv_arena_heap_stats(skv_arena_heap(d.arenas[a]), &hs);
+			cached_log("arena %u holds %llu default streams (%s, %lld sinks + %lld window "
+				   "slots: %llu bytes of KV, %llu in the arena)", a,
+				   (unsigned long long)(hs.heap_bytes / def_take),
+				   skv_policy_name(def.kind), (long long)def.sink_slots,
+				   (long long)def.window_slots, (unsigned long long)def_region,
+				   (unsigned long long)def_take);
+		}
+	}
+	if (d.max_streams || d.admission_queue || d.idle_timeout_s) {
+		char limit[64] = "", queue[96] = "", idle[48] = "off";
+		if (d.max_streams)
+			snprintf(limit, sizeof(limit), ", at most %llu streams",
+				 (unsigned long long)d.max_streams);
+		if (d.admission_queue)
+			snprintf(queue, sizeof(queue), " (up to %u OPENs wait up to %u s)",
+				 d.queue_max, d.queue_timeout_s);
+		if (d.idle_timeout_s)
+			snprintf(idle, sizeof(idle), "%u s", d.idle_timeout_s);
+		cached_log("admission: %s%s%s; idle time-out %s",
+			   d.admission_queue ? "queue" : "reject", queue, limit, idle);
 	}
 
 	err = cached_listen(&d);
