@@ -206,6 +206,7 @@ static void admin_server(struct cached *d, struct cached_conn *c)
 		.engines = d->n_engines,
 		.arenas = d->n_arenas,
 		.streams = d->n_streams,
+		.streams_queued = d->n_queued,
 		.streams_opened = d->stats.streams_opened,
 		.streams_closed = d->stats.streams_closed,
 		.streams_failed = d->stats.streams_failed,

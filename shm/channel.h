@@ -1,13 +1,13 @@
 /* A stream's channel: the data path between one client and the engine serving the stream.
  *
- * A memfd created by the daemon, mapped by the client and by the engine (the daemon unmaps it
- * after formatting). Layout: struct skv_chan_hdr, then the input ring (client -> engine:
+ * A memfd created by the daemon, mapped by the client and by the engine (the daemon keeps only
+ * a read-only view of the ring indices, for idle time-outs). Layout: struct skv_chan_hdr, then the input ring (client -> engine:
  * prompt text and commands), then the output ring (engine -> client: tokens, results), both
  * rings of struct skv_chan_msg (shm/ring.h).
  *
  * Wake-ups: the engine consumes the input rings of all its streams and sleeps on its own
  * doorbell (a one-page memfd holding its struct skv_wake_word, shared with its clients); a
- * client sleeps on the wake word of its output ring. Either side that waits for room in a full
+ * client sleeps on the wake word of its client doorbell (below). Either side that waits for room in a full
  * ring sets its *_wants_room flag first, and the other side wakes it after it frees a slot.
  *
  * Who writes what: in_ring head, client_wants_room, cancel: the client. in_ring tail, out_ring head,

@@ -217,7 +217,8 @@ struct skv_admin_server {
 	uint32_t pid;
 	uint16_t proto_major, proto_minor;
 	uint32_t engines, engines_ready;
-	uint32_t arenas, reserved0;
+	uint32_t arenas;
+	uint32_t streams_queued;      /* OPENs waiting in the admission queue */
 	uint64_t streams;             /* in the table now */
 	uint64_t streams_opened, streams_closed, streams_failed;
 	uint64_t engine_restarts;

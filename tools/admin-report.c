@@ -33,6 +33,7 @@
  * # Streams
  *   streams                   in the table now (open, closing or failed)
  *   streams_open, streams_closing, streams_failed          by state
+ *   streams_queued                                         OPENs in the admission queue
  *   streams_sink, streams_window, streams_dense, streams_recompute   by policy
  *   streams_evicting          streams that have evicted tokens
  *   sink_tokens               tokens held in sink slots, summed over streams
@@ -461,6 +462,7 @@ static json_t *report_info_streams(const struct admin_snapshot *snap)
 	set_u64(o, "streams_open", by_state[1]);
 	set_u64(o, "streams_closing", by_state[2]);
 	set_u64(o, "streams_failed", by_state[3]);
+	set_u64(o, "streams_queued", snap->server.streams_queued);
 	set_u64(o, "streams_sink", by_policy[SKV_POLICY_SINK]);
 	set_u64(o, "streams_window", by_policy[SKV_POLICY_WINDOW]);
 	set_u64(o, "streams_dense", by_policy[SKV_POLICY_DENSE]);
@@ -1137,6 +1139,9 @@ void admin_metrics_print(FILE *out, const struct admin_snapshot *snap)
 		   "Forward steps run by the engines.", s->steps);
 
 	metric_u64(out, "streamkv_streams", "gauge", "Streams in the daemon's table.", s->streams);
+	metric_u64(out, "streamkv_streams_queued", "gauge",
+		   "Stream OPENs waiting in the admission queue (--admission queue).",
+		   s->streams_queued);
 	metric_u64(out, "streamkv_engines", "gauge", "Engines known to the daemon.", s->engines);
 	metric_u64(out, "streamkv_engines_ready", "gauge", "Engines serving.", s->engines_ready);
 
