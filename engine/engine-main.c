@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -150,6 +151,24 @@ static void engine_hist_add(struct skv_hist *h, uint64_t ns)
 /* ---- output ---------------------------------------------------------------------------- */
 
 /* Queue a message for the client; it goes out at once if the ring has room. */
+/* A message to the daemon. The socket is non-blocking (the engine never sleeps in it); a full
+ * one means the daemon is behind: wait for room rather than lose a DROPPED or a stream's
+ * failure, up to a second (a daemon that reads nothing for that long is gone or stuck, and the
+ * connection's end will tell). */
+static void engine_send(struct engine *e, uint16_t type, const void *body)
+{
+	for (int tries = 0; tries < 100; tries++) {
+		int err = skv_msg_send(e->sock, type, e->seq, body, NULL, 0);
+		if (err != -EAGAIN) {
+			e->seq++;
+			return;
+		}
+		struct pollfd pfd = { .fd = e->sock, .events = POLLOUT };
+		poll(&pfd, 1, 10);
+	}
+	engine_log("the daemon reads nothing: a %s was not sent", skv_msg_name(type));
+}
+
 static void stream_emit(struct engine *e, struct eng_stream *st, const struct skv_chan_msg *m)
 {
 	(void)e;
@@ -591,7 +610,7 @@ static int engine_step(struct engine *e)
 			struct skv_msg_failed f = { .stream_id = st->id, .code = -SKV_EFORMAT };
 			snprintf(f.text, sizeof(f.text),
 				 "the stream's channel was corrupted by its client");
-			skv_msg_send(e->sock, SKV_MSG_STREAM_ERROR, e->seq++, &f, NULL, 0);
+			engine_send(e, SKV_MSG_STREAM_ERROR, &f);
 			engine_log("stream %llu: its channel is corrupt; not serving it any more",
 				   (unsigned long long)st->id);
 			st->broken = 2;
@@ -737,7 +756,7 @@ static int engine_control(struct engine *e)
 					 msg[0] ? msg : skv_strerror(err));
 				engine_log("stream %llu: %s",
 					   (unsigned long long)body.assign.stream_id, f.text);
-				skv_msg_send(e->sock, SKV_MSG_STREAM_ERROR, e->seq++, &f, NULL, 0);
+				engine_send(e, SKV_MSG_STREAM_ERROR, &f);
 			}
 			break;
 		}
@@ -750,7 +769,7 @@ static int engine_control(struct engine *e)
 				stream_free(st);
 			}
 			/* Acknowledge even an unknown id: the daemon frees the region after it. */
-			skv_msg_send(e->sock, SKV_MSG_DROPPED, e->seq++, &body.stream, NULL, 0);
+			engine_send(e, SKV_MSG_DROPPED, &body.stream);
 			break;
 		}
 		case SKV_MSG_ERROR:

@@ -7,8 +7,9 @@
  *
  * Wake-ups: the engine consumes the input rings of all its streams and sleeps on its own
  * doorbell (a one-page memfd holding its struct skv_wake_word, shared with its clients); a
- * client sleeps on the wake word of its client doorbell (below). Either side that waits for room in a full
- * ring sets its *_wants_room flag first, and the other side wakes it after it frees a slot.
+ * client sleeps on the wake word of its client doorbell (below). Either side that waits for
+ * room in a full ring sets its *_wants_room flag first, and the other side wakes it after it
+ * frees a slot.
  *
  * Who writes what: in_ring head, client_wants_room, cancel: the client. in_ring tail, out_ring head,
  * engine_wants_room: the engine. out_ring tail and its wake word: the client. */
