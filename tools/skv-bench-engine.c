@@ -6,7 +6,9 @@
  *              dense cache) at the same cache size, measured in the same run for comparison
  *   sink vs recompute, per cache size: time per token of StreamingLLM (4 sinks + window) and
  *              of sliding window with re-computation over the same number of tokens, and their
- *              ratio
+ *              ratio; and the peak memory each adds to the process (VmHWM, reset through
+ *              /proc/self/clear_refs before each, so one process measures them in turn), with
+ *              the KV bytes each holds (the paper's Figure 10)
  * Every figure is the median of --repeats runs, measurements interleaved so that noise from
  * other processes hits all of them alike. Timings are wall clock (CLOCK_MONOTONIC). */
 #include <errno.h>
@@ -42,7 +44,46 @@ struct bench_opts {
 	int n_sizes;
 	int threads;
 	int json;
+	int compare_only;  /* only sink vs recompute (a large model's other parts take long) */
+	int rec_tokens;    /* recompute steps timed per size (0: compare_tokens / 10, >= 5) */
 };
+
+/* Resident and peak resident bytes of this process (/proc/self/status VmRSS, VmHWM). */
+static void bench_rss(uint64_t *rss, uint64_t *hwm)
+{
+	FILE *f = fopen("/proc/self/status", "r");
+	char line[256];
+	unsigned long long kib;
+	*rss = *hwm = 0;
+	while (f && fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "VmRSS: %llu kB", &kib) == 1)
+			*rss = kib * 1024;
+		else if (sscanf(line, "VmHWM: %llu kB", &kib) == 1)
+			*hwm = kib * 1024;
+	}
+	if (f)
+		fclose(f);
+}
+
+/* Start a peak measurement: VmHWM back to the current RSS (clear_refs "5", Linux >= 4.0).
+ * Returns the RSS it starts from. */
+static uint64_t bench_peak_start(void)
+{
+	FILE *f = fopen("/proc/self/clear_refs", "w");
+	if (!f || fputs("5", f) < 0 || fclose(f) != 0)
+		bench_die("cannot reset the peak RSS through /proc/self/clear_refs");
+	uint64_t rss, hwm;
+	bench_rss(&rss, &hwm);
+	return rss;
+}
+
+/* Bytes the peak rose above start since bench_peak_start. */
+static uint64_t bench_peak_since(uint64_t start)
+{
+	uint64_t rss, hwm;
+	bench_rss(&rss, &hwm);
+	return hwm > start ? hwm - start : 0;
+}
 
 /* Deterministic token ids (not BOS), so every run feeds the same text. */
 static void bench_tokens(int32_t *ids, size_t n, int32_t vocab, uint64_t seed)
@@ -92,7 +133,7 @@ static void bench_usage(FILE *out)
 {
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
 	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
-	      "                        [--threads N] [--json]\n",
+	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n",
 	      out);
 }
 
@@ -107,6 +148,8 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		{ "sizes", required_argument, NULL, 's' },
 		{ "threads", required_argument, NULL, 't' },
 		{ "json", no_argument, NULL, 'j' },
+		{ "compare-only", no_argument, NULL, 'C' },
+		{ "rec-tokens", required_argument, NULL, 'R' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -129,6 +172,8 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		case 'c': o->compare_tokens = (int)bench_parse_int("--compare-tokens", optarg, 1, 1 << 20); break;
 		case 't': o->threads = (int)bench_parse_int("--threads", optarg, 1, 256); break;
 		case 'j': o->json = 1; break;
+		case 'C': o->compare_only = 1; break;
+		case 'R': o->rec_tokens = (int)bench_parse_int("--rec-tokens", optarg, 1, 1 << 20); break;
 		case 's': {
 			o->n_sizes = 0;
 			char *list = optarg, *tok, *save = NULL;
@@ -177,19 +222,29 @@ int main(int argc, char **argv)
 	double *naive = calloc((size_t)o.repeats, sizeof(double));
 	double *sink_t = calloc((size_t)o.repeats * o.n_sizes, sizeof(double));
 	double *rec_t = calloc((size_t)o.repeats * o.n_sizes, sizeof(double));
-	if (!ids || !logits || !decode || !prefill || !naive || !sink_t || !rec_t)
+	double *sink_m = calloc((size_t)o.repeats * o.n_sizes, sizeof(double));
+	double *rec_m = calloc((size_t)o.repeats * o.n_sizes, sizeof(double));
+	uint64_t *sink_kv = calloc((size_t)o.n_sizes, sizeof(uint64_t));
+	uint64_t *rec_kv = calloc((size_t)o.n_sizes, sizeof(uint64_t));
+	if (!ids || !logits || !decode || !prefill || !naive || !sink_t || !rec_t || !sink_m ||
+	    !rec_m || !sink_kv || !rec_kv)
 		bench_die("out of memory");
 	bench_tokens(ids, n_ids, vocab, 42);
 
 	/* Decode with a full window: sink policy at its defaults. */
-	struct skv_stream *dec = bench_stream(runner, SKV_POLICY_SINK, -1, -1);
-	bench_feed(dec, ids, (size_t)trained, logits);
-	struct naive nv;
-	if (naive_init(&nv, model, trained) < 0)
-		bench_die("out of memory");
+	struct skv_stream *dec = NULL;
+	struct naive nv = { 0 };
 	int naive_steps = trained / 8;
+	if (!o.compare_only) {
+		dec = bench_stream(runner, SKV_POLICY_SINK, -1, -1);
+		bench_feed(dec, ids, (size_t)trained, logits);
+		if (naive_init(&nv, model, trained) < 0)
+			bench_die("out of memory");
+	}
 
 	for (int r = 0; r < o.repeats; r++) {
+		if (o.compare_only)
+			goto compare;
 		decode[r] = 1.0 / bench_decode_steps(dec, o.decode_tokens, logits, vocab);
 
 		struct skv_stream *pre = bench_stream(runner, SKV_POLICY_SINK, -1,
@@ -208,17 +263,28 @@ int main(int argc, char **argv)
 			naive_forward(&nv, ids[p], p);
 		naive[r] = naive_steps / (bench_now() - t0);
 
+compare:
+		/* One after the other, each from a reset peak: what a stream of each kind adds to
+		 * the process (its KV, its history, the pages it touches), then freed. */
 		for (int si = 0; si < o.n_sizes; si++) {
 			int size = o.sizes[si];
+			uint64_t base = bench_peak_start();
 			struct skv_stream *sk = bench_stream(runner, SKV_POLICY_SINK, 4, size - 4);
-			struct skv_stream *rc = bench_stream(runner, SKV_POLICY_RECOMPUTE, -1, size);
 			bench_feed(sk, ids, (size_t)size, logits);
 			sink_t[si * o.repeats + r] =
 				bench_decode_steps(sk, o.compare_tokens, logits, vocab);
-			bench_feed(rc, ids, (size_t)size, logits);
-			int rec_steps = o.compare_tokens / 10 > 5 ? o.compare_tokens / 10 : 5;
-			rec_t[si * o.repeats + r] = bench_decode_steps(rc, rec_steps, logits, vocab);
+			sink_m[si * o.repeats + r] = (double)bench_peak_since(base);
+			sink_kv[si] = skv_stream_kv_bytes(sk);
 			skv_stream_free(sk);
+
+			base = bench_peak_start();
+			struct skv_stream *rc = bench_stream(runner, SKV_POLICY_RECOMPUTE, -1, size);
+			bench_feed(rc, ids, (size_t)size, logits);
+			int rec_steps = o.rec_tokens ? o.rec_tokens
+				      : o.compare_tokens / 10 > 5 ? o.compare_tokens / 10 : 5;
+			rec_t[si * o.repeats + r] = bench_decode_steps(rc, rec_steps, logits, vocab);
+			rec_m[si * o.repeats + r] = (double)bench_peak_since(base);
+			rec_kv[si] = skv_stream_kv_bytes(rc);
 			skv_stream_free(rc);
 		}
 	}
@@ -228,18 +294,26 @@ int main(int argc, char **argv)
 	double naive_med = bench_median(naive, (size_t)o.repeats);
 	const char *impl1 = skv_runner_impl(runner, 1);
 	if (o.json) {
-		printf("{\"model\": \"%s\", \"threads\": %d, \"repeats\": %d, \"matmul_impl\": \"%s\", "
-		       "\"decode_tokens_per_s\": %.1f, \"decode_cache_tokens\": %d, "
-		       "\"prefill_tokens_per_s\": %.1f, \"prefill_tokens\": %d, "
-		       "\"plain_c_tokens_per_s\": %.1f, \"sink_vs_recompute\": [",
-		       o.model_path, o.threads, o.repeats, impl1 ? impl1 : "?", dec_med, trained,
-		       pre_med, o.prefill_tokens, naive_med);
+		printf("{\"model\": \"%s\", \"dim\": %d, \"layers\": %d, \"threads\": %d, "
+		       "\"repeats\": %d, \"matmul_impl\": \"%s\", ",
+		       o.model_path, c->dim, c->n_layers, o.threads, o.repeats, impl1 ? impl1 : "?");
+		if (!o.compare_only)
+			printf("\"decode_tokens_per_s\": %.1f, \"decode_cache_tokens\": %d, "
+			       "\"prefill_tokens_per_s\": %.1f, \"prefill_tokens\": %d, "
+			       "\"plain_c_tokens_per_s\": %.1f, ",
+			       dec_med, trained, pre_med, o.prefill_tokens, naive_med);
+		printf("\"sink_vs_recompute\": [");
 		for (int si = 0; si < o.n_sizes; si++) {
 			double st = bench_median(sink_t + si * o.repeats, (size_t)o.repeats);
 			double rt = bench_median(rec_t + si * o.repeats, (size_t)o.repeats);
 			printf("%s{\"cache\": %d, \"sink_s_per_token\": %.9f, "
-			       "\"recompute_s_per_token\": %.9f, \"speedup\": %.2f}",
-			       si ? ", " : "", o.sizes[si], st, rt, rt / st);
+			       "\"recompute_s_per_token\": %.9f, \"speedup\": %.2f, "
+			       "\"sink_peak_bytes\": %.0f, \"recompute_peak_bytes\": %.0f, "
+			       "\"sink_kv_bytes\": %llu, \"recompute_kv_bytes\": %llu}",
+			       si ? ", " : "", o.sizes[si], st, rt, rt / st,
+			       bench_median(sink_m + si * o.repeats, (size_t)o.repeats),
+			       bench_median(rec_m + si * o.repeats, (size_t)o.repeats),
+			       (unsigned long long)sink_kv[si], (unsigned long long)rec_kv[si]);
 		}
 		printf("]}\n");
 	} else {
@@ -248,22 +322,32 @@ int main(int argc, char **argv)
 		       o.model_path, c->dim, c->n_layers, c->n_heads, c->n_kv_heads, vocab,
 		       o.threads, o.repeats);
 		printf("matmul implementation (M=1): %s\n\n", impl1 ? impl1 : "?");
-		printf("%-44s %12s\n", "measurement", "tokens/s");
-		printf("%-44s %12.0f\n", "decode, full window (4 sinks + 508)", dec_med);
-		printf("%-44s %12.0f\n", "plain C (llama2.c loops), cache ~512", naive_med);
-		printf("%-44s %12.0f\n", "prefill (one call)", pre_med);
-		printf("\n%-8s %16s %20s %10s\n", "cache", "sink us/token", "recompute us/token",
-		       "speed-up");
+		if (!o.compare_only) {
+			printf("%-44s %12s\n", "measurement", "tokens/s");
+			printf("%-44s %12.0f\n", "decode, full window (4 sinks + 508)", dec_med);
+			printf("%-44s %12.0f\n", "plain C (llama2.c loops), cache ~512", naive_med);
+			printf("%-44s %12.0f\n\n", "prefill (one call)", pre_med);
+		}
+		printf("%-8s %16s %20s %10s %12s %12s\n", "cache", "sink us/token",
+		       "recompute us/token", "speed-up", "sink MiB", "recomp. MiB");
 		for (int si = 0; si < o.n_sizes; si++) {
 			double st = bench_median(sink_t + si * o.repeats, (size_t)o.repeats);
 			double rt = bench_median(rec_t + si * o.repeats, (size_t)o.repeats);
-			printf("%-8d %16.1f %20.1f %9.1fx\n", o.sizes[si], st * 1e6, rt * 1e6,
-			       rt / st);
+			printf("%-8d %16.1f %20.1f %9.1fx %12.2f %12.2f\n", o.sizes[si], st * 1e6,
+			       rt * 1e6, rt / st,
+			       bench_median(sink_m + si * o.repeats, (size_t)o.repeats) / 1048576.0,
+			       bench_median(rec_m + si * o.repeats, (size_t)o.repeats) / 1048576.0);
 		}
+		printf("(MiB: peak resident memory a stream adds to the process while it runs)\n");
 	}
 
-	naive_free(&nv);
+	if (!o.compare_only)
+		naive_free(&nv);
 	skv_stream_free(dec);
+	free(sink_m);
+	free(rec_m);
+	free(sink_kv);
+	free(rec_kv);
 	free(ids);
 	free(logits);
 	free(decode);
