@@ -5,7 +5,9 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 void bench_die(const char *fmt, ...)
 {
@@ -56,4 +58,93 @@ double bench_pct(const double *sorted, size_t n, double p)
 	size_t rank = (size_t)ceil(p / 100.0 * (double)n);
 	rank = rank < 1 ? 1 : rank > n ? n : rank;
 	return sorted[rank - 1];
+}
+
+size_t bench_parse_list(const char *flag, const char *text, long long lo, long long hi,
+			long long *out, size_t cap)
+{
+	size_t n = 0;
+	const char *p = text;
+	for (;;) {
+		char *end;
+		errno = 0;
+		long long v = strtoll(p, &end, 10);
+		if (errno || end == p || (*end && *end != ',') || v < lo || v > hi)
+			bench_die("%s: '%s' is not a comma-separated list of whole numbers in "
+				  "[%lld, %lld]", flag, text, lo, hi);
+		if (n == cap)
+			bench_die("%s: '%s' has more than %zu numbers", flag, text, cap);
+		out[n++] = v;
+		if (!*end)
+			return n;
+		p = end + 1;
+	}
+}
+
+/* The value of "key <number> kB" in a /proc file, in bytes; -1 if absent. */
+static long long bench_proc_kib_field(const char *path, const char *key)
+{
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	char line[256];
+	size_t key_len = strlen(key);
+	long long bytes = -1;
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, key, key_len)) {
+			long long kib;
+			if (sscanf(line + key_len, " %lld", &kib) == 1)
+				bytes = kib * 1024;
+			break;
+		}
+	fclose(f);
+	return bytes;
+}
+
+static void bench_proc_path(char *buf, size_t len, int pid, const char *file)
+{
+	if (pid)
+		snprintf(buf, len, "/proc/%d/%s", pid, file);
+	else
+		snprintf(buf, len, "/proc/self/%s", file);
+}
+
+long long bench_proc_rss(int pid)
+{
+	char path[64];
+	bench_proc_path(path, sizeof(path), pid, "status");
+	return bench_proc_kib_field(path, "VmRSS:");
+}
+
+long long bench_proc_pss(int pid)
+{
+	char path[64];
+	bench_proc_path(path, sizeof(path), pid, "smaps_rollup");
+	return bench_proc_kib_field(path, "Pss:");
+}
+
+double bench_proc_cpu_s(int pid)
+{
+	/* The process's CPU clock counts nanoseconds; /proc/PID/stat only clock ticks (10 ms),
+	 * too coarse for runs of a fraction of a second. */
+	clockid_t clock;
+	struct timespec ts;
+	if (clock_getcpuclockid((pid_t)pid, &clock) == 0 && clock_gettime(clock, &ts) == 0)
+		return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+	char path[64], buf[1024];
+	bench_proc_path(path, sizeof(path), pid, "stat");
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1.0;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	/* The command name may hold spaces and parentheses: fields start after the last ')'.
+	 * utime and stime are fields 14 and 15, the 12th and 13th after the state (field 3). */
+	char *p = strrchr(buf, ')');
+	unsigned long long utime, stime;
+	if (!p || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime,
+			 &stime) != 2)
+		return -1.0;
+	return (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
 }

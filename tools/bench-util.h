@@ -23,4 +23,17 @@ double bench_pct(const double *sorted, size_t n, double p);
 /* qsort comparator for doubles, ascending. */
 int bench_cmp_double(const void *a, const void *b);
 
+/* A comma-separated list of whole numbers in [lo, hi] for flag ("1,4,16"), at most cap of
+ * them, into out; returns how many, or bench_die (empty items, junk, too many). */
+size_t bench_parse_list(const char *flag, const char *text, long long lo, long long hi,
+			long long *out, size_t cap);
+
+/* What the kernel says about a process (pid 0: this one). Resident set (VmRSS) in bytes;
+ * proportional set (smaps_rollup Pss: shared pages divided among the processes mapping them)
+ * in bytes; CPU time (user + system, all threads) in seconds. -1 when the process is gone or
+ * the file is unreadable. */
+long long bench_proc_rss(int pid);
+long long bench_proc_pss(int pid);
+double bench_proc_cpu_s(int pid);
+
 #endif
