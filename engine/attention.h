@@ -53,6 +53,10 @@ struct skv_attn_args {
 	uint32_t n_heads;
 	float *scores;          /* scratch, [2][slot_stride] floats, 64-byte aligned */
 	float *out;             /* [n_heads][head_size] */
+	/* The next row's planes of the same layer, shaped like these (NULL: none): the kernel
+	 * prefetches into L2 each line of them that matches a line it reads here, so that the
+	 * next row's KV streams in from memory while this row computes. */
+	const float *next_k_plane, *next_v_plane;
 };
 
 void skv_attend(const struct skv_attn_args *args);

@@ -53,6 +53,7 @@ struct skv_runner {
 	struct forward_row *rows;       /* [max_rows] */
 	struct skv_kv_ring *ring_after; /* [max_rows] ring states to commit, one per item */
 	float *scores;   /* [2][scores_cap] attention scores of two heads */
+	float *cls_out;  /* [max_rows][vocab] logits of a step's rows, made at first use */
 	uint32_t scores_cap;
 };
 
@@ -158,6 +159,7 @@ void skv_runner_free(struct skv_runner *r)
 	free(r->rows);
 	free(r->ring_after);
 	free(r->scores);
+	free(r->cls_out);
 	free(r);
 }
 
@@ -385,6 +387,14 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 			.scores = r->scores,
 			.out = r->att + (size_t)row * dim,
 		};
+		if (row + 1 < n_rows) {
+			const struct skv_seq *nx = r->rows[row + 1].seq;
+			if (nx != fr->seq && nx->desc.slot_stride == fr->seq->desc.slot_stride &&
+			    nx->desc.n_kv_heads == fr->seq->desc.n_kv_heads) {
+				args.next_k_plane = skv_kv_k_plane(nx->kv_base, &nx->desc, layer);
+				args.next_v_plane = skv_kv_v_plane(nx->kv_base, &nx->desc, layer);
+			}
+		}
 		skv_attend(&args);
 	}
 	return 0;
@@ -447,7 +457,29 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 	}
 	if (!out_rows)
 		return 0;
-	/* Each item's logits go straight to its caller's buffer. */
+	/* One classifier matmul for all rows (M = out_rows), then each item's logits copied to
+	 * its caller's buffer: a batch of decode rows pays one oneDNN call, not one per item. */
+	if (out_rows > 1 && out_rows <= r->max_rows) {
+		size_t vocab = (size_t)c->vocab_size;
+		if (!r->cls_out) {
+			r->cls_out = forward_alloc((size_t)r->max_rows * vocab);
+			if (!r->cls_out)
+				return -ENOMEM;
+		}
+		err = skv_linear_run(be, &r->classifier, out_rows, r->xb, r->cls_out);
+		if (err < 0)
+			return err;
+		const float *src = r->cls_out;
+		for (uint32_t i = 0; i < n_items; i++) {
+			struct skv_fwd_item *it = &items[i];
+			if (!it->logits)
+				continue;
+			size_t n = (it->logits_all ? it->n_tokens : 1) * vocab;
+			memcpy(it->logits, src, n * sizeof(float));
+			src += n;
+		}
+		return 0;
+	}
 	out_rows = 0;
 	for (uint32_t i = 0; i < n_items; i++) {
 		struct skv_fwd_item *it = &items[i];

@@ -9,6 +9,9 @@
  *              ratio; and the peak memory each adds to the process (VmHWM, reset through
  *              /proc/self/clear_refs before each, so one process measures them in turn), with
  *              the KV bytes each holds (the paper's Figure 10)
+ *   batch      with --batch B1,B2,..: microseconds per token of B streams at full windows decoding
+ *              together, one skv_forward per step (continuous batching as an engine runs it),
+ *              against B = 1 in the same run
  * Every figure is the median of --repeats runs, measurements interleaved so that noise from
  * other processes hits all of them alike. Timings are wall clock (CLOCK_MONOTONIC). */
 #include <errno.h>
@@ -33,6 +36,7 @@
 #endif
 
 #define BENCH_MAX_SIZES 16
+#define BENCH_STEP_ROWS 256 /* rows of one engine step (engine/engine-main.c) */
 
 struct bench_opts {
 	const char *model_path;
@@ -45,6 +49,8 @@ struct bench_opts {
 	int threads;
 	int json;
 	int compare_only;  /* only sink vs recompute (a large model's other parts take long) */
+	int batch[BENCH_MAX_SIZES]; /* --batch: stream counts to decode together */
+	int n_batch;
 	int rec_tokens;    /* recompute steps timed per size (0: compare_tokens / 10, >= 5) */
 };
 
@@ -133,7 +139,8 @@ static void bench_usage(FILE *out)
 {
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
 	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
-	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n",
+	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n"
+	      "                        [--batch B1,B2,...]\n",
 	      out);
 }
 
@@ -150,6 +157,7 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		{ "json", no_argument, NULL, 'j' },
 		{ "compare-only", no_argument, NULL, 'C' },
 		{ "rec-tokens", required_argument, NULL, 'R' },
+		{ "batch", required_argument, NULL, 'B' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -173,6 +181,17 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		case 't': o->threads = (int)bench_parse_int("--threads", optarg, 1, 256); break;
 		case 'j': o->json = 1; break;
 		case 'C': o->compare_only = 1; break;
+		case 'B': {
+			o->n_batch = 0;
+			char *list = optarg, *tok, *save = NULL;
+			while ((tok = strtok_r(list, ",", &save))) {
+				list = NULL;
+				if (o->n_batch == BENCH_MAX_SIZES)
+					bench_die("--batch: at most %d counts", BENCH_MAX_SIZES);
+				o->batch[o->n_batch++] = (int)bench_parse_int("--batch", tok, 1, 4096);
+			}
+			break;
+		}
 		case 'R': o->rec_tokens = (int)bench_parse_int("--rec-tokens", optarg, 1, 1 << 20); break;
 		case 's': {
 			o->n_sizes = 0;
@@ -195,6 +214,48 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 	}
 	if (optind < argc)
 		bench_die("unexpected argument '%s'", argv[optind]);
+}
+
+/* --batch: B streams at full windows (default sink cache), decoding together: per step one
+ * skv_forward over every stream (in runs of the runner's rows), greedy. Seconds per token. */
+static double bench_batch(struct skv_runner *runner, int B, int steps, const int32_t *ids,
+			  int trained)
+{
+	int32_t vocab = skv_runner_config(runner)->vocab_size;
+	uint32_t max_rows = BENCH_STEP_ROWS; /* as skv-engine's steps hold */
+	struct skv_stream **s = calloc((size_t)B, sizeof(*s));
+	struct skv_fwd_item *items = calloc(max_rows, sizeof(*items));
+	float *logits = malloc((size_t)B * (size_t)vocab * sizeof(float));
+	int32_t *next = malloc((size_t)B * sizeof(int32_t));
+	if (!s || !items || !logits || !next)
+		bench_die("out of memory");
+	for (int i = 0; i < B; i++) {
+		s[i] = bench_stream(runner, SKV_POLICY_SINK, -1, -1);
+		/* Each its own text (an offset into ids), filled past a full window. */
+		bench_feed(s[i], ids + i % 16, (size_t)trained, logits + (size_t)i * vocab);
+		next[i] = skv_argmax(logits + (size_t)i * vocab, vocab);
+	}
+	double t0 = bench_now();
+	for (int step = 0; step < steps; step++)
+		for (int off = 0; off < B; off += (int)max_rows) {
+			int nb = B - off < (int)max_rows ? B - off : (int)max_rows;
+			for (int i = 0; i < nb; i++)
+				skv_stream_item(s[off + i], &next[off + i], 1,
+						logits + (size_t)(off + i) * vocab, &items[i]);
+			int err = skv_forward(runner, items, (uint32_t)nb);
+			if (err < 0)
+				bench_die("forward pass failed: %s", skv_strerror(err));
+			for (int i = 0; i < nb; i++)
+				next[off + i] = skv_argmax(logits + (size_t)(off + i) * vocab, vocab);
+		}
+	double per_token = (bench_now() - t0) / ((double)steps * B);
+	for (int i = 0; i < B; i++)
+		skv_stream_free(s[i]);
+	free(s);
+	free(items);
+	free(logits);
+	free(next);
+	return per_token;
 }
 
 int main(int argc, char **argv)
@@ -230,6 +291,48 @@ int main(int argc, char **argv)
 	    !rec_m || !sink_kv || !rec_kv)
 		bench_die("out of memory");
 	bench_tokens(ids, n_ids, vocab, 42);
+
+	if (o.n_batch) {
+		/* Only the batch measurement: every count in each repeat, interleaved. */
+		double *bt = calloc((size_t)o.repeats * o.n_batch, sizeof(double));
+		if (!bt)
+			bench_die("out of memory");
+		for (int r = 0; r < o.repeats; r++)
+			for (int bi = 0; bi < o.n_batch; bi++) {
+				int B = o.batch[bi];
+				int steps = 20000 / B > 5 ? 20000 / B : 5;
+				bt[bi * o.repeats + r] = bench_batch(runner, B, steps, ids, trained);
+			}
+		double one = 0;
+		if (!o.json)
+			printf("model %s, %d thread(s), median of %d; streams at full windows "
+			       "(4 + %d), one forward pass per step\n\n%-8s %14s %16s %10s\n",
+			       o.model_path, o.threads, o.repeats, trained - 4, "streams",
+			       "us/token", "tokens/s", "vs first");
+		else
+			printf("{\"model\": \"%s\", \"threads\": %d, \"repeats\": %d, "
+			       "\"batch\": [", o.model_path, o.threads, o.repeats);
+		for (int bi = 0; bi < o.n_batch; bi++) {
+			double t = bench_median(bt + bi * o.repeats, (size_t)o.repeats);
+			if (!bi)
+				one = t;
+			if (o.json)
+				printf("%s{\"streams\": %d, \"s_per_token\": %.9f, "
+				       "\"tokens_per_s\": %.1f}", bi ? ", " : "", o.batch[bi], t,
+				       1.0 / t);
+			else
+				printf("%-8d %14.2f %16.0f %9.2fx\n", o.batch[bi], t * 1e6, 1.0 / t,
+				       one / t);
+		}
+		if (o.json)
+			printf("]}\n");
+		free(bt);
+		free(ids);
+		free(logits);
+		skv_runner_free(runner);
+		skv_model_close(model);
+		return 0;
+	}
 
 	/* Decode with a full window: sink policy at its defaults. */
 	struct skv_stream *dec = NULL;
