@@ -123,6 +123,7 @@ static int admin_stream_row(struct cached *d, struct cached_stream *s,
 	row->sink_slots = s->params.sink_slots;
 	row->window_slots = s->params.window_slots;
 	row->abs_positions = s->params.abs_positions;
+	row->kv_dtype = s->params.kv_dtype ? s->params.kv_dtype : SKV_KV_DTYPE_F32;
 	row->kv_bytes = s->region_bytes;
 	row->age_s = now - s->opened_at;
 	void *region = admin_region(d, s);

@@ -505,12 +505,14 @@ static int open_resolve(struct cached *d, const struct skv_stream_params *in, st
 	p->sink_slots = in->sink_slots;
 	p->window_slots = in->window_slots;
 	p->abs_positions = in->abs_positions != 0;
+	p->kv_dtype = in->kv_dtype;
 	int err = skv_policy_resolve(p, d->model->cfg.seq_len, msg, sizeof(msg));
 	if (!err)
-		err = skv_kv_layout_init(desc, (uint32_t)d->model->cfg.n_layers,
-					 (uint32_t)d->model->cfg.n_kv_heads,
-					 (uint32_t)d->model->cfg.head_size, (uint32_t)p->sink_slots,
-					 (uint32_t)p->window_slots);
+		err = skv_kv_layout_init_dtype(desc, (uint32_t)d->model->cfg.n_layers,
+					       (uint32_t)d->model->cfg.n_kv_heads,
+					       (uint32_t)d->model->cfg.head_size,
+					       (uint32_t)p->sink_slots, (uint32_t)p->window_slots,
+					       p->kv_dtype);
 	if (err)
 		snprintf(why, why_len, "OPEN: %s", msg[0] ? msg : skv_strerror(err));
 	return err;
@@ -612,6 +614,7 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 	s->params = *in;
 	s->params.sink_slots = p.sink_slots;
 	s->params.window_slots = p.window_slots;
+	s->params.kv_dtype = (uint16_t)p.kv_dtype;
 	s->params.idle_timeout_s = s->idle_timeout_s;
 	s->state = CACHED_STREAM_OPEN;
 	s->opened_at = s->rate_time = s->active_at = cached_now();

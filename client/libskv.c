@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "channel.h"
+#include "kv-layout.h"
 #include "libskv-pvt.h"
 #include "proto.h"
 #include "skv-error.h"
@@ -171,6 +172,16 @@ int skv_client_opts_evict(skv_client_opts *o, enum skv_client_evict evict)
 int skv_client_opts_abs_positions(skv_client_opts *o, int on)
 {
 	o->p.abs_positions = on != 0;
+	return 0;
+}
+
+int skv_client_opts_kv(skv_client_opts *o, enum skv_client_kv kv)
+{
+	if (kv != SKV_CLIENT_KV_F32 && kv != SKV_CLIENT_KV_F16)
+		return -EINVAL;
+	_Static_assert(SKV_CLIENT_KV_F32 == SKV_KV_DTYPE_F32 && SKV_CLIENT_KV_F16 == SKV_KV_DTYPE_F16,
+		       "the wire carries these values");
+	o->p.kv_dtype = (uint16_t)kv;
 	return 0;
 }
 

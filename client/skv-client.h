@@ -104,6 +104,13 @@ int skv_client_opts_window(skv_client_opts *o, int64_t window); /* -1: the defau
 int skv_client_opts_evict(skv_client_opts *o, enum skv_client_evict evict);
 /* Keep absolute positions instead of positions inside the cache (an ablation). */
 int skv_client_opts_abs_positions(skv_client_opts *o, int on);
+
+enum skv_client_kv {
+	SKV_CLIENT_KV_F32 = 1,    /* float32 keys and values (default; exact) */
+	SKV_CLIENT_KV_F16 = 2,    /* half precision: half the memory and half the memory traffic
+				   * of attention, results within rounding of float32 */
+};
+int skv_client_opts_kv(skv_client_opts *o, enum skv_client_kv kv);
 /* temperature 0: greedy; top_p in (0, 1]: nucleus sampling when temperature > 0. */
 int skv_client_opts_sampling(skv_client_opts *o, float temperature, float top_p, uint64_t seed);
 /* Close the stream after this many seconds with no traffic either way (0: the daemon's

@@ -39,7 +39,8 @@
 enum {
 	SKV_FLAG_STEPS = 1u << 0,    /* -n */
 	SKV_FLAG_PPL = 1u << 1,      /* --tokens, --json */
-	SKV_FLAG_POLICY = 1u << 2,   /* --policy, --sink, --window, --limit, --evict, --positions */
+	SKV_FLAG_POLICY = 1u << 2,   /* --policy, --sink, --window, --limit, --evict, --positions,
+				      * --kv */
 	SKV_FLAG_SAMPLING = 1u << 3, /* --temp, --top-p, --seed, --stats */
 	SKV_FLAG_CHAT = 1u << 4,     /* --turns, --template, --max-answer, --echo */
 };
@@ -79,6 +80,7 @@ static void skv_usage(FILE *out)
 	      "  --limit N           dense: most tokens the cache may hold (default 16384)\n"
 	      "  --evict MODE        token (default) or prompt: free room for prompt + answer at once\n"
 	      "  --positions MODE    cache (default) or abs: where the sinks see the query\n"
+	      "  --kv TYPE           f32 (default, exact) or f16: keys and values in half precision\n"
 	      "generate:\n"
 	      "  -n N                tokens to generate (default 256)\n"
 	      "  --temp T            temperature, 0 = greedy (default 1.0)\n"
@@ -135,6 +137,7 @@ enum {
 	OPT_LIMIT,
 	OPT_EVICT,
 	OPT_POSITIONS,
+	OPT_KV,
 	OPT_TEMP,
 	OPT_TOPP,
 	OPT_SEED,
@@ -159,6 +162,7 @@ static const struct option skv_long_opts[] = {
 	{ "limit", required_argument, NULL, OPT_LIMIT },
 	{ "evict", required_argument, NULL, OPT_EVICT },
 	{ "positions", required_argument, NULL, OPT_POSITIONS },
+	{ "kv", required_argument, NULL, OPT_KV },
 	{ "temp", required_argument, NULL, OPT_TEMP },
 	{ "top-p", required_argument, NULL, OPT_TOPP },
 	{ "seed", required_argument, NULL, OPT_SEED },
@@ -231,6 +235,15 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 				o->policy.abs_positions = 1;
 			else
 				skv_die(SKV_EXIT_USAGE, "--positions: '%s' is not cache or abs", optarg);
+			break;
+		case OPT_KV:
+			o->given |= SKV_FLAG_POLICY;
+			if (!strcmp(optarg, "f32"))
+				o->policy.kv_dtype = SKV_KV_DTYPE_F32;
+			else if (!strcmp(optarg, "f16"))
+				o->policy.kv_dtype = SKV_KV_DTYPE_F16;
+			else
+				skv_die(SKV_EXIT_USAGE, "--kv: '%s' is not f32 or f16", optarg);
 			break;
 		case 'n':
 			o->given |= SKV_FLAG_STEPS;
@@ -551,9 +564,10 @@ static void skv_print_ppl(const struct skv_opts *o, double ppl, size_t predictio
 {
 	if (o->json)
 		printf("{\"ppl\": %.6f, \"tokens\": %zu, \"policy\": \"%s\", \"sink\": %lld, "
-		       "\"window\": %lld, \"positions\": \"%s\"}\n",
+		       "\"window\": %lld, \"positions\": \"%s\", \"kv\": \"%s\"}\n",
 		       ppl, predictions, skv_policy_name(kind), (long long)sinks, (long long)window,
-		       abs_positions ? "abs" : "cache");
+		       abs_positions ? "abs" : "cache",
+		       o->policy.kv_dtype == SKV_KV_DTYPE_F16 ? "f16" : "f32");
 	else
 		printf("ppl %.4f over %zu tokens (policy %s, %lld sinks, window %lld)\n", ppl,
 		       predictions, skv_policy_name(kind), (long long)sinks, (long long)window);
@@ -624,6 +638,8 @@ struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_c
 	    skv_client_opts_sinks(co, o->policy.sink_slots) < 0 ||
 	    skv_client_opts_window(co, o->policy.window_slots) < 0 ||
 	    skv_client_opts_abs_positions(co, o->policy.abs_positions) < 0 ||
+	    (o->policy.kv_dtype &&
+	     skv_client_opts_kv(co, (enum skv_client_kv)o->policy.kv_dtype) < 0) ||
 	    skv_client_opts_sampling(co, o->temperature, o->top_p, seed) < 0)
 		skv_die(SKV_EXIT_USAGE, "invalid stream options");
 	struct skv_client_stream *s;

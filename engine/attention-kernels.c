@@ -11,6 +11,9 @@
 #include <string.h>
 
 #include "attention-pvt.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define ATTN_INLINE static inline __attribute__((always_inline))
 /* Vector arguments of the always-inlined helpers never cross a call boundary. */
@@ -19,6 +22,28 @@
 ATTN_INLINE attn_vf attn_load(const float *p)
 {
 	return *(const attn_vf_u *)p;
+}
+
+/* 16 KV elements from element index idx of a plane: float32, or half precision (f16 != 0, a
+ * constant at each call) widened to float32 (one vcvtph2ps on AVX-512). */
+typedef _Float16 attn_vh_u __attribute__((vector_size(ATTN_LANES * 2), aligned(2)));
+
+ATTN_INLINE attn_vf attn_load_kv(const void *plane, size_t idx, int f16)
+{
+	if (!f16)
+		return attn_load((const float *)plane + idx);
+	const _Float16 *p = (const _Float16 *)plane + idx;
+#if defined(__AVX512F__)
+	return (attn_vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#else
+	return __builtin_convertvector(*(const attn_vh_u *)p, attn_vf);
+#endif
+}
+
+ATTN_INLINE void attn_prefetch_kv(const void *plane, size_t idx, int f16)
+{
+	__builtin_prefetch(f16 ? (const void *)((const _Float16 *)plane + idx)
+			       : (const void *)((const float *)plane + idx), 0, 2);
 }
 
 ATTN_INLINE void attn_store(float *p, attn_vf v)
@@ -110,21 +135,21 @@ ATTN_INLINE int attn_full(uint32_t block, uint32_t lo, uint32_t hi)
 }
 
 /* One block of scores; masked != 0 (a constant at each call) handles a partial block. */
-ATTN_INLINE void attn_scores_block(int pair, int masked, uint32_t b, uint32_t lo, uint32_t hi,
-				   const float *restrict q0, const float *restrict q1,
-				   const float *restrict k_rows, const float *next_k, size_t stride,
+ATTN_INLINE void attn_scores_block(int f16, int pair, int masked, uint32_t b, uint32_t lo,
+				   uint32_t hi, const float *restrict q0, const float *restrict q1,
+				   const void *restrict k_rows, const void *next_k, size_t stride,
 				   uint32_t head_size,
 				   float scale, float *restrict s0, float *restrict s1,
 				   attn_vf *vmax0, attn_vf *vmax1)
 {
 	const attn_vf neg_inf = attn_splat(-INFINITY);
-	attn_vf k = attn_load(k_rows + b);
+	attn_vf k = attn_load_kv(k_rows, b, f16);
 	if (next_k)
 		for (uint32_t d = 0; d < head_size; d++)
-			__builtin_prefetch(next_k + d * stride + b, 0, 2);
+			attn_prefetch_kv(next_k, d * stride + b, f16);
 	attn_vf acc0 = q0[0] * k, acc1 = pair ? q1[0] * k : k;
 	for (uint32_t d = 1; d < head_size; d++) {
-		k = attn_load(k_rows + d * stride + b);
+		k = attn_load_kv(k_rows, d * stride + b, f16);
 		acc0 += q0[d] * k;
 		if (pair)
 			acc1 += q1[d] * k;
@@ -152,8 +177,9 @@ ATTN_INLINE void attn_scores_block(int pair, int masked, uint32_t b, uint32_t lo
 /* Scores of one or two query heads that share a KV head (grouped-query attention), so that
  * each K vector is loaded once for both: s_i[t] = scale * (q_i . K[:, t]) for t in [lo, hi).
  * Updates max_i. With pair == 0 only head 0 is computed (the compiler drops the rest). */
-ATTN_INLINE void attn_scores(int pair, const float *restrict q0, const float *restrict q1,
-			     const float *restrict k_rows, const float *next_k, size_t stride,
+ATTN_INLINE void attn_scores(int f16, int pair, const float *restrict q0,
+			     const float *restrict q1, const void *restrict k_rows,
+			     const void *next_k, size_t stride,
 			     uint32_t head_size,
 			     uint32_t lo, uint32_t hi, float scale, float *restrict s0,
 			     float *restrict s1, float *max0, float *max1)
@@ -161,10 +187,12 @@ ATTN_INLINE void attn_scores(int pair, const float *restrict q0, const float *re
 	attn_vf vmax0 = attn_splat(-INFINITY), vmax1 = vmax0;
 	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
 		if (attn_full(b, lo, hi))
-			attn_scores_block(pair, 0, b, lo, hi, q0, q1, k_rows, next_k, stride, head_size,
+			attn_scores_block(f16, pair, 0, b, lo, hi, q0, q1, k_rows, next_k, stride,
+					  head_size,
 					  scale, s0, s1, &vmax0, &vmax1);
 		else
-			attn_scores_block(pair, 1, b, lo, hi, q0, q1, k_rows, next_k, stride, head_size,
+			attn_scores_block(f16, pair, 1, b, lo, hi, q0, q1, k_rows, next_k, stride,
+					  head_size,
 					  scale, s0, s1, &vmax0, &vmax1);
 	}
 	float m0 = attn_hmax(vmax0);
@@ -196,19 +224,18 @@ ATTN_INLINE float attn_exp_sum(float *restrict s, uint32_t lo, uint32_t hi, floa
 }
 
 /* out_i[d] += sum over t in [lo, hi) of p_i[t] * V[d][t], one or two heads per V load. */
-ATTN_INLINE void attn_values(int pair, const float *restrict p0, const float *restrict p1,
-			     const float *restrict v_rows, const float *next_v, size_t stride,
-			     uint32_t head_size,
+ATTN_INLINE void attn_values(int f16, int pair, const float *restrict p0,
+			     const float *restrict p1, const void *restrict v_rows,
+			     const void *next_v, size_t stride, uint32_t head_size,
 			     uint32_t lo, uint32_t hi, float *restrict out0, float *restrict out1)
 {
 	const attn_vf zero = attn_splat(0.0f);
 	for (uint32_t d = 0; d < head_size; d++) {
-		const float *row = v_rows + d * stride;
 		attn_vf vacc0 = zero, vacc1 = zero;
 		for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
-			attn_vf v = attn_load(row + b);
+			attn_vf v = attn_load_kv(v_rows, d * stride + b, f16);
 			if (next_v)
-				__builtin_prefetch(next_v + d * stride + b, 0, 2);
+				attn_prefetch_kv(next_v, d * stride + b, f16);
 			attn_vf x0 = attn_load(p0 + b) * v;
 			attn_vf x1 = pair ? attn_load(p1 + b) * v : zero;
 			if (!attn_full(b, lo, hi)) {
@@ -230,8 +257,9 @@ ATTN_INLINE void attn_values(int pair, const float *restrict p0, const float *re
  * probabilities is loaded once for eight V rows instead of once per row, the sixteen
  * accumulators staying in registers. Each component's sum runs over the blocks in the same
  * order as in attn_values, so the result is bit for bit the same. */
-ATTN_INLINE void attn_values8(int pair, const float *restrict p0, const float *restrict p1,
-			      const float *restrict v_rows, const float *next_v, size_t stride,
+ATTN_INLINE void attn_values8(int f16, int pair, const float *restrict p0,
+			      const float *restrict p1, const void *restrict v_rows,
+			      const void *next_v, size_t stride,
 			      uint32_t head_size, uint32_t lo, uint32_t hi, float *restrict out0,
 			      float *restrict out1)
 {
@@ -247,8 +275,7 @@ ATTN_INLINE void attn_values8(int pair, const float *restrict p0, const float *r
 				/* Lanes outside [lo, hi) select zero products (see attn_mask). */
 				attn_vi mask = attn_mask(b, lo, hi);
 				for (int j = 0; j < 8; j++) {
-					const float *row = v_rows + (d0 + j) * stride;
-					attn_vf v = attn_load(row + b);
+					attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, f16);
 					acc0[j] += attn_select(mask, pv0 * v, zero);
 					if (pair)
 						acc1[j] += attn_select(mask, pv1 * v, zero);
@@ -256,10 +283,9 @@ ATTN_INLINE void attn_values8(int pair, const float *restrict p0, const float *r
 				continue;
 			}
 			for (int j = 0; j < 8; j++) {
-				const float *row = v_rows + (d0 + j) * stride;
-				attn_vf v = attn_load(row + b);
+				attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, f16);
 				if (next_v)
-					__builtin_prefetch(next_v + (d0 + j) * stride + b, 0, 2);
+					attn_prefetch_kv(next_v, (d0 + j) * stride + b, f16);
 				acc0[j] += pv0 * v;
 				if (pair)
 					acc1[j] += pv1 * v;
@@ -274,17 +300,18 @@ ATTN_INLINE void attn_values8(int pair, const float *restrict p0, const float *r
 }
 
 /* Softmax-weighted sum for one or two heads of KV head g over the step's ranges. */
-ATTN_INLINE void attn_heads(int pair, const struct skv_attn_args *args,
+ATTN_INLINE void attn_heads(int f16, int pair, const struct skv_attn_args *args,
 			    const struct attn_range *ranges, uint32_t n_ranges, uint32_t h,
-			    const float *k_rows, const float *v_rows, const float *next_k,
-			    const float *next_v, size_t stride, uint32_t hs, float scale)
+			    const void *k_rows, const void *v_rows, const void *next_k,
+			    const void *next_v, size_t stride, uint32_t hs, float scale)
 {
 	float *s0 = args->scores, *s1 = args->scores + stride;
 	float *out0 = args->out + (size_t)h * hs, *out1 = out0 + hs;
 	float max0 = -INFINITY, max1 = -INFINITY;
 
 	for (uint32_t r = 0; r < n_ranges; r++)
-		attn_scores(pair, ranges[r].q + (size_t)h * hs, ranges[r].q + (size_t)(h + 1) * hs,
+		attn_scores(f16, pair, ranges[r].q + (size_t)h * hs,
+			    ranges[r].q + (size_t)(h + 1) * hs,
 			    k_rows, next_k, stride, hs, ranges[r].lo, ranges[r].hi, scale, s0, s1, &max0,
 			    &max1);
 	float sum0 = 0.0f, sum1 = 0.0f;
@@ -296,16 +323,45 @@ ATTN_INLINE void attn_heads(int pair, const struct skv_attn_args *args,
 	memset(out0, 0, hs * sizeof(float) * (pair ? 2 : 1));
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		if (hs % 8 == 0)
-			attn_values8(pair, s0, s1, v_rows, next_v, stride, hs, ranges[r].lo,
+			attn_values8(f16, pair, s0, s1, v_rows, next_v, stride, hs, ranges[r].lo,
 				     ranges[r].hi, out0, out1);
 		else
-			attn_values(pair, s0, s1, v_rows, next_v, stride, hs, ranges[r].lo,
+			attn_values(f16, pair, s0, s1, v_rows, next_v, stride, hs, ranges[r].lo,
 				    ranges[r].hi, out0, out1);
 	}
 	for (uint32_t d = 0; d < hs; d++) {
 		out0[d] *= 1.0f / sum0;
 		if (pair)
 			out1[d] *= 1.0f / sum1;
+	}
+}
+
+/* Every KV head's query heads, in pairs that share the KV loads. */
+ATTN_INLINE void attn_groups(int f16, const struct skv_attn_args *args,
+			     const struct attn_range *ranges, uint32_t n_ranges, size_t stride,
+			     uint32_t hs, uint32_t kv_mul, float inv_sqrt)
+{
+	const struct skv_kv_desc *desc = args->desc;
+	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
+		size_t at = (size_t)g * hs * stride * (f16 ? 2 : 4); /* bytes into the planes */
+		const void *k_rows = (const char *)args->k_plane + at;
+		const void *v_rows = (const char *)args->v_plane + at;
+		const void *nk = args->next_k_plane ? (const char *)args->next_k_plane + at : NULL;
+		const void *nv = args->next_v_plane ? (const char *)args->next_v_plane + at : NULL;
+		uint32_t h = g * kv_mul, end = h + kv_mul;
+		/* The common head sizes get their own constant-folded copy of the loops. */
+		for (; h + 2 <= end; h += 2) {
+			if (hs == 8)
+				attn_heads(f16, 1, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv,
+					   stride, 8, inv_sqrt);
+			else
+				attn_heads(f16, 1, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv,
+					   stride, hs, inv_sqrt);
+			nk = nv = NULL; /* the next pair of heads reads the same K and V */
+		}
+		if (h < end)
+			attn_heads(f16, 0, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv, stride, hs,
+				   inv_sqrt);
 	}
 }
 
@@ -347,28 +403,10 @@ void ATTN_FN(attn_attend)(const struct skv_attn_args *args)
 	}
 	n_ranges = merged;
 
-	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
-		const float *k_rows = args->k_plane + (size_t)g * hs * stride;
-		const float *v_rows = args->v_plane + (size_t)g * hs * stride;
-		const float *nk = args->next_k_plane ? args->next_k_plane + (size_t)g * hs * stride
-						     : NULL;
-		const float *nv = args->next_v_plane ? args->next_v_plane + (size_t)g * hs * stride
-						     : NULL;
-		uint32_t h = g * kv_mul, end = h + kv_mul;
-		/* The common head sizes get their own constant-folded copy of the loops. */
-		for (; h + 2 <= end; h += 2) {
-			if (hs == 8)
-				attn_heads(1, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv,
-					   stride, 8, inv_sqrt);
-			else
-				attn_heads(1, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv,
-					   stride, hs, inv_sqrt);
-			nk = nv = NULL; /* the next pair of heads reads the same K and V */
-		}
-		if (h < end)
-			attn_heads(0, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv, stride, hs,
-				   inv_sqrt);
-	}
+	if (desc->dtype == SKV_KV_DTYPE_F16)
+		attn_groups(1, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
+	else
+		attn_groups(0, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
 }
 
 void ATTN_FN(attn_swiglu)(float *out, const float *gu, uint32_t rows, uint32_t hidden)

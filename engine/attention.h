@@ -46,8 +46,9 @@ void skv_rope_rotate(const struct skv_rope *rope, float *vec, uint32_t n_heads,
 struct skv_attn_args {
 	const float *q_window;  /* [n_heads][head_size], rotated at the token's absolute position */
 	const float *q_sink;    /* [n_heads][head_size], rotated at the position the sinks must see */
-	const float *k_plane;   /* [n_kv_heads][head_size][slot_stride], see kv-layout.h */
-	const float *v_plane;   /* same shape */
+	const void *k_plane;    /* [n_kv_heads][head_size][slot_stride] of desc->dtype (float32
+				 * or _Float16), see kv-layout.h */
+	const void *v_plane;    /* same shape */
 	const struct skv_kv_desc *desc;
 	const struct skv_kv_step *step; /* which slots are valid for this row */
 	uint32_t n_heads;
@@ -56,7 +57,7 @@ struct skv_attn_args {
 	/* The next row's planes of the same layer, shaped like these (NULL: none): the kernel
 	 * prefetches into L2 each line of them that matches a line it reads here, so that the
 	 * next row's KV streams in from memory while this row computes. */
-	const float *next_k_plane, *next_v_plane;
+	const void *next_k_plane, *next_v_plane;
 };
 
 void skv_attend(const struct skv_attn_args *args);

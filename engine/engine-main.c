@@ -333,6 +333,7 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 	st->policy.sink_slots = a->params.sink_slots;
 	st->policy.window_slots = a->params.window_slots;
 	st->policy.abs_positions = a->params.abs_positions != 0;
+	st->policy.kv_dtype = a->params.kv_dtype;
 	err = skv_policy_resolve(&st->policy, e->model->cfg.seq_len, msg, msg_len);
 	if (err < 0)
 		goto fail;

@@ -100,6 +100,11 @@ int skv_policy_resolve(struct skv_policy *p, int32_t trained_len, char *msg, siz
 				  "policy %s: %lld sinks + %lld window slots exceed the limit of %u",
 				  name, (long long)p->sink_slots, (long long)p->window_slots,
 				  SKV_KV_MAX_SLOTS);
+	if (!p->kv_dtype)
+		p->kv_dtype = SKV_KV_DTYPE_F32;
+	if (!skv_kv_dtype_bytes(p->kv_dtype))
+		return skv_errorf(msg, msg_len, -SKV_EINVAL_POLICY,
+				  "unknown KV element type %u (f32 or f16)", p->kv_dtype);
 	return 0;
 }
 
@@ -136,9 +141,10 @@ static int stream_shape(const struct skv_runner *r, const struct skv_policy *pol
 			struct skv_kv_desc *desc, char *msg, size_t msg_len)
 {
 	const struct skv_model_config *c = skv_runner_config(r);
-	int err = skv_kv_layout_init(desc, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads,
-				     (uint32_t)c->head_size, (uint32_t)policy->sink_slots,
-				     (uint32_t)policy->window_slots);
+	int err = skv_kv_layout_init_dtype(desc, (uint32_t)c->n_layers, (uint32_t)c->n_kv_heads,
+					   (uint32_t)c->head_size, (uint32_t)policy->sink_slots,
+					   (uint32_t)policy->window_slots,
+					   policy->kv_dtype ? policy->kv_dtype : SKV_KV_DTYPE_F32);
 	if (err < 0)
 		return skv_errorf(msg, msg_len, -SKV_EINVAL_POLICY,
 				  "cannot lay out %lld sinks + %lld window slots: %s",

@@ -51,6 +51,7 @@ struct skv_policy {
 	int64_t window_slots;   /* -1: default; for dense: the limit; for recompute: L */
 	enum skv_evict_mode evict;
 	int abs_positions;      /* ablation for sink: sinks see absolute positions */
+	uint32_t kv_dtype;      /* SKV_KV_DTYPE_F32 (0 means it too) or SKV_KV_DTYPE_F16 */
 };
 
 /* The defaults: sink policy, 4 sinks, default window, per-token eviction. */
@@ -61,7 +62,8 @@ int skv_policy_parse(const char *name, enum skv_policy_kind *kind);
 const char *skv_policy_name(enum skv_policy_kind kind);
 
 /* Fill in defaults from the model and check the combination; -SKV_EINVAL_POLICY with a message
- * (sinks with window or dense, a zero or negative window, sizes beyond the layout's limits). */
+ * (sinks with window or dense, a zero or negative window, sizes beyond the layout's limits, an
+ * unknown KV dtype). */
 int skv_policy_resolve(struct skv_policy *p, int32_t trained_len, char *msg, size_t msg_len);
 
 struct skv_stream;

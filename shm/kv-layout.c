@@ -16,13 +16,22 @@ static uint64_t kv_round_up(uint64_t v, uint64_t to)
 int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_kv_heads,
 		       uint32_t head_size, uint32_t sink_slots, uint32_t window_slots)
 {
-	if (!n_layers || !n_kv_heads || !head_size || !window_slots)
+	return skv_kv_layout_init_dtype(desc, n_layers, n_kv_heads, head_size, sink_slots,
+					window_slots, SKV_KV_DTYPE_F32);
+}
+
+int skv_kv_layout_init_dtype(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_kv_heads,
+			     uint32_t head_size, uint32_t sink_slots, uint32_t window_slots,
+			     uint32_t dtype)
+{
+	uint32_t elem = skv_kv_dtype_bytes(dtype);
+	if (!n_layers || !n_kv_heads || !head_size || !window_slots || !elem)
 		return -EINVAL;
 	uint64_t slots = (uint64_t)sink_slots + window_slots;
 	if (slots > SKV_KV_MAX_SLOTS || n_layers > 4096 || n_kv_heads > 4096 || head_size > 4096)
 		return -EOVERFLOW;
 	uint64_t stride = kv_round_up(slots, SKV_KV_SLOT_ROUND);
-	uint64_t plane = kv_round_up(stride * n_kv_heads * head_size * sizeof(float), SKV_KV_ALIGN);
+	uint64_t plane = kv_round_up(stride * n_kv_heads * head_size * elem, SKV_KV_ALIGN);
 	uint64_t tokens_offset = SKV_KV_RING_OFFSET +
 				 kv_round_up(sizeof(struct skv_kv_ring), SKV_KV_ALIGN);
 	uint64_t planes_offset = tokens_offset + kv_round_up(stride * sizeof(int32_t), SKV_KV_ALIGN);
@@ -34,7 +43,7 @@ int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_k
 	desc->magic = SKV_KV_MAGIC;
 	desc->abi_major = SKV_KV_ABI_MAJOR;
 	desc->abi_minor = SKV_KV_ABI_MINOR;
-	desc->dtype = SKV_KV_DTYPE_F32;
+	desc->dtype = dtype;
 	desc->n_layers = n_layers;
 	desc->n_kv_heads = n_kv_heads;
 	desc->head_size = head_size;
@@ -60,15 +69,16 @@ int skv_kv_layout_check(const struct skv_kv_desc *desc, uint64_t mapped_bytes, c
 				  "KV descriptor: ABI %u.%u, this build speaks %u.%u",
 				  desc->abi_major, desc->abi_minor, SKV_KV_ABI_MAJOR,
 				  SKV_KV_ABI_MINOR);
-	if (desc->dtype != SKV_KV_DTYPE_F32)
+	if (!skv_kv_dtype_bytes(desc->dtype))
 		return skv_errorf(msg, msg_len, -SKV_EDTYPE, "KV descriptor: dtype %u unsupported",
 				  desc->dtype);
 
 	/* Recompute everything from the shape: a descriptor whose derived fields disagree was
 	 * written by someone else's arithmetic and is not trusted. */
 	struct skv_kv_desc expect;
-	int err = skv_kv_layout_init(&expect, desc->n_layers, desc->n_kv_heads, desc->head_size,
-				     desc->sink_slots, desc->window_slots);
+	int err = skv_kv_layout_init_dtype(&expect, desc->n_layers, desc->n_kv_heads,
+					   desc->head_size, desc->sink_slots, desc->window_slots,
+					   desc->dtype);
 	if (err < 0)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
 				  "KV descriptor: impossible shape %u layers x %u heads x %u, "

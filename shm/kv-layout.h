@@ -1,7 +1,8 @@
 /* The sink-pinned circular KV layout of one stream, and its ring state.
  *
  * A stream's KV region holds, for every layer, a K plane and a V plane. Each plane is
- * [n_kv_heads][head_size][slot_stride] float32: for every (kv head, component) pair one row
+ * [n_kv_heads][head_size][slot_stride] elements of the region's dtype (float32, or IEEE half
+ * precision: half the memory and the memory traffic of attention): for every (kv head, component) pair one row
  * over the stream's slots, so that attention runs along contiguous slots for a fixed component
  * (the scores of 16 slots are one AVX-512 FMA per component). Slots 0..sink_slots-1 of every
  * row are the attention sinks, pinned for the life of the stream; slots
@@ -31,8 +32,9 @@
 
 #define SKV_KV_MAGIC 0x31564b53u /* "SKV1" little-endian */
 #define SKV_KV_ABI_MAJOR 1
-#define SKV_KV_ABI_MINOR 1 /* 1.1: the token-id row (tokens_offset) */
+#define SKV_KV_ABI_MINOR 2 /* 1.1: the token-id row (tokens_offset); 1.2: dtype F16 */
 #define SKV_KV_DTYPE_F32 1u
+#define SKV_KV_DTYPE_F16 2u /* IEEE binary16 (_Float16), as the paper's GPU caches */
 /* Plane and row alignment: a cache line, and a whole AVX-512 vector of float32 per 16 slots. */
 #define SKV_KV_ALIGN 64u
 #define SKV_KV_SLOT_ROUND 16u
@@ -43,13 +45,13 @@ struct skv_kv_desc {
 	uint32_t magic;              /* SKV_KV_MAGIC */
 	uint16_t abi_major;          /* SKV_KV_ABI_MAJOR: a different major is refused */
 	uint16_t abi_minor;          /* newer minors only add fields in reserved space */
-	uint32_t dtype;              /* SKV_KV_DTYPE_F32 */
+	uint32_t dtype;              /* SKV_KV_DTYPE_F32 or SKV_KV_DTYPE_F16 */
 	uint32_t n_layers;
 	uint32_t n_kv_heads;
 	uint32_t head_size;
 	uint32_t sink_slots;         /* S: pinned slots at the start of every row */
 	uint32_t window_slots;       /* W: ring slots after the sinks */
-	uint32_t slot_stride;        /* floats per row: S + W rounded up to SKV_KV_SLOT_ROUND */
+	uint32_t slot_stride;        /* elements per row: S + W rounded up to SKV_KV_SLOT_ROUND */
 	uint32_t reserved0;
 	uint64_t plane_bytes;        /* bytes of one K or V plane */
 	uint64_t planes_offset;      /* from region start to layer 0's K plane (after the ring) */
@@ -104,10 +106,20 @@ struct skv_kv_step {
 	uint32_t evicted;      /* 1 if appending it evicted the oldest window token */
 };
 
-/* Fill desc for a region of the given shape. Returns 0, or -EINVAL for zero sizes or a window
- * of zero slots, -EOVERFLOW when the region would exceed SKV_KV_MAX_SLOTS slots or 2^48 bytes. */
+/* Fill desc for a region of the given shape, float32. Returns 0, or -EINVAL for zero sizes or a
+ * window of zero slots, -EOVERFLOW when the region would exceed SKV_KV_MAX_SLOTS slots or 2^48
+ * bytes. */
 int skv_kv_layout_init(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_kv_heads,
 		       uint32_t head_size, uint32_t sink_slots, uint32_t window_slots);
+/* The same with an element type (SKV_KV_DTYPE_*; -EINVAL for another). */
+int skv_kv_layout_init_dtype(struct skv_kv_desc *desc, uint32_t n_layers, uint32_t n_kv_heads,
+			     uint32_t head_size, uint32_t sink_slots, uint32_t window_slots,
+			     uint32_t dtype);
+/* Bytes of one element of dtype (0 for an unknown one). */
+static inline uint32_t skv_kv_dtype_bytes(uint32_t dtype)
+{
+	return dtype == SKV_KV_DTYPE_F32 ? 4 : dtype == SKV_KV_DTYPE_F16 ? 2 : 0;
+}
 
 /* Validate a descriptor copied out of shared memory against the region size the reader
  * mapped: magic, ABI major, dtype, and every size and offset recomputed from the shape.
@@ -116,15 +128,14 @@ int skv_kv_layout_check(const struct skv_kv_desc *desc, uint64_t mapped_bytes, c
 			size_t msg_len);
 
 /* K or V plane of a layer inside a region that starts at base (desc validated). */
-static inline float *skv_kv_k_plane(void *base, const struct skv_kv_desc *desc, uint32_t layer)
+static inline void *skv_kv_k_plane(void *base, const struct skv_kv_desc *desc, uint32_t layer)
 {
-	return (float *)((char *)base + desc->planes_offset + (uint64_t)layer * 2 * desc->plane_bytes);
+	return (char *)base + desc->planes_offset + (uint64_t)layer * 2 * desc->plane_bytes;
 }
 
-static inline float *skv_kv_v_plane(void *base, const struct skv_kv_desc *desc, uint32_t layer)
+static inline void *skv_kv_v_plane(void *base, const struct skv_kv_desc *desc, uint32_t layer)
 {
-	return (float *)((char *)base + desc->planes_offset +
-			 ((uint64_t)layer * 2 + 1) * desc->plane_bytes);
+	return (char *)base + desc->planes_offset + ((uint64_t)layer * 2 + 1) * desc->plane_bytes;
 }
 
 void skv_kv_ring_reset(struct skv_kv_ring *ring, const struct skv_kv_desc *desc);

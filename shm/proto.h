@@ -112,7 +112,8 @@ struct skv_stream_params {
 	uint32_t evict;        /* enum skv_evict_mode */
 	int64_t sink_slots;    /* -1: the policy's default */
 	int64_t window_slots;  /* -1: default; dense: the limit; recompute: L */
-	uint32_t abs_positions;
+	uint16_t abs_positions;
+	uint16_t kv_dtype;       /* SKV_KV_DTYPE_F32 (or 0) / SKV_KV_DTYPE_F16 (shm/kv-layout.h) */
 	float temperature;
 	float top_p;
 	uint32_t idle_timeout_s; /* close the stream after this long with no traffic (0: the
@@ -262,7 +263,8 @@ struct skv_admin_stream {
 	uint64_t tokens_seen, tokens_evicted;
 	uint64_t window_start;    /* absolute position of the oldest window token */
 	uint32_t ring_head;       /* slot of the oldest window token */
-	uint32_t abs_positions;
+	uint16_t abs_positions;
+	uint16_t kv_dtype;        /* SKV_KV_DTYPE_* */
 	uint64_t kv_bytes;
 	double age_s;
 	double tokens_per_s;      /* tokens appended per second since the previous listing */

@@ -100,6 +100,8 @@ static void bench_tokens(int32_t *ids, size_t n, int32_t vocab, uint64_t seed)
 	}
 }
 
+static uint32_t bench_kv_dtype = SKV_KV_DTYPE_F32; /* --kv */
+
 static struct skv_stream *bench_stream(struct skv_runner *r, enum skv_policy_kind kind,
 				       int64_t sinks, int64_t window)
 {
@@ -108,6 +110,7 @@ static struct skv_stream *bench_stream(struct skv_runner *r, enum skv_policy_kin
 	struct skv_stream *s;
 	skv_policy_default(&p);
 	p.kind = kind;
+	p.kv_dtype = bench_kv_dtype;
 	p.sink_slots = sinks;
 	p.window_slots = window;
 	if (skv_policy_resolve(&p, skv_runner_config(r)->seq_len, msg, sizeof(msg)) < 0 ||
@@ -140,7 +143,7 @@ static void bench_usage(FILE *out)
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
 	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
 	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n"
-	      "                        [--batch B1,B2,...]\n",
+	      "                        [--batch B1,B2,...] [--kv f32|f16]\n",
 	      out);
 }
 
@@ -158,6 +161,7 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		{ "compare-only", no_argument, NULL, 'C' },
 		{ "rec-tokens", required_argument, NULL, 'R' },
 		{ "batch", required_argument, NULL, 'B' },
+		{ "kv", required_argument, NULL, 'K' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -181,6 +185,14 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		case 't': o->threads = (int)bench_parse_int("--threads", optarg, 1, 256); break;
 		case 'j': o->json = 1; break;
 		case 'C': o->compare_only = 1; break;
+		case 'K':
+			if (!strcmp(optarg, "f32"))
+				bench_kv_dtype = SKV_KV_DTYPE_F32;
+			else if (!strcmp(optarg, "f16"))
+				bench_kv_dtype = SKV_KV_DTYPE_F16;
+			else
+				bench_die("--kv: '%s' is not f32 or f16", optarg);
+			break;
 		case 'B': {
 			o->n_batch = 0;
 			char *list = optarg, *tok, *save = NULL;

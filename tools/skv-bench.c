@@ -71,6 +71,7 @@ struct bench_opts {
 	int connections;
 	int policy;
 	long long window;
+	int kv;                    /* enum skv_client_kv, 0: the default (f32) */
 	int local;
 	int json;
 };
@@ -256,7 +257,8 @@ static void *worker_main(void *arg)
 		w->err = err;
 	if (!w->err && ((err = skv_client_opts_new(&co)) < 0 ||
 			(err = skv_client_opts_policy(co, (enum skv_client_policy)o->policy)) < 0 ||
-			(err = skv_client_opts_window(co, o->window)) < 0))
+			(err = skv_client_opts_window(co, o->window)) < 0 ||
+			(o->kv && (err = skv_client_opts_kv(co, (enum skv_client_kv)o->kv)) < 0)))
 		worker_fail(w, err, "stream options: %s", skv_strerror(err));
 	for (uint32_t i = 0; i < w->n && !w->err; i++) {
 		err = skv_client_stream_open(c, co, &w->st[i].s);
@@ -619,7 +621,8 @@ static void usage(FILE *out)
 {
 	fputs("usage: skv-bench [--socket PATH] (--streams N | --sweep N1,N2,...) [--tokens T]\n"
 	      "                 [--warmup W] [--connections K] [--policy sink|window|dense|recompute]\n"
-	      "                 [--window W] [--prompt TEXT] [--repeats R] [--local] [--json]\n"
+	      "                 [--window W] [--kv f32|f16] [--prompt TEXT] [--repeats R] [--local]\n"
+	      "                 [--json]\n"
 	      "  --socket PATH      skv-cached's socket (default: its default socket)\n"
 	      "  --streams N        N concurrent streams (default 1)\n"
 	      "  --sweep LIST       run each N of the list in turn: one row (JSON object) each\n"
@@ -627,6 +630,7 @@ static void usage(FILE *out)
 	      "  --warmup W         untimed tokens per stream first, to fill the cache (default 0)\n"
 	      "  --connections K    spread the streams over K connections, one thread each (default 1)\n"
 	      "  --policy, --window the streams' cache (default: sink, the daemon's window)\n"
+	      "  --kv f32|f16       the streams' KV element type (default f32)\n"
 	      "  --prompt TEXT      every stream's prompt (default \"Once upon a time\")\n"
 	      "  --repeats R        runs per N; the rate is their median (default 1)\n"
 	      "  --local            also one stream in this process, no daemon\n"
@@ -645,6 +649,7 @@ static void parse_flags(int argc, char **argv, struct bench_opts *o)
 		{ "connections", required_argument, NULL, 'c' },
 		{ "policy", required_argument, NULL, 'p' },
 		{ "window", required_argument, NULL, 'w' },
+		{ "kv", required_argument, NULL, 'k' },
 		{ "prompt", required_argument, NULL, 'P' },
 		{ "repeats", required_argument, NULL, 'r' },
 		{ "local", no_argument, NULL, 'l' },
@@ -680,6 +685,14 @@ static void parse_flags(int argc, char **argv, struct bench_opts *o)
 		case 'w': o->window = bench_parse_int("--window", optarg, 1, 1 << 24); break;
 		case 'r': o->repeats = (int)bench_parse_int("--repeats", optarg, 1, 1000); break;
 		case 'P': o->prompt = optarg; break;
+		case 'k':
+			if (!strcmp(optarg, "f32"))
+				o->kv = SKV_CLIENT_KV_F32;
+			else if (!strcmp(optarg, "f16"))
+				o->kv = SKV_CLIENT_KV_F16;
+			else
+				bench_die("--kv: '%s' is not f32 or f16", optarg);
+			break;
 		case 'l': o->local = 1; break;
 		case 'j': o->json = 1; break;
 		case 'p': {

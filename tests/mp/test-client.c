@@ -454,6 +454,38 @@ Test(client, cancel_ends_the_request_and_queued_ones_and_the_stream_goes_on)
 	mp_wait_streams_freed(&d, FAIL_NOTICE_S);
 }
 
+/* ==== half-precision KV ===================================================================== */
+
+Test(client, half_precision_streams_through_the_daemon_equal_local_mode)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "kv_f16", 1, NULL, NULL);
+	char *local = MP_SKV("generate", "--kv", "f16", "--temp", "0", "-n", "400", "--window",
+			     "50", "Lily and Tom");
+	char *remote = MP_SKV("--socket", d.sock, "generate", "--kv", "f16", "--temp", "0", "-n",
+			      "400", "--window", "50", "Lily and Tom");
+	cr_assert_str_eq(remote, local, "through the daemon:\n%s\nlocal:\n%s", remote, local);
+	free(local);
+	free(remote);
+	/* Its KV region is half the size of a float32 one. */
+	skv_client *c = mp_connect(&d);
+	skv_client_opts *o;
+	cr_assert_eq(skv_client_opts_new(&o), 0);
+	cr_assert_eq(skv_client_opts_kv(o, (enum skv_client_kv)9), -EINVAL);
+	skv_client_stream *a, *h;
+	cr_assert_eq(skv_client_stream_open(c, o, &a), 0);
+	cr_assert_eq(skv_client_opts_kv(o, SKV_CLIENT_KV_F16), 0);
+	cr_assert_eq(skv_client_stream_open(c, o, &h), 0);
+	skv_client_opts_free(o);
+	struct skv_client_stream_info ia, ih;
+	skv_client_stream_info(a, &ia);
+	skv_client_stream_info(h, &ih);
+	cr_assert_lt(ih.kv_bytes, ia.kv_bytes * 6 / 10, "f16 %llu bytes, f32 %llu",
+		     (unsigned long long)ih.kv_bytes, (unsigned long long)ia.kv_bytes);
+	skv_client_disconnect(c);
+	mp_wait_streams_freed(&d, FAIL_NOTICE_S);
+}
+
 /* ==== no system call per token ============================================================== */
 
 /* The engine's count of wake-ups that needed a system call, from its doorbell page. */

@@ -32,6 +32,30 @@ Test(kv_layout, sizes_and_offsets)
 	cr_assert_eq(skv_kv_layout_init(&d, 1, 1, 2, 0, SKV_KV_MAX_SLOTS + 1), -EOVERFLOW);
 }
 
+Test(kv_layout, half_precision_halves_the_planes)
+{
+	struct skv_kv_desc f32, f16;
+	char msg[256] = "";
+	cr_assert_eq(skv_kv_layout_init(&f32, 5, 4, 8, 4, 508), 0);
+	cr_assert_eq(skv_kv_layout_init_dtype(&f16, 5, 4, 8, 4, 508, SKV_KV_DTYPE_F16), 0);
+	cr_assert_eq(f16.dtype, SKV_KV_DTYPE_F16);
+	cr_assert_eq(f16.slot_stride, f32.slot_stride);
+	cr_assert_eq(f16.plane_bytes * 2, f32.plane_bytes);
+	cr_assert_eq(f16.planes_offset, f32.planes_offset);
+	cr_assert_eq(f16.region_bytes, f16.planes_offset + 2 * 5 * f16.plane_bytes);
+	cr_assert_eq(skv_kv_layout_check(&f16, f16.region_bytes, msg, sizeof(msg)), 0, "%s", msg);
+	/* A descriptor claiming the other dtype with these sizes is refused. */
+	struct skv_kv_desc bad = f16;
+	bad.dtype = SKV_KV_DTYPE_F32;
+	cr_assert_eq(skv_kv_layout_check(&bad, f16.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	bad.dtype = 3;
+	cr_assert_eq(skv_kv_layout_check(&bad, f16.region_bytes, msg, sizeof(msg)), -SKV_EDTYPE);
+	cr_assert_eq(skv_kv_layout_init_dtype(&bad, 5, 4, 8, 4, 508, 0), -EINVAL);
+	cr_assert_eq(skv_kv_layout_init_dtype(&bad, 5, 4, 8, 4, 508, 7), -EINVAL);
+	cr_assert_eq(skv_kv_dtype_bytes(SKV_KV_DTYPE_F32), 4);
+	cr_assert_eq(skv_kv_dtype_bytes(SKV_KV_DTYPE_F16), 2);
+}
+
 Test(kv_layout, check_refuses_foreign_descriptors)
 {
 	struct skv_kv_desc d, bad;
