@@ -49,6 +49,7 @@ struct bench_opts {
 	int threads;
 	int json;
 	int compare_only;  /* only sink vs recompute (a large model's other parts take long) */
+	int csv;           /* --csv: the comparison (or --batch) as CSV rows, for plots */
 	int batch[BENCH_MAX_SIZES]; /* --batch: stream counts to decode together */
 	int n_batch;
 	int rec_tokens;    /* recompute steps timed per size (0: compare_tokens / 10, >= 5) */
@@ -143,7 +144,7 @@ static void bench_usage(FILE *out)
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
 	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
 	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n"
-	      "                        [--batch B1,B2,...] [--kv f32|f16]\n",
+	      "                        [--batch B1,B2,...] [--kv f32|f16] [--csv]\n",
 	      out);
 }
 
@@ -162,6 +163,7 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		{ "rec-tokens", required_argument, NULL, 'R' },
 		{ "batch", required_argument, NULL, 'B' },
 		{ "kv", required_argument, NULL, 'K' },
+		{ "csv", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -185,6 +187,7 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		case 't': o->threads = (int)bench_parse_int("--threads", optarg, 1, 256); break;
 		case 'j': o->json = 1; break;
 		case 'C': o->compare_only = 1; break;
+		case 'V': o->csv = 1; break;
 		case 'K':
 			if (!strcmp(optarg, "f32"))
 				bench_kv_dtype = SKV_KV_DTYPE_F32;
@@ -316,7 +319,9 @@ int main(int argc, char **argv)
 				bt[bi * o.repeats + r] = bench_batch(runner, B, steps, ids, trained);
 			}
 		double one = 0;
-		if (!o.json)
+		if (o.csv)
+			printf("streams,us_per_token,tokens_per_s,vs_first\n");
+		else if (!o.json)
 			printf("model %s, %d thread(s), median of %d; streams at full windows "
 			       "(4 + %d), one forward pass per step\n\n%-8s %14s %16s %10s\n",
 			       o.model_path, o.threads, o.repeats, trained - 4, "streams",
@@ -328,7 +333,9 @@ int main(int argc, char **argv)
 			double t = bench_median(bt + bi * o.repeats, (size_t)o.repeats);
 			if (!bi)
 				one = t;
-			if (o.json)
+			if (o.csv)
+				printf("%d,%.3f,%.1f,%.3f\n", o.batch[bi], t * 1e6, 1.0 / t, one / t);
+			else if (o.json)
 				printf("%s{\"streams\": %d, \"s_per_token\": %.9f, "
 				       "\"tokens_per_s\": %.1f}", bi ? ", " : "", o.batch[bi], t,
 				       1.0 / t);
@@ -336,7 +343,7 @@ int main(int argc, char **argv)
 				printf("%-8d %14.2f %16.0f %9.2fx\n", o.batch[bi], t * 1e6, 1.0 / t,
 				       one / t);
 		}
-		if (o.json)
+		if (o.json && !o.csv)
 			printf("]}\n");
 		free(bt);
 		free(ids);
@@ -356,6 +363,19 @@ int main(int argc, char **argv)
 		if (naive_init(&nv, model, trained) < 0)
 			bench_die("out of memory");
 	}
+
+	/* A warm-up of both kinds first: the first use of each matmul shape creates its oneDNN
+	 * primitive and scratch, which must not count as the first stream's memory or time. */
+	for (int si = 0; si < o.n_sizes; si++)
+		for (int kind = 0; kind < 2; kind++) {
+			int size = o.sizes[si];
+			struct skv_stream *w =
+				kind ? bench_stream(runner, SKV_POLICY_RECOMPUTE, -1, size)
+				     : bench_stream(runner, SKV_POLICY_SINK, 4, size - 4);
+			bench_feed(w, ids, (size_t)size, logits);
+			bench_decode_steps(w, 1, logits, vocab);
+			skv_stream_free(w);
+		}
 
 	for (int r = 0; r < o.repeats; r++) {
 		if (o.compare_only)
@@ -408,7 +428,19 @@ compare:
 	double pre_med = bench_median(prefill, (size_t)o.repeats);
 	double naive_med = bench_median(naive, (size_t)o.repeats);
 	const char *impl1 = skv_runner_impl(runner, 1);
-	if (o.json) {
+	if (o.csv) {
+		printf("cache,sink_us_per_token,recompute_us_per_token,speedup,sink_peak_bytes,"
+		       "recompute_peak_bytes,sink_kv_bytes,recompute_kv_bytes\n");
+		for (int si = 0; si < o.n_sizes; si++) {
+			double st = bench_median(sink_t + si * o.repeats, (size_t)o.repeats);
+			double rt = bench_median(rec_t + si * o.repeats, (size_t)o.repeats);
+			printf("%d,%.3f,%.3f,%.3f,%.0f,%.0f,%llu,%llu\n", o.sizes[si], st * 1e6,
+			       rt * 1e6, rt / st,
+			       bench_median(sink_m + si * o.repeats, (size_t)o.repeats),
+			       bench_median(rec_m + si * o.repeats, (size_t)o.repeats),
+			       (unsigned long long)sink_kv[si], (unsigned long long)rec_kv[si]);
+		}
+	} else if (o.json) {
 		printf("{\"model\": \"%s\", \"dim\": %d, \"layers\": %d, \"threads\": %d, "
 		       "\"repeats\": %d, \"matmul_impl\": \"%s\", ",
 		       o.model_path, c->dim, c->n_layers, o.threads, o.repeats, impl1 ? impl1 : "?");
