@@ -81,6 +81,33 @@ size_t bench_parse_list(const char *flag, const char *text, long long lo, long l
 	}
 }
 
+long long bench_series_every(long long tokens)
+{
+	return tokens >= 100 ? tokens / 100 : 1;
+}
+
+long long bench_series_rows(long long tokens, long long every)
+{
+	return tokens / every + (tokens % every != 0);
+}
+
+long long bench_series_mark(long long k, long long tokens, long long every)
+{
+	return k + 1 >= bench_series_rows(tokens, every) ? tokens : (k + 1) * every;
+}
+
+long long bench_series_row_at(unsigned long long total, long long streams, long long tokens,
+			      long long every)
+{
+	unsigned long long per_row = (unsigned long long)every * (unsigned long long)streams;
+	unsigned long long end = (unsigned long long)tokens * (unsigned long long)streams;
+	if (!total || total > end)
+		return -1;
+	if (total == end)
+		return bench_series_rows(tokens, every) - 1;
+	return total % per_row ? -1 : (long long)(total / per_row) - 1;
+}
+
 /* The value of "key <number> kB" in a /proc file, in bytes; -1 if absent. */
 static long long bench_proc_kib_field(const char *path, const char *key)
 {
@@ -111,9 +138,20 @@ static void bench_proc_path(char *buf, size_t len, int pid, const char *file)
 
 long long bench_proc_rss(int pid)
 {
-	char path[64];
-	bench_proc_path(path, sizeof(path), pid, "status");
-	return bench_proc_kib_field(path, "VmRSS:");
+	/* statm: "size resident shared text lib data dt" in pages, one short line; status would
+	 * format some fifty lines to give the same resident count. */
+	char path[64], buf[128];
+	bench_proc_path(path, sizeof(path), pid, "statm");
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	unsigned long long size, resident;
+	if (sscanf(buf, "%llu %llu", &size, &resident) != 2)
+		return -1;
+	return (long long)resident * sysconf(_SC_PAGESIZE);
 }
 
 long long bench_proc_pss(int pid)

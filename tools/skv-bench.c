@@ -2,7 +2,7 @@
  *
  *   skv-bench --socket PATH (--streams N | --sweep N1,N2,...) --tokens T [--warmup W]
  *             [--connections K] [--policy P] [--window W] [--prompt TEXT] [--repeats R]
- *             [--local] [--json]
+ *             [--local] [--json] [--series FILE [--sample-every N]]
  *
  * One run: N streams, spread over K libskv connections, each served by one thread of this
  * process (default K = 1: one thread multiplexes every stream with skv_client_wait, then reads
@@ -23,7 +23,31 @@
  *
  * --sweep runs each N in turn in one invocation, one table row (one JSON object of the array)
  * per N. --local also runs one stream in this process (the engine linked in, no daemon) in the
- * same runs, for the cost of the data path. */
+ * same runs, for the cost of the data path.
+ *
+ * --series FILE: the time series of one run (one N, one repeat), for endless streams: a CSV
+ * row every --sample-every tokens per stream (default tokens / 100) and one at the end. A row
+ * ends when the streams' timed tokens together reach k * N * every (tokens_per_stream is their
+ * mean); the worker whose token reaches it stamps the time and the gaps counted so far, and
+ * the main thread, polling every 5 ms, adds the resident sets (one /proc/PID/statm read per
+ * process) and the arena in use (one admin request) and writes the row. Columns:
+ *   tokens_per_stream      at the end of the row
+ *   elapsed_s              since the timed requests were sent
+ *   interval_tokens_per_s  aggregate: the row's tokens, all streams, over the row's time
+ *   interval_us_per_token  per stream: the mean gap between consecutive TOKENs of a stream
+ *                          within the row (empty if the row holds no such gap)
+ *   daemon_rss_bytes, engines_rss_bytes (their sum), bench_rss_bytes, arena_used_bytes
+ *   streams_done           streams that had all their tokens before the row's last token:
+ *                          while it is 0 every stream ran through the row; at the end of a
+ *                          many-stream run, streams of a faster engine finish first and the
+ *                          aggregate rate of the last rows falls with the streams still going
+ * The rows are flushed as they are written, so a long run's file is readable while it goes.
+ * Nothing in the series grows with the tokens: per-token gaps are not kept (the report's ITL
+ * percentiles are "-"), so this process's resident set stays flat too. The report adds the
+ * first row's rate, that of the last row with every stream running, and their ratio (flat =
+ * 1). Requests are not capped: a generate
+ * request's count is a uint64 from libskv to the engine, so --tokens 4000000 is one request
+ * per stream. */
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -58,6 +82,7 @@
 #define BENCH_MAX_ENGINES 64       /* engines whose memory and CPU are reported */
 #define BENCH_EVENT_TIMEOUT_MS 60000 /* a run with no event for this long has hung */
 #define BENCH_SAMPLE_S 0.1         /* memory sampled this often while streams run */
+#define BENCH_MAX_SERIES_ROWS 100000 /* rows of --series */
 
 struct bench_opts {
 	const char *socket_path;   /* NULL: libskv's default */
@@ -74,6 +99,9 @@ struct bench_opts {
 	int kv;                    /* enum skv_client_kv, 0: the default (f32) */
 	int local;
 	int json;
+	const char *series_path;   /* --series, or NULL */
+	FILE *series;              /* open for writing, header written */
+	long long sample_every;    /* tokens per stream per row of the series */
 };
 
 /* One stream as this process sees it. */
@@ -90,6 +118,32 @@ struct bench_by_ptr {
 	uint32_t index;
 };
 
+/* One row of --series. The worker whose token ends the row writes t, gap_ns and gaps, then
+ * ready (release, paired with the acquire in series_drain); the main thread writes the rest. */
+struct bench_series_row {
+	double t;                   /* the row's last token was read */
+	uint64_t gap_ns, gaps;      /* all workers' timed gaps until then: sum (ns), count */
+	uint64_t streams_done;      /* streams finished before the row's last token */
+	int ready;
+	double tokens_per_s, us_per_token; /* the row's interval; us_per_token < 0: no gap */
+	long long rss_daemon, rss_engines, rss_self;
+	uint64_t arena_used;
+};
+
+struct bench_worker;
+
+/* The time series of one run (--series). */
+struct bench_series {
+	long long streams, tokens, every, n_rows;
+	double t0;                  /* the timed requests are about to be sent */
+	uint64_t total;             /* timed TOKENs of every stream so far (atomic, all workers) */
+	uint64_t streams_done;      /* streams with all their timed TOKENs (atomic, all workers) */
+	struct bench_worker *workers; /* [n_workers], whose gap counters a row sums */
+	int n_workers;
+	long long next;             /* the main thread's next row to write */
+	struct bench_series_row *rows; /* [n_rows] */
+};
+
 /* One connection and the thread that serves it. */
 struct bench_worker {
 	const struct bench_opts *o;
@@ -100,8 +154,10 @@ struct bench_worker {
 	struct bench_by_ptr *by_ptr; /* [n], sorted by stream: which stream skv_client_wait named */
 	double *ttft;               /* [n] */
 	uint32_t n_ttft;
-	double *gaps;               /* [n * tokens] */
+	double *gaps;               /* [n * tokens]; NULL with --series */
 	size_t n_gaps;
+	struct bench_series *series; /* or NULL */
+	uint64_t gap_ns, gap_count; /* series: timed gaps so far (written by this worker, atomic) */
 	double t_first_request, t_last_end; /* of the timed request */
 	long long tokens;           /* timed TOKENs */
 	struct skv_client_stream_info info; /* of its first stream */
@@ -139,6 +195,7 @@ struct bench_result {
 	uint32_t n_engines;
 	double *local_rates;         /* [repeats] with --local */
 	int64_t sinks, window;       /* as the daemon resolved them */
+	struct bench_series *series; /* --series, or NULL */
 };
 
 /* ---- a worker: one connection, its streams, one thread ------------------------------------- */
@@ -169,6 +226,27 @@ static void worker_fail(struct bench_worker *w, int err, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(w->msg, sizeof(w->msg), fmt, ap);
 	va_end(ap);
+}
+
+/* --series: one more timed token, read at now; last: the stream's last. The token that brings
+ * the streams' total to a row's end stamps that row: time, gaps so far, streams finished. */
+static void worker_series_count(struct bench_worker *w, double now, int last)
+{
+	struct bench_series *ser = w->series;
+	uint64_t total = __atomic_add_fetch(&ser->total, 1, __ATOMIC_RELAXED);
+	long long k = bench_series_row_at(total, ser->streams, ser->tokens, ser->every);
+	if (last)
+		__atomic_add_fetch(&ser->streams_done, 1, __ATOMIC_RELAXED);
+	if (k < 0)
+		return;
+	struct bench_series_row *row = &ser->rows[k];
+	row->t = now;
+	row->streams_done = __atomic_load_n(&ser->streams_done, __ATOMIC_RELAXED) - (last != 0);
+	for (int i = 0; i < ser->n_workers; i++) {
+		row->gap_ns += __atomic_load_n(&ser->workers[i].gap_ns, __ATOMIC_RELAXED);
+		row->gaps += __atomic_load_n(&ser->workers[i].gap_count, __ATOMIC_RELAXED);
+	}
+	__atomic_store_n(&row->ready, 1, __ATOMIC_RELEASE); /* paired with series_drain */
 }
 
 /* Send one request on every stream, then read them all until each ends. timed: record the
@@ -211,12 +289,19 @@ static void worker_phase(struct bench_worker *w, skv_client *c, const char *prom
 		while ((got = skv_client_stream_read(s, &ev, 0)) == 1) {
 			double now = bench_now();
 			if (ev.type == SKV_CLIENT_EV_TOKEN) {
-				if (!b->tokens && ttft)
+				if (!b->tokens && ttft) {
 					w->ttft[w->n_ttft++] = now - b->t_request;
-				else if (b->tokens && timed)
+				} else if (b->tokens && timed && w->gaps) {
 					w->gaps[w->n_gaps++] = now - b->t_last;
+				} else if (b->tokens && timed) {
+					uint64_t ns = (uint64_t)((now - b->t_last) * 1e9);
+					__atomic_fetch_add(&w->gap_ns, ns, __ATOMIC_RELAXED);
+					__atomic_fetch_add(&w->gap_count, 1, __ATOMIC_RELAXED);
+				}
 				b->t_last = now;
 				b->tokens++;
+				if (timed && w->series)
+					worker_series_count(w, now, b->tokens == tokens);
 			} else if (ev.type == SKV_CLIENT_EV_DONE) {
 				if (b->done || ev.count != (uint64_t)tokens || b->tokens != tokens) {
 					worker_fail(w, -EPROTO,
@@ -365,6 +450,56 @@ static long long side_pss(const struct bench_side *side)
 	return total;
 }
 
+/* --series: write every row the workers have ended, in order, each with the resident sets and
+ * the arena as they are now (within the 5 ms poll of the row's end). */
+static void series_drain(const struct bench_opts *o, struct admin_conn *admin,
+			 const struct bench_side *side, struct bench_result *r)
+{
+	struct bench_series *ser = r->series;
+	while (ser->next < ser->n_rows &&
+	       __atomic_load_n(&ser->rows[ser->next].ready, __ATOMIC_ACQUIRE)) {
+		long long k = ser->next++;
+		struct bench_series_row *row = &ser->rows[k];
+		const struct bench_series_row *prev = k ? &ser->rows[k - 1] : NULL;
+		double t_prev = prev ? prev->t : ser->t0;
+		long long mark_prev = k ? bench_series_mark(k - 1, ser->tokens, ser->every) : 0;
+		long long mark = bench_series_mark(k, ser->tokens, ser->every);
+		uint64_t gaps = row->gaps - (prev ? prev->gaps : 0);
+		uint64_t gap_ns = row->gap_ns - (prev ? prev->gap_ns : 0);
+		row->tokens_per_s = row->t > t_prev ? (double)((mark - mark_prev) * ser->streams) /
+							      (row->t - t_prev)
+						    : 0.0;
+		row->us_per_token = gaps ? (double)gap_ns / (double)gaps * 1e-3 : -1.0;
+
+		struct admin_snapshot snap;
+		char msg[320];
+		if (admin_fetch(admin, 0, &snap, msg, sizeof(msg)) < 0)
+			bench_die("asking skv-cached for its arenas: %s", msg);
+		row->arena_used = snap.server.arena_used_bytes;
+		admin_snapshot_free(&snap);
+		row->rss_daemon = bench_proc_rss(side->daemon_pid);
+		row->rss_self = bench_proc_rss(0);
+		row->rss_engines = 0;
+		for (uint32_t i = 0; i < side->n_engines; i++) {
+			long long v = bench_proc_rss(side->engine_pid[i]);
+			row->rss_engines += v > 0 ? v : 0;
+		}
+		max_ll(&r->rss_daemon, row->rss_daemon);
+		max_ll(&r->rss_self, row->rss_self);
+		if (row->arena_used > r->arena_used)
+			r->arena_used = row->arena_used;
+
+		fprintf(o->series, "%lld,%.6f,%.1f,", mark, row->t - ser->t0, row->tokens_per_s);
+		if (row->us_per_token >= 0)
+			fprintf(o->series, "%.3f", row->us_per_token);
+		fprintf(o->series, ",%lld,%lld,%lld,%llu,%llu\n", row->rss_daemon, row->rss_engines,
+			row->rss_self, (unsigned long long)row->arena_used,
+			(unsigned long long)row->streams_done);
+		if (fflush(o->series) || ferror(o->series))
+			bench_die("writing %s: %s", o->series_path, strerror(errno));
+	}
+}
+
 static void pool_append(double **v, size_t *n, size_t *cap, const double *add, size_t n_add)
 {
 	if (*n + n_add > *cap) {
@@ -394,6 +529,10 @@ static double bench_run(const struct bench_opts *o, struct admin_conn *admin, lo
 	if (!w || !th)
 		bench_die("out of memory");
 	pthread_barrier_init(&barrier, NULL, (unsigned)k + 1);
+	if (r->series) {
+		r->series->workers = w;
+		r->series->n_workers = k;
+	}
 	for (int i = 0; i < k; i++) {
 		struct bench_worker *wi = &w[i];
 		wi->o = o;
@@ -403,8 +542,10 @@ static double bench_run(const struct bench_opts *o, struct admin_conn *admin, lo
 		wi->st = calloc(wi->n, sizeof(*wi->st));
 		wi->by_ptr = calloc(wi->n, sizeof(*wi->by_ptr));
 		wi->ttft = calloc(wi->n, sizeof(double));
-		wi->gaps = malloc((size_t)wi->n * (size_t)o->tokens * sizeof(double));
-		if (!wi->st || !wi->by_ptr || !wi->ttft || !wi->gaps)
+		wi->series = r->series;
+		if (!r->series)
+			wi->gaps = malloc((size_t)wi->n * (size_t)o->tokens * sizeof(double));
+		if (!wi->st || !wi->by_ptr || !wi->ttft || (!wi->gaps && !r->series))
 			bench_die("out of memory for %u streams of %lld tokens", wi->n, o->tokens);
 		if (pthread_create(&th[i], NULL, worker_main, wi))
 			bench_die("cannot start thread %d", i);
@@ -414,15 +555,21 @@ static double bench_run(const struct bench_opts *o, struct admin_conn *admin, lo
 	pthread_barrier_wait(&barrier); /* A */
 	side_snapshot(admin, &before, NULL, NULL);
 	side_sample_memory(admin, &before, r);
+	if (r->series)
+		r->series->t0 = bench_now();
 	pthread_barrier_wait(&barrier); /* B */
 	double next_sample = bench_now() + BENCH_SAMPLE_S;
 	while (__atomic_load_n(&timed_done, __ATOMIC_ACQUIRE) < k) {
 		usleep(5000);
+		if (r->series)
+			series_drain(o, admin, &before, r);
 		if (bench_now() >= next_sample) {
 			side_sample_memory(admin, &before, r);
 			next_sample = bench_now() + BENCH_SAMPLE_S;
 		}
 	}
+	if (r->series)
+		series_drain(o, admin, &before, r); /* the workers' last rows (acquire: timed_done) */
 	side_snapshot(admin, &after, NULL, NULL);
 	side_sample_memory(admin, &before, r);
 	long long pss = side_pss(&before);
@@ -573,12 +720,15 @@ static void report_header(const struct bench_opts *o, const struct bench_result 
 static void report_row(const struct bench_opts *o, const struct bench_result *r)
 {
 	double rate = r->rates[o->repeats / 2];
-	printf("%7lld %5d %8.0f %7.0f %8.2f/%8.2f %7.3f/%7.2f %7.3f %6.1f %5.2f+%5.2f %8.0f %7.1f "
+	char itl[32] = "      -/      -"; /* --series keeps no per-token gaps */
+	if (r->n_gaps)
+		snprintf(itl, sizeof(itl), "%7.3f/%7.2f", bench_pct(r->gaps, r->n_gaps, 50) * 1e3,
+			 bench_pct(r->gaps, r->n_gaps, 99) * 1e3);
+	printf("%7lld %5d %8.0f %7.0f %8.2f/%8.2f %15s %7.3f %6.1f %5.2f+%5.2f %8.0f %7.1f "
 	       "%.0f +",
 	       r->streams, r->connections, rate, rate / (double)r->streams,
 	       bench_pct(r->ttft, r->n_ttft, 50) * 1e3, bench_pct(r->ttft, r->n_ttft, 99) * 1e3,
-	       bench_pct(r->gaps, r->n_gaps, 50) * 1e3, bench_pct(r->gaps, r->n_gaps, 99) * 1e3,
-	       engine_itl_s(r) * 1e3, r->rows_per_step, cores(r, r->cpu_engines_s),
+	       itl, engine_itl_s(r) * 1e3, r->rows_per_step, cores(r, r->cpu_engines_s),
 	       cores(r, r->cpu_self_s), tokens_per_cpu_s(r), mib((long long)r->arena_used),
 	       mib(r->rss_daemon));
 	for (uint32_t i = 0; i < r->n_engines; i++)
@@ -586,14 +736,28 @@ static void report_row(const struct bench_opts *o, const struct bench_result *r)
 	printf(" + %.0f = %.0f\n", mib(r->rss_self), mib(rss_total(r)));
 }
 
+/* --series: the last row through which every stream ran (streams_done 0), or the last row. */
+static long long series_last_full(const struct bench_series *ser)
+{
+	for (long long k = ser->next - 1; k >= 0; k--)
+		if (!ser->rows[k].streams_done)
+			return k;
+	return ser->next - 1;
+}
+
 static void report_json(const struct bench_opts *o, const struct bench_result *r)
 {
 	double rate = r->rates[o->repeats / 2];
+	char itl50[32] = "null", itl99[32] = "null"; /* --series keeps no per-token gaps */
+	if (r->n_gaps) {
+		snprintf(itl50, sizeof(itl50), "%.6f", bench_pct(r->gaps, r->n_gaps, 50));
+		snprintf(itl99, sizeof(itl99), "%.6f", bench_pct(r->gaps, r->n_gaps, 99));
+	}
 	printf("{\"streams\": %lld, \"tokens\": %lld, \"warmup_tokens\": %lld, \"connections\": %d, "
 	       "\"repeats\": %d, \"policy\": \"%s\", \"sinks\": %lld, \"window\": %lld, "
 	       "\"tokens_per_s\": %.1f, \"tokens_per_s_min\": %.1f, \"tokens_per_s_max\": %.1f, "
-	       "\"ttft_p50_s\": %.6f, \"ttft_p99_s\": %.6f, \"itl_p50_s\": %.6f, "
-	       "\"itl_p99_s\": %.6f, \"engine_itl_mean_s\": %.6f, \"rows_per_step\": %.2f, "
+	       "\"ttft_p50_s\": %.6f, \"ttft_p99_s\": %.6f, \"itl_p50_s\": %s, "
+	       "\"itl_p99_s\": %s, \"engine_itl_mean_s\": %.6f, \"rows_per_step\": %.2f, "
 	       "\"engine_cpu_cores\": %.3f, \"daemon_cpu_cores\": %.3f, \"bench_cpu_cores\": %.3f, "
 	       "\"tokens_per_engine_cpu_s\": %.1f, \"arena_used_bytes\": %llu, "
 	       "\"arena_bytes\": %llu, \"rss_bytes\": %lld, \"rss_daemon_bytes\": %lld, "
@@ -601,8 +765,7 @@ static void report_json(const struct bench_opts *o, const struct bench_result *r
 	       r->streams, o->tokens, o->warmup, r->connections, o->repeats,
 	       skv_policy_name((enum skv_policy_kind)o->policy), (long long)r->sinks,
 	       (long long)r->window, rate, r->rates[0], r->rates[o->repeats - 1],
-	       bench_pct(r->ttft, r->n_ttft, 50), bench_pct(r->ttft, r->n_ttft, 99),
-	       bench_pct(r->gaps, r->n_gaps, 50), bench_pct(r->gaps, r->n_gaps, 99),
+	       bench_pct(r->ttft, r->n_ttft, 50), bench_pct(r->ttft, r->n_ttft, 99), itl50, itl99,
 	       engine_itl_s(r), r->rows_per_step, cores(r, r->cpu_engines_s),
 	       cores(r, r->cpu_daemon_s), cores(r, r->cpu_self_s), tokens_per_cpu_s(r),
 	       (unsigned long long)r->arena_used,
@@ -612,7 +775,65 @@ static void report_json(const struct bench_opts *o, const struct bench_result *r
 	printf("], \"rss_bench_bytes\": %lld, \"pss_bytes\": %lld", r->rss_self, r->pss_total);
 	if (o->local)
 		printf(", \"local_tokens_per_s\": %.1f", r->local_rates[o->repeats / 2]);
+	const struct bench_series *ser = r->series;
+	if (ser && ser->next) {
+		/* last: the last row every stream ran through (see report_series) */
+		long long k = series_last_full(ser);
+		const struct bench_series_row *first = &ser->rows[0], *last = &ser->rows[k];
+		printf(", \"series_rows\": %lld, \"series_every\": %lld, "
+		       "\"series_rows_all_streams\": %lld, "
+		       "\"series_first_tokens_per_s\": %.1f, \"series_last_tokens_per_s\": %.1f, "
+		       "\"series_last_over_first\": %.4f, \"series_first_us_per_token\": %.3f, "
+		       "\"series_last_us_per_token\": %.3f",
+		       ser->next, ser->every, k + 1, first->tokens_per_s, last->tokens_per_s,
+		       first->tokens_per_s > 0 ? last->tokens_per_s / first->tokens_per_s : 0.0,
+		       first->us_per_token, last->us_per_token);
+	}
 	printf("}");
+}
+
+/* --series: the first row against the last with every stream running (flat = a ratio of 1),
+ * the spread of those rows' rates, and the resident sets at the first row, the last, and the
+ * largest. */
+static void report_series(const struct bench_opts *o, const struct bench_result *r)
+{
+	const struct bench_series *ser = r->series;
+	if (!ser->next) {
+		printf("series %s: no row\n", o->series_path);
+		return;
+	}
+	long long n_full = series_last_full(ser) + 1;
+	const struct bench_series_row *first = &ser->rows[0], *full = &ser->rows[n_full - 1];
+	const struct bench_series_row *last = &ser->rows[ser->next - 1];
+	double *rates = malloc((size_t)n_full * sizeof(double));
+	if (!rates)
+		bench_die("out of memory");
+	long long max_daemon = 0, max_engines = 0, max_self = 0;
+	for (long long k = 0; k < ser->next; k++) {
+		if (k < n_full)
+			rates[k] = ser->rows[k].tokens_per_s;
+		max_ll(&max_daemon, ser->rows[k].rss_daemon);
+		max_ll(&max_engines, ser->rows[k].rss_engines);
+		max_ll(&max_self, ser->rows[k].rss_self);
+	}
+	double median = bench_median(rates, (size_t)n_full); /* sorts rates */
+	printf("series %s: %lld rows, one every %lld tokens per stream; every stream ran through "
+	       "the first %lld\n",
+	       o->series_path, ser->next, ser->every, n_full);
+	printf("  interval tokens/s: first %.0f, last of those %.0f (last/first %.3f); min %.0f, "
+	       "median %.0f, max %.0f; last row %.0f\n",
+	       first->tokens_per_s, full->tokens_per_s,
+	       first->tokens_per_s > 0 ? full->tokens_per_s / first->tokens_per_s : 0.0, rates[0],
+	       median, rates[n_full - 1], last->tokens_per_s);
+	printf("  us/token per stream: first %.2f, last of those %.2f, last row %.2f\n",
+	       first->us_per_token, full->us_per_token, last->us_per_token);
+	printf("  rss MiB first/last/max: daemon %.1f/%.1f/%.1f, engines (sum) %.1f/%.1f/%.1f, "
+	       "bench %.1f/%.1f/%.1f; arena in use MiB first/last %.2f/%.2f\n",
+	       mib(first->rss_daemon), mib(last->rss_daemon), mib(max_daemon),
+	       mib(first->rss_engines), mib(last->rss_engines), mib(max_engines),
+	       mib(first->rss_self), mib(last->rss_self), mib(max_self),
+	       mib((long long)first->arena_used), mib((long long)last->arena_used));
+	free(rates);
 }
 
 /* ---- flags -------------------------------------------------------------------------------- */
@@ -622,7 +843,7 @@ static void usage(FILE *out)
 	fputs("usage: skv-bench [--socket PATH] (--streams N | --sweep N1,N2,...) [--tokens T]\n"
 	      "                 [--warmup W] [--connections K] [--policy sink|window|dense|recompute]\n"
 	      "                 [--window W] [--kv f32|f16] [--prompt TEXT] [--repeats R] [--local]\n"
-	      "                 [--json]\n"
+	      "                 [--json] [--series FILE [--sample-every N]]\n"
 	      "  --socket PATH      skv-cached's socket (default: its default socket)\n"
 	      "  --streams N        N concurrent streams (default 1)\n"
 	      "  --sweep LIST       run each N of the list in turn: one row (JSON object) each\n"
@@ -634,7 +855,10 @@ static void usage(FILE *out)
 	      "  --prompt TEXT      every stream's prompt (default \"Once upon a time\")\n"
 	      "  --repeats R        runs per N; the rate is their median (default 1)\n"
 	      "  --local            also one stream in this process, no daemon\n"
-	      "  --json             one JSON object (an array of them with --sweep)\n",
+	      "  --json             one JSON object (an array of them with --sweep)\n"
+	      "  --series FILE      one run's time series as CSV: a row every --sample-every\n"
+	      "                     tokens per stream (rate, us/token, RSS, arena); one N, one repeat\n"
+	      "  --sample-every N   tokens per stream per row of --series (default: tokens / 100)\n",
 	      out);
 }
 
@@ -654,6 +878,8 @@ static void parse_flags(int argc, char **argv, struct bench_opts *o)
 		{ "repeats", required_argument, NULL, 'r' },
 		{ "local", no_argument, NULL, 'l' },
 		{ "json", no_argument, NULL, 'j' },
+		{ "series", required_argument, NULL, 'o' },
+		{ "sample-every", required_argument, NULL, 'e' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -694,6 +920,14 @@ static void parse_flags(int argc, char **argv, struct bench_opts *o)
 				bench_die("--kv: '%s' is not f32 or f16", optarg);
 			break;
 		case 'l': o->local = 1; break;
+		case 'o':
+			if (!*optarg)
+				bench_die("--series: empty path");
+			o->series_path = optarg;
+			break;
+		case 'e':
+			o->sample_every = bench_parse_int("--sample-every", optarg, 1, 1LL << 32);
+			break;
 		case 'j': o->json = 1; break;
 		case 'p': {
 			enum skv_policy_kind k;
@@ -719,6 +953,28 @@ static void parse_flags(int argc, char **argv, struct bench_opts *o)
 		bench_die("the default socket path is too long; pass --socket");
 	if (strlen(o->admin_path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
 		bench_die("--socket: '%s' is too long for a Unix socket", o->admin_path);
+	if (o->sample_every && !o->series_path)
+		bench_die("--sample-every sets the rows of --series: give --series FILE too");
+	if (o->series_path) {
+		if (o->sweep)
+			bench_die("--series records one run: use --streams N, not --sweep");
+		if (o->repeats > 1)
+			bench_die("--series records one run: --repeats must be 1");
+		if (!o->sample_every)
+			o->sample_every = bench_series_every(o->tokens);
+		if (bench_series_rows(o->tokens, o->sample_every) > BENCH_MAX_SERIES_ROWS)
+			bench_die("--sample-every %lld: %lld tokens make more than %d rows; sample "
+				  "less often", o->sample_every, o->tokens, BENCH_MAX_SERIES_ROWS);
+		o->series = fopen(o->series_path, "w");
+		if (!o->series)
+			bench_die("--series: cannot write '%s': %s", o->series_path,
+				  strerror(errno));
+		fputs("tokens_per_stream,elapsed_s,interval_tokens_per_s,interval_us_per_token,"
+		      "daemon_rss_bytes,engines_rss_bytes,bench_rss_bytes,arena_used_bytes,"
+		      "streams_done\n",
+		      o->series);
+		return; /* per-token gaps are not kept */
+	}
 	for (size_t i = 0; i < o->n_runs; i++)
 		if ((double)o->streams[i] * (double)o->tokens * sizeof(double) > 8e9)
 			bench_die("%lld streams x %lld tokens: too many latencies to keep (lower "
@@ -752,6 +1008,15 @@ int main(int argc, char **argv)
 		r.local_rates = calloc((size_t)o.repeats, sizeof(double));
 		if (!r.rates || !r.local_rates)
 			bench_die("out of memory");
+		struct bench_series series = { .streams = r.streams, .tokens = o.tokens,
+					       .every = o.sample_every };
+		if (o.series) {
+			series.n_rows = bench_series_rows(o.tokens, o.sample_every);
+			series.rows = calloc((size_t)series.n_rows, sizeof(*series.rows));
+			if (!series.rows)
+				bench_die("out of memory");
+			r.series = &series;
+		}
 		for (int rep = 0; rep < o.repeats; rep++) {
 			if (o.local)
 				r.local_rates[rep] = bench_local(&o);
@@ -774,6 +1039,9 @@ int main(int argc, char **argv)
 		if (!o.json && o.local && run + 1 == o.n_runs)
 			printf("local: one stream in this process, no daemon: %.0f tokens/s\n",
 			       r.local_rates[o.repeats / 2]);
+		if (!o.json && r.series)
+			report_series(&o, &r);
+		free(series.rows);
 		free(r.rates);
 		free(r.local_rates);
 		free(r.ttft);
@@ -782,6 +1050,8 @@ int main(int argc, char **argv)
 	if (o.json)
 		printf(o.sweep ? "]\n" : "\n");
 	admin_disconnect(&admin);
+	if (o.series && fclose(o.series))
+		bench_die("writing %s: %s", o.series_path, strerror(errno));
 	if (fflush(stdout) || ferror(stdout))
 		bench_die("writing the report: %s", strerror(errno));
 	return 0;
