@@ -398,6 +398,21 @@ Test(client, wait_serves_ready_streams_in_turn)
 
 /* ==== cancelling ============================================================================ */
 
+/* Generate n tokens after prompt; all n come, and the request ends by length. */
+static void expect_full_generation(skv_client_stream *s, const char *prompt, int n)
+{
+	struct skv_client_event ev;
+	cr_assert_eq(skv_client_stream_generate(s, prompt, strlen(prompt), (uint64_t)n,
+						SKV_CLIENT_ENDLESS), 0);
+	int tokens = 0;
+	do {
+		cr_assert_eq(skv_client_stream_read(s, &ev, 10000), 1);
+		tokens += ev.type == SKV_CLIENT_EV_TOKEN;
+	} while (ev.type != SKV_CLIENT_EV_DONE);
+	cr_assert_eq(ev.reason, SKV_CLIENT_DONE_LENGTH);
+	cr_assert_eq(tokens, n);
+}
+
 Test(client, cancel_ends_the_request_and_queued_ones_and_the_stream_goes_on)
 {
 	struct mp_daemon d;
@@ -432,24 +447,10 @@ Test(client, cancel_ends_the_request_and_queued_ones_and_the_stream_goes_on)
 	cr_assert(after < 1100, "%d tokens after the cancel", after);
 	cr_assert_eq(skv_client_stream_pending(s), 0);
 	/* The stream serves the next request normally. */
-	cr_assert_eq(skv_client_stream_generate(s, " The end", 8, 7, SKV_CLIENT_ENDLESS), 0);
-	tokens = 0;
-	do {
-		cr_assert_eq(skv_client_stream_read(s, &ev, 10000), 1);
-		tokens += ev.type == SKV_CLIENT_EV_TOKEN;
-	} while (ev.type != SKV_CLIENT_EV_DONE);
-	cr_assert_eq(ev.reason, SKV_CLIENT_DONE_LENGTH);
-	cr_assert_eq(tokens, 7);
+	expect_full_generation(s, " The end", 7);
 	/* A cancel with nothing in progress cancels nothing later. */
 	cr_assert_eq(skv_client_stream_cancel(s), 0);
-	cr_assert_eq(skv_client_stream_generate(s, "", 0, 4, SKV_CLIENT_ENDLESS), 0);
-	tokens = 0;
-	do {
-		cr_assert_eq(skv_client_stream_read(s, &ev, 10000), 1);
-		tokens += ev.type == SKV_CLIENT_EV_TOKEN;
-	} while (ev.type != SKV_CLIENT_EV_DONE);
-	cr_assert_eq(ev.reason, SKV_CLIENT_DONE_LENGTH);
-	cr_assert_eq(tokens, 4);
+	expect_full_generation(s, "", 4);
 	skv_client_disconnect(c);
 	mp_wait_streams_freed(&d, FAIL_NOTICE_S);
 }

@@ -9,6 +9,7 @@
 #include "sampler.h"
 #include "skv-error.h"
 #include "stream.h"
+#include "sha256-hex.h"
 #include "testutil.h"
 #include "tokenizer.h"
 
@@ -17,7 +18,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <math.h>
-#include <nettle/sha2.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
@@ -456,16 +456,6 @@ Test(mkmodel, stories260k_preset_has_the_shipped_shape_and_vocabulary)
 	assert_finite_decode(path, 512);
 }
 
-static void sha256_hex(const void *data, size_t len, char out[2 * SHA256_DIGEST_SIZE + 1])
-{
-	struct sha256_ctx ctx;
-	uint8_t digest[SHA256_DIGEST_SIZE];
-	sha256_init(&ctx);
-	sha256_update(&ctx, len, data);
-	sha256_digest(&ctx, sizeof(digest), digest);
-	for (size_t i = 0; i < sizeof(digest); i++)
-		snprintf(out + 2 * i, 3, "%02x", digest[i]);
-}
 
 /* The default vocabulary for 32000 tokens: the shipped llama2.c tokenizer, whose size and
  * sha256 are the ones its README states, converted to the GGUF and back without a change. */

@@ -1,15 +1,14 @@
 /* The shipped model files are the ones models/stories260K/README.md describes: each file's
  * size and sha256 equal its row in the README's table (`| file | bytes | sha256 |`). The
  * hashes are read from the README, not repeated here, so the README stays the one record. */
+#include "sha256-hex.h"
 #include "testutil.h"
 
 #include <criterion/criterion.h>
-#include <nettle/sha2.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define SHA256_HEX_LEN (2 * SHA256_DIGEST_SIZE)
 
 struct model_row {
 	const char *file;
@@ -62,17 +61,6 @@ static void parse_readme(char *text, struct model_row *rows, size_t n_rows)
 	}
 }
 
-static void sha256_hex(const void *data, size_t len, char out[SHA256_HEX_LEN + 1])
-{
-	struct sha256_ctx ctx;
-	uint8_t digest[SHA256_DIGEST_SIZE];
-
-	sha256_init(&ctx);
-	sha256_update(&ctx, len, data);
-	sha256_digest(&ctx, sizeof(digest), digest);
-	for (size_t i = 0; i < sizeof(digest); i++)
-		snprintf(out + 2 * i, 3, "%02x", digest[i]);
-}
 
 Test(models, sha256_matches_readme)
 {
