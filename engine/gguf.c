@@ -716,6 +716,18 @@ int skv_gguf_get_f32(const struct skv_gguf *g, const char *key, float *out)
 	return 0;
 }
 
+int skv_gguf_get_bool(const struct skv_gguf *g, const char *key, int *out)
+{
+	const struct gguf_kv *kv = gguf_find_kv(g, key);
+
+	if (!kv)
+		return -ENOENT;
+	if (kv->type != SKV_GGUF_BOOL)
+		return -SKV_EFORMAT;
+	*out = kv->value[0] != 0;
+	return 0;
+}
+
 int skv_gguf_get_str(const struct skv_gguf *g, const char *key, struct skv_gguf_str *out)
 {
 	const struct gguf_kv *kv = gguf_find_kv(g, key);

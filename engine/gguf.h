@@ -69,6 +69,8 @@ uint32_t skv_gguf_version(const struct skv_gguf *g);
 int skv_gguf_get_u32(const struct skv_gguf *g, const char *key, uint32_t *out);
 int skv_gguf_get_f32(const struct skv_gguf *g, const char *key, float *out);
 int skv_gguf_get_str(const struct skv_gguf *g, const char *key, struct skv_gguf_str *out);
+/* A bool key: *out 0 or 1. */
+int skv_gguf_get_bool(const struct skv_gguf *g, const char *key, int *out);
 
 /* Array metadata of a fixed-size element type: *data points into the mapping (possibly
  * unaligned: read elements with memcpy), *count elements. -ENOENT, -SKV_EFORMAT if not an

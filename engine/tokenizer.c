@@ -6,7 +6,7 @@
  * whose concatenation is a piece. A merge leaves stale heap entries behind; they are recognised
  * when popped (lazy invalidation) by comparing the token ids they were made from with the
  * symbols' current ids. */
-#include "tokenizer.h"
+#include "tokenizer-pvt.h"
 
 #include "gguf.h"
 #include "skv-error.h"
@@ -27,58 +27,12 @@
 /* A UTF-8 code point has at most this many bytes; llama2.c groups continuation bytes up to it. */
 #define TOKENIZER_MAX_CODE_POINT_BYTES 4
 
-/* GGUF token types (llama.cpp numbering) and the SentencePiece word-boundary mark. */
-#define TOKENIZER_GGUF_TYPE_CONTROL 3
+/* The SentencePiece word-boundary mark. */
 #define TOKENIZER_SPM_SPACE "\xe2\x96\x81" /* U+2581 */
 #define TOKENIZER_SPM_SPACE_LEN 3
 
 #define TOKENIZER_FNV_OFFSET 0xcbf29ce484222325ull
 #define TOKENIZER_FNV_PRIME 0x100000001b3ull
-
-struct skv_tokenizer {
-	int32_t vocab_size;
-	size_t max_piece_len;   /* longest piece, bytes */
-	char *piece_bytes;      /* every piece followed by a NUL, in id order */
-	size_t piece_bytes_len; /* bytes used in piece_bytes */
-	size_t piece_bytes_cap; /* bytes allocated for piece_bytes while loading */
-	size_t *piece_offset;   /* (vocab_size + 1): piece i is [offset[i], offset[i+1] - 1) */
-	float *scores;          /* (vocab_size) merge scores */
-	int32_t *lookup;        /* (lookup_mask + 1) hash slots: a token id, or -1 when empty */
-	uint64_t lookup_mask;
-	char byte_pieces[512];  /* byte b at [2b] followed by a NUL: what "<0xXX>" decodes to */
-};
-
-/* One symbol of the text being encoded; dead once merged into its left neighbour (id -1). */
-struct tokenizer_symbol {
-	int32_t id;
-	int32_t prev; /* -1 at the start */
-	int32_t next; /* -1 at the end */
-};
-
-/* A mergeable adjacent pair (left, left's next) as it was when pushed. */
-struct tokenizer_candidate {
-	float score;      /* score of merged_id */
-	int32_t left;     /* symbol index; also the tie-break: leftmost first */
-	int32_t left_id;  /* token ids of both symbols when pushed: a mismatch marks it stale */
-	int32_t right_id;
-	int32_t merged_id;
-};
-
-struct tokenizer_heap {
-	struct tokenizer_candidate *items;
-	size_t count;
-	size_t cap;
-};
-
-static inline size_t tokenizer_piece_len(const struct skv_tokenizer *t, int32_t id)
-{
-	return t->piece_offset[id + 1] - t->piece_offset[id] - 1;
-}
-
-static inline const char *tokenizer_piece_ptr(const struct skv_tokenizer *t, int32_t id)
-{
-	return t->piece_bytes + t->piece_offset[id];
-}
 
 static inline uint64_t tokenizer_hash(uint64_t hash, const char *bytes, size_t len)
 {
@@ -97,8 +51,8 @@ static inline uint64_t tokenizer_slot(uint64_t hash)
 
 /* The id of the piece equal to a ++ b (b may be empty), or -1. Duplicate pieces resolve to the
  * lowest id, because the table keeps the first id inserted for a string. */
-static int32_t tokenizer_lookup2(const struct skv_tokenizer *t, const char *a, size_t a_len,
-				 const char *b, size_t b_len)
+int32_t tokenizer_lookup2(const struct skv_tokenizer *t, const char *a, size_t a_len,
+			  const char *b, size_t b_len)
 {
 	size_t len = a_len + b_len;
 	if (len > t->max_piece_len)
@@ -125,10 +79,14 @@ void skv_tokenizer_free(struct skv_tokenizer *t)
 	free(t->piece_offset);
 	free(t->scores);
 	free(t->lookup);
+	free(t->types);
+	free(t->specials);
+	free(t->special_bytes);
+	tokenizer_bpe_free(t->bpe);
 	free(t);
 }
 
-static int tokenizer_alloc(int32_t vocab_size, struct skv_tokenizer **out)
+int tokenizer_alloc(int32_t vocab_size, struct skv_tokenizer **out)
 {
 	struct skv_tokenizer *t = calloc(1, sizeof(*t));
 	if (!t)
@@ -142,13 +100,20 @@ static int tokenizer_alloc(int32_t vocab_size, struct skv_tokenizer **out)
 	}
 	for (int b = 0; b < 256; b++)
 		t->byte_pieces[2 * b] = (char)b;
+	/* llama2.c's ids; a GGUF vocabulary overrides them from its keys. */
+	t->kind = TOKENIZER_SPM;
+	t->bos_id = SKV_TOKEN_BOS;
+	t->eos_id = SKV_TOKEN_EOS;
+	t->eot_id = -1;
+	t->pad_id = -1;
+	t->add_bos = true;
 	*out = t;
 	return 0;
 }
 
 /* Reserve room for `len` more piece bytes plus the NUL; returns where they go, or NULL. Pieces
  * are appended in id order, each closed by tokenizer_commit(). */
-static char *tokenizer_reserve(struct skv_tokenizer *t, size_t len)
+char *tokenizer_reserve(struct skv_tokenizer *t, size_t len)
 {
 	size_t need = t->piece_bytes_len + len + 1;
 	if (need < len)
@@ -167,7 +132,7 @@ static char *tokenizer_reserve(struct skv_tokenizer *t, size_t len)
 }
 
 /* Close piece `id` after its `len` bytes were written at tokenizer_reserve()'s pointer. */
-static void tokenizer_commit(struct skv_tokenizer *t, int32_t id, size_t len, float score)
+void tokenizer_commit(struct skv_tokenizer *t, int32_t id, size_t len, float score)
 {
 	t->piece_offset[id] = t->piece_bytes_len;
 	t->piece_bytes[t->piece_bytes_len + len] = '\0';
@@ -179,7 +144,7 @@ static void tokenizer_commit(struct skv_tokenizer *t, int32_t id, size_t len, fl
 }
 
 /* Build the string -> id table once every piece is in; at most half full. */
-static int tokenizer_index(struct skv_tokenizer *t)
+int tokenizer_index(struct skv_tokenizer *t)
 {
 	char *tight = realloc(t->piece_bytes, t->piece_bytes_len);
 	if (tight) {
@@ -373,7 +338,7 @@ out_close:
  * pieces <s> and </s> are framed by newlines. Returns the bytes written (at most len + 2). */
 static size_t tokenizer_export_piece(char *dst, const char *src, size_t len, int32_t type)
 {
-	if (type == TOKENIZER_GGUF_TYPE_CONTROL &&
+	if (type == TOKENIZER_TYPE_CONTROL &&
 	    ((len == 3 && memcmp(src, "<s>", 3) == 0) || (len == 4 && memcmp(src, "</s>", 4) == 0))) {
 		dst[0] = '\n';
 		memcpy(dst + 1, src, len);
@@ -393,8 +358,9 @@ static size_t tokenizer_export_piece(char *dst, const char *src, size_t len, int
 	return n;
 }
 
-int skv_tokenizer_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
-			    struct skv_tokenizer **out, char *msg, size_t msg_len)
+/* GGUF "llama": the SentencePiece vocabulary with llama2.c's encoder. */
+static int tokenizer_spm_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
+				   struct skv_tokenizer **out, char *msg, size_t msg_len)
 {
 	const char *path = skv_gguf_path(g);
 	struct skv_gguf_str *tokens = NULL;
@@ -403,11 +369,6 @@ int skv_tokenizer_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 	uint64_t n_tokens, n_scores, n_types;
 	int rc;
 
-	*out = NULL;
-	if (vocab_size <= SKV_TOKEN_EOS)
-		return skv_errorf(msg, msg_len, -EINVAL,
-				  "%s: a vocabulary of %d tokens cannot hold <unk>, BOS and EOS",
-				  path, vocab_size);
 	rc = skv_gguf_get_str_array(g, "tokenizer.ggml.tokens", &tokens, &n_tokens);
 	if (rc < 0)
 		return skv_errorf(msg, msg_len, rc, "%s: tokenizer.ggml.tokens: %s", path,
@@ -465,6 +426,9 @@ int skv_tokenizer_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 	rc = tokenizer_index(t);
 	if (rc < 0)
 		goto out_nomem;
+	rc = tokenizer_gguf_specials(t, g, tokens, types, msg, msg_len);
+	if (rc < 0)
+		goto out;
 	*out = t;
 	t = NULL;
 	goto out;
@@ -478,9 +442,71 @@ out:
 	return rc;
 }
 
+int skv_tokenizer_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
+			    struct skv_tokenizer **out, char *msg, size_t msg_len)
+{
+	const char *path = skv_gguf_path(g);
+	struct skv_gguf_str model;
+
+	*out = NULL;
+	if (vocab_size <= SKV_TOKEN_EOS)
+		return skv_errorf(msg, msg_len, -EINVAL,
+				  "%s: a vocabulary of %d tokens cannot hold <unk>, BOS and EOS",
+				  path, vocab_size);
+	int rc = skv_gguf_get_str(g, "tokenizer.ggml.model", &model);
+	if (rc < 0)
+		return skv_errorf(msg, msg_len, rc == -ENOENT ? -ENOENT : -SKV_EFORMAT,
+				  "%s: tokenizer.ggml.model is %s; expected \"llama\" (SentencePiece) "
+				  "or \"gpt2\" (byte-level BPE)", path,
+				  rc == -ENOENT ? "missing" : "not a string");
+	if (model.len == 5 && memcmp(model.ptr, "llama", 5) == 0)
+		return tokenizer_spm_from_gguf(g, vocab_size, out, msg, msg_len);
+	if (model.len == 4 && memcmp(model.ptr, "gpt2", 4) == 0)
+		return tokenizer_bpe_from_gguf(g, vocab_size, out, msg, msg_len);
+	return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+			  "%s: unknown tokenizer model \"%.*s\" (tokenizer.ggml.model): streamkv "
+			  "reads \"llama\" (SentencePiece) and \"gpt2\" (byte-level BPE)", path,
+			  model.len > 64 ? 64 : (int)model.len, model.ptr);
+}
+
 int32_t skv_tokenizer_vocab_size(const struct skv_tokenizer *t)
 {
 	return t->vocab_size;
+}
+
+int32_t skv_tokenizer_bos(const struct skv_tokenizer *t)
+{
+	return t->bos_id;
+}
+
+int32_t skv_tokenizer_eos(const struct skv_tokenizer *t)
+{
+	return t->eos_id;
+}
+
+int32_t skv_tokenizer_eot(const struct skv_tokenizer *t)
+{
+	return t->eot_id;
+}
+
+int32_t skv_tokenizer_pad(const struct skv_tokenizer *t)
+{
+	return t->pad_id;
+}
+
+int skv_tokenizer_add_bos(const struct skv_tokenizer *t)
+{
+	return t->add_bos;
+}
+
+const char *skv_tokenizer_kind(const struct skv_tokenizer *t)
+{
+	return t->kind == TOKENIZER_BPE ? "bpe" : "spm";
+}
+
+const char *skv_tokenizer_pre(const struct skv_tokenizer *t)
+{
+	return t->kind == TOKENIZER_BPE ? tokenizer_bpe_pre_name(t) : "";
 }
 
 const char *skv_tokenizer_piece(const struct skv_tokenizer *t, int32_t token, size_t *len)
@@ -518,9 +544,11 @@ const char *skv_tokenizer_decode(const struct skv_tokenizer *t, int32_t prev_tok
 	const char *piece = skv_tokenizer_piece(t, token, &piece_len);
 	if (!piece)
 		return NULL;
+	if (t->kind == TOKENIZER_BPE)
+		return tokenizer_bpe_decode(t, token, len);
 	/* SentencePiece drops the space a piece starts with right after BOS; the byte test comes
 	 * after, as in llama2.c, so " <0x41>" after BOS would still be the byte 'A'. */
-	if (prev_token == SKV_TOKEN_BOS && piece_len > 0 && piece[0] == ' ') {
+	if (t->bos_id >= 0 && prev_token == t->bos_id && piece_len > 0 && piece[0] == ' ') {
 		piece++;
 		piece_len--;
 	}
@@ -562,7 +590,7 @@ static inline bool tokenizer_candidate_before(const struct tokenizer_candidate *
 	return a->left < b->left;
 }
 
-static void tokenizer_heap_sift_down(struct tokenizer_heap *heap, size_t i)
+void tokenizer_heap_sift_down(struct tokenizer_heap *heap, size_t i)
 {
 	struct tokenizer_candidate *items = heap->items;
 	struct tokenizer_candidate moving = items[i];
@@ -581,7 +609,7 @@ static void tokenizer_heap_sift_down(struct tokenizer_heap *heap, size_t i)
 	items[i] = moving;
 }
 
-static int tokenizer_heap_push(struct tokenizer_heap *heap, const struct tokenizer_candidate *c)
+int tokenizer_heap_push(struct tokenizer_heap *heap, const struct tokenizer_candidate *c)
 {
 	if (heap->count == heap->cap) {
 		size_t cap = heap->cap ? 2 * heap->cap : 64;
@@ -603,7 +631,7 @@ static int tokenizer_heap_push(struct tokenizer_heap *heap, const struct tokeniz
 	return 0;
 }
 
-static void tokenizer_heap_pop(struct tokenizer_heap *heap, struct tokenizer_candidate *top)
+void tokenizer_heap_pop(struct tokenizer_heap *heap, struct tokenizer_candidate *top)
 {
 	*top = heap->items[0];
 	heap->items[0] = heap->items[--heap->count];
@@ -669,28 +697,37 @@ static void tokenizer_split(const struct skv_tokenizer *t, const char *text, siz
 	}
 }
 
-int skv_tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t len, int bos,
-			 int eos, int32_t **ids, size_t *n_ids)
+int tokenizer_ids_push(struct tokenizer_ids *out, int32_t id)
+{
+	if (out->count == out->cap) {
+		size_t cap = out->cap ? 2 * out->cap : 64;
+		int32_t *grown = realloc(out->ids, cap * sizeof(*grown));
+		if (!grown)
+			return -ENOMEM;
+		out->ids = grown;
+		out->cap = cap;
+	}
+	out->ids[out->count++] = id;
+	return 0;
+}
+
+/* llama2.c's encode() of text[0..len), appended to *out; BOS (when asked) is a symbol of the
+ * list as in llama2.c, which merges it like any other. */
+static int tokenizer_spm_encode(const struct skv_tokenizer *t, const char *text, size_t len,
+				bool bos, struct tokenizer_ids *out)
 {
 	struct tokenizer_heap heap = { 0 };
 	struct tokenizer_symbol *symbols;
 	int32_t n_symbols = 0;
 	int rc = 0;
 
-	*ids = NULL;
-	*n_ids = 0;
-	if (!t || (!text && len > 0))
-		return -EINVAL;
-	if (len > INT32_MAX - 3)
-		return -EOVERFLOW;
-	/* BOS, the dummy prefix, at most one symbol per byte; EOS is added to the output only. */
+	/* BOS, the dummy prefix, at most one symbol per byte. */
 	symbols = malloc(((size_t)len + 2) * sizeof(*symbols));
 	if (!symbols)
 		return -ENOMEM;
 
-	/* llama2.c merges BOS and the dummy prefix like any other symbol, so they go in the list. */
 	if (bos)
-		symbols[n_symbols++].id = SKV_TOKEN_BOS;
+		symbols[n_symbols++].id = t->bos_id;
 	if (len > 0) {
 		int32_t space = tokenizer_lookup2(t, " ", 1, "", 0);
 		symbols[n_symbols++].id = space >= 0 ? space : tokenizer_byte_token(t, ' ');
@@ -744,25 +781,84 @@ int skv_tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t
 		}
 	}
 
-	/* The merged symbols are compacted in place into the output, which reuses no scratch so
-	 * that the caller gets a tight allocation. */
-	size_t count = 0;
-	for (int32_t i = n_symbols ? 0 : -1; i >= 0; i = symbols[i].next)
-		count++;
-	int32_t *out_ids = malloc((count + (eos ? 1 : 0) + 1) * sizeof(*out_ids));
-	if (!out_ids) {
-		rc = -ENOMEM;
-		goto out;
-	}
-	count = 0;
-	for (int32_t i = n_symbols ? 0 : -1; i >= 0; i = symbols[i].next)
-		out_ids[count++] = symbols[i].id;
-	if (eos)
-		out_ids[count++] = SKV_TOKEN_EOS;
-	*ids = out_ids;
-	*n_ids = count;
+	for (int32_t i = n_symbols ? 0 : -1; i >= 0 && rc == 0; i = symbols[i].next)
+		rc = tokenizer_ids_push(out, symbols[i].id);
 out:
 	free(heap.items);
 	free(symbols);
 	return rc;
+}
+
+/* SentencePiece with special tokens parsed: the text between them is encoded as llama.cpp
+ * does, each stretch with its own dummy prefix (llama.cpp's add_space_prefix after a special
+ * token), by llama2.c's encoder. */
+static int tokenizer_spm_encode_special(const struct skv_tokenizer *t, const char *text,
+					size_t len, struct tokenizer_ids *out)
+{
+	size_t start = 0, pos = 0;
+	int rc;
+
+	while (pos < len) {
+		size_t match_len;
+		int32_t id = tokenizer_special_at(t, text + pos, len - pos, true, &match_len);
+		if (id < 0) {
+			pos++;
+			continue;
+		}
+		if (pos > start && (rc = tokenizer_spm_encode(t, text + start, pos - start, false,
+							      out)) < 0)
+			return rc;
+		if ((rc = tokenizer_ids_push(out, id)) < 0)
+			return rc;
+		start = pos += match_len;
+	}
+	if (len > start)
+		return tokenizer_spm_encode(t, text + start, len - start, false, out);
+	return 0;
+}
+
+static int tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t len,
+			    int bos, int eos, bool parse_special, int32_t **ids, size_t *n_ids)
+{
+	struct tokenizer_ids out = { 0 };
+	int rc;
+
+	*ids = NULL;
+	*n_ids = 0;
+	if (!t || (!text && len > 0))
+		return -EINVAL;
+	if (len > INT32_MAX - 3)
+		return -EOVERFLOW;
+	if (t->kind == TOKENIZER_SPM && !parse_special) {
+		rc = tokenizer_spm_encode(t, text, len, bos, &out);
+	} else {
+		rc = bos && t->bos_id >= 0 ? tokenizer_ids_push(&out, t->bos_id) : 0;
+		if (rc == 0)
+			rc = t->kind == TOKENIZER_BPE ?
+				     tokenizer_bpe_encode(t, text, len, parse_special, &out) :
+				     tokenizer_spm_encode_special(t, text, len, &out);
+	}
+	if (rc == 0 && eos && t->eos_id >= 0)
+		rc = tokenizer_ids_push(&out, t->eos_id);
+	if (rc < 0) {
+		free(out.ids);
+		return rc;
+	}
+	/* A tight allocation for the caller, never NULL. */
+	int32_t *tight = realloc(out.ids, (out.count + 1) * sizeof(*tight));
+	*ids = tight ? tight : out.ids;
+	*n_ids = out.count;
+	return *ids ? 0 : -ENOMEM;
+}
+
+int skv_tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t len, int bos,
+			 int eos, int32_t **ids, size_t *n_ids)
+{
+	return tokenizer_encode(t, text, len, bos, eos, false, ids, n_ids);
+}
+
+int skv_tokenizer_encode_special(const struct skv_tokenizer *t, const char *text, size_t len,
+				 int bos, int eos, int32_t **ids, size_t *n_ids)
+{
+	return tokenizer_encode(t, text, len, bos, eos, true, ids, n_ids);
 }

@@ -1,5 +1,6 @@
-/* SentencePiece-style BPE tokenizer with llama2.c semantics.
+/* Tokenizers: SentencePiece-style BPE with llama2.c semantics, and byte-level BPE (GPT-2 style).
  *
+ * SentencePiece (kind "spm": llama2.c tokenizer files and GGUF tokenizer.ggml.model "llama").
  * Encoding equals llama2.c's encode(): optional BOS, a dummy-prefix " " token when the text is
  * non-empty, one token per UTF-8 code point found in the vocabulary (byte-fallback tokens
  * <0xXX> = id byte + 3 otherwise, grouping bytes exactly as llama2.c does, invalid UTF-8
@@ -12,6 +13,20 @@
  * float32 score, int32 length, bytes) for a given vocabulary size, or a GGUF file's
  * tokenizer.ggml.{tokens,scores,token_type} (U+2581 becomes ' ', control tokens <s>/</s> become
  * "\n<s>\n"/"\n</s>\n" as llama2.c's export writes them), so that both give identical results.
+ * These ids equal llama.cpp's for GGUF "llama" vocabularies on its test vectors (Llama 2 SPM,
+ * Phi-3); they differ from llama.cpp's only on invalid UTF-8 (llama2.c's byte grouping) and on
+ * user-defined tokens in plain text (llama.cpp cuts them out; llama2.c's encode() does not).
+ *
+ * Byte-level BPE (kind "bpe": GGUF tokenizer.ggml.model "gpt2"), as llama.cpp and the Hugging
+ * Face tokenizers encode: special tokens are cut out of the text first (user-defined ones
+ * always, control ones only by skv_tokenizer_encode_special()), the rest is split into words by
+ * the regexes of the pre-tokenizer tokenizer.ggml.pre names (gpt-2, mpt, olmo or gpt-neox,
+ * llama-bpe, qwen2, falcon, starcoder, deepseek-llm; PCRE2), each word's bytes become GPT-2's
+ * byte characters and merge by the rank of tokenizer.ggml.merges, lowest first, leftmost on
+ * ties, in O(n log n). Bytes that are not valid UTF-8 stay bytes (their own words), so
+ * decode(encode(x)) == x for any x whose bytes all have a character in the vocabulary (a byte
+ * without one is dropped, as in llama.cpp). Decoding gives each token's bytes: normal tokens
+ * through the inverse byte map, special tokens as their text; prev_token is not used.
  *
  * Thread safety: a built tokenizer is immutable; encode/decode may run concurrently. */
 #ifndef SKV_TOKENIZER_H
@@ -35,10 +50,15 @@ struct skv_tokenizer;
 int skv_tokenizer_load(const char *path, int32_t vocab_size, struct skv_tokenizer **out,
 		       char *msg, size_t msg_len);
 
-/* Build from a GGUF file's vocabulary; -SKV_EVOCAB if its size differs from vocab_size,
- * -ENOENT/-SKV_EFORMAT if the tokenizer keys are missing or malformed (tokens, scores and
- * token_type are all required, with equal counts), -EINVAL for vocab_size < 3. The tokenizer
- * copies what it needs: g may be closed afterwards. */
+/* Build from a GGUF file's vocabulary, by tokenizer.ggml.model: "llama" (SentencePiece) or
+ * "gpt2" (byte-level BPE); a missing or other model is refused (-ENOENT / -SKV_EFORMAT, msg
+ * naming it). -SKV_EVOCAB if the vocabulary's size differs from vocab_size, -ENOENT/-SKV_EFORMAT
+ * if the tokenizer keys are missing or malformed, -EINVAL for vocab_size < 3. "llama" needs
+ * tokens, scores and token_type with equal counts. "gpt2" needs tokens, merges (each "A B" with
+ * A, B and AB in the vocabulary, else refused naming the merge) and a tokenizer.ggml.pre this
+ * build knows (an unknown or missing one is refused naming it: nothing stands in for it);
+ * token_type and scores are optional. Both read tokenizer.ggml.{bos,eos,eot,padding}_token_id
+ * and add_bos_token. The tokenizer copies what it needs: g may be closed afterwards. */
 int skv_tokenizer_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 			    struct skv_tokenizer **out, char *msg, size_t msg_len);
 
@@ -47,7 +67,9 @@ void skv_tokenizer_free(struct skv_tokenizer *t); /* accepts NULL */
 int32_t skv_tokenizer_vocab_size(const struct skv_tokenizer *t);
 
 /* Encode text[0..len) (need not be NUL-terminated). *ids is malloc'ed (caller frees), *n_ids
- * receives the count. bos: prepend BOS (1); eos: append EOS (2). Returns 0 or -ENOMEM
+ * receives the count. bos: prepend skv_tokenizer_bos() (1 for llama2.c files); eos: append
+ * skv_tokenizer_eos() (2); either is skipped when the vocabulary has none. Control tokens
+ * written in the text ("<|endoftext|>", "<s>") are plain text here. Returns 0 or -ENOMEM
  * (-EINVAL for a NULL tokenizer or NULL text with len > 0, -EOVERFLOW for len > INT32_MAX - 3).
  * Bytes are bytes: an embedded NUL is encoded (as its byte-fallback token) where llama2.c's C
  * strings would stop. Where llama2.c would emit an invalid id, this does not: a vocabulary
@@ -59,10 +81,34 @@ int skv_tokenizer_encode(const struct skv_tokenizer *t, const char *text, size_t
 /* The bytes `token` prints after `prev_token`, as llama2.c's decode(): a pointer to the piece
  * (or to an internal one-byte string for <0xXX> pieces), length in *len. Never NULL for a
  * valid id; NULL for an id out of range. */
+/* As skv_tokenizer_encode(), but control (and unknown and user-defined) tokens written in the
+ * text become their ids, longest match first from the left; for SentencePiece each stretch of
+ * text between them gets its own dummy prefix, as llama.cpp encodes with parse_special. */
+int skv_tokenizer_encode_special(const struct skv_tokenizer *t, const char *text, size_t len,
+				 int bos, int eos, int32_t **ids, size_t *n_ids);
+
+/* The vocabulary's special ids, -1 where it has none: BOS and EOS are 1 and 2 for llama2.c
+ * files and a GGUF "llama" without the keys; EOT is tokenizer.ggml.eot_token_id or, without
+ * that key, the control token <|eot_id|>, <|im_end|>, <|end|> or <end_of_turn> (llama.cpp's
+ * rule), else -1; PAD is tokenizer.ggml.padding_token_id. */
+int32_t skv_tokenizer_bos(const struct skv_tokenizer *t);
+int32_t skv_tokenizer_eos(const struct skv_tokenizer *t);
+int32_t skv_tokenizer_eot(const struct skv_tokenizer *t);
+int32_t skv_tokenizer_pad(const struct skv_tokenizer *t);
+
+/* Whether prompts start with BOS for this model: tokenizer.ggml.add_bos_token, else
+ * llama.cpp's default (SentencePiece and llama-bpe: 1, other byte-level BPE: 0). */
+int skv_tokenizer_add_bos(const struct skv_tokenizer *t);
+
+/* "spm" or "bpe"; the pre-tokenizer's name as tokenizer.ggml.pre spells it ("" for spm). */
+const char *skv_tokenizer_kind(const struct skv_tokenizer *t);
+const char *skv_tokenizer_pre(const struct skv_tokenizer *t);
+
 const char *skv_tokenizer_decode(const struct skv_tokenizer *t, int32_t prev_token, int32_t token,
 				 size_t *len);
 
-/* The raw piece of a token, as stored (for tools); NULL if out of range. */
+/* The raw piece of a token, as stored (for tools; byte-level BPE pieces are in GPT-2's byte
+ * characters, e.g. "\xc4\xa0the" for " the"); NULL if out of range. */
 const char *skv_tokenizer_piece(const struct skv_tokenizer *t, int32_t token, size_t *len);
 
 /* The merge score of a token into *score: 0, or -EINVAL if token is out of range. */

@@ -832,6 +832,11 @@ static void gguf_begin(struct gguf_builder *b)
 	gguf_put_u32(b, 3);
 	gguf_put_u64(b, 0); /* tensors */
 	gguf_put_u64(b, 0); /* metadata pairs, patched by gguf_finish() */
+	/* Every vocabulary names its tokenizer model (a GGUF without one is refused). */
+	gguf_put_str(b, "tokenizer.ggml.model");
+	gguf_put_u32(b, SKV_GGUF_STRING);
+	gguf_put_str(b, "llama");
+	b->n_kv++;
 }
 
 static void gguf_kv_strings(struct gguf_builder *b, const char *key, const char *const *strs,
