@@ -1,0 +1,213 @@
+/* skv-http: the HTTP gateway of streamkv, a libskv client of skv-cached.
+ *
+ * Two threads share this state:
+ *   - the HTTP thread: libmicrohttpd's internal epoll thread. It reads requests, checks them
+ *     (http-api.c), hands generation and conversation jobs to the backend, suspends their
+ *     connections and writes what the backend produced (http-server.c);
+ *   - the backend thread (http-backend.c): the one libskv connection, every stream multiplexed
+ *     on it, conversations, reconnection to a restarted daemon.
+ * A job's output fields are guarded by gw->lock (one lock for all jobs: held only to append or
+ * take bytes). Everything marked "backend" is touched by the backend thread alone.
+ *
+ * Lock order: gw->lock, then libmicrohttpd's own (MHD_suspend_connection is called under
+ * gw->lock from the content reader; MHD_resume_connection is called without it). */
+#ifndef SKV_HTTP_GW_H
+#define SKV_HTTP_GW_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#define GW_MAX_STOP 4                   /* stop sequences per request, as OpenAI allows */
+#define GW_CONV_ID_MAX 128              /* bytes of a conversation id */
+#define GW_OUT_HIGH (256u * 1024)       /* SSE bytes a slow reader may leave unread */
+#define GW_MODEL_NAME_MAX 256
+
+struct MHD_Connection;
+struct gw_template;
+
+/* Parsed flags (skv-http.c). */
+struct gw_opts {
+	const char *socket_path;
+	char listen_host[64];
+	uint16_t listen_port;
+	char *api_key;                  /* NULL: no authentication */
+	char *model_name;               /* NULL: the daemon's model file name */
+	size_t max_body;
+	unsigned max_concurrent;
+	uint64_t max_tokens;
+	unsigned conversation_idle;     /* seconds */
+	int64_t max_window, max_sink;
+	const struct gw_template *tmpl;
+};
+
+enum gw_kind { GW_COMPLETION = 1, GW_CHAT = 2, GW_DELETE = 3 };
+
+/* One chat message as the request gave it (strings owned by the request's JSON). */
+struct gw_message {
+	const char *role;
+	const char *content;
+	size_t content_len;
+};
+
+/* A generation request, as http-api.c parsed and checked it. */
+struct gw_request {
+	enum gw_kind kind;
+	json_t *root;                   /* the body; owns every string below */
+	const char *prompt;             /* completions */
+	size_t prompt_len;
+	struct gw_message *messages;    /* chat, [n_messages] */
+	size_t n_messages;
+	uint64_t max_tokens;
+	float temperature, top_p;
+	uint64_t seed;
+	int have_seed;
+	const char *stop[GW_MAX_STOP];
+	size_t stop_len[GW_MAX_STOP];
+	int n_stop;
+	int stream, include_usage, echo;
+	char conversation[GW_CONV_ID_MAX + 1]; /* "" : a one-shot stream */
+	int policy;                     /* enum skv_client_policy, -1: the default */
+	int64_t sinks, window;          /* -1: the default */
+};
+
+struct gw_buf {
+	char *data;
+	size_t len, cap;
+};
+int gw_buf_put(struct gw_buf *b, const void *data, size_t len);
+int gw_buf_puts(struct gw_buf *b, const char *s);
+int gw_buf_printf(struct gw_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void gw_buf_free(struct gw_buf *b);
+
+/* A request in flight. Created by the HTTP thread, queued to the backend; two references (the
+ * connection's and the backend's), freed when both are dropped (gw_job_unref). */
+struct gw_job {
+	struct gw *gw;
+	struct gw_request req;
+	uint64_t key_hash;              /* the API key it came with: conversations belong to it */
+	char id[48];                    /* "cmpl-..." / "chatcmpl-..." */
+	int64_t created;                /* Unix seconds */
+	/* gw->lock */
+	int refs;
+	struct MHD_Connection *conn;    /* NULL once the connection is gone */
+	int status;                     /* HTTP status; 0 until the backend decided */
+	int finished;                   /* no more output will come */
+	int suspended;                  /* the connection waits for output */
+	int paused;                     /* backend: stopped reading the stream (out is full) */
+	int cancel;                     /* the connection went away before the end */
+	struct gw_buf out;              /* the body (SSE: the bytes not yet sent from out_off) */
+	size_t out_off;
+	struct gw_job *queue_next;
+	/* backend */
+	struct gw_stream *st;
+	struct gw_buf gen;              /* the generated text so far (bytes as the engine sent) */
+	size_t emitted;                 /* bytes of gen sent on */
+	struct gw_buf content;          /* non-streaming: the emitted text, valid UTF-8 */
+	int trim;                       /* chat: drop the answer's leading spaces */
+	int sent_role;                  /* chat SSE: the first chunk (role) went */
+	int stopped;                    /* a stop sequence matched: the rest is dropped */
+	int done;                       /* the output is complete (DONE, error or stop) */
+	uint64_t prompt_tokens, completion_tokens;
+	const char *finish_reason;
+};
+
+/* Counters and gauges of the gateway itself, for /metrics (atomics). */
+#define GW_STATUS_CODES 12
+struct gw_counters {
+	uint64_t requests[GW_STATUS_CODES];  /* by gw_status_index */
+	uint64_t active_streams;             /* SSE responses being written */
+	uint64_t active_jobs;                /* generation requests in flight */
+	uint64_t conversations;              /* open */
+	uint64_t conversations_opened;
+	uint64_t conversations_expired;
+	uint64_t tokens;                     /* completion tokens sent on */
+	uint64_t prompt_tokens;
+	uint64_t cancelled;                  /* generations cut short by a client leaving */
+	uint64_t reconnects;
+	uint64_t daemon_up;                  /* 1 while connected */
+	uint64_t engines_ready;              /* as the daemon said at the last look */
+};
+extern const int gw_status_codes[GW_STATUS_CODES];
+int gw_status_index(int status);
+
+struct gw {
+	struct gw_opts opts;
+	pthread_mutex_t lock;
+	struct gw_counters count;
+	char model_name[GW_MODEL_NAME_MAX];  /* HTTP thread reads it once set at start */
+	/* the backend's queue (gw->lock) */
+	struct gw_job *queue_head, *queue_tail;
+	int wake_fd;                         /* eventfd: the backend has something to do */
+	int stopping;
+	int cancel_pending;                  /* a connection left: the backend looks */
+	pthread_t backend_thread;
+	struct gw_backend *backend;
+};
+
+/* ---- http-api.c: the OpenAI request and response shapes ---------------------------------- */
+
+/* An OpenAI-style error body {"error":{"message","type","param","code"}} into b. */
+int gw_error_body(struct gw_buf *b, const char *message, const char *type, const char *param,
+		  const char *code);
+/* Parse and check a body of kind (completion or chat) against the operator's limits. On
+ * error returns the HTTP status (400 or 404) with b holding the error body. 0 on success, r
+ * filled (free with gw_request_free). */
+int gw_request_parse(const struct gw_opts *o, const char *model_name, enum gw_kind kind,
+		     const char *body, size_t len, struct gw_request *r, struct gw_buf *err);
+void gw_request_free(struct gw_request *r);
+/* Whether s is a valid conversation id (1..GW_CONV_ID_MAX of [A-Za-z0-9._:-]). */
+int gw_conv_id_valid(const char *s);
+/* Append s (len bytes) as a JSON string (quoted) to b; invalid UTF-8 becomes U+FFFD. */
+int gw_json_string(struct gw_buf *b, const char *s, size_t len);
+/* Append s with invalid UTF-8 replaced by U+FFFD (raw bytes, no quoting). */
+int gw_utf8_clean(struct gw_buf *b, const char *s, size_t len);
+/* The length of the longest prefix of s[0..len) that does not end inside a UTF-8 sequence
+ * that the next bytes may complete. */
+size_t gw_utf8_complete(const char *s, size_t len);
+
+/* One SSE event "data: {chunk}\n\n" of a job: text (may be empty), finish_reason (NULL:
+ * none yet). */
+int gw_sse_chunk(struct gw_buf *b, const struct gw_job *j, const char *model, const char *text,
+		 size_t len, const char *finish_reason);
+/* The usage chunk (stream_options.include_usage) and "data: [DONE]". */
+int gw_sse_end(struct gw_buf *b, const struct gw_job *j, const char *model);
+/* The whole non-streaming body. */
+int gw_response_body(struct gw_buf *b, const struct gw_job *j, const char *model);
+
+/* ---- http-template.c: chat messages to text -------------------------------------------- */
+
+/* NULL if unknown. */
+const struct gw_template *gw_template_find(const char *name);
+const char *gw_template_names(void);        /* for --help */
+const char *gw_template_name(const struct gw_template *t);
+/* Append the text of one message to b. */
+int gw_template_render(const struct gw_template *t, const struct gw_message *m,
+		       struct gw_buf *b);
+/* Whether the answer's leading spaces are dropped (the template ends with a space's place). */
+int gw_template_trims(const struct gw_template *t);
+
+/* ---- http-backend.c ------------------------------------------------------------------------ */
+
+int gw_backend_start(struct gw *gw);         /* the thread; 0 or -errno */
+void gw_backend_stop(struct gw *gw);
+/* Hand a job to the backend (takes the backend's reference). */
+void gw_backend_submit(struct gw *gw, struct gw_job *j);
+/* The connection of j is gone: stop its generation (under gw->lock or not: it takes it). */
+void gw_backend_cancel(struct gw *gw, struct gw_job *j);
+/* A paused job's reader freed room (called under gw->lock). */
+void gw_backend_kick(struct gw *gw);
+/* Drop one reference (takes gw->lock). */
+void gw_job_unref(struct gw *gw, struct gw_job *j);
+
+/* ---- http-server.c ------------------------------------------------------------------------- */
+
+struct MHD_Daemon;
+int gw_server_start(struct gw *gw, struct MHD_Daemon **out, char *msg, size_t msg_len);
+/* Wake a connection that waits for output of j (called by the backend after appending, or
+ * finishing, without gw->lock: the caller took j->suspended under the lock). */
+void gw_server_resume(struct MHD_Connection *conn);
+
+#endif

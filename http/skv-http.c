@@ -1,0 +1,268 @@
+/* skv-http: OpenAI-compatible HTTP in front of skv-cached.
+ *
+ *   skv-http --socket PATH [--listen ADDR:PORT] [--api-key KEY | --api-key-file FILE] ...
+ *
+ * Parses its flags strictly (one line on stderr and exit status 2 for a mistake), raises its
+ * file limit to the hard limit (every SSE client holds a socket), starts the backend thread
+ * (http-backend.c) and the HTTP server (http-server.c), and runs until SIGINT or SIGTERM. */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <microhttpd.h>
+
+#include "http-gw.h"
+
+#define HTTP_EXIT_USAGE 2
+
+static void http_die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3),
+								    noreturn));
+static void http_die(int code, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fputs("skv-http: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+	exit(code);
+}
+
+static void http_usage(FILE *out)
+{
+	fprintf(out,
+		"usage: skv-http --socket PATH [flags]\n"
+		"OpenAI-compatible HTTP gateway to skv-cached: POST /v1/completions,\n"
+		"POST /v1/chat/completions (SSE with \"stream\": true), GET /v1/models, GET /health,\n"
+		"GET /metrics, DELETE /v1/conversations/ID.\n"
+		"  --socket PATH            skv-cached's socket (required)\n"
+		"  --listen ADDR:PORT       where to listen (default 127.0.0.1:8080; [::1]:PORT for\n"
+		"                           IPv6; port 0: any free port, printed at start)\n"
+		"  --api-key KEY            every request but /health needs Authorization: Bearer KEY\n"
+		"  --api-key-file FILE      the key is the first line of FILE\n"
+		"  --model-name NAME        the model's id (default: the daemon's model file name\n"
+		"                           without extension)\n"
+		"  --max-body BYTES         largest request body (default 1048576; larger: 413)\n"
+		"  --max-concurrent N       generation requests in progress at once (default 2048;\n"
+		"                           more: 429)\n"
+		"  --max-tokens N           largest max_tokens a request may ask for (default 4096)\n"
+		"  --conversation-idle S    close a conversation idle this many seconds (default 600)\n"
+		"  --max-window N           largest \"window\" a request may ask for (default 4096)\n"
+		"  --max-sink N             largest \"sink\" a request may ask for (default 64)\n"
+		"  --chat-template NAME     how chat messages become text: %s (default story)\n"
+		"  --help                   this text\n",
+		gw_template_names());
+}
+
+static long long http_parse_int(const char *flag, const char *text, long long lo, long long hi)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(text, &end, 10);
+	if (errno || end == text || *end || v < lo || v > hi)
+		http_die(HTTP_EXIT_USAGE, "%s: '%s' is not a whole number in [%lld, %lld]", flag,
+			 text, lo, hi);
+	return v;
+}
+
+static void http_parse_listen(struct gw_opts *o, const char *text)
+{
+	const char *colon = strrchr(text, ':');
+	if (!colon)
+		http_die(HTTP_EXIT_USAGE, "--listen: '%s' is not ADDR:PORT", text);
+	const char *host = text;
+	size_t host_len = (size_t)(colon - text);
+	if (host_len >= 2 && host[0] == '[' && host[host_len - 1] == ']') {
+		host++;
+		host_len -= 2;
+	}
+	if (!host_len || host_len >= sizeof(o->listen_host))
+		http_die(HTTP_EXIT_USAGE, "--listen: '%s' has no address before the port", text);
+	memcpy(o->listen_host, host, host_len);
+	o->listen_host[host_len] = '\0';
+	o->listen_port = (uint16_t)http_parse_int("--listen (port)", colon + 1, 0, 65535);
+}
+
+static char *http_read_key(const char *path)
+{
+	FILE *f = fopen(path, "r");
+	if (!f)
+		http_die(1, "--api-key-file: cannot open %s: %s", path, strerror(errno));
+	char line[1024];
+	if (!fgets(line, sizeof(line), f))
+		http_die(1, "--api-key-file: %s is empty", path);
+	fclose(f);
+	line[strcspn(line, "\r\n")] = '\0';
+	if (!line[0])
+		http_die(1, "--api-key-file: the first line of %s is empty", path);
+	return strdup(line);
+}
+
+enum {
+	OPT_SOCKET = 256,
+	OPT_LISTEN,
+	OPT_API_KEY,
+	OPT_API_KEY_FILE,
+	OPT_MODEL_NAME,
+	OPT_MAX_BODY,
+	OPT_MAX_CONCURRENT,
+	OPT_MAX_TOKENS,
+	OPT_CONV_IDLE,
+	OPT_MAX_WINDOW,
+	OPT_MAX_SINK,
+	OPT_CHAT_TEMPLATE,
+	OPT_HELP,
+};
+
+static const struct option http_long_opts[] = {
+	{ "socket", required_argument, NULL, OPT_SOCKET },
+	{ "listen", required_argument, NULL, OPT_LISTEN },
+	{ "api-key", required_argument, NULL, OPT_API_KEY },
+	{ "api-key-file", required_argument, NULL, OPT_API_KEY_FILE },
+	{ "model-name", required_argument, NULL, OPT_MODEL_NAME },
+	{ "max-body", required_argument, NULL, OPT_MAX_BODY },
+	{ "max-concurrent", required_argument, NULL, OPT_MAX_CONCURRENT },
+	{ "max-tokens", required_argument, NULL, OPT_MAX_TOKENS },
+	{ "conversation-idle", required_argument, NULL, OPT_CONV_IDLE },
+	{ "max-window", required_argument, NULL, OPT_MAX_WINDOW },
+	{ "max-sink", required_argument, NULL, OPT_MAX_SINK },
+	{ "chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE },
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ NULL, 0, NULL, 0 },
+};
+
+static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	snprintf(o->listen_host, sizeof(o->listen_host), "127.0.0.1");
+	o->listen_port = 8080;
+	o->max_body = 1048576;
+	o->max_concurrent = 2048;
+	o->max_tokens = 4096;
+	o->conversation_idle = 600;
+	o->max_window = 4096;
+	o->max_sink = 64;
+	o->tmpl = gw_template_find("story");
+	int key_given = 0, c;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":h", http_long_opts, NULL)) != -1) {
+		switch (c) {
+		case OPT_SOCKET: o->socket_path = optarg; break;
+		case OPT_LISTEN: http_parse_listen(o, optarg); break;
+		case OPT_API_KEY:
+		case OPT_API_KEY_FILE:
+			if (key_given++)
+				http_die(HTTP_EXIT_USAGE, "give one of --api-key and --api-key-file");
+			o->api_key = c == OPT_API_KEY ? strdup(optarg) : http_read_key(optarg);
+			if (!o->api_key[0])
+				http_die(HTTP_EXIT_USAGE, "--api-key: the key is empty");
+			break;
+		case OPT_MODEL_NAME:
+			if (!optarg[0] || strlen(optarg) >= GW_MODEL_NAME_MAX)
+				http_die(HTTP_EXIT_USAGE, "--model-name: give 1 to %d bytes",
+					 GW_MODEL_NAME_MAX - 1);
+			o->model_name = optarg;
+			break;
+		case OPT_MAX_BODY:
+			o->max_body = (size_t)http_parse_int("--max-body", optarg, 1, 1ll << 30);
+			break;
+		case OPT_MAX_CONCURRENT:
+			o->max_concurrent =
+				(unsigned)http_parse_int("--max-concurrent", optarg, 1, 1 << 20);
+			break;
+		case OPT_MAX_TOKENS:
+			o->max_tokens = (uint64_t)http_parse_int("--max-tokens", optarg, 1, 1ll << 40);
+			break;
+		case OPT_CONV_IDLE:
+			o->conversation_idle =
+				(unsigned)http_parse_int("--conversation-idle", optarg, 1, 1ll << 31);
+			break;
+		case OPT_MAX_WINDOW:
+			o->max_window = http_parse_int("--max-window", optarg, 1, 1ll << 31);
+			break;
+		case OPT_MAX_SINK:
+			o->max_sink = http_parse_int("--max-sink", optarg, 0, 1ll << 20);
+			break;
+		case OPT_CHAT_TEMPLATE:
+			o->tmpl = gw_template_find(optarg);
+			if (!o->tmpl)
+				http_die(HTTP_EXIT_USAGE, "--chat-template: unknown template '%s' (%s)",
+					 optarg, gw_template_names());
+			break;
+		case 'h':
+		case OPT_HELP: http_usage(stdout); exit(0);
+		case ':': http_die(HTTP_EXIT_USAGE, "%s needs a value", argv[optind - 1]);
+		default:
+			http_die(HTTP_EXIT_USAGE, "unknown flag '%s' (see skv-http --help)",
+				 argv[optind - 1]);
+		}
+	}
+	if (optind < argc)
+		http_die(HTTP_EXIT_USAGE, "unexpected argument '%s' (see skv-http --help)",
+			 argv[optind]);
+	if (!o->socket_path)
+		http_die(HTTP_EXIT_USAGE, "--socket PATH is required (skv-cached's socket)");
+	if (strlen(o->socket_path) >= 108)
+		http_die(HTTP_EXIT_USAGE, "--socket: the path is longer than a Unix socket allows");
+}
+
+/* Every client holds a socket: take as many descriptors as the hard limit allows. */
+static void http_raise_nofile(void)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	struct gw gw;
+	memset(&gw, 0, sizeof(gw));
+	http_parse_opts(argc, argv, &gw.opts);
+	snprintf(gw.model_name, sizeof(gw.model_name), "%s",
+		 gw.opts.model_name ? gw.opts.model_name : "default");
+	pthread_mutex_init(&gw.lock, NULL);
+	http_raise_nofile();
+	signal(SIGPIPE, SIG_IGN);
+
+	/* Signals are taken by sigwait below, in this thread only. */
+	sigset_t stop;
+	sigemptyset(&stop);
+	sigaddset(&stop, SIGINT);
+	sigaddset(&stop, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &stop, NULL);
+
+	int err = gw_backend_start(&gw);
+	if (err < 0)
+		http_die(1, "cannot start: %s", strerror(-err));
+	struct MHD_Daemon *d;
+	char msg[256];
+	if (gw_server_start(&gw, &d, msg, sizeof(msg)) < 0) {
+		gw_backend_stop(&gw);
+		http_die(1, "%s", msg);
+	}
+	const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+	fprintf(stderr, "skv-http: listening on http://%s%s%s:%u/ (model %s, daemon %s)\n",
+		strchr(gw.opts.listen_host, ':') ? "[" : "", gw.opts.listen_host,
+		strchr(gw.opts.listen_host, ':') ? "]" : "",
+		info ? info->port : gw.opts.listen_port, gw.model_name, gw.opts.socket_path);
+	int sig;
+	sigwait(&stop, &sig);
+	fprintf(stderr, "skv-http: %s: stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+	/* The backend ends every job first, resuming their connections: libmicrohttpd stops only
+	 * a daemon without suspended connections. */
+	MHD_quiesce_daemon(d);
+	gw_backend_stop(&gw);
+	MHD_stop_daemon(d);
+	free(gw.opts.api_key);
+	return 0;
+}
