@@ -1,0 +1,58 @@
+/* Matrix products over weights in their file's block formats, used in place.
+ *
+ * y[m][r] (+)= sum_c W[r][c] * x[m][c] for W [rows][cols] stored row by row in one of the
+ * types of quant.h (the file's [out][in] layout, never transposed or dequantized into a copy).
+ *
+ * Numerics follow ggml's CPU backend, so that a quantized file behaves as its producer meant:
+ *   - Q8_0 and Q4_0 weights: each row of x is quantized to Q8_0 blocks (32 values, scale
+ *     amax / 127, round to nearest), integer dot products per block, scaled by d_w * d_x;
+ *   - Q4_K, Q5_K and Q6_K weights: x is quantized to Q8_K blocks (256 values with per-16 sums
+ *     for the mins), as ggml's quantize_row_q8_K;
+ *   - F16 and BF16 weights: widened to float32 and multiplied with float32 x (exact up to the
+ *     order of summation).
+ * The scalar reference in tests/unit/test-qmatmul.c states each of these in plain C.
+ *
+ * Kernels: AVX-512 (VNNI, BF16 where present), AVX2 and a baseline, picked at run time by
+ * CPUID (SKV_QMAT_ISA=base|avx2|avx512 forces one, for tests). One row of x (a decode step)
+ * streams every weight once; many rows reuse each tile of weights, kept in cache, across all of
+ * them. Rows of W are split over the context's threads (OpenMP).
+ *
+ * Thread safety: a context belongs to one thread (it runs its own OpenMP team). */
+#ifndef SKV_QMATMUL_H
+#define SKV_QMATMUL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "quant.h" /* struct skv_qmat */
+
+struct skv_qctx;
+
+/* Scratch for max_rows rows of x of at most max_cols values; threads >= 1.
+ * Errors: -EINVAL, -ENOMEM. */
+int skv_qctx_new(uint32_t max_rows, uint32_t max_cols, uint32_t threads, struct skv_qctx **out);
+void skv_qctx_free(struct skv_qctx *ctx); /* accepts NULL */
+int skv_qctx_set_threads(struct skv_qctx *ctx, uint32_t threads);
+
+/* Checks a matrix description: a supported type, cols a whole number of blocks, row_bytes
+ * consistent. 0 or -EINVAL. */
+int skv_qmat_check(const struct skv_qmat *w);
+
+/* n matrices that share one input x ([m_rows][ld_x], the first cols values of each row used;
+ * all matrices of one call have the same cols): y_i[m][r] = (add ? y_i[m][r] : 0) + W_i x.
+ * Each y_i is [m_rows][ld_y[i]]. x is quantized once for all of them. Returns 0 or -EINVAL. */
+int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t n,
+		 uint32_t m_rows, const float *x, size_t ld_x, float *const *y, const size_t *ld_y,
+		 int add);
+
+/* The kernel family a new context uses: "avx512-vnni", "avx2" or "base" (SKV_QMAT_ISA's choice
+ * when set and supported by the CPU, else the CPU's best). */
+const char *skv_qmat_isa(void);
+
+/* Forces one context's kernels: isa "avx512" (AVX-512 with VNNI), "avx2" or "base", for tests
+ * and benchmarks. 0, -ENOTSUP (the CPU lacks it), -EINVAL (unknown name). */
+int skv_qctx_set_isa(struct skv_qctx *ctx, const char *isa);
+/* The kernel family of a context, as skv_qmat_isa names it. */
+const char *skv_qctx_isa(const struct skv_qctx *ctx);
+
+#endif
