@@ -419,161 +419,200 @@ static void quant_q4_0(const float *src, struct skv_block_q4_0 *blocks, uint64_t
 	}
 }
 
-/* ggml's make_qkx2_quants (without use_mad): n weights x with weights w to levels L in
- * [0, nmax] as x ~ scale * L - the_min. Starting from the min/max fit it tries nstep + 1
- * slightly different level spacings (nmax + rmin + rdelta * is), solves the weighted least
- * squares for scale and min for each, and keeps the best weighted squared error (strictly
- * better only). Returns the scale; *the_min gets the (non-negative) min. */
-static float quant_make_qkx2(int n, int nmax, const float *x, const float *w, uint8_t *L,
-			     float *the_min, uint8_t *L_try, float rmin, float rdelta, int nstep)
+/* The scale searches of the K-quants run all sub-blocks of a block at once, sub-block s in
+ * lane s of a vector (GCC vector extensions; the compiler splits them to the machine's width).
+ * Each lane performs exactly the scalar sequence of float operations of ggml's code -- the sums
+ * still run over the weights in order, only the sub-blocks are interleaved -- so the results
+ * are the scalar results bit for bit (tests/unit/quant-ref.c keeps the scalar statement, and
+ * test-quant compares the two). A branch of the scalar code becomes a select per lane; lanes
+ * that ggml returns early from compute garbage that is then discarded. */
+#define QUANT_LANES 4 /* 16-byte vectors: native on every x86-64 (SSE2) and on aarch64 */
+typedef float quant_vf __attribute__((vector_size(4 * QUANT_LANES)));
+typedef int32_t quant_vi __attribute__((vector_size(4 * QUANT_LANES)));
+
+/* nearest_int per lane; mask ? a : b per lane for int (I) and float (F) vectors of type vf/vi;
+ * fabsf per lane */
+#define QUANT_V_NEAREST(vi, f) ((((vi)((f) + 12582912.f)) & 0x007fffff) - 0x00400000)
+#define QUANT_V_SELI(mask, a, b) (((mask) & (a)) | (~(mask) & (b)))
+#define QUANT_V_SELF(vf, vi, mask, a, b) \
+	((vf)(((mask) & (vi)(a)) | (~(mask) & (vi)(b))))
+#define QUANT_V_FABS(vf, vi, f) ((vf)((vi)(f) & 0x7fffffff))
+/* weight i of each of the lanes' sub-blocks of n weights */
+#define QUANT_V_GATHER(x, n, i) ((quant_vf){ (x)[i], (x)[(n) + (i)], (x)[2 * (n) + (i)], (x)[3 * (n) + (i)] })
+_Static_assert(QUANT_LANES == 4, "QUANT_V_GATHER fills four lanes");
+#define QUANT_V_CLAMP(vi, l, lo, hi) \
+	QUANT_V_SELI((l) > (hi), (vi){ 0 } + (hi), QUANT_V_SELI((l) < (lo), (vi){ 0 } + (lo), (l)))
+
+/* ggml's make_qkx2_quants (use_mad false, nstep >= 1) for QUANT_LANES sub-blocks of 32
+ * weights of x, with ggml's weights for no importance matrix (av_x + |x|, av_x the sub-block's RMS).
+ * Levels in [0, nmax] with x ~ scale * L - min. Starting from the min/max fit it tries
+ * nstep + 1 slightly different level spacings (nmax + rmin + rdelta * is), solves the
+ * weighted least squares for scale and min of each, and keeps the one of least weighted
+ * squared error (strictly less only). scales[s], mins[s] (non-negative) and L[32 s + i]. */
+static void quant_qkx2_lanes(const float *x, int nmax, float rmin, float rdelta, int nstep,
+			     float *scales, float *mins, uint8_t *L)
 {
-	float min = x[0], max = x[0];
-	float sum_w = w[0];
-	float sum_x = sum_w * x[0];
+	quant_vf xt[32], wt[32];
+	quant_vi lt[32], lt_try[32];
+	quant_vf sum_x2 = { 0 }, av_x = { 0 };
 
-	for (int i = 1; i < n; i++) {
-		if (x[i] < min)
-			min = x[i];
-		if (x[i] > max)
-			max = x[i];
-		sum_w += w[i];
-		sum_x += w[i] * x[i];
+	for (unsigned i = 0; i < 32; i++)
+		xt[i] = QUANT_V_GATHER(x, 32, i);
+	for (unsigned i = 0; i < 32; i++)
+		sum_x2 += xt[i] * xt[i];
+	for (unsigned s = 0; s < QUANT_LANES; s++)
+		av_x[s] = sqrtf(sum_x2[s] / 32);
+	for (unsigned i = 0; i < 32; i++)
+		wt[i] = av_x + QUANT_V_FABS(quant_vf, quant_vi, xt[i]);
+
+	quant_vf min = xt[0], max = xt[0];
+	quant_vf sum_w = wt[0];
+	quant_vf sum_x = sum_w * xt[0];
+	for (unsigned i = 1; i < 32; i++) {
+		min = QUANT_V_SELF(quant_vf, quant_vi, xt[i] < min, xt[i], min);
+		max = QUANT_V_SELF(quant_vf, quant_vi, xt[i] > max, xt[i], max);
+		sum_w += wt[i];
+		sum_x += wt[i] * xt[i];
 	}
-	if (min > 0)
-		min = 0;
-	if (max == min) {
-		memset(L, 0, (size_t)n);
-		*the_min = -min;
-		return 0.0f;
+	const quant_vf zero = { 0 };
+	min = QUANT_V_SELF(quant_vf, quant_vi, min > 0, zero, min);
+	const quant_vi flat = max == min;
+
+	quant_vf iscale = (float)nmax / (max - min);
+	quant_vf scale = 1.0f / iscale;
+	quant_vf best_error = zero;
+	for (unsigned i = 0; i < 32; i++) {
+		lt[i] = QUANT_V_CLAMP(quant_vi, QUANT_V_NEAREST(quant_vi, iscale * (xt[i] - min)),
+				      0, nmax);
+		const quant_vf diff = scale * __builtin_convertvector(lt[i], quant_vf) + min - xt[i];
+		best_error += wt[i] * (diff * diff);
 	}
 
-	float iscale = (float)nmax / (max - min);
-	float scale = 1.0f / iscale;
-	float best_error = 0;
-	for (int i = 0; i < n; i++) {
-		const int l = quant_nearest_int(iscale * (x[i] - min));
-		L[i] = (uint8_t)quant_clamp(l, 0, nmax);
-		const float diff = scale * (float)L[i] + min - x[i];
-		best_error += w[i] * (diff * diff);
-	}
-	if (nstep < 1) {
-		*the_min = -min;
-		return scale;
-	}
-
+	/* as in ggml, a better fit moves min, and the spacings tried after it start from there */
 	for (int is = 0; is <= nstep; is++) {
 		iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
-		float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-		for (int i = 0; i < n; i++) {
-			const int l = quant_clamp(quant_nearest_int(iscale * (x[i] - min)), 0, nmax);
-			L_try[i] = (uint8_t)l;
-			sum_l += w[i] * (float)l;
-			sum_l2 += w[i] * (float)l * (float)l;
-			sum_xl += w[i] * (float)l * x[i];
+		quant_vf sum_l = zero, sum_l2 = zero, sum_xl = zero;
+		for (unsigned i = 0; i < 32; i++) {
+			lt_try[i] = QUANT_V_CLAMP(quant_vi,
+						  QUANT_V_NEAREST(quant_vi, iscale * (xt[i] - min)), 0,
+						  nmax);
+			const quant_vf l = __builtin_convertvector(lt_try[i], quant_vf);
+			sum_l += wt[i] * l;
+			sum_l2 += wt[i] * l * l;
+			sum_xl += wt[i] * l * xt[i];
 		}
-		const float D = sum_w * sum_l2 - sum_l * sum_l;
-		if (D > 0) {
-			float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-			float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-			if (this_min > 0) {
-				this_min = 0;
-				this_scale = sum_xl / sum_l2;
-			}
-			float error = 0;
-			for (int i = 0; i < n; i++) {
-				const float diff = this_scale * (float)L_try[i] + this_min - x[i];
-				error += w[i] * (diff * diff);
-			}
-			if (error < best_error) {
-				memcpy(L, L_try, (size_t)n);
-				best_error = error;
-				scale = this_scale;
-				min = this_min;
-			}
+		const quant_vf D = sum_w * sum_l2 - sum_l * sum_l;
+		quant_vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+		quant_vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+		const quant_vi positive = this_min > 0;
+		this_min = QUANT_V_SELF(quant_vf, quant_vi, positive, zero, this_min);
+		this_scale = QUANT_V_SELF(quant_vf, quant_vi, positive, sum_xl / sum_l2, this_scale);
+		quant_vf error = zero;
+		for (unsigned i = 0; i < 32; i++) {
+			const quant_vf diff =
+				this_scale * __builtin_convertvector(lt_try[i], quant_vf) + this_min - xt[i];
+			error += wt[i] * (diff * diff);
 		}
+		const quant_vi better = (D > 0) & (error < best_error);
+		for (unsigned i = 0; i < 32; i++)
+			lt[i] = QUANT_V_SELI(better, lt_try[i], lt[i]);
+		best_error = QUANT_V_SELF(quant_vf, quant_vi, better, error, best_error);
+		scale = QUANT_V_SELF(quant_vf, quant_vi, better, this_scale, scale);
+		min = QUANT_V_SELF(quant_vf, quant_vi, better, this_min, min);
 	}
-	*the_min = -min;
-	return scale;
+
+	for (unsigned s = 0; s < QUANT_LANES; s++) {
+		/* a flat sub-block (max == min after clipping min at 0): levels 0, scale 0 */
+		scales[s] = flat[s] ? 0.0f : scale[s];
+		mins[s] = -min[s];
+		for (unsigned i = 0; i < 32; i++)
+			L[32 * s + i] = flat[s] ? 0 : (uint8_t)lt[i][s];
+	}
 }
 
-/* ggml's make_qx_quants with rmse_type 1 and no importance weights (weights x^2): signed
- * levels L - nmax in [-nmax, nmax - 1], the value of largest magnitude at -nmax. Tries 18
- * spacings around nmax and keeps the one that maximises sumlx^2 / suml2 (the weighted
- * least-squares fit); returns its scale. */
-static float quant_make_qx(int n, int nmax, const float *x, int8_t *L)
+/* ggml's make_qx_quants with nmax 32, rmse_type 1 and no importance weights (weights x^2) for
+ * QUANT_LANES sub-blocks of 16 weights of x: signed levels L - 32 in [-32, 31], the value of
+ * largest magnitude at -32. Tries 18 spacings around nmax and keeps the one that maximises
+ * sumlx^2 / suml2 (the weighted least-squares fit, strictly better only). scales[s] and
+ * L[16 s + i] (0..63). */
+static void quant_qx_lanes(const float *x, float *scales, int8_t *L)
 {
-	float max = 0, amax = 0;
+	const int nmax = 32;
+	quant_vf xt[16];
+	quant_vi lt[16], lt_try[16];
+	const quant_vf zero = { 0 };
+	quant_vf max = zero, amax = zero;
 
-	for (int i = 0; i < n; i++) {
-		const float ax = fabsf(x[i]);
-		if (ax > amax) {
-			amax = ax;
-			max = x[i];
-		}
+	for (unsigned i = 0; i < 16; i++)
+		xt[i] = QUANT_V_GATHER(x, 16, i);
+	for (unsigned i = 0; i < 16; i++) {
+		const quant_vf ax = QUANT_V_FABS(quant_vf, quant_vi, xt[i]);
+		const quant_vi larger = ax > amax;
+		amax = QUANT_V_SELF(quant_vf, quant_vi, larger, ax, amax);
+		max = QUANT_V_SELF(quant_vf, quant_vi, larger, xt[i], max);
 	}
-	if (amax < QUANT_GROUP_MAX_EPS) {
-		memset(L, 0, (size_t)n);
-		return 0.0f;
-	}
+	const quant_vi all_zero = amax < QUANT_GROUP_MAX_EPS;
 
-	float iscale = (float)-nmax / max;
-	float sumlx = 0, suml2 = 0;
-	for (int i = 0; i < n; i++) {
-		const int l = quant_clamp(quant_nearest_int(iscale * x[i]), -nmax, nmax - 1);
-		L[i] = (int8_t)(l + nmax);
-		const float w = x[i] * x[i];
-		sumlx += w * x[i] * (float)l;
-		suml2 += w * (float)l * (float)l;
+	quant_vf iscale = (float)-nmax / max;
+	quant_vf sumlx = zero, suml2 = zero;
+	for (unsigned i = 0; i < 16; i++) {
+		const quant_vi l = QUANT_V_CLAMP(quant_vi,
+						   QUANT_V_NEAREST(quant_vi, iscale * xt[i]), -nmax,
+						   nmax - 1);
+		lt[i] = l + nmax;
+		const quant_vf w = xt[i] * xt[i];
+		const quant_vf lf = __builtin_convertvector(l, quant_vf);
+		sumlx += w * xt[i] * lf;
+		suml2 += w * lf * lf;
 	}
-	float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
-	float best = scale * sumlx;
+	quant_vf scale = QUANT_V_SELF(quant_vf, quant_vi, suml2 != 0, sumlx / suml2, zero);
+	quant_vf best = scale * sumlx;
 
 	for (int is = -9; is <= 9; is++) {
 		if (is == 0)
 			continue;
 		iscale = -((float)nmax + 0.1f * (float)is) / max;
-		sumlx = suml2 = 0;
-		for (int i = 0; i < n; i++) {
-			const int l = quant_clamp(quant_nearest_int(iscale * x[i]), -nmax, nmax - 1);
-			const float w = x[i] * x[i];
-			sumlx += w * x[i] * (float)l;
-			suml2 += w * (float)l * (float)l;
+		sumlx = suml2 = zero;
+		for (unsigned i = 0; i < 16; i++) {
+			const quant_vi l = QUANT_V_CLAMP(quant_vi,
+							   QUANT_V_NEAREST(quant_vi, iscale * xt[i]),
+							   -nmax, nmax - 1);
+			lt_try[i] = l + nmax;
+			const quant_vf w = xt[i] * xt[i];
+			const quant_vf lf = __builtin_convertvector(l, quant_vf);
+			sumlx += w * xt[i] * lf;
+			suml2 += w * lf * lf;
 		}
-		if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-			for (int i = 0; i < n; i++) {
-				const int l = quant_nearest_int(iscale * x[i]);
-				L[i] = (int8_t)(nmax + quant_clamp(l, -nmax, nmax - 1));
-			}
-			scale = sumlx / suml2;
-			best = scale * sumlx;
-		}
+		const quant_vi better = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+		const quant_vf new_scale = sumlx / suml2;
+		for (unsigned i = 0; i < 16; i++)
+			lt[i] = QUANT_V_SELI(better, lt_try[i], lt[i]);
+		scale = QUANT_V_SELF(quant_vf, quant_vi, better, new_scale, scale);
+		best = QUANT_V_SELF(quant_vf, quant_vi, better, new_scale * sumlx, best);
 	}
-	return scale;
+
+	for (unsigned s = 0; s < QUANT_LANES; s++) {
+		scales[s] = all_zero[s] ? 0.0f : scale[s];
+		for (unsigned i = 0; i < 16; i++)
+			L[16 * s + i] = all_zero[s] ? 0 : (int8_t)lt[i][s];
+	}
 }
 
 /* The shared part of ggml's quantize_row_q4_K_ref and quantize_row_q5_K_ref: per sub-block of
- * 32 a scale and min by make_qkx2_quants (weights av_x + |x|), both quantized to 6 bits
+ * 32 a scale and min by make_qkx2_quants (quant_qkx2_lanes), both quantized to 6 bits
  * against the block's largest, then every weight re-quantized against the rounded scale and
  * min (a sub-block whose rounded scale is 0 keeps the levels of the search). L gets the levels
  * in [0, nmax]. */
 static void quant_k_scales(const float *x, int nmax, float rmin, float rdelta, int nstep,
 			   uint16_t *d_out, uint16_t *dmin_out, uint8_t *scale_bytes, uint8_t *L)
 {
-	float weights[32];
-	uint8_t L_try[32];
 	float scales[SKV_QK_K / 32], mins[SKV_QK_K / 32];
 	float max_scale = 0, max_min = 0;
 
+	for (unsigned j = 0; j < SKV_QK_K / 32; j += QUANT_LANES)
+		quant_qkx2_lanes(x + 32 * j, nmax, rmin, rdelta, nstep, scales + j, mins + j,
+				 L + 32 * j);
 	for (unsigned j = 0; j < SKV_QK_K / 32; j++) {
-		const float *xs = x + 32 * j;
-		float sum_x2 = 0;
-		for (unsigned l = 0; l < 32; l++)
-			sum_x2 += xs[l] * xs[l];
-		const float av_x = sqrtf(sum_x2 / 32);
-		for (unsigned l = 0; l < 32; l++)
-			weights[l] = av_x + fabsf(xs[l]);
-		scales[j] = quant_make_qkx2(32, nmax, xs, weights, L + 32 * j, &mins[j], L_try,
-					    rmin, rdelta, nstep);
 		if (scales[j] > max_scale)
 			max_scale = scales[j];
 		if (mins[j] > max_min)
@@ -656,8 +695,9 @@ static void quant_q6_k(const float *src, struct skv_block_q6_k *blocks, uint64_t
 		struct skv_block_q6_k *blk = &blocks[b];
 		float max_scale = 0, max_abs_scale = 0;
 
+		for (unsigned s = 0; s < SKV_QK_K / 16; s += QUANT_LANES)
+			quant_qx_lanes(src + 16 * s, scales + s, L + 16 * s);
 		for (unsigned s = 0; s < SKV_QK_K / 16; s++) {
-			scales[s] = quant_make_qx(16, 32, src + 16 * s, L + 16 * s);
 			if (fabsf(scales[s]) > max_abs_scale) {
 				max_abs_scale = fabsf(scales[s]);
 				max_scale = scales[s];

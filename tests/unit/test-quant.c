@@ -6,6 +6,7 @@
  * to within the bound of its F32 original, and quantizing the original reproduces the file's
  * bytes exactly. */
 #include "gguf.h"
+#include "quant-ref.h"
 #include "quant.h"
 #include "sha256-hex.h"
 #include "testutil.h"
@@ -654,6 +655,64 @@ Test(quant, degenerate_blocks)
 		cr_assert_eq(skv_dequant_row(type, q, y, 256), 0);
 		check_block_errors(type, x, y, 256, "negative");
 	}
+}
+
+/* Blocks of every kind for the comparison with the scalar reference: each run of 16 weights
+ * takes one of these shapes, so sub-blocks and whole blocks see all of them and their mixes. */
+static void fill_adversarial(float *x, unsigned n, uint64_t *state)
+{
+	for (unsigned r = 0; r < n; r += 16) {
+		const unsigned shape = (unsigned)(rng_next(state) % 12);
+		const float scale = ldexpf(1.0f, (int)(rng_next(state) % 40) - 30);
+		for (unsigned i = r; i < r + 16; i++) {
+			const float u = rng_uniform(state);
+			switch (shape) {
+			case 0: x[i] = u * scale; break;                         /* symmetric */
+			case 1: x[i] = (u + 0.75f) * scale; break;               /* all positive */
+			case 2: x[i] = (u - 0.75f) * scale; break;               /* all negative */
+			case 3: x[i] = 0.0f; break;
+			case 4: x[i] = 0.5f * scale; break;                      /* constant */
+			case 5: x[i] = i == r + 7 ? -scale : 0.0f; break;        /* one weight */
+			case 6: x[i] = u * 1e-20f; break;                        /* below ggml's eps */
+			case 7: x[i] = (float)((int)(u * 16.0f)) / 8.0f; break;  /* ties on a grid */
+			case 8: x[i] = u * (i % 5 == 0 ? 100.0f : 0.01f); break; /* outliers */
+			case 9: x[i] = (u + 0.5f) * (u + 0.5f) * scale; break;   /* skewed, >= 0 */
+			case 10: x[i] = rng_next(state) % 3 ? 0.0f : u; break;   /* sparse */
+			default: x[i] = u * u * u * 8.0f; break;                 /* heavy tails */
+			}
+		}
+	}
+}
+
+/* engine/quant.c searches four sub-blocks at a time in vector lanes; it must give exactly the
+ * bytes of the plain scalar statement of ggml's code (tests/unit/quant-ref.c). */
+Test(quant, k_quants_equal_scalar_reference)
+{
+	const unsigned n_blocks = 6000;
+	float *x = malloc((size_t)n_blocks * 256 * sizeof(float));
+	uint8_t *mine = malloc((size_t)n_blocks * 210), *ref = malloc((size_t)n_blocks * 210);
+	uint64_t state = 0x5eed5eed5eedull;
+	cr_assert(x && mine && ref);
+
+	fill_adversarial(x, n_blocks * 256, &state);
+	static const uint32_t types[] = { SKV_WTYPE_Q4_K, SKV_WTYPE_Q5_K, SKV_WTYPE_Q6_K };
+	for (size_t t = 0; t < 3; t++) {
+		const uint32_t bb = skv_wtype_block_bytes(types[t]);
+		cr_assert_eq(skv_quant_row(types[t], x, mine, (uint64_t)n_blocks * 256), 0);
+		if (types[t] == SKV_WTYPE_Q4_K)
+			qref_quant_q4_k(x, (struct skv_block_q4_k *)ref, n_blocks);
+		else if (types[t] == SKV_WTYPE_Q5_K)
+			qref_quant_q5_k(x, (struct skv_block_q5_k *)ref, n_blocks);
+		else
+			qref_quant_q6_k(x, (struct skv_block_q6_k *)ref, n_blocks);
+		for (unsigned b = 0; b < n_blocks; b++)
+			cr_assert_arr_eq(mine + (size_t)b * bb, ref + (size_t)b * bb, bb,
+					 "%s block %u differs from the scalar reference",
+					 skv_wtype_name(types[t]), b);
+	}
+	free(x);
+	free(mine);
+	free(ref);
 }
 
 /* ---- the files made by ggml's llama-quantize ---- */
