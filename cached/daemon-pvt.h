@@ -53,7 +53,7 @@ struct cached_engine {
 	int supervised;            /* started (and restarted) by this daemon */
 	unsigned arena;            /* index of its node's arena */
 	int node;                  /* kernel node number, -1 with numa off */
-	char cpus[32];             /* --cpus for the engine, "" when unpinned */
+	char cpus[256];            /* --cpus for the engine, "" when unpinned */
 	pid_t pid;
 	int pidfd;
 	struct cached_conn *conn;
@@ -183,6 +183,7 @@ struct cached {
 	uint32_t queue_timeout_s;  /* --queue-timeout */
 	uint32_t queue_max;        /* --queue-max */
 	uint32_t idle_timeout_s;   /* --idle-timeout (0: none) */
+	unsigned engine_threads;       /* --threads of every engine */
 	/* resources */
 	struct skv_model *model;
 	int weights_fd;

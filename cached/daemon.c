@@ -698,7 +698,7 @@ static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_
 
 int cached_spawn_engine(struct cached *d, struct cached_engine *e)
 {
-	char id[16], node[16];
+	char id[16], node[16], threads[16];
 	snprintf(id, sizeof(id), "%u", e->id);
 	snprintf(node, sizeof(node), "%d", e->node < 0 ? 0 : e->node);
 	pid_t pid = fork();
@@ -774,6 +774,7 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 			close(e->doorbell_fd);
 		if (e->efd >= 0)
 			close(e->efd);
+	snprintf(threads, sizeof(threads), "%u", d->engine_threads ? d->engine_threads : 1);
 		e->doorbell = NULL;
 		e->doorbell_fd = e->efd = -1;
 		e->state = CACHED_ENGINE_NONE;
@@ -793,6 +794,8 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 	if (now - e->restart_window_start > CACHED_RESTART_WINDOW_S) {
 		e->restart_window_start = now;
 		e->restarts_in_window = 0;
+		argv[n++] = "--threads";
+		argv[n++] = threads;
 	}
 	if (++e->restarts_in_window > CACHED_RESTART_MAX) {
 		cached_log("engine %u keeps dying (%d times in %d s); not restarting it", e->id,

@@ -36,6 +36,11 @@
 
 #define CACHED_EXIT_USAGE 2
 #define CACHED_DEFAULT_ARENA_MB 256
+/* --engine-threads auto: from this many bytes of weights on, a decode step is bound by the
+ * memory bus, which one core cannot saturate (tools/README.md, "Threads"): such a model gets
+ * engines of every core of a node. Below it one single-threaded engine per core is faster. */
+#define CACHED_BIG_MODEL_BYTES (64ull << 20)
+#define CACHED_BIG_MODEL_TEXT "64 MiB"
 
 struct cached_opts {
 	const char *socket_path;
@@ -47,6 +52,7 @@ struct cached_opts {
 	long long arena_mb;
 	long long token_budget;
 	long long engines;
+	long long engine_threads; /* 0: auto */
 	enum skv_huge_mode huge;
 	enum skv_wait_backend wait;
 	int prefault;
@@ -69,7 +75,10 @@ static void cached_usage(FILE *out)
 	      "                       default sink streams (N / trained length of them)\n"
 	      "  --hugepages MODE     auto (default), on (fail without reserved huge pages), off\n"
 	      "  --numa SPEC          auto (default: every node), off, or a node list such as 0,2-3\n"
-	      "  --engines N          engine processes (default: one per core of the used nodes)\n"
+	      "  --engines N          engine processes (default: one per core of the used nodes,\n"
+	      "                       or one per --engine-threads cores)\n"
+	      "  --engine-threads N   matmul threads (cores) of each engine, or auto (default: 1\n"
+	      "                       for models under " CACHED_BIG_MODEL_TEXT " of weights, else every core of a node)\n"
 	      "  --group NAME         also admit members of this group (socket mode 0660)\n"
 	      "  --wait MODE          how engines sleep: auto (default), uring, futex\n"
 	      "  --engine-bin PATH    the skv-engine executable (default: next to skv-cached)\n"
@@ -126,6 +135,7 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "max-streams", required_argument, NULL, 'M' },
 		{ "admission", required_argument, NULL, 'A' },
 		{ "queue-timeout", required_argument, NULL, 'Q' },
+		{ "engine-threads", required_argument, NULL, 'E' },
 		{ "queue-max", required_argument, NULL, 'q' },
 		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "prefault", no_argument, NULL, 'p' },
@@ -163,6 +173,10 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 				o->wait = SKV_WAIT_URING;
 			else if (!strcmp(optarg, "futex"))
 				o->wait = SKV_WAIT_FUTEX;
+		case 'E':
+			o->engine_threads = !strcmp(optarg, "auto") ? 0
+					    : cached_parse_int("--engine-threads", optarg, 1, 256);
+			break;
 			else
 				cached_die(CACHED_EXIT_USAGE, "--wait: '%s' is not auto, uring or futex",
 					   optarg);
@@ -259,18 +273,21 @@ static int cached_default_stream(const struct skv_model *m, struct skv_policy *p
 /* The model's weights packed once into a sealed memfd that every engine maps read-only. */
 static int cached_pack_weights(struct cached *d)
 {
-	size_t bytes = skv_pack_floats(&d->model->cfg) * sizeof(float);
+	size_t bytes = skv_pack_floats(d->model) * sizeof(float);
 	int fd = memfd_create("skv-weights", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (fd < 0)
 		return -errno;
 	float *p = MAP_FAILED;
 	int err = 0;
 	if (ftruncate(fd, (off_t)bytes) < 0 ||
-	    (p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED)
+	    (bytes && (p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) ==
+			      MAP_FAILED))
 		err = -errno;
 	if (!err) {
-		skv_pack_weights(d->model, p);
-		munmap(p, bytes);
+		if (bytes) {
+			skv_pack_weights(d->model, p);
+			munmap(p, bytes);
+		}
 		/* Nobody may change them from now on: engines rely on it. */
 		if (fcntl(fd, F_ADD_SEALS,
 			  F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0)
@@ -278,6 +295,8 @@ static int cached_pack_weights(struct cached *d)
 	}
 	if (err) {
 		close(fd);
+	/* A fully quantized model has no F32 matrix to pack: the memfd stays empty and engines
+	 * read every weight in place from the model file. */
 		return err;
 	}
 	d->weights_fd = fd;
@@ -481,7 +500,19 @@ int main(int argc, char **argv)
 	struct skv_placement_config pc = { .engines = o.engines > 0 ? (unsigned)o.engines : 0 };
 	if (skv_placement_parse_numa(o.numa, &pc, msg, sizeof(msg)) < 0)
 		cached_die(CACHED_EXIT_USAGE, "--numa: %s", msg);
-	if (skv_topology_new(&topo, msg, sizeof(msg)) < 0 ||
+	if (skv_topology_new(&topo, msg, sizeof(msg)) < 0)
+		cached_die(CACHED_EXIT_USAGE, "%s", msg);
+	pc.threads = (unsigned)o.engine_threads;
+	if (!pc.threads) {
+		/* auto: a big model's engines take every core of their node. */
+		pc.threads = 1;
+		if (skv_model_weight_bytes(d.model) >= CACHED_BIG_MODEL_BYTES)
+			for (unsigned i = 0; i < skv_topology_node_count(topo); i++)
+				if (skv_topology_node(topo, i)->n_cores > pc.threads)
+					pc.threads = skv_topology_node(topo, i)->n_cores;
+	}
+	d.engine_threads = pc.threads;
+	if (
 	    skv_placement_plan(topo, &pc, &plan, msg, sizeof(msg)) < 0)
 		cached_die(CACHED_EXIT_USAGE, "%s", msg);
 	if (plan->n_arenas > CACHED_MAX_ARENAS || plan->n_engines > CACHED_MAX_ENGINES)
@@ -561,8 +592,12 @@ int main(int argc, char **argv)
 
 	char summary[256];
 	skv_topology_summary(topo, summary, sizeof(summary));
-	cached_log("%s; serving %s on %s with %u engine(s)", summary, d.model_path, d.socket_path,
-		   plan->n_engines);
+	char types[64];
+	skv_model_types(d.model, types, sizeof(types));
+	cached_log("%s; serving %s (%s, %.1f MiB of weights) on %s with %u engine(s) of %u "
+		   "thread(s)", summary, d.model_path, types,
+		   (double)skv_model_weight_bytes(d.model) / (1 << 20), d.socket_path,
+		   plan->n_engines, d.engine_threads);
 	for (unsigned i = 0; i < plan->n_engines; i++) {
 		struct cached_engine *e = &d.engines[d.n_engines];
 		memset(e, 0, sizeof(*e));
@@ -571,8 +606,10 @@ int main(int argc, char **argv)
 		e->arena = plan->engines[i].arena;
 		e->node = plan->engines[i].node_os;
 		e->pidfd = e->doorbell_fd = e->efd = -1;
-		if (plan->engines[i].pu_os >= 0)
-			snprintf(e->cpus, sizeof(e->cpus), "%d", plan->engines[i].pu_os);
+		if (plan->engines[i].pu_os >= 0 &&
+		    hwloc_bitmap_list_snprintf(e->cpus, sizeof(e->cpus), plan->engines[i].cpuset) >=
+			    (int)sizeof(e->cpus))
+			cached_die(1, "engine %u: its cpu list does not fit", e->id);
 		if (cached_engine_prepare(e) < 0 || cached_spawn_engine(&d, e) < 0)
 			cached_die(1, "cannot start engine %u: %s", e->id, strerror(errno));
 	}

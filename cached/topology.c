@@ -485,7 +485,8 @@ int skv_placement_plan(const struct skv_topology *topo, const struct skv_placeme
 {
 	unsigned sel[SKV_TOPOLOGY_MAX_NODES], capacity[SKV_TOPOLOGY_MAX_NODES],
 		counts[SKV_TOPOLOGY_MAX_NODES];
-	unsigned n_sel = 0, total_cores = 0;
+	unsigned n_sel = 0, total_cores = 0; /* counted in engines of `threads` cores */
+	unsigned threads = cfg->threads > 1 ? cfg->threads : 1;
 	*out = NULL;
 
 	if (cfg->numa_off && cfg->n_nodes)
@@ -497,12 +498,15 @@ int skv_placement_plan(const struct skv_topology *topo, const struct skv_placeme
 	if (cfg->numa_off) {
 		for (unsigned i = 0; i < topo->n_nodes; i++)
 			total_cores += topo->nodes[i].pub.n_cores;
+		total_cores = total_cores / threads ? total_cores / threads : 1;
 	} else {
 		int err = placement_select(topo, cfg, sel, &n_sel, msg, msg_len);
 		if (err < 0)
 			return err;
 		for (unsigned k = 0; k < n_sel; k++) {
-			capacity[k] = topo->nodes[sel[k]].pub.n_cores;
+			unsigned cores = topo->nodes[sel[k]].pub.n_cores;
+			/* A node with fewer cores than threads still holds one engine. */
+			capacity[k] = cores / threads ? cores / threads : 1;
 			total_cores += capacity[k];
 		}
 	}
@@ -539,12 +543,18 @@ int skv_placement_plan(const struct skv_topology *topo, const struct skv_placeme
 			struct skv_engine_place *ep = &pl->engines[e];
 			ep->arena = arena;
 			ep->node_os = (int)node->os_index;
-			ep->pu_os = (int)node->core_pu[j % node->n_cores];
+			ep->pu_os = (int)node->core_pu[(j * threads) % node->n_cores];
 			ep->cpuset = hwloc_bitmap_alloc();
-			if (!ep->cpuset || hwloc_bitmap_only(ep->cpuset, (unsigned)ep->pu_os) < 0) {
+			if (!ep->cpuset) {
 				err = -ENOMEM;
 				break;
 			}
+			for (unsigned t = 0; t < threads; t++)
+				if (hwloc_bitmap_set(ep->cpuset,
+						     node->core_pu[(j * threads + t) % node->n_cores]) < 0)
+					err = -ENOMEM;
+			if (err < 0)
+				break;
 		}
 		arena++;
 	}

@@ -12,7 +12,9 @@
  *     second oneDNN thread slows decoding down (ARCHITECTURE.md, "Threads"), so parallelism comes
  *     from more engines. The SMT siblings of that core are left to the daemon and the kernel.
  *   - Default engine count: one per core of every selected node, capped at max_engines in
- *     total (SKV_PLACEMENT_DEFAULT_MAX_ENGINES unless given).
+ *     total (SKV_PLACEMENT_DEFAULT_MAX_ENGINES unless given). With threads = T > 1 (a big
+ *     model: one core cannot saturate the memory bus), each engine gets T cores of one node
+ *     (consecutive in the node's order) and the default count is one per T cores.
  *   - Engines are spread over the selected nodes as evenly as their cores allow (water-filling:
  *     counts differ by at most one between nodes with room); within a node, consecutive engines
  *     go to cores under different L3 caches first, so a few engines do not share one L3.
@@ -82,7 +84,9 @@ int skv_topology_bind_memory(const struct skv_topology *topo, void *addr, size_t
 			     unsigned node_os);
 
 struct skv_placement_config {
-	unsigned engines;     /* 0: one per core of the selected nodes, capped at max_engines */
+	unsigned engines;     /* 0: one per `threads` cores of the selected nodes, capped at
+			       * max_engines */
+	unsigned threads;     /* cores each engine runs on (its matmul threads); 0 or 1: one */
 	unsigned max_engines; /* cap of the default count; 0: SKV_PLACEMENT_DEFAULT_MAX_ENGINES */
 	int numa_off;         /* one unbound arena, engines unpinned */
 	unsigned n_nodes;     /* 0: every node with cores; else nodes[0..n_nodes) */
@@ -103,8 +107,9 @@ struct skv_arena_place {
 struct skv_engine_place {
 	unsigned arena;          /* index into placement->arenas */
 	int node_os;             /* the arena's node, -1 with numa off */
-	int pu_os;               /* OS index of the PU it is pinned to; -1 when unpinned */
-	hwloc_bitmap_t cpuset;   /* where it runs: {pu_os}, or every allowed PU when unpinned */
+	int pu_os;               /* OS index of the (first) PU it is pinned to; -1 when unpinned */
+	hwloc_bitmap_t cpuset;   /* where it runs: its cores' first PUs, or every allowed PU
+				  * when unpinned */
 };
 
 struct skv_placement {

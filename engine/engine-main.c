@@ -99,6 +99,7 @@ struct engine {
 	uint64_t arena_bytes;
 	const float *weights;
 	uint64_t weights_bytes;
+	uint32_t threads;           /* matmul threads (--threads) */
 	struct skv_wake_word *doorbell;
 	struct skv_engine_stats stats; /* private copy, published into the doorbell page */
 	int efd;
@@ -874,11 +875,12 @@ static int engine_hello(struct engine *e, const char *socket_path, uint32_t want
 	e->arena = view.base;
 	e->arena_bytes = view.bytes;
 	e->weights_bytes = ok->weights_bytes;
-	e->weights = engine_map_fd(fds[1], ok->weights_bytes, PROT_READ);
+	/* No packed weights at all (a fully quantized model): everything is read in place. */
+	e->weights = e->weights_bytes ? engine_map_fd(fds[1], ok->weights_bytes, PROT_READ) : NULL;
 	e->doorbell = engine_map_fd(fds[2], SKV_DOORBELL_BYTES, PROT_READ | PROT_WRITE);
 	close(fds[1]);
 	close(fds[2]);
-	if (!e->weights || !e->doorbell) {
+	if ((e->weights_bytes && !e->weights) || !e->doorbell) {
 		engine_log("cannot map the shared weights or doorbell: %s", strerror(errno));
 		return -1;
 	}
@@ -889,7 +891,7 @@ static int engine_hello(struct engine *e, const char *socket_path, uint32_t want
 		return -1;
 	}
 	const struct skv_model_config *c = &e->model->cfg;
-	if (e->weights_bytes != skv_pack_floats(c) * sizeof(float)) {
+	if (e->weights_bytes != skv_pack_floats(e->model) * sizeof(float)) {
 		engine_log("the shared weights (%llu bytes) do not fit %s",
 			   (unsigned long long)e->weights_bytes, ok->model_path);
 		return -1;
@@ -907,7 +909,7 @@ static int engine_hello(struct engine *e, const char *socket_path, uint32_t want
 		engine_log("%s", msg);
 		return -1;
 	}
-	err = skv_runner_new_packed(e->model, e->weights, ENGINE_MAX_ROWS, 1, &e->runner, msg,
+	err = skv_runner_new_packed(e->model, e->weights, ENGINE_MAX_ROWS, e->threads, &e->runner, msg,
 				    sizeof(msg));
 	if (err < 0) {
 		engine_log("%s", msg);
@@ -958,7 +960,9 @@ static int engine_pin(const char *cpus)
 
 static void engine_usage(FILE *out)
 {
-	fputs("usage: skv-engine --socket PATH [--engine-id N] [--node N] [--cpus LIST]\n", out);
+	fputs("usage: skv-engine --socket PATH [--engine-id N] [--node N] [--cpus LIST] [--threads N]\n"
+	      "  --threads N   matmul threads (default 1; a big model needs several cores to\n"
+	      "                reach the memory bus)\n", out);
 }
 
 int main(int argc, char **argv)
@@ -972,7 +976,7 @@ int main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *socket_path = NULL, *cpus = NULL;
-	uint32_t want_id = UINT32_MAX, want_node = UINT32_MAX;
+	uint32_t want_id = UINT32_MAX, want_node = UINT32_MAX, threads = 1;
 	int c;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
@@ -997,6 +1001,7 @@ int main(int argc, char **argv)
 			engine_usage(stderr);
 			return 2;
 		}
+		{ "threads", required_argument, NULL, 't' },
 	}
 	if (!socket_path || optind < argc) {
 		engine_usage(stderr);
@@ -1017,9 +1022,18 @@ int main(int argc, char **argv)
 	struct engine e = { .sock = -1, .efd = -1 };
 	if (engine_hello(&e, socket_path, want_id, want_node) < 0)
 		return 1;
-	engine_log("engine %u on node %u serving %s", e.engine_id, e.node,
-		   e.model->path);
+	engine_log("engine %u on node %u serving %s with %u thread(s), %s kernels", e.engine_id,
+		   e.node, e.model->path, e.threads, skv_runner_impl(e.runner, 1));
 
+		case 't': {
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (*end || end == optarg || v < 1 || v > 256) {
+				engine_log("--threads: '%s' is not a whole number in [1, 256]", optarg);
+				return 2;
+			}
+			threads = (uint32_t)v;
+			break;
+		}
 	int status = 0;
 	for (;;) {
 		int ctl = engine_control(&e);
@@ -1044,6 +1058,7 @@ int main(int argc, char **argv)
 	skv_waiter_free(e.waiter);
 	skv_runner_free(e.runner);
 	skv_tokenizer_free(e.tok);
+	e.threads = threads;
 	skv_model_close(e.model);
 	close(e.sock);
 	return status;

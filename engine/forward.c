@@ -2,19 +2,39 @@
 
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "attention.h"
 #include "linear.h"
 #include "model.h"
+#include "qmatmul.h"
 #include "skv-error.h"
 
+/* Matrices that share one input and whose outputs lie side by side in one output row: q|k|v,
+ * wo, gate|up, w2, the classifier. All F32: one oneDNN matmul over their packed, transposed,
+ * fused block. Otherwise the block-format members run in place through qmatmul (one call,
+ * the input quantized once), and F32 members of such a mixed group each through their own
+ * oneDNN matmul into scratch. */
+#define FORWARD_GROUP_MAX 3
+#define FORWARD_GROUPS_PER_LAYER 4
+
+struct forward_group {
+	uint32_t n;                                  /* members */
+	uint32_t in, out;                            /* input width, total output width */
+	uint32_t add;                                /* y += W x (residual adds: wo, w2) */
+	uint32_t fused;                              /* every member F32 */
+	uint32_t col[FORWARD_GROUP_MAX];             /* each member's first output column */
+	const struct skv_qmat *w[FORWARD_GROUP_MAX]; /* as the model stores them */
+	struct skv_linear lin[FORWARD_GROUP_MAX];    /* fused: lin[0] for all; else per F32 member */
+};
+
 struct forward_layer {
-	struct skv_linear wqkv; /* [dim][dim + 2 kv_dim]  q | k | v */
-	struct skv_linear wo;   /* [dim][dim]             adds into the residual */
-	struct skv_linear w13;  /* [dim][2 hidden]        gate | up */
-	struct skv_linear w2;   /* [hidden][dim]          adds into the residual */
+	struct forward_group qkv; /* [dim] -> [dim + 2 kv_dim]  q | k | v */
+	struct forward_group wo;  /* [dim] -> [dim]             adds into the residual */
+	struct forward_group w13; /* [dim] -> [2 hidden]        gate | up */
+	struct forward_group w2;  /* [hidden] -> [dim]          adds into the residual */
 };
 
 /* Per-row plan of a step: where its key goes, which positions it is rotated at. */
@@ -32,8 +52,10 @@ struct skv_runner {
 	struct skv_rope rope;
 	uint32_t max_rows;
 	struct forward_layer *layers; /* [n_layers] */
-	struct skv_linear classifier; /* [dim][vocab] */
-	float *packed;                /* the transposed, fused weights (skv_pack_weights) */
+	struct forward_group classifier; /* [dim] -> [vocab] */
+	struct skv_qctx *qctx;        /* block-format matmuls (NULL for an all-F32 model) */
+	uint32_t threads;
+	float *packed;                /* the transposed, fused F32 weights (skv_pack_weights) */
 	int owns_packed;              /* 0: a shared read-only mapping someone else made */
 	uint32_t qkv_dim;             /* dim + 2 kv_dim: row stride of qkv */
 
@@ -54,67 +76,107 @@ struct skv_runner {
 	struct skv_kv_ring *ring_after; /* [max_rows] ring states to commit, one per item */
 	float *scores;   /* [2][scores_cap] attention scores of two heads */
 	float *cls_out;  /* [max_rows][vocab] logits of a step's rows, made at first use */
+	float *tmp;      /* [max_rows][tmp_cols] F32 members of mixed groups (rare) */
+	uint32_t tmp_cols;
 	uint32_t scores_cap;
 };
 
-/* Packed layout, per layer: wqkv [dim][dim + 2 kv_dim], wo [dim][dim], w13 [dim][2 hidden],
- * w2 [hidden][dim]; then the classifier [dim][vocab]. Every matrix is the model's [out][in]
- * matrix transposed; fused ones are side by side along out. */
-static size_t pack_layer_floats(const struct skv_model_config *c)
+/* Describe group g (0..3) of layer l, or the classifier (l == n_layers). */
+static void forward_group_describe(const struct skv_model *m, uint32_t l, uint32_t g,
+				   struct forward_group *out)
 {
-	size_t dim = (size_t)c->dim, kv = (size_t)c->kv_dim, hid = (size_t)c->hidden_dim;
-	return dim * (dim + 2 * kv) + dim * dim + dim * 2 * hid + hid * dim;
+	const struct skv_model_config *c = &m->cfg;
+	memset(out, 0, sizeof(*out));
+	if (l == (uint32_t)c->n_layers) {
+		out->n = 1;
+		out->w[0] = &m->classifier;
+	} else {
+		const struct skv_layer_weights *w = &m->layers[l];
+		switch (g) {
+		case 0: out->n = 3; out->w[0] = &w->wq; out->w[1] = &w->wk; out->w[2] = &w->wv; break;
+		case 1: out->n = 1; out->w[0] = &w->wo; out->add = 1; break;
+		case 2: out->n = 2; out->w[0] = &w->w1; out->w[1] = &w->w3; break;
+		default: out->n = 1; out->w[0] = &w->w2; out->add = 1; break;
+		}
+	}
+	out->in = out->w[0]->cols;
+	out->fused = 1;
+	for (uint32_t i = 0; i < out->n; i++) {
+		out->col[i] = out->out;
+		out->out += out->w[i]->rows;
+		out->fused &= out->w[i]->type == SKV_WTYPE_F32;
+	}
 }
 
-size_t skv_pack_floats(const struct skv_model_config *c)
+static uint32_t forward_n_groups(const struct skv_model_config *c)
 {
-	return pack_layer_floats(c) * (size_t)c->n_layers + (size_t)c->dim * c->vocab_size;
+	return (uint32_t)c->n_layers * FORWARD_GROUPS_PER_LAYER + 1;
 }
 
-void skv_pack_layer(const struct skv_model_config *c, const float *packed, uint32_t layer,
-		    struct skv_pack_layer *out)
+static void forward_group_at(const struct skv_model *m, uint32_t index, struct forward_group *out)
 {
-	size_t dim = (size_t)c->dim, kv = (size_t)c->kv_dim;
-	const float *base = packed + pack_layer_floats(c) * layer;
-	out->wqkv = base;
-	out->wo = out->wqkv + dim * (dim + 2 * kv);
-	out->w13 = out->wo + dim * dim;
-	out->w2 = out->w13 + dim * 2 * (size_t)c->hidden_dim;
+	forward_group_describe(m, index / FORWARD_GROUPS_PER_LAYER,
+			       index % FORWARD_GROUPS_PER_LAYER, out);
 }
 
-const float *skv_pack_classifier(const struct skv_model_config *c, const float *packed)
+/* Floats the group takes in the packed buffer: its fused [in][out] block, or one [in][rows]
+ * block per F32 member of a mixed group; nothing for block-format members (used in place). */
+static size_t forward_group_floats(const struct forward_group *g, uint32_t member)
 {
-	return packed + pack_layer_floats(c) * (size_t)c->n_layers;
+	if (g->fused)
+		return member == 0 ? (size_t)g->in * g->out : 0;
+	return g->w[member]->type == SKV_WTYPE_F32 ? (size_t)g->in * g->w[member]->rows : 0;
 }
 
-/* dst[i][col0 + o] = w[o][i] for a [rows_out][cols_in] matrix, into a row stride of ld. */
+size_t skv_pack_floats(const struct skv_model *m)
+{
+	size_t floats = 0;
+	struct forward_group g;
+	for (uint32_t i = 0; i < forward_n_groups(&m->cfg); i++) {
+		forward_group_at(m, i, &g);
+		for (uint32_t j = 0; j < g.n; j++)
+			floats += forward_group_floats(&g, j);
+	}
+	return floats;
+}
+
+/* dst[i][col0 + o] = w[o][i] for an [n_out][n_in] matrix, into a row stride of ld, in tiles
+ * that keep both sides in cache, over all cores: a 1B-parameter F32 model packs in seconds. */
+#define PACK_TILE 32
 static void pack_transpose(float *dst, size_t ld, size_t col0, const float *w, size_t n_out,
 			   size_t n_in)
 {
-	for (size_t o = 0; o < n_out; o++)
-		for (size_t i = 0; i < n_in; i++)
-			dst[i * ld + col0 + o] = w[o * n_in + i];
+	size_t tiles = (n_out + PACK_TILE - 1) / PACK_TILE;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(omp_get_num_procs()) \
+	if (n_out * n_in >= (1u << 20))
+	for (size_t t = 0; t < tiles; t++) {
+		size_t o0 = t * PACK_TILE, o1 = o0 + PACK_TILE < n_out ? o0 + PACK_TILE : n_out;
+		for (size_t i0 = 0; i0 < n_in; i0 += PACK_TILE) {
+			size_t i1 = i0 + PACK_TILE < n_in ? i0 + PACK_TILE : n_in;
+			for (size_t i = i0; i < i1; i++)
+				for (size_t o = o0; o < o1; o++)
+					dst[i * ld + col0 + o] = w[o * n_in + i];
+		}
+	}
 }
 
 void skv_pack_weights(const struct skv_model *m, float *dst)
 {
-	const struct skv_model_config *c = &m->cfg;
-	size_t dim = (size_t)c->dim, kv = (size_t)c->kv_dim, hid = (size_t)c->hidden_dim;
-	for (int32_t l = 0; l < c->n_layers; l++) {
-		const struct skv_layer_weights *w = &m->layers[l];
-		struct skv_pack_layer pl;
-		skv_pack_layer(c, dst, (uint32_t)l, &pl);
-		size_t qkv = dim + 2 * kv;
-		pack_transpose((float *)pl.wqkv, qkv, 0, w->wq, dim, dim);
-		pack_transpose((float *)pl.wqkv, qkv, dim, w->wk, kv, dim);
-		pack_transpose((float *)pl.wqkv, qkv, dim + kv, w->wv, kv, dim);
-		pack_transpose((float *)pl.wo, dim, 0, w->wo, dim, dim);
-		pack_transpose((float *)pl.w13, 2 * hid, 0, w->w1, hid, dim);
-		pack_transpose((float *)pl.w13, 2 * hid, hid, w->w3, hid, dim);
-		pack_transpose((float *)pl.w2, dim, 0, w->w2, dim, hid);
+	struct forward_group g;
+	for (uint32_t i = 0; i < forward_n_groups(&m->cfg); i++) {
+		forward_group_at(m, i, &g);
+		for (uint32_t j = 0; j < g.n; j++) {
+			const float *w = skv_qmat_f32(g.w[j]);
+			if (!w)
+				continue;
+			if (g.fused)
+				pack_transpose(dst, g.out, g.col[j], w, g.w[j]->rows, g.in);
+			else
+				pack_transpose(dst, g.w[j]->rows, 0, w, g.w[j]->rows, g.in);
+			if (!g.fused || j == g.n - 1)
+				dst += g.fused ? (size_t)g.in * g.out : (size_t)g.in * g.w[j]->rows;
+		}
 	}
-	pack_transpose((float *)skv_pack_classifier(c, dst), (size_t)c->vocab_size, 0,
-		       m->classifier, (size_t)c->vocab_size, dim);
 }
 
 static void *forward_alloc(size_t n_floats)
@@ -127,6 +189,41 @@ static void *forward_alloc(size_t n_floats)
 	return p;
 }
 
+static void forward_group_fini(struct forward_group *g)
+{
+	for (uint32_t i = 0; i < FORWARD_GROUP_MAX; i++)
+		skv_linear_fini(&g->lin[i]);
+}
+
+/* Describe a group's matmuls: oneDNN linears over its packed F32 block(s) (advancing *packed),
+ * a check of each block-format member. */
+static int forward_group_init(struct skv_runner *r, struct forward_group *g,
+			      const float **packed)
+{
+	int err;
+	if (g->fused) {
+		err = skv_linear_init(r->be, &g->lin[0], *packed, g->in, g->out,
+				      g->add ? SKV_LINEAR_ADD : SKV_LINEAR_PLAIN);
+		*packed += (size_t)g->in * g->out;
+		return err;
+	}
+	for (uint32_t i = 0; i < g->n; i++) {
+		const struct skv_qmat *w = g->w[i];
+		if (w->type != SKV_WTYPE_F32) {
+			if ((err = skv_qmat_check(w)) < 0)
+				return err;
+			continue;
+		}
+		err = skv_linear_init(r->be, &g->lin[i], *packed, g->in, w->rows, SKV_LINEAR_PLAIN);
+		if (err < 0)
+			return err;
+		*packed += (size_t)g->in * w->rows;
+		if (w->rows > r->tmp_cols)
+			r->tmp_cols = w->rows;
+	}
+	return 0;
+}
+
 void skv_runner_free(struct skv_runner *r)
 {
 	if (!r)
@@ -134,15 +231,17 @@ void skv_runner_free(struct skv_runner *r)
 	if (r->layers) {
 		for (int32_t l = 0; l < r->cfg.n_layers; l++) {
 			struct forward_layer *fl = &r->layers[l];
-			skv_linear_fini(&fl->wqkv);
-			skv_linear_fini(&fl->wo);
-			skv_linear_fini(&fl->w13);
-			skv_linear_fini(&fl->w2);
+			forward_group_fini(&fl->qkv);
+			forward_group_fini(&fl->wo);
+			forward_group_fini(&fl->w13);
+			forward_group_fini(&fl->w2);
 		}
 		free(r->layers);
 	}
-	skv_linear_fini(&r->classifier);
+	forward_group_fini(&r->classifier);
 	skv_backend_free(r->be);
+	skv_qctx_free(r->qctx);
+	free(r->tmp);
 	free(r->x);
 	free(r->xb);
 	free(r->qkv);
@@ -202,7 +301,7 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 	if (packed) {
 		r->packed = (float *)(uintptr_t)packed; /* only ever read */
 	} else {
-		r->packed = forward_alloc(skv_pack_floats(c));
+		r->packed = forward_alloc(skv_pack_floats(model));
 		r->owns_packed = 1;
 	}
 	r->q_sink = forward_alloc(c->dim);
@@ -220,28 +319,36 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 
 	if (r->owns_packed)
 		skv_pack_weights(model, r->packed);
-	uint32_t dim = (uint32_t)c->dim, hid = (uint32_t)c->hidden_dim;
-	for (int32_t l = 0; l < c->n_layers; l++) {
-		struct skv_pack_layer pl;
-		skv_pack_layer(c, r->packed, (uint32_t)l, &pl);
-		struct forward_layer *fl = &r->layers[l];
-		if ((err = skv_linear_init(r->be, &fl->wqkv, pl.wqkv, dim, r->qkv_dim,
-					   SKV_LINEAR_PLAIN)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->wo, pl.wo, dim, dim, SKV_LINEAR_ADD)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->w13, pl.w13, dim, 2 * hid,
-					   SKV_LINEAR_PLAIN)) < 0 ||
-		    (err = skv_linear_init(r->be, &fl->w2, pl.w2, hid, dim, SKV_LINEAR_ADD)) < 0)
+	const float *next = r->packed;
+	uint32_t quantized = 0;
+	for (uint32_t i = 0; i < forward_n_groups(c); i++) {
+		uint32_t l = i / FORWARD_GROUPS_PER_LAYER, g = i % FORWARD_GROUPS_PER_LAYER;
+		struct forward_group *fg = l == (uint32_t)c->n_layers ? &r->classifier
+				: g == 0 ? &r->layers[l].qkv : g == 1 ? &r->layers[l].wo
+				: g == 2 ? &r->layers[l].w13 : &r->layers[l].w2;
+		forward_group_at(model, i, fg);
+		quantized |= !fg->fused;
+		if ((err = forward_group_init(r, fg, &next)) < 0)
 			goto fail_backend;
 	}
-	err = skv_linear_init(r->be, &r->classifier, skv_pack_classifier(c, r->packed), dim,
-			      (uint32_t)c->vocab_size, SKV_LINEAR_PLAIN);
-	if (err < 0)
-		goto fail_backend;
+	r->threads = threads ? threads : 1;
+	if (quantized) {
+		/* Scratch for quantized activations comes in whole super-blocks. */
+		uint32_t max_cols = (uint32_t)(c->hidden_dim > c->dim ? c->hidden_dim : c->dim);
+		max_cols = (max_cols + SKV_QK_K - 1) / SKV_QK_K * SKV_QK_K;
+		err = skv_qctx_new(max_rows, max_cols, r->threads, &r->qctx);
+		if (err < 0)
+			goto fail_backend;
+	}
+	if (r->tmp_cols && !(r->tmp = forward_alloc((size_t)max_rows * r->tmp_cols))) {
+		err = -ENOMEM;
+		goto fail;
+	}
 	*out = r;
 	return 0;
 
 fail_backend:
-	skv_errorf(msg, msg_len, err, "oneDNN: cannot describe the linear layers of %s (%s)",
+	skv_errorf(msg, msg_len, err, "cannot describe the matrix products of %s (%s)",
 		   model->path, skv_strerror(err));
 fail:
 	skv_runner_free(r);
@@ -260,7 +367,40 @@ uint32_t skv_runner_max_rows(const struct skv_runner *r)
 
 const char *skv_runner_impl(struct skv_runner *r, uint32_t rows)
 {
-	return skv_linear_impl(r->be, &r->layers[0].w13, rows);
+	if (!r->layers[0].w13.fused)
+		return skv_qmat_isa();
+	return skv_linear_impl(r->be, &r->layers[0].w13.lin[0], rows);
+}
+
+/* y[rows][g->out] (+)= the group's matrices times x[rows][g->in]. */
+static int forward_group_run(struct skv_runner *r, const struct forward_group *g, uint32_t rows,
+			     const float *x, float *y)
+{
+	if (g->fused)
+		return skv_linear_run(r->be, &g->lin[0], rows, x, y);
+	const struct skv_qmat *qw[FORWARD_GROUP_MAX];
+	float *qy[FORWARD_GROUP_MAX];
+	size_t ld[FORWARD_GROUP_MAX];
+	uint32_t nq = 0;
+	int err;
+	for (uint32_t i = 0; i < g->n; i++) {
+		if (g->w[i]->type != SKV_WTYPE_F32) {
+			qw[nq] = g->w[i];
+			qy[nq] = y + g->col[i];
+			ld[nq++] = g->out;
+			continue;
+		}
+		uint32_t n_out = g->w[i]->rows;
+		if ((err = skv_linear_run(r->be, &g->lin[i], rows, x, r->tmp)) < 0)
+			return err;
+		for (uint32_t row = 0; row < rows; row++) {
+			float *dst = y + (size_t)row * g->out + g->col[i];
+			const float *src = r->tmp + (size_t)row * n_out;
+			for (uint32_t j = 0; j < n_out; j++)
+				dst[j] = g->add ? dst[j] + src[j] : src[j];
+		}
+	}
+	return nq ? skv_qmat_run(r->qctx, qw, nq, rows, x, g->in, qy, ld, (int)g->add) : 0;
 }
 
 /* llama2.c's rmsnorm, row by row. */
@@ -432,27 +572,24 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 	uint32_t row = 0;
 	for (uint32_t i = 0; i < n_items; i++)
 		for (uint32_t t = 0; t < items[i].n_tokens; t++, row++)
-			memcpy(r->x + (size_t)row * dim,
-			       m->token_embedding + (size_t)items[i].tokens[t] * dim,
-			       dim * sizeof(float));
+			skv_model_embedding_row(m, items[i].tokens[t], r->x + (size_t)row * dim);
 
-	struct skv_backend *be = r->be;
 	for (int32_t l = 0; l < c->n_layers; l++) {
 		const struct skv_layer_weights *w = &m->layers[l];
 		struct forward_layer *fl = &r->layers[l];
 
 		forward_rmsnorm(r->xb, r->x, w->attn_norm, n_rows, dim, c->norm_eps);
-		if ((err = skv_linear_run(be, &fl->wqkv, n_rows, r->xb, r->qkv)) < 0)
+		if ((err = forward_group_run(r, &fl->qkv, n_rows, r->xb, r->qkv)) < 0)
 			return err;
 		forward_attention(r, (uint32_t)l, n_rows);
-		if ((err = skv_linear_run(be, &fl->wo, n_rows, r->att, r->x)) < 0)
+		if ((err = forward_group_run(r, &fl->wo, n_rows, r->att, r->x)) < 0)
 			return err;
 
 		forward_rmsnorm(r->xb, r->x, w->ffn_norm, n_rows, dim, c->norm_eps);
-		if ((err = skv_linear_run(be, &fl->w13, n_rows, r->xb, r->gu)) < 0)
+		if ((err = forward_group_run(r, &fl->w13, n_rows, r->xb, r->gu)) < 0)
 			return err;
 		skv_swiglu(r->hb, r->gu, n_rows, (uint32_t)c->hidden_dim);
-		if ((err = skv_linear_run(be, &fl->w2, n_rows, r->hb, r->x)) < 0)
+		if ((err = forward_group_run(r, &fl->w2, n_rows, r->hb, r->x)) < 0)
 			return err;
 	}
 
@@ -484,7 +621,7 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 			if (!r->cls_out)
 				return -ENOMEM;
 		}
-		err = skv_linear_run(be, &r->classifier, out_rows, r->xb, r->cls_out);
+		err = forward_group_run(r, &r->classifier, out_rows, r->xb, r->cls_out);
 		if (err < 0)
 			return err;
 		const float *src = r->cls_out;
@@ -504,8 +641,8 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 		if (!it->logits)
 			continue;
 		uint32_t n = it->logits_all ? it->n_tokens : 1;
-		err = skv_linear_run(be, &r->classifier, n, r->xb + (size_t)out_rows * dim,
-				     it->logits);
+		err = forward_group_run(r, &r->classifier, n, r->xb + (size_t)out_rows * dim,
+					it->logits);
 		if (err < 0)
 			return err;
 		out_rows += n;

@@ -43,23 +43,18 @@ struct skv_fwd_item {
 	float *logits;             /* NULL: no logits wanted for this item */
 };
 
-/* Weights packed for the matmuls: every matrix transposed to [in][out] (the layout oneDNN's
- * M = 1 kernels run fastest on), q|k|v and gate|up fused side by side. The layout depends only
- * on the config, so a packed buffer can be built once and shared (the daemon of the multi-process
- * data path puts it in a sealed memfd for all engines). */
-struct skv_pack_layer {
-	const float *wqkv; /* [dim][dim + 2 kv_dim] */
-	const float *wo;   /* [dim][dim] */
-	const float *w13;  /* [dim][2 hidden]  gate | up */
-	const float *w2;   /* [hidden][dim] */
-};
-size_t skv_pack_floats(const struct skv_model_config *c);
+/* The F32 weights packed for oneDNN's matmuls: every F32 matrix transposed to [in][out] (the
+ * layout its M = 1 kernels run fastest on), q|k|v and gate|up fused side by side when all of a
+ * group are F32. Block-format weights (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) are not packed:
+ * they are used in place from the model's mapping. The layout depends only on the model's
+ * shape and types, so a packed buffer can be built once and shared (the daemon puts it in a
+ * sealed memfd for all engines). skv_pack_floats may be 0 (a fully quantized model). */
+size_t skv_pack_floats(const struct skv_model *m);
 void skv_pack_weights(const struct skv_model *m, float *dst); /* dst: skv_pack_floats floats */
-void skv_pack_layer(const struct skv_model_config *c, const float *packed, uint32_t layer,
-		    struct skv_pack_layer *out);
-const float *skv_pack_classifier(const struct skv_model_config *c, const float *packed);
 
-/* threads: see skv_backend_new (1 is the engine's default; 0 leaves OpenMP's).
+/* threads: OpenMP threads of the matrix products, oneDNN's and qmatmul's (1 is the engine's
+ * default, fastest for small models; a big model needs several cores to reach the memory bus;
+ * 0 leaves OpenMP's).
  * Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
 int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,
 		   struct skv_runner **out, char *msg, size_t msg_len);

@@ -94,6 +94,14 @@ static bool model_add_product(uint64_t *acc, uint64_t a, uint64_t b)
 	return !__builtin_mul_overflow(a, b, &p) && !__builtin_add_overflow(*acc, p, acc);
 }
 
+static void model_f32_matrix(struct skv_qmat *out, const float *data, uint64_t rows,
+			     uint64_t cols)
+{
+	*out = (struct skv_qmat){ .type = SKV_WTYPE_F32, .rows = (uint32_t)rows,
+				  .cols = (uint32_t)cols, .row_bytes = cols * sizeof(float),
+				  .data = data };
+}
+
 static int model_alloc_layers(struct skv_model *m, char *msg, size_t msg_len)
 {
 	m->layers = calloc((size_t)m->cfg.n_layers, sizeof(*m->layers));
@@ -170,39 +178,42 @@ static int model_open_llama2c(struct skv_model *m, char *msg, size_t msg_len)
 	 * mapping. Arrays stacked over layers are walked in llama2.c order. */
 	const float *w = (const float *)((const char *)m->map + LLAMA2C_HEADER_BYTES);
 	const size_t d = (size_t)dim, h = (size_t)hidden, kv = (size_t)kv_dim, L = (size_t)layers;
-	m->token_embedding = w;
+	model_f32_matrix(&m->token_embedding, w, vocab, d);
 	w += (size_t)vocab * d;
 	for (size_t l = 0; l < L; l++)
 		m->layers[l].attn_norm = w + l * d;
 	w += L * d;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].wq = w + l * d * d;
+		model_f32_matrix(&m->layers[l].wq, w + l * d * d, d, d);
 	w += L * d * d;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].wk = w + l * kv * d;
+		model_f32_matrix(&m->layers[l].wk, w + l * kv * d, kv, d);
 	w += L * kv * d;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].wv = w + l * kv * d;
+		model_f32_matrix(&m->layers[l].wv, w + l * kv * d, kv, d);
 	w += L * kv * d;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].wo = w + l * d * d;
+		model_f32_matrix(&m->layers[l].wo, w + l * d * d, d, d);
 	w += L * d * d;
 	for (size_t l = 0; l < L; l++)
 		m->layers[l].ffn_norm = w + l * d;
 	w += L * d;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].w1 = w + l * h * d;
+		model_f32_matrix(&m->layers[l].w1, w + l * h * d, h, d);
 	w += L * h * d;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].w2 = w + l * d * h;
+		model_f32_matrix(&m->layers[l].w2, w + l * d * h, d, h);
 	w += L * d * h;
 	for (size_t l = 0; l < L; l++)
-		m->layers[l].w3 = w + l * h * d;
+		model_f32_matrix(&m->layers[l].w3, w + l * h * d, h, d);
 	w += L * h * d;
 	m->final_norm = w;
 	w += d;
 	w += (size_t)seq * (size_t)cfg->head_size; /* freq_cis_real, freq_cis_imag: unused */
-	m->classifier = shared_classifier ? m->token_embedding : w;
+	if (shared_classifier)
+		m->classifier = m->token_embedding;
+	else
+		model_f32_matrix(&m->classifier, w, vocab, d);
 	return 0;
 }
 
@@ -262,10 +273,11 @@ static void model_format_dims(char *buf, size_t len, uint32_t n_dims, const uint
 	}
 }
 
-/* Looks up an F32 tensor of ggml shape [cols] (rows == 0) or [cols, rows], i.e. row-major
+/* Checks a tensor's presence and ggml shape [cols] (rows == 0) or [cols, rows], i.e. row-major
  * [rows][cols]. Trailing ggml dimensions of 1 are accepted. */
-static int model_gguf_tensor(const struct skv_model *m, const char *name, int64_t rows,
-			     int64_t cols, const float **out, char *msg, size_t msg_len)
+static int model_gguf_find(const struct skv_model *m, const char *name, int64_t rows,
+			   int64_t cols, const struct skv_gguf_tensor **out, char *msg,
+			   size_t msg_len)
 {
 	const struct skv_gguf_tensor *t = skv_gguf_find_tensor(m->gguf, name);
 	uint64_t want[4] = { (uint64_t)cols, rows ? (uint64_t)rows : 1, 1, 1 };
@@ -275,11 +287,6 @@ static int model_gguf_tensor(const struct skv_model *m, const char *name, int64_
 	if (!t)
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: GGUF tensor %s is missing",
 				  m->path, name);
-	if (t->type != SKV_GGML_TYPE_F32)
-		return skv_errorf(msg, msg_len, -SKV_EDTYPE,
-				  "%s: GGUF tensor %s has type %s (%" PRIu32 "), only F32 is"
-				  " supported", m->path, name, skv_gguf_ggml_type_name(t->type),
-				  t->type);
 	for (uint32_t i = 0; i < 4; i++)
 		same = same && t->dims[i] == want[i];
 	if (!same) {
@@ -290,6 +297,23 @@ static int model_gguf_tensor(const struct skv_model *m, const char *name, int64_
 				  "%s: GGUF tensor %s has shape [%s], expected [%s] (ggml order,"
 				  " innermost first)", m->path, name, found, expected);
 	}
+	*out = t;
+	return 0;
+}
+
+/* A norm vector: F32 only, as every GGUF producer stores them. */
+static int model_gguf_vector(const struct skv_model *m, const char *name, int64_t cols,
+			     const float **out, char *msg, size_t msg_len)
+{
+	const struct skv_gguf_tensor *t;
+	int err = model_gguf_find(m, name, 0, cols, &t, msg, msg_len);
+	if (err)
+		return err;
+	if (t->type != SKV_GGML_TYPE_F32)
+		return skv_errorf(msg, msg_len, -SKV_EDTYPE,
+				  "%s: GGUF tensor %s has type %s (%" PRIu32 "); norm vectors must"
+				  " be F32", m->path, name, skv_gguf_ggml_type_name(t->type),
+				  t->type);
 	/* general.alignment may legally be 1 or 2; the forward pass needs aligned floats. */
 	if (!t->data || (uintptr_t)t->data % _Alignof(float))
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
@@ -299,14 +323,58 @@ static int model_gguf_tensor(const struct skv_model *m, const char *name, int64_
 	return 0;
 }
 
-static int model_gguf_layer_tensor(const struct skv_model *m, int32_t layer, const char *suffix,
-				   int64_t rows, int64_t cols, const float **out, char *msg,
+/* A weight matrix [rows][cols] in any type streamkv reads, used in place. */
+static int model_gguf_matrix(const struct skv_model *m, const char *name, int64_t rows,
+			     int64_t cols, struct skv_qmat *out, char *msg, size_t msg_len)
+{
+	const struct skv_gguf_tensor *t;
+	int err = model_gguf_find(m, name, rows, cols, &t, msg, msg_len);
+	if (err)
+		return err;
+	const char *type_name = skv_wtype_name(t->type);
+	if (!type_name || t->type == SKV_WTYPE_Q8_K)
+		return skv_errorf(msg, msg_len, -SKV_EDTYPE,
+				  "%s: GGUF tensor %s has type %s (%" PRIu32 "), which streamkv does"
+				  " not read (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)",
+				  m->path, name, skv_gguf_ggml_type_name(t->type), t->type);
+	uint64_t row_bytes = skv_wtype_row_bytes(t->type, (uint64_t)cols);
+	if (!row_bytes)
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: GGUF tensor %s: width %" PRId64 " is not a whole number of %s"
+				  " blocks of %" PRIu32, m->path, name, cols, type_name,
+				  skv_wtype_block_elems(t->type));
+	if (!t->data || t->n_bytes != row_bytes * (uint64_t)rows)
+		return skv_errorf(msg, msg_len, -SKV_ETRUNCATED,
+				  "%s: GGUF tensor %s holds %" PRIu64 " bytes, its shape needs %"
+				  PRIu64, m->path, name, t->data ? t->n_bytes : 0,
+				  row_bytes * (uint64_t)rows);
+	/* Kernels read fp16 scales and float32 rows with plain loads. */
+	if ((uintptr_t)t->data % (t->type == SKV_WTYPE_F32 ? 4 : 2))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF tensor %s data is not aligned for its type", m->path,
+				  name);
+	*out = (struct skv_qmat){ .type = t->type, .rows = (uint32_t)rows, .cols = (uint32_t)cols,
+				  .row_bytes = row_bytes, .data = t->data };
+	return 0;
+}
+
+static int model_gguf_layer_matrix(const struct skv_model *m, int32_t layer, const char *suffix,
+				   int64_t rows, int64_t cols, struct skv_qmat *out, char *msg,
 				   size_t msg_len)
 {
 	char name[GGUF_NAME_MAX];
 
 	snprintf(name, sizeof(name), "blk.%" PRId32 ".%s.weight", layer, suffix);
-	return model_gguf_tensor(m, name, rows, cols, out, msg, msg_len);
+	return model_gguf_matrix(m, name, rows, cols, out, msg, msg_len);
+}
+
+static int model_gguf_layer_vector(const struct skv_model *m, int32_t layer, const char *suffix,
+				   int64_t cols, const float **out, char *msg, size_t msg_len)
+{
+	char name[GGUF_NAME_MAX];
+
+	snprintf(name, sizeof(name), "blk.%" PRId32 ".%s.weight", layer, suffix);
+	return model_gguf_vector(m, name, cols, out, msg, msg_len);
 }
 
 static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
@@ -408,30 +476,29 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 		return err;
 
 	const int64_t dim = cfg->dim, hidden = cfg->hidden_dim, kv_dim = cfg->kv_dim;
-	if ((err = model_gguf_tensor(m, "token_embd.weight", cfg->vocab_size, dim,
+	if ((err = model_gguf_matrix(m, "token_embd.weight", cfg->vocab_size, dim,
 				     &m->token_embedding, msg, msg_len)) ||
-	    (err = model_gguf_tensor(m, "output_norm.weight", 0, dim, &m->final_norm, msg,
-				     msg_len)))
+	    (err = model_gguf_vector(m, "output_norm.weight", dim, &m->final_norm, msg, msg_len)))
 		return err;
 	for (int32_t l = 0; l < cfg->n_layers; l++) {
 		struct skv_layer_weights *lw = &m->layers[l];
-		if ((err = model_gguf_layer_tensor(m, l, "attn_norm", 0, dim, &lw->attn_norm, msg,
+		if ((err = model_gguf_layer_vector(m, l, "attn_norm", dim, &lw->attn_norm, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "attn_q", dim, dim, &lw->wq, msg,
+		    (err = model_gguf_layer_matrix(m, l, "attn_q", dim, dim, &lw->wq, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "attn_k", kv_dim, dim, &lw->wk, msg,
+		    (err = model_gguf_layer_matrix(m, l, "attn_k", kv_dim, dim, &lw->wk, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "attn_v", kv_dim, dim, &lw->wv, msg,
+		    (err = model_gguf_layer_matrix(m, l, "attn_v", kv_dim, dim, &lw->wv, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "attn_output", dim, dim, &lw->wo, msg,
+		    (err = model_gguf_layer_matrix(m, l, "attn_output", dim, dim, &lw->wo, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "ffn_norm", 0, dim, &lw->ffn_norm, msg,
+		    (err = model_gguf_layer_vector(m, l, "ffn_norm", dim, &lw->ffn_norm, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "ffn_gate", hidden, dim, &lw->w1, msg,
+		    (err = model_gguf_layer_matrix(m, l, "ffn_gate", hidden, dim, &lw->w1, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "ffn_down", dim, hidden, &lw->w2, msg,
+		    (err = model_gguf_layer_matrix(m, l, "ffn_down", dim, hidden, &lw->w2, msg,
 						   msg_len)) ||
-		    (err = model_gguf_layer_tensor(m, l, "ffn_up", hidden, dim, &lw->w3, msg,
+		    (err = model_gguf_layer_matrix(m, l, "ffn_up", hidden, dim, &lw->w3, msg,
 						   msg_len)))
 			return err;
 	}
@@ -440,7 +507,7 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 		m->classifier = m->token_embedding;
 		return 0;
 	}
-	return model_gguf_tensor(m, "output.weight", cfg->vocab_size, dim, &m->classifier, msg,
+	return model_gguf_matrix(m, "output.weight", cfg->vocab_size, dim, &m->classifier, msg,
 				 msg_len);
 }
 
@@ -509,4 +576,65 @@ void skv_model_close(struct skv_model *m)
 	free(m->layers);
 	free(m->path);
 	free(m);
+}
+
+void skv_model_embedding_row(const struct skv_model *m, int32_t row, float *dst)
+{
+	const struct skv_qmat *e = &m->token_embedding;
+	const char *src = (const char *)e->data + (size_t)row * e->row_bytes;
+	if (e->type == SKV_WTYPE_F32)
+		memcpy(dst, src, (size_t)e->cols * sizeof(float));
+	else
+		skv_dequant_row(e->type, src, dst, e->cols); /* the loader checked type and width */
+}
+
+static void model_for_each_matrix(const struct skv_model *m,
+				  void (*fn)(const struct skv_qmat *w, void *arg), void *arg)
+{
+	fn(&m->token_embedding, arg);
+	if (m->classifier.data != m->token_embedding.data)
+		fn(&m->classifier, arg);
+	for (int32_t l = 0; l < m->cfg.n_layers; l++) {
+		const struct skv_layer_weights *w = &m->layers[l];
+		const struct skv_qmat *all[] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2,
+						 &w->w3 };
+		for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+			fn(all[i], arg);
+	}
+}
+
+static void model_add_bytes(const struct skv_qmat *w, void *arg)
+{
+	*(uint64_t *)arg += w->row_bytes * w->rows;
+}
+
+uint64_t skv_model_weight_bytes(const struct skv_model *m)
+{
+	uint64_t bytes = 0;
+	model_for_each_matrix(m, model_add_bytes, &bytes);
+	return bytes;
+}
+
+/* Types seen, as a bit set over ggml numbers (all below 32). */
+static void model_add_type(const struct skv_qmat *w, void *arg)
+{
+	*(uint32_t *)arg |= 1u << (w->type & 31);
+}
+
+void skv_model_types(const struct skv_model *m, char *buf, size_t len)
+{
+	uint32_t seen = 0;
+	size_t used = 0;
+	model_for_each_matrix(m, model_add_type, &seen);
+	if (len)
+		buf[0] = '\0';
+	for (uint32_t t = 0; t < 32 && used < len; t++) {
+		if (!(seen & (1u << t)))
+			continue;
+		int n = snprintf(buf + used, len - used, "%s%s", used ? "+" : "",
+				 skv_wtype_name(t) ? skv_wtype_name(t) : "?");
+		if (n < 0)
+			break;
+		used += (size_t)n;
+	}
 }

@@ -1,5 +1,6 @@
-/* Model weights: llama2.c .bin (legacy 7 x int32 header) and GGUF v3 (architecture llama,
- * F32 tensors). Both are memory-mapped read-only; weight pointers point into the mapping, so
+/* Model weights: llama2.c .bin (legacy 7 x int32 header, float32) and GGUF v3 (architecture
+ * llama; matrices in F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K, per tensor as the file
+ * says; norm vectors F32). Both are memory-mapped read-only; weight pointers point into the mapping, so
  * several processes that open the same file share one copy in the page cache.
  *
  * Thread safety: an opened model is immutable and may be shared by threads. */
@@ -8,6 +9,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "quant.h"
 
 struct skv_gguf;
 
@@ -31,26 +34,29 @@ struct skv_model_config {
 	float rope_theta;    /* RoPE base (10000 for llama2.c models) */
 };
 
-/* All matrices are row-major [rows][cols] float32, out x in, as llama2.c stores them. */
+/* Every matrix is [out][in] row-major as the file stores it (llama2.c's layout), in the file's
+ * weight type (struct skv_qmat: type, shape, data in place in the read-only mapping). Norm
+ * vectors are float32. */
 struct skv_layer_weights {
 	const float *attn_norm; /* [dim] */
-	const float *wq;        /* [dim][dim] */
-	const float *wk;        /* [kv_dim][dim] */
-	const float *wv;        /* [kv_dim][dim] */
-	const float *wo;        /* [dim][dim] */
+	struct skv_qmat wq;     /* [dim][dim] */
+	struct skv_qmat wk;     /* [kv_dim][dim] */
+	struct skv_qmat wv;     /* [kv_dim][dim] */
+	struct skv_qmat wo;     /* [dim][dim] */
 	const float *ffn_norm;  /* [dim] */
-	const float *w1;        /* [hidden_dim][dim]   gate */
-	const float *w2;        /* [dim][hidden_dim]   down */
-	const float *w3;        /* [hidden_dim][dim]   up */
+	struct skv_qmat w1;     /* [hidden_dim][dim]   gate */
+	struct skv_qmat w2;     /* [dim][hidden_dim]   down */
+	struct skv_qmat w3;     /* [hidden_dim][dim]   up */
 };
 
 struct skv_model {
 	enum skv_model_format format;
 	struct skv_model_config cfg;
-	const float *token_embedding;      /* [vocab_size][dim] */
+	struct skv_qmat token_embedding;   /* [vocab_size][dim] */
 	struct skv_layer_weights *layers;  /* [n_layers] */
 	const float *final_norm;           /* [dim] */
-	const float *classifier;           /* [vocab_size][dim]; == token_embedding when tied */
+	struct skv_qmat classifier;        /* [vocab_size][dim]; .data == token_embedding.data
+					    * when tied */
 	struct skv_gguf *gguf;             /* GGUF models: the parsed file (vocabulary lives here) */
 	char *path;
 	const void *map;                   /* llama2.c models: the read-only mapping */
@@ -59,9 +65,19 @@ struct skv_model {
 
 /* Open a model; the format is chosen by the file's magic ("GGUF" or else llama2.c).
  * Errors: -ENOENT and other -errno, -SKV_ETRUNCATED, -SKV_EFORMAT (bad header values,
- * wrong architecture), -SKV_EVERSION, -SKV_EDTYPE (non-F32 tensor), -SKV_ESHAPE (dimensions that
+ * wrong architecture), -SKV_EVERSION, -SKV_EDTYPE (a weight type streamkv does not read, or a norm that is not F32), -SKV_ESHAPE (dimensions that
  * disagree with each other or with the file size). msg: one line naming the path and the fault. */
 int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t msg_len);
 void skv_model_close(struct skv_model *m); /* accepts NULL */
+
+/* Row `row` of the token embedding as float32 into dst[dim] (dequantized per the file's type).
+ * row must be < vocab_size. */
+void skv_model_embedding_row(const struct skv_model *m, int32_t row, float *dst);
+
+/* Bytes of all weights as stored (the resident size of a model used in place). */
+uint64_t skv_model_weight_bytes(const struct skv_model *m);
+
+/* "F32", "Q4_K+Q6_K", ...: the distinct matrix types of the model, for logs. */
+void skv_model_types(const struct skv_model *m, char *buf, size_t len);
 
 #endif

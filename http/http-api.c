@@ -488,6 +488,8 @@ int gw_request_parse(const struct gw_opts *o, const char *model_name, enum gw_ki
 	}
 	if (kind == GW_COMPLETION && (status = api_bool(root, "echo", &r->echo, err)))
 		return status;
+	if ((status = api_bool(root, "ignore_eos", &r->ignore_eos, err)))
+		return status;
 	json_t *conv = api_field(root, "conversation");
 	if (conv) {
 		if (!json_is_string(conv) || !gw_conv_id_valid(json_string_value(conv)))

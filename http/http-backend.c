@@ -771,7 +771,8 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 	j->st = st;
 	if (!err)
 		err = skv_client_stream_generate(st->s, text.data ? text.data : "", text.len,
-						 j->req.max_tokens, 0);
+						 j->req.max_tokens,
+						 j->req.ignore_eos ? SKV_CLIENT_ENDLESS : 0);
 	gw_buf_free(&text);
 	if (err < 0) {
 		snprintf(msg, sizeof(msg), "cannot send the request: %s",

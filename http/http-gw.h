@@ -33,7 +33,8 @@ struct gw_opts {
 	const char *socket_path;
 	char listen_host[64];
 	uint16_t listen_port;
-	char *api_key;                  /* NULL: no authentication */
+	char **api_keys;                /* [n_api_keys]; none: no authentication */
+	size_t n_api_keys;
 	char *model_name;               /* NULL: the daemon's model file name */
 	size_t max_body;
 	unsigned max_concurrent;
@@ -68,6 +69,7 @@ struct gw_request {
 	size_t stop_len[GW_MAX_STOP];
 	int n_stop;
 	int stream, include_usage, echo;
+	int ignore_eos;                 /* vLLM's extension: generate max_tokens whatever comes */
 	char conversation[GW_CONV_ID_MAX + 1]; /* "" : a one-shot stream */
 	int policy;                     /* enum skv_client_policy, -1: the default */
 	int64_t sinks, window;          /* -1: the default */

@@ -117,7 +117,7 @@ static uint64_t srv_key_hash(const char *key)
 static int srv_authorized(struct gw *gw, struct MHD_Connection *conn, uint64_t *key_hash)
 {
 	*key_hash = 0;
-	if (!gw->opts.api_key)
+	if (!gw->opts.n_api_keys)
 		return 1;
 	const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
 						       MHD_HTTP_HEADER_AUTHORIZATION);
@@ -126,15 +126,21 @@ static int srv_authorized(struct gw *gw, struct MHD_Connection *conn, uint64_t *
 	const char *given = auth + 7;
 	while (*given == ' ')
 		given++;
-	const char *want = gw->opts.api_key;
-	size_t gl = strlen(given), wl = strlen(want);
-	unsigned char diff = gl != wl;
-	for (size_t i = 0; i < wl; i++)
-		diff |= (unsigned char)(want[i] ^ (i < gl ? given[i] : 0));
-	if (diff)
-		return 0;
-	*key_hash = srv_key_hash(want);
-	return 1;
+	/* Compare with every key in full: the time taken says nothing about the keys. */
+	size_t gl = strlen(given);
+	int found = 0;
+	for (size_t k = 0; k < gw->opts.n_api_keys; k++) {
+		const char *want = gw->opts.api_keys[k];
+		size_t wl = strlen(want);
+		unsigned char diff = gl != wl;
+		for (size_t i = 0; i < wl; i++)
+			diff |= (unsigned char)(want[i] ^ (i < gl ? given[i] : 0));
+		if (!diff) {
+			found = 1;
+			*key_hash = srv_key_hash(want);
+		}
+	}
+	return found;
 }
 
 /* ---- simple endpoints ------------------------------------------------------------------ */

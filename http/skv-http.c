@@ -46,7 +46,9 @@ static void http_usage(FILE *out)
 		"  --listen ADDR:PORT       where to listen (default 127.0.0.1:8080; [::1]:PORT for\n"
 		"                           IPv6; port 0: any free port, printed at start)\n"
 		"  --api-key KEY            every request but /health needs Authorization: Bearer KEY\n"
-		"  --api-key-file FILE      the key is the first line of FILE\n"
+		"                           (repeat for several keys; a conversation belongs to the\n"
+		"                           key that opened it)\n"
+		"  --api-key-file FILE      keys, one per line (# comments)\n"
 		"  --model-name NAME        the model's id (default: the daemon's model file name\n"
 		"                           without extension)\n"
 		"  --max-body BYTES         largest request body (default 1048576; larger: 413)\n"
@@ -90,19 +92,33 @@ static void http_parse_listen(struct gw_opts *o, const char *text)
 	o->listen_port = (uint16_t)http_parse_int("--listen (port)", colon + 1, 0, 65535);
 }
 
-static char *http_read_key(const char *path)
+static void http_add_key(struct gw_opts *o, const char *key, const char *flag)
+{
+	if (!key[0])
+		http_die(HTTP_EXIT_USAGE, "%s: an empty key", flag);
+	char **keys = realloc(o->api_keys, (o->n_api_keys + 1) * sizeof(*keys));
+	if (!keys || !(keys[o->n_api_keys] = strdup(key)))
+		http_die(1, "out of memory");
+	o->api_keys = keys;
+	o->n_api_keys++;
+}
+
+/* One key per line; blank lines and lines starting with # are skipped. */
+static void http_read_keys(struct gw_opts *o, const char *path)
 {
 	FILE *f = fopen(path, "r");
 	if (!f)
 		http_die(1, "--api-key-file: cannot open %s: %s", path, strerror(errno));
 	char line[1024];
-	if (!fgets(line, sizeof(line), f))
-		http_die(1, "--api-key-file: %s is empty", path);
+	size_t before = o->n_api_keys;
+	while (fgets(line, sizeof(line), f)) {
+		line[strcspn(line, "\r\n")] = '\0';
+		if (line[0] && line[0] != '#')
+			http_add_key(o, line, "--api-key-file");
+	}
 	fclose(f);
-	line[strcspn(line, "\r\n")] = '\0';
-	if (!line[0])
-		http_die(1, "--api-key-file: the first line of %s is empty", path);
-	return strdup(line);
+	if (o->n_api_keys == before)
+		http_die(1, "--api-key-file: %s holds no key", path);
 }
 
 enum {
@@ -150,20 +166,14 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 	o->max_window = 4096;
 	o->max_sink = 64;
 	o->tmpl = gw_template_find("story");
-	int key_given = 0, c;
+	int c;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":h", http_long_opts, NULL)) != -1) {
 		switch (c) {
 		case OPT_SOCKET: o->socket_path = optarg; break;
 		case OPT_LISTEN: http_parse_listen(o, optarg); break;
-		case OPT_API_KEY:
-		case OPT_API_KEY_FILE:
-			if (key_given++)
-				http_die(HTTP_EXIT_USAGE, "give one of --api-key and --api-key-file");
-			o->api_key = c == OPT_API_KEY ? strdup(optarg) : http_read_key(optarg);
-			if (!o->api_key[0])
-				http_die(HTTP_EXIT_USAGE, "--api-key: the key is empty");
-			break;
+		case OPT_API_KEY: http_add_key(o, optarg, "--api-key"); break;
+		case OPT_API_KEY_FILE: http_read_keys(o, optarg); break;
 		case OPT_MODEL_NAME:
 			if (!optarg[0] || strlen(optarg) >= GW_MODEL_NAME_MAX)
 				http_die(HTTP_EXIT_USAGE, "--model-name: give 1 to %d bytes",
@@ -263,6 +273,8 @@ int main(int argc, char **argv)
 	MHD_quiesce_daemon(d);
 	gw_backend_stop(&gw);
 	MHD_stop_daemon(d);
-	free(gw.opts.api_key);
+	for (size_t i = 0; i < gw.opts.n_api_keys; i++)
+		free(gw.opts.api_keys[i]);
+	free(gw.opts.api_keys);
 	return 0;
 }

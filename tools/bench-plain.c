@@ -1,4 +1,5 @@
 #include "bench-plain.h"
+#include "skv-error.h"
 
 #include <errno.h>
 #include <math.h>
@@ -32,15 +33,15 @@ void naive_forward(struct naive *nv, int32_t token, int pos)
 	const struct skv_model_config *c = &nv->m->cfg;
 	int dim = c->dim, kv_dim = c->kv_dim, hs = c->head_size, hid = c->hidden_dim;
 	int kv_mul = c->n_heads / c->n_kv_heads;
-	memcpy(nv->x, nv->m->token_embedding + (size_t)token * dim, (size_t)dim * sizeof(float));
+	memcpy(nv->x, skv_qmat_f32(&nv->m->token_embedding) + (size_t)token * dim, (size_t)dim * sizeof(float));
 	for (int l = 0; l < c->n_layers; l++) {
 		const struct skv_layer_weights *w = &nv->m->layers[l];
 		float *kc = nv->key_cache + ((size_t)l * nv->cache_len + pos) * kv_dim;
 		float *vc = nv->value_cache + ((size_t)l * nv->cache_len + pos) * kv_dim;
 		naive_rmsnorm(nv->xb, nv->x, w->attn_norm, dim, c->norm_eps);
-		naive_matmul(nv->q, nv->xb, w->wq, dim, dim);
-		naive_matmul(kc, nv->xb, w->wk, dim, kv_dim);
-		naive_matmul(vc, nv->xb, w->wv, dim, kv_dim);
+		naive_matmul(nv->q, nv->xb, skv_qmat_f32(&w->wq), dim, dim);
+		naive_matmul(kc, nv->xb, skv_qmat_f32(&w->wk), dim, kv_dim);
+		naive_matmul(vc, nv->xb, skv_qmat_f32(&w->wv), dim, kv_dim);
 		for (int i = 0; i < dim; i += 2) {
 			float freq = 1.0f / powf(10000.0f, (float)(i % hs) / (float)hs);
 			float fcr = cosf(pos * freq), fci = sinf(pos * freq);
@@ -78,27 +79,32 @@ void naive_forward(struct naive *nv, int32_t token, int pos)
 					xb[i] += a * v[i];
 			}
 		}
-		naive_matmul(nv->xb2, nv->xb, w->wo, dim, dim);
+		naive_matmul(nv->xb2, nv->xb, skv_qmat_f32(&w->wo), dim, dim);
 		for (int i = 0; i < dim; i++)
 			nv->x[i] += nv->xb2[i];
 		naive_rmsnorm(nv->xb, nv->x, w->ffn_norm, dim, c->norm_eps);
-		naive_matmul(nv->hb, nv->xb, w->w1, dim, hid);
-		naive_matmul(nv->hb2, nv->xb, w->w3, dim, hid);
+		naive_matmul(nv->hb, nv->xb, skv_qmat_f32(&w->w1), dim, hid);
+		naive_matmul(nv->hb2, nv->xb, skv_qmat_f32(&w->w3), dim, hid);
 		for (int i = 0; i < hid; i++) {
 			float val = nv->hb[i];
 			nv->hb[i] = val * (1.0f / (1.0f + expf(-val))) * nv->hb2[i];
 		}
-		naive_matmul(nv->xb, nv->hb, w->w2, hid, dim);
+		naive_matmul(nv->xb, nv->hb, skv_qmat_f32(&w->w2), hid, dim);
 		for (int i = 0; i < dim; i++)
 			nv->x[i] += nv->xb[i];
 	}
 	naive_rmsnorm(nv->x, nv->x, nv->m->final_norm, dim, c->norm_eps);
-	naive_matmul(nv->logits, nv->x, nv->m->classifier, dim, c->vocab_size);
+	naive_matmul(nv->logits, nv->x, skv_qmat_f32(&nv->m->classifier), dim, c->vocab_size);
 }
 
 int naive_init(struct naive *nv, const struct skv_model *m, int cache_len)
 {
 	const struct skv_model_config *c = &m->cfg;
+	char types[64];
+	skv_model_types(m, types, sizeof(types));
+	/* The plain-C baseline is llama2.c's float32 loop: it reads F32 models only. */
+	if (strcmp(types, "F32"))
+		return -SKV_EDTYPE;
 	nv->m = m;
 	nv->cache_len = cache_len;
 	nv->x = calloc((size_t)c->dim, sizeof(float));

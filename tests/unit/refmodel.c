@@ -1,4 +1,5 @@
 #include "refmodel.h"
+#include "quant.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -6,14 +7,20 @@
 
 #include "model.h"
 
-static void ref_matvec(double *out, const double *x, const float *w, int n_in, int n_out)
+/* Any weight type: each row dequantized by the scalar reference (quant.h), then in double. */
+static void ref_matvec(double *out, const double *x, const struct skv_qmat *w, int n_in,
+		       int n_out)
 {
+	float *row = malloc((size_t)n_in * sizeof(float));
 	for (int i = 0; i < n_out; i++) {
+		skv_dequant_row(w->type, (const char *)w->data + (size_t)i * w->row_bytes, row,
+				(uint64_t)n_in);
 		double acc = 0.0;
 		for (int j = 0; j < n_in; j++)
-			acc += (double)w[(size_t)i * n_in + j] * x[j];
+			acc += (double)row[j] * x[j];
 		out[i] = acc;
 	}
+	free(row);
 }
 
 static void ref_rmsnorm(double *out, const double *x, const float *w, int n, double eps)
@@ -105,16 +112,19 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 	double *tmp = calloc(dim, sizeof(double)), *hb = calloc(hid, sizeof(double));
 	double *hb2 = calloc(hid, sizeof(double)), *kr = calloc(kv_dim, sizeof(double));
 	double *qr = calloc(dim, sizeof(double)), *scores = calloc(n_cache, sizeof(double));
+	float *embd = malloc((size_t)dim * sizeof(float));
+	skv_model_embedding_row(r->m, token, embd);
 	for (int i = 0; i < dim; i++)
-		x[i] = r->m->token_embedding[(size_t)token * dim + i];
+		x[i] = embd[i];
+	free(embd);
 
 	for (int l = 0; l < c->n_layers; l++) {
 		const struct skv_layer_weights *w = &r->m->layers[l];
 		float *kc = r->k + (size_t)l * slots * kv_dim, *vc = r->v + (size_t)l * slots * kv_dim;
 		ref_rmsnorm(xb, x, w->attn_norm, dim, c->norm_eps);
-		ref_matvec(q, xb, w->wq, dim, dim);
-		ref_matvec(k, xb, w->wk, dim, kv_dim);
-		ref_matvec(v, xb, w->wv, dim, kv_dim);
+		ref_matvec(q, xb, &w->wq, dim, dim);
+		ref_matvec(k, xb, &w->wk, dim, kv_dim);
+		ref_matvec(v, xb, &w->wv, dim, kv_dim);
 		for (int i = 0; i < kv_dim; i++) {
 			kc[(size_t)slot * kv_dim + i] = (float)k[i];
 			vc[(size_t)slot * kv_dim + i] = (float)v[i];
@@ -151,21 +161,21 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 				att_out[h * hs + d] = acc;
 			}
 		}
-		ref_matvec(tmp, att_out, w->wo, dim, dim);
+		ref_matvec(tmp, att_out, &w->wo, dim, dim);
 		for (int i = 0; i < dim; i++)
 			x[i] += tmp[i];
 		ref_rmsnorm(xb, x, w->ffn_norm, dim, c->norm_eps);
-		ref_matvec(hb, xb, w->w1, dim, hid);
-		ref_matvec(hb2, xb, w->w3, dim, hid);
+		ref_matvec(hb, xb, &w->w1, dim, hid);
+		ref_matvec(hb2, xb, &w->w3, dim, hid);
 		for (int i = 0; i < hid; i++)
 			hb[i] = hb[i] / (1.0 + exp(-hb[i])) * hb2[i];
-		ref_matvec(tmp, hb, w->w2, hid, dim);
+		ref_matvec(tmp, hb, &w->w2, hid, dim);
 		for (int i = 0; i < dim; i++)
 			x[i] += tmp[i];
 	}
 	ref_rmsnorm(xb, x, r->m->final_norm, dim, c->norm_eps);
 	double *out = calloc(c->vocab_size, sizeof(double));
-	ref_matvec(out, xb, r->m->classifier, dim, c->vocab_size);
+	ref_matvec(out, xb, &r->m->classifier, dim, c->vocab_size);
 	for (int i = 0; i < c->vocab_size; i++)
 		logits[i] = (float)out[i];
 

@@ -14,6 +14,9 @@
 #include <string.h>
 #include <unistd.h>
 
+/* A model matrix stored as F32, as a float pointer. */
+#define W(mat) ((const float *)(mat).data)
+
 #define BIN_FILE "stories260K.bin"
 #define GGUF_FILE "stories260K.gguf"
 #define BIN_FILE_BYTES 1056540u
@@ -109,17 +112,17 @@ Test(model, bin_loads_with_exact_config)
 
 	/* llama2.c order: embedding, rms_att[L], wq[L], ... with this model's sizes. */
 	const size_t d = 64, h = 172, kv = 32, L = 5, vocab = 512, seq = 512;
-	cr_assert_eq(m->token_embedding, base);
+	cr_assert_eq(W(m->token_embedding), base);
 	cr_assert_eq(m->layers[0].attn_norm, base + vocab * d);
 	cr_assert_eq(m->layers[1].attn_norm, base + vocab * d + d);
-	cr_assert_eq(m->layers[0].wq, base + vocab * d + L * d);
-	cr_assert_eq(m->layers[4].w3 + h * d,
+	cr_assert_eq(W(m->layers[0].wq), base + vocab * d + L * d);
+	cr_assert_eq(W(m->layers[4].w3) + h * d,
 		     base + vocab * d + 2 * L * d + 2 * L * d * d + 2 * L * kv * d + 3 * L * h * d);
-	cr_assert_eq(m->final_norm, m->layers[4].w3 + h * d);
+	cr_assert_eq(m->final_norm, W(m->layers[4].w3) + h * d);
 	/* rms_final, then the two freq_cis tables fill the file exactly. */
 	cr_assert_eq((const char *)(m->final_norm + d + seq * 8), (const char *)m->map + m->map_size);
 	/* vocab_size > 0: the classifier is the embedding. */
-	cr_assert_eq(m->classifier, m->token_embedding);
+	cr_assert_eq(W(m->classifier), W(m->token_embedding));
 	skv_model_close(m);
 }
 
@@ -138,8 +141,8 @@ Test(model, gguf_loads_with_the_same_config)
 	cr_assert_null(m->map);
 	/* This GGUF stores output.weight explicitly (a copy of the embedding). */
 	cr_assert_not_null(skv_gguf_find_tensor(m->gguf, "output.weight"));
-	cr_assert_neq(m->classifier, m->token_embedding);
-	cr_assert(memcmp(m->classifier, m->token_embedding, 512 * 64 * sizeof(float)) == 0);
+	cr_assert_neq(W(m->classifier), W(m->token_embedding));
+	cr_assert(memcmp(W(m->classifier), W(m->token_embedding), 512 * 64 * sizeof(float)) == 0);
 	skv_model_close(m);
 }
 
@@ -153,7 +156,7 @@ static const float *bin_tensor(const struct skv_model *bin, const char *name, si
 
 	if (!strcmp(name, "token_embd.weight") || !strcmp(name, "output.weight")) {
 		*count = (size_t)c->vocab_size * d;
-		return !strcmp(name, "output.weight") ? bin->classifier : bin->token_embedding;
+		return !strcmp(name, "output.weight") ? W(bin->classifier) : W(bin->token_embedding);
 	}
 	if (!strcmp(name, "output_norm.weight")) {
 		*count = d;
@@ -168,11 +171,11 @@ static const float *bin_tensor(const struct skv_model *bin, const char *name, si
 		const float *data;
 		size_t count;
 	} table[] = {
-		{ "attn_norm", lw->attn_norm, d },  { "attn_q", lw->wq, d * d },
-		{ "attn_k", lw->wk, kv * d },       { "attn_v", lw->wv, kv * d },
-		{ "attn_output", lw->wo, d * d },   { "ffn_norm", lw->ffn_norm, d },
-		{ "ffn_gate", lw->w1, h * d },      { "ffn_down", lw->w2, d * h },
-		{ "ffn_up", lw->w3, h * d },
+		{ "attn_norm", lw->attn_norm, d },  { "attn_q", W(lw->wq), d * d },
+		{ "attn_k", W(lw->wk), kv * d },       { "attn_v", W(lw->wv), kv * d },
+		{ "attn_output", W(lw->wo), d * d },   { "ffn_norm", lw->ffn_norm, d },
+		{ "ffn_gate", W(lw->w1), h * d },      { "ffn_down", W(lw->w2), d * h },
+		{ "ffn_up", W(lw->w3), h * d },
 	};
 	for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
 		if (!strcmp(suffix, table[i].suffix)) {
@@ -207,20 +210,20 @@ Test(model, every_tensor_equals_between_formats)
 
 	/* And the model structs agree pointer by pointer in content. */
 	const size_t d = 64, h = 172, kv = 32;
-	cr_assert(!memcmp(bin->token_embedding, gguf->token_embedding, 512 * d * sizeof(float)));
-	cr_assert(!memcmp(bin->classifier, gguf->classifier, 512 * d * sizeof(float)));
+	cr_assert(!memcmp(W(bin->token_embedding), W(gguf->token_embedding), 512 * d * sizeof(float)));
+	cr_assert(!memcmp(W(bin->classifier), W(gguf->classifier), 512 * d * sizeof(float)));
 	cr_assert(!memcmp(bin->final_norm, gguf->final_norm, d * sizeof(float)));
 	for (int l = 0; l < 5; l++) {
 		const struct skv_layer_weights *a = &bin->layers[l], *b = &gguf->layers[l];
 		cr_assert(!memcmp(a->attn_norm, b->attn_norm, d * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->wq, b->wq, d * d * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->wk, b->wk, kv * d * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->wv, b->wv, kv * d * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->wo, b->wo, d * d * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->wq), W(b->wq), d * d * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->wk), W(b->wk), kv * d * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->wv), W(b->wv), kv * d * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->wo), W(b->wo), d * d * sizeof(float)), "layer %d", l);
 		cr_assert(!memcmp(a->ffn_norm, b->ffn_norm, d * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->w1, b->w1, h * d * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->w2, b->w2, d * h * sizeof(float)), "layer %d", l);
-		cr_assert(!memcmp(a->w3, b->w3, h * d * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->w1), W(b->w1), h * d * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->w2), W(b->w2), d * h * sizeof(float)), "layer %d", l);
+		cr_assert(!memcmp(W(a->w3), W(b->w3), h * d * sizeof(float)), "layer %d", l);
 	}
 	skv_model_close(gguf);
 	skv_model_close(bin);
@@ -238,7 +241,7 @@ Test(model, gguf_without_output_is_tied)
 	hit[5] = 'x';
 	struct skv_model *m = open_ok(tu_write_scratch("tied.gguf", buf, len));
 	cr_assert_null(skv_gguf_find_tensor(m->gguf, "output.weight"));
-	cr_assert_eq(m->classifier, m->token_embedding);
+	cr_assert_eq(W(m->classifier), W(m->token_embedding));
 	skv_model_close(m);
 	free(buf);
 }
@@ -264,9 +267,9 @@ Test(model, bin_with_separate_classifier)
 		cls[i] = (float)i;
 	struct skv_model *m = open_ok(tu_write_scratch("sep.bin", bigger, len + classifier_bytes));
 	cr_assert_eq(m->cfg.vocab_size, 512);
-	cr_assert_neq(m->classifier, m->token_embedding);
-	cr_assert_eq((const char *)m->classifier, (const char *)m->map + len);
-	cr_assert_eq(m->classifier[511 * 64 + 63], (float)(511 * 64 + 63));
+	cr_assert_neq(W(m->classifier), W(m->token_embedding));
+	cr_assert_eq((const char *)W(m->classifier), (const char *)m->map + len);
+	cr_assert_eq(W(m->classifier)[511 * 64 + 63], (float)(511 * 64 + 63));
 	skv_model_close(m);
 	free(bigger);
 	free(buf);
