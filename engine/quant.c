@@ -419,35 +419,36 @@ static void quant_q4_0(const float *src, struct skv_block_q4_0 *blocks, uint64_t
 	}
 }
 
-/* The scale searches of the K-quants run all sub-blocks of a block at once, sub-block s in
- * lane s of a vector (GCC vector extensions; the compiler splits them to the machine's width).
- * Each lane performs exactly the scalar sequence of float operations of ggml's code -- the sums
- * still run over the weights in order, only the sub-blocks are interleaved -- so the results
- * are the scalar results bit for bit (tests/unit/quant-ref.c keeps the scalar statement, and
+/* The scale searches of the K-quants run four sub-blocks at a time, sub-block s in lane s of a
+ * 16-byte vector (GCC vector extensions; native SSE2 on every x86-64, NEON on aarch64). Each
+ * lane performs exactly the scalar sequence of float operations of ggml's code -- the sums still
+ * run over the weights in order, only the sub-blocks are interleaved -- so the results are the
+ * scalar results bit for bit (tests/unit/quant-ref.c keeps the scalar statement, and
  * test-quant compares the two). A branch of the scalar code becomes a select per lane; lanes
- * that ggml returns early from compute garbage that is then discarded. */
-#define QUANT_LANES 4 /* 16-byte vectors: native on every x86-64 (SSE2) and on aarch64 */
+ * that ggml returns early from compute values that are then discarded. */
+#define QUANT_LANES 4
 typedef float quant_vf __attribute__((vector_size(4 * QUANT_LANES)));
 typedef int32_t quant_vi __attribute__((vector_size(4 * QUANT_LANES)));
 
-/* nearest_int per lane; mask ? a : b per lane for int (I) and float (F) vectors of type vf/vi;
- * fabsf per lane */
-#define QUANT_V_NEAREST(vi, f) ((((vi)((f) + 12582912.f)) & 0x007fffff) - 0x00400000)
+/* per lane: nearest_int; mask ? a : b for int (I) and float (F) vectors; fabsf; clamp */
+#define QUANT_V_NEAREST(f) ((((quant_vi)((f) + 12582912.f)) & 0x007fffff) - 0x00400000)
 #define QUANT_V_SELI(mask, a, b) (((mask) & (a)) | (~(mask) & (b)))
-#define QUANT_V_SELF(vf, vi, mask, a, b) \
-	((vf)(((mask) & (vi)(a)) | (~(mask) & (vi)(b))))
-#define QUANT_V_FABS(vf, vi, f) ((vf)((vi)(f) & 0x7fffffff))
-/* weight i of each of the lanes' sub-blocks of n weights */
-#define QUANT_V_GATHER(x, n, i) ((quant_vf){ (x)[i], (x)[(n) + (i)], (x)[2 * (n) + (i)], (x)[3 * (n) + (i)] })
+#define QUANT_V_SELF(mask, a, b) \
+	((quant_vf)(((mask) & (quant_vi)(a)) | (~(mask) & (quant_vi)(b))))
+#define QUANT_V_FABS(f) ((quant_vf)((quant_vi)(f) & 0x7fffffff))
+#define QUANT_V_CLAMP(l, lo, hi) \
+	QUANT_V_SELI((l) > (hi), (quant_vi){ 0 } + (hi), \
+		     QUANT_V_SELI((l) < (lo), (quant_vi){ 0 } + (lo), (l)))
+/* weight i of each lane's sub-block, the sub-blocks n weights apart */
+#define QUANT_V_GATHER(x, n, i) \
+	((quant_vf){ (x)[i], (x)[(n) + (i)], (x)[2 * (n) + (i)], (x)[3 * (n) + (i)] })
 _Static_assert(QUANT_LANES == 4, "QUANT_V_GATHER fills four lanes");
-#define QUANT_V_CLAMP(vi, l, lo, hi) \
-	QUANT_V_SELI((l) > (hi), (vi){ 0 } + (hi), QUANT_V_SELI((l) < (lo), (vi){ 0 } + (lo), (l)))
 
 /* ggml's make_qkx2_quants (use_mad false, nstep >= 1) for QUANT_LANES sub-blocks of 32
- * weights of x, with ggml's weights for no importance matrix (av_x + |x|, av_x the sub-block's RMS).
- * Levels in [0, nmax] with x ~ scale * L - min. Starting from the min/max fit it tries
- * nstep + 1 slightly different level spacings (nmax + rmin + rdelta * is), solves the
- * weighted least squares for scale and min of each, and keeps the one of least weighted
+ * weights of x, with ggml's weights for no importance matrix (av_x + |x|, av_x the
+ * sub-block's RMS). Levels in [0, nmax] with x ~ scale * L - min. Starting from the min/max
+ * fit it tries nstep + 1 slightly different level spacings (nmax + rmin + rdelta * is), solves
+ * the weighted least squares for scale and min of each, and keeps the one of least weighted
  * squared error (strictly less only). scales[s], mins[s] (non-negative) and L[32 s + i]. */
 static void quant_qkx2_lanes(const float *x, int nmax, float rmin, float rdelta, int nstep,
 			     float *scales, float *mins, uint8_t *L)
@@ -463,27 +464,26 @@ static void quant_qkx2_lanes(const float *x, int nmax, float rmin, float rdelta,
 	for (unsigned s = 0; s < QUANT_LANES; s++)
 		av_x[s] = sqrtf(sum_x2[s] / 32);
 	for (unsigned i = 0; i < 32; i++)
-		wt[i] = av_x + QUANT_V_FABS(quant_vf, quant_vi, xt[i]);
+		wt[i] = av_x + QUANT_V_FABS(xt[i]);
 
 	quant_vf min = xt[0], max = xt[0];
 	quant_vf sum_w = wt[0];
 	quant_vf sum_x = sum_w * xt[0];
 	for (unsigned i = 1; i < 32; i++) {
-		min = QUANT_V_SELF(quant_vf, quant_vi, xt[i] < min, xt[i], min);
-		max = QUANT_V_SELF(quant_vf, quant_vi, xt[i] > max, xt[i], max);
+		min = QUANT_V_SELF(xt[i] < min, xt[i], min);
+		max = QUANT_V_SELF(xt[i] > max, xt[i], max);
 		sum_w += wt[i];
 		sum_x += wt[i] * xt[i];
 	}
 	const quant_vf zero = { 0 };
-	min = QUANT_V_SELF(quant_vf, quant_vi, min > 0, zero, min);
+	min = QUANT_V_SELF(min > 0, zero, min);
 	const quant_vi flat = max == min;
 
 	quant_vf iscale = (float)nmax / (max - min);
 	quant_vf scale = 1.0f / iscale;
 	quant_vf best_error = zero;
 	for (unsigned i = 0; i < 32; i++) {
-		lt[i] = QUANT_V_CLAMP(quant_vi, QUANT_V_NEAREST(quant_vi, iscale * (xt[i] - min)),
-				      0, nmax);
+		lt[i] = QUANT_V_CLAMP(QUANT_V_NEAREST(iscale * (xt[i] - min)), 0, nmax);
 		const quant_vf diff = scale * __builtin_convertvector(lt[i], quant_vf) + min - xt[i];
 		best_error += wt[i] * (diff * diff);
 	}
@@ -493,9 +493,7 @@ static void quant_qkx2_lanes(const float *x, int nmax, float rmin, float rdelta,
 		iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
 		quant_vf sum_l = zero, sum_l2 = zero, sum_xl = zero;
 		for (unsigned i = 0; i < 32; i++) {
-			lt_try[i] = QUANT_V_CLAMP(quant_vi,
-						  QUANT_V_NEAREST(quant_vi, iscale * (xt[i] - min)), 0,
-						  nmax);
+			lt_try[i] = QUANT_V_CLAMP(QUANT_V_NEAREST(iscale * (xt[i] - min)), 0, nmax);
 			const quant_vf l = __builtin_convertvector(lt_try[i], quant_vf);
 			sum_l += wt[i] * l;
 			sum_l2 += wt[i] * l * l;
@@ -505,8 +503,8 @@ static void quant_qkx2_lanes(const float *x, int nmax, float rmin, float rdelta,
 		quant_vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
 		quant_vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
 		const quant_vi positive = this_min > 0;
-		this_min = QUANT_V_SELF(quant_vf, quant_vi, positive, zero, this_min);
-		this_scale = QUANT_V_SELF(quant_vf, quant_vi, positive, sum_xl / sum_l2, this_scale);
+		this_min = QUANT_V_SELF(positive, zero, this_min);
+		this_scale = QUANT_V_SELF(positive, sum_xl / sum_l2, this_scale);
 		quant_vf error = zero;
 		for (unsigned i = 0; i < 32; i++) {
 			const quant_vf diff =
@@ -516,9 +514,9 @@ static void quant_qkx2_lanes(const float *x, int nmax, float rmin, float rdelta,
 		const quant_vi better = (D > 0) & (error < best_error);
 		for (unsigned i = 0; i < 32; i++)
 			lt[i] = QUANT_V_SELI(better, lt_try[i], lt[i]);
-		best_error = QUANT_V_SELF(quant_vf, quant_vi, better, error, best_error);
-		scale = QUANT_V_SELF(quant_vf, quant_vi, better, this_scale, scale);
-		min = QUANT_V_SELF(quant_vf, quant_vi, better, this_min, min);
+		best_error = QUANT_V_SELF(better, error, best_error);
+		scale = QUANT_V_SELF(better, this_scale, scale);
+		min = QUANT_V_SELF(better, this_min, min);
 	}
 
 	for (unsigned s = 0; s < QUANT_LANES; s++) {
@@ -546,26 +544,24 @@ static void quant_qx_lanes(const float *x, float *scales, int8_t *L)
 	for (unsigned i = 0; i < 16; i++)
 		xt[i] = QUANT_V_GATHER(x, 16, i);
 	for (unsigned i = 0; i < 16; i++) {
-		const quant_vf ax = QUANT_V_FABS(quant_vf, quant_vi, xt[i]);
+		const quant_vf ax = QUANT_V_FABS(xt[i]);
 		const quant_vi larger = ax > amax;
-		amax = QUANT_V_SELF(quant_vf, quant_vi, larger, ax, amax);
-		max = QUANT_V_SELF(quant_vf, quant_vi, larger, xt[i], max);
+		amax = QUANT_V_SELF(larger, ax, amax);
+		max = QUANT_V_SELF(larger, xt[i], max);
 	}
 	const quant_vi all_zero = amax < QUANT_GROUP_MAX_EPS;
 
 	quant_vf iscale = (float)-nmax / max;
 	quant_vf sumlx = zero, suml2 = zero;
 	for (unsigned i = 0; i < 16; i++) {
-		const quant_vi l = QUANT_V_CLAMP(quant_vi,
-						   QUANT_V_NEAREST(quant_vi, iscale * xt[i]), -nmax,
-						   nmax - 1);
+		const quant_vi l = QUANT_V_CLAMP(QUANT_V_NEAREST(iscale * xt[i]), -nmax, nmax - 1);
 		lt[i] = l + nmax;
 		const quant_vf w = xt[i] * xt[i];
 		const quant_vf lf = __builtin_convertvector(l, quant_vf);
 		sumlx += w * xt[i] * lf;
 		suml2 += w * lf * lf;
 	}
-	quant_vf scale = QUANT_V_SELF(quant_vf, quant_vi, suml2 != 0, sumlx / suml2, zero);
+	quant_vf scale = QUANT_V_SELF(suml2 != 0, sumlx / suml2, zero);
 	quant_vf best = scale * sumlx;
 
 	for (int is = -9; is <= 9; is++) {
@@ -574,9 +570,8 @@ static void quant_qx_lanes(const float *x, float *scales, int8_t *L)
 		iscale = -((float)nmax + 0.1f * (float)is) / max;
 		sumlx = suml2 = zero;
 		for (unsigned i = 0; i < 16; i++) {
-			const quant_vi l = QUANT_V_CLAMP(quant_vi,
-							   QUANT_V_NEAREST(quant_vi, iscale * xt[i]),
-							   -nmax, nmax - 1);
+			const quant_vi l =
+				QUANT_V_CLAMP(QUANT_V_NEAREST(iscale * xt[i]), -nmax, nmax - 1);
 			lt_try[i] = l + nmax;
 			const quant_vf w = xt[i] * xt[i];
 			const quant_vf lf = __builtin_convertvector(l, quant_vf);
@@ -587,8 +582,8 @@ static void quant_qx_lanes(const float *x, float *scales, int8_t *L)
 		const quant_vf new_scale = sumlx / suml2;
 		for (unsigned i = 0; i < 16; i++)
 			lt[i] = QUANT_V_SELI(better, lt_try[i], lt[i]);
-		scale = QUANT_V_SELF(quant_vf, quant_vi, better, new_scale, scale);
-		best = QUANT_V_SELF(quant_vf, quant_vi, better, new_scale * sumlx, best);
+		scale = QUANT_V_SELF(better, new_scale, scale);
+		best = QUANT_V_SELF(better, new_scale * sumlx, best);
 	}
 
 	for (unsigned s = 0; s < QUANT_LANES; s++) {
