@@ -177,9 +177,10 @@ int skv_client_opts_abs_positions(skv_client_opts *o, int on)
 
 int skv_client_opts_kv(skv_client_opts *o, enum skv_client_kv kv)
 {
-	if (kv != SKV_CLIENT_KV_F32 && kv != SKV_CLIENT_KV_F16)
+	if (kv != SKV_CLIENT_KV_F32 && kv != SKV_CLIENT_KV_F16 && kv != SKV_CLIENT_KV_Q8)
 		return -EINVAL;
-	_Static_assert(SKV_CLIENT_KV_F32 == SKV_KV_DTYPE_F32 && SKV_CLIENT_KV_F16 == SKV_KV_DTYPE_F16,
+	_Static_assert(SKV_CLIENT_KV_F32 == SKV_KV_DTYPE_F32 && SKV_CLIENT_KV_F16 == SKV_KV_DTYPE_F16 &&
+			       SKV_CLIENT_KV_Q8 == SKV_KV_DTYPE_Q8,
 		       "the wire carries these values");
 	o->p.kv_dtype = (uint16_t)kv;
 	return 0;

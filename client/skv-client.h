@@ -109,6 +109,8 @@ enum skv_client_kv {
 	SKV_CLIENT_KV_F32 = 1,    /* float32 keys and values (default; exact) */
 	SKV_CLIENT_KV_F16 = 2,    /* half precision: half the memory and half the memory traffic
 				   * of attention, results within rounding of float32 */
+	SKV_CLIENT_KV_Q8 = 3,     /* int8 with a float32 scale per slot and kv head: about a
+				   * quarter of float32's bytes (head_size + 4 per head and slot) */
 };
 int skv_client_opts_kv(skv_client_opts *o, enum skv_client_kv kv);
 /* temperature 0: greedy; top_p in (0, 1]: nucleus sampling when temperature > 0. */

@@ -80,7 +80,8 @@ static void skv_usage(FILE *out)
 	      "  --limit N           dense: most tokens the cache may hold (default 16384)\n"
 	      "  --evict MODE        token (default) or prompt: free room for prompt + answer at once\n"
 	      "  --positions MODE    cache (default) or abs: where the sinks see the query\n"
-	      "  --kv TYPE           f32 (default, exact) or f16: keys and values in half precision\n"
+	      "  --kv TYPE           f32 (default, exact), f16 (half precision) or q8 (int8 with a\n"
+	      "                      scale per slot and head): the element type of keys and values\n"
 	      "generate:\n"
 	      "  -n N                tokens to generate (default 256)\n"
 	      "  --temp T            temperature, 0 = greedy (default 1.0)\n"
@@ -242,8 +243,10 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 				o->policy.kv_dtype = SKV_KV_DTYPE_F32;
 			else if (!strcmp(optarg, "f16"))
 				o->policy.kv_dtype = SKV_KV_DTYPE_F16;
+			else if (!strcmp(optarg, "q8"))
+				o->policy.kv_dtype = SKV_KV_DTYPE_Q8;
 			else
-				skv_die(SKV_EXIT_USAGE, "--kv: '%s' is not f32 or f16", optarg);
+				skv_die(SKV_EXIT_USAGE, "--kv: '%s' is not f32, f16 or q8", optarg);
 			break;
 		case 'n':
 			o->given |= SKV_FLAG_STEPS;
@@ -567,7 +570,7 @@ static void skv_print_ppl(const struct skv_opts *o, double ppl, size_t predictio
 		       "\"window\": %lld, \"positions\": \"%s\", \"kv\": \"%s\"}\n",
 		       ppl, predictions, skv_policy_name(kind), (long long)sinks, (long long)window,
 		       abs_positions ? "abs" : "cache",
-		       o->policy.kv_dtype == SKV_KV_DTYPE_F16 ? "f16" : "f32");
+		       skv_kv_dtype_name(o->policy.kv_dtype ? o->policy.kv_dtype : SKV_KV_DTYPE_F32));
 	else
 		printf("ppl %.4f over %zu tokens (policy %s, %lld sinks, window %lld)\n", ppl,
 		       predictions, skv_policy_name(kind), (long long)sinks, (long long)window);

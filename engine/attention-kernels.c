@@ -24,14 +24,26 @@ ATTN_INLINE attn_vf attn_load(const float *p)
 	return *(const attn_vf_u *)p;
 }
 
-/* 16 KV elements from element index idx of a plane: float32, or half precision (f16 != 0, a
- * constant at each call) widened to float32 (one vcvtph2ps on AVX-512). */
+/* 16 KV elements from element index idx of a plane of element type kind (ATTN_KV_*, a
+ * constant at each call): float32; half precision widened to float32 (one vcvtph2ps on
+ * AVX-512); or int8 codes widened to float32 (vpmovsxbd + vcvtdq2ps), still unscaled: the q8
+ * callers fold the slot's scale into the score or the probability, once per slot. */
 typedef _Float16 attn_vh_u __attribute__((vector_size(ATTN_LANES * 2), aligned(2)));
+typedef int8_t attn_vb_u __attribute__((vector_size(ATTN_LANES), aligned(1)));
 
-ATTN_INLINE attn_vf attn_load_kv(const void *plane, size_t idx, int f16)
+ATTN_INLINE attn_vf attn_load_kv(const void *plane, size_t idx, int kind)
 {
-	if (!f16)
+	if (kind == ATTN_KV_F32)
 		return attn_load((const float *)plane + idx);
+	if (kind == ATTN_KV_Q8) {
+		const int8_t *p = (const int8_t *)plane + idx;
+#if defined(__AVX512F__)
+		return (attn_vf)_mm512_cvtepi32_ps(
+			_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+		return __builtin_convertvector(*(const attn_vb_u *)p, attn_vf);
+#endif
+	}
 	const _Float16 *p = (const _Float16 *)plane + idx;
 #if defined(__AVX512F__)
 	return (attn_vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
@@ -40,10 +52,19 @@ ATTN_INLINE attn_vf attn_load_kv(const void *plane, size_t idx, int f16)
 #endif
 }
 
-ATTN_INLINE void attn_prefetch_kv(const void *plane, size_t idx, int f16)
+ATTN_INLINE size_t attn_elem_bytes(int kind)
 {
-	__builtin_prefetch(f16 ? (const void *)((const _Float16 *)plane + idx)
-			       : (const void *)((const float *)plane + idx), 0, 2);
+	return kind == ATTN_KV_F32 ? 4 : kind == ATTN_KV_F16 ? 2 : 1;
+}
+
+/* Prefetch the line holding element idx. A q8 block of 16 slots is a quarter of a line (and
+ * never straddles one, kv-layout.h), so only the block that starts a line asks for it. */
+ATTN_INLINE void attn_prefetch_kv(const void *plane, size_t idx, int kind)
+{
+	const char *at = (const char *)plane + idx * attn_elem_bytes(kind);
+	if (kind == ATTN_KV_Q8 && ((uintptr_t)at & 63))
+		return;
+	__builtin_prefetch(at, 0, 2);
 }
 
 ATTN_INLINE void attn_store(float *p, attn_vf v)
@@ -134,28 +155,40 @@ ATTN_INLINE int attn_full(uint32_t block, uint32_t lo, uint32_t hi)
 	return block >= lo && block + ATTN_LANES <= hi;
 }
 
-/* One block of scores; masked != 0 (a constant at each call) handles a partial block. */
-ATTN_INLINE void attn_scores_block(int f16, int pair, int masked, uint32_t b, uint32_t lo,
+/* One block of scores; masked != 0 (a constant at each call) handles a partial block. For q8
+ * the dot runs over the integer codes and the slot's scale multiplies the sum once: the score
+ * is that of the dequantized key, without dequantizing each component. */
+ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, uint32_t b, uint32_t lo,
 				   uint32_t hi, const float *restrict q0, const float *restrict q1,
-				   const void *restrict k_rows, const void *next_k, size_t stride,
+				   const void *restrict k_rows, const float *restrict k_scale,
+				   const void *next_k, const float *next_k_scale, size_t stride,
 				   uint32_t head_size,
 				   float scale, float *restrict s0, float *restrict s1,
 				   attn_vf *vmax0, attn_vf *vmax1)
 {
 	const attn_vf neg_inf = attn_splat(-INFINITY);
-	attn_vf k = attn_load_kv(k_rows, b, f16);
-	if (next_k)
+	attn_vf k = attn_load_kv(k_rows, b, kind);
+	if (next_k) {
 		for (uint32_t d = 0; d < head_size; d++)
-			attn_prefetch_kv(next_k, d * stride + b, f16);
+			attn_prefetch_kv(next_k, d * stride + b, kind);
+		if (kind == ATTN_KV_Q8)
+			__builtin_prefetch(next_k_scale + b, 0, 2);
+	}
 	attn_vf acc0 = q0[0] * k, acc1 = pair ? q1[0] * k : k;
 	for (uint32_t d = 1; d < head_size; d++) {
-		k = attn_load_kv(k_rows, d * stride + b, f16);
+		k = attn_load_kv(k_rows, d * stride + b, kind);
 		acc0 += q0[d] * k;
 		if (pair)
 			acc1 += q1[d] * k;
 	}
-	acc0 *= scale;
-	acc1 *= scale;
+	if (kind == ATTN_KV_Q8) {
+		attn_vf slot_scale = attn_load(k_scale + b) * scale;
+		acc0 *= slot_scale;
+		acc1 *= slot_scale;
+	} else {
+		acc0 *= scale;
+		acc1 *= scale;
+	}
 	if (masked) {
 		attn_vi mask = attn_mask(b, lo, hi);
 		acc0 = attn_select(mask, acc0, neg_inf);
@@ -177,9 +210,10 @@ ATTN_INLINE void attn_scores_block(int f16, int pair, int masked, uint32_t b, ui
 /* Scores of one or two query heads that share a KV head (grouped-query attention), so that
  * each K vector is loaded once for both: s_i[t] = scale * (q_i . K[:, t]) for t in [lo, hi).
  * Updates max_i. With pair == 0 only head 0 is computed (the compiler drops the rest). */
-ATTN_INLINE void attn_scores(int f16, int pair, const float *restrict q0,
+ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 			     const float *restrict q1, const void *restrict k_rows,
-			     const void *next_k, size_t stride,
+			     const float *restrict k_scale, const void *next_k,
+			     const float *next_k_scale, size_t stride,
 			     uint32_t head_size,
 			     uint32_t lo, uint32_t hi, float scale, float *restrict s0,
 			     float *restrict s1, float *max0, float *max1)
@@ -187,11 +221,13 @@ ATTN_INLINE void attn_scores(int f16, int pair, const float *restrict q0,
 	attn_vf vmax0 = attn_splat(-INFINITY), vmax1 = vmax0;
 	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
 		if (attn_full(b, lo, hi))
-			attn_scores_block(f16, pair, 0, b, lo, hi, q0, q1, k_rows, next_k, stride,
+			attn_scores_block(kind, pair, 0, b, lo, hi, q0, q1, k_rows, k_scale, next_k,
+					  next_k_scale, stride,
 					  head_size,
 					  scale, s0, s1, &vmax0, &vmax1);
 		else
-			attn_scores_block(f16, pair, 1, b, lo, hi, q0, q1, k_rows, next_k, stride,
+			attn_scores_block(kind, pair, 1, b, lo, hi, q0, q1, k_rows, k_scale, next_k,
+					  next_k_scale, stride,
 					  head_size,
 					  scale, s0, s1, &vmax0, &vmax1);
 	}
@@ -223,21 +259,34 @@ ATTN_INLINE float attn_exp_sum(float *restrict s, uint32_t lo, uint32_t hi, floa
 	return attn_hsum(vsum);
 }
 
+/* Probabilities of block b as the V codes need them: for q8, times each slot's V scale, so that
+ * the weighted sum runs over the integer codes with one multiply per slot, not per component. */
+ATTN_INLINE attn_vf attn_prob(int kind, const float *restrict p, const float *restrict v_scale,
+			      uint32_t b)
+{
+	attn_vf pv = attn_load(p + b);
+	return kind == ATTN_KV_Q8 ? pv * attn_load(v_scale + b) : pv;
+}
+
 /* out_i[d] += sum over t in [lo, hi) of p_i[t] * V[d][t], one or two heads per V load. */
-ATTN_INLINE void attn_values(int f16, int pair, const float *restrict p0,
+ATTN_INLINE void attn_values(int kind, int pair, const float *restrict p0,
 			     const float *restrict p1, const void *restrict v_rows,
-			     const void *next_v, size_t stride, uint32_t head_size,
+			     const float *restrict v_scale, const void *next_v,
+			     const float *next_v_scale, size_t stride, uint32_t head_size,
 			     uint32_t lo, uint32_t hi, float *restrict out0, float *restrict out1)
 {
 	const attn_vf zero = attn_splat(0.0f);
 	for (uint32_t d = 0; d < head_size; d++) {
 		attn_vf vacc0 = zero, vacc1 = zero;
 		for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
-			attn_vf v = attn_load_kv(v_rows, d * stride + b, f16);
-			if (next_v)
-				attn_prefetch_kv(next_v, d * stride + b, f16);
-			attn_vf x0 = attn_load(p0 + b) * v;
-			attn_vf x1 = pair ? attn_load(p1 + b) * v : zero;
+			attn_vf v = attn_load_kv(v_rows, d * stride + b, kind);
+			if (next_v) {
+				attn_prefetch_kv(next_v, d * stride + b, kind);
+				if (kind == ATTN_KV_Q8 && d == 0)
+					__builtin_prefetch(next_v_scale + b, 0, 2);
+			}
+			attn_vf x0 = attn_prob(kind, p0, v_scale, b) * v;
+			attn_vf x1 = pair ? attn_prob(kind, p1, v_scale, b) * v : zero;
 			if (!attn_full(b, lo, hi)) {
 				attn_vi mask = attn_mask(b, lo, hi);
 				x0 = attn_select(mask, x0, zero);
@@ -257,9 +306,10 @@ ATTN_INLINE void attn_values(int f16, int pair, const float *restrict p0,
  * probabilities is loaded once for eight V rows instead of once per row, the sixteen
  * accumulators staying in registers. Each component's sum runs over the blocks in the same
  * order as in attn_values, so the result is bit for bit the same. */
-ATTN_INLINE void attn_values8(int f16, int pair, const float *restrict p0,
+ATTN_INLINE void attn_values8(int kind, int pair, const float *restrict p0,
 			      const float *restrict p1, const void *restrict v_rows,
-			      const void *next_v, size_t stride,
+			      const float *restrict v_scale, const void *next_v,
+			      const float *next_v_scale, size_t stride,
 			      uint32_t head_size, uint32_t lo, uint32_t hi, float *restrict out0,
 			      float *restrict out1)
 {
@@ -269,23 +319,25 @@ ATTN_INLINE void attn_values8(int f16, int pair, const float *restrict p0,
 		for (int j = 0; j < 8; j++)
 			acc0[j] = acc1[j] = zero;
 		for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
-			attn_vf pv0 = attn_load(p0 + b);
-			attn_vf pv1 = pair ? attn_load(p1 + b) : zero;
+			attn_vf pv0 = attn_prob(kind, p0, v_scale, b);
+			attn_vf pv1 = pair ? attn_prob(kind, p1, v_scale, b) : zero;
 			if (!attn_full(b, lo, hi)) {
 				/* Lanes outside [lo, hi) select zero products (see attn_mask). */
 				attn_vi mask = attn_mask(b, lo, hi);
 				for (int j = 0; j < 8; j++) {
-					attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, f16);
+					attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, kind);
 					acc0[j] += attn_select(mask, pv0 * v, zero);
 					if (pair)
 						acc1[j] += attn_select(mask, pv1 * v, zero);
 				}
 				continue;
 			}
+			if (next_v && kind == ATTN_KV_Q8 && d0 == 0)
+				__builtin_prefetch(next_v_scale + b, 0, 2);
 			for (int j = 0; j < 8; j++) {
-				attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, f16);
+				attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, kind);
 				if (next_v)
-					attn_prefetch_kv(next_v, (d0 + j) * stride + b, f16);
+					attn_prefetch_kv(next_v, (d0 + j) * stride + b, kind);
 				acc0[j] += pv0 * v;
 				if (pair)
 					acc1[j] += pv1 * v;
@@ -299,21 +351,28 @@ ATTN_INLINE void attn_values8(int f16, int pair, const float *restrict p0,
 	}
 }
 
+/* The rows of one KV head in a row's planes and in the next row's (prefetched; NULL: none). */
+struct attn_kv_rows {
+	const void *k, *v;                /* [head_size][slot_stride] elements */
+	const float *k_scale, *v_scale;   /* q8: [slot_stride] scales */
+	const void *next_k, *next_v;
+	const float *next_k_scale, *next_v_scale;
+};
+
 /* Softmax-weighted sum for one or two heads of KV head g over the step's ranges. */
-ATTN_INLINE void attn_heads(int f16, int pair, const struct skv_attn_args *args,
+ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args,
 			    const struct attn_range *ranges, uint32_t n_ranges, uint32_t h,
-			    const void *k_rows, const void *v_rows, const void *next_k,
-			    const void *next_v, size_t stride, uint32_t hs, float scale)
+			    const struct attn_kv_rows *kv, size_t stride, uint32_t hs, float scale)
 {
 	float *s0 = args->scores, *s1 = args->scores + stride;
 	float *out0 = args->out + (size_t)h * hs, *out1 = out0 + hs;
 	float max0 = -INFINITY, max1 = -INFINITY;
 
 	for (uint32_t r = 0; r < n_ranges; r++)
-		attn_scores(f16, pair, ranges[r].q + (size_t)h * hs,
-			    ranges[r].q + (size_t)(h + 1) * hs,
-			    k_rows, next_k, stride, hs, ranges[r].lo, ranges[r].hi, scale, s0, s1, &max0,
-			    &max1);
+		attn_scores(kind, pair, ranges[r].q + (size_t)h * hs,
+			    ranges[r].q + (size_t)(h + 1) * hs, kv->k, kv->k_scale, kv->next_k,
+			    kv->next_k_scale, stride, hs, ranges[r].lo, ranges[r].hi, scale, s0, s1,
+			    &max0, &max1);
 	float sum0 = 0.0f, sum1 = 0.0f;
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		sum0 += attn_exp_sum(s0, ranges[r].lo, ranges[r].hi, max0);
@@ -323,11 +382,13 @@ ATTN_INLINE void attn_heads(int f16, int pair, const struct skv_attn_args *args,
 	memset(out0, 0, hs * sizeof(float) * (pair ? 2 : 1));
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		if (hs % 8 == 0)
-			attn_values8(f16, pair, s0, s1, v_rows, next_v, stride, hs, ranges[r].lo,
-				     ranges[r].hi, out0, out1);
+			attn_values8(kind, pair, s0, s1, kv->v, kv->v_scale, kv->next_v,
+				     kv->next_v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
+				     out1);
 		else
-			attn_values(f16, pair, s0, s1, v_rows, next_v, stride, hs, ranges[r].lo,
-				    ranges[r].hi, out0, out1);
+			attn_values(kind, pair, s0, s1, kv->v, kv->v_scale, kv->next_v,
+				    kv->next_v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
+				    out1);
 	}
 	for (uint32_t d = 0; d < hs; d++) {
 		out0[d] *= 1.0f / sum0;
@@ -337,31 +398,40 @@ ATTN_INLINE void attn_heads(int f16, int pair, const struct skv_attn_args *args,
 }
 
 /* Every KV head's query heads, in pairs that share the KV loads. */
-ATTN_INLINE void attn_groups(int f16, const struct skv_attn_args *args,
+ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 			     const struct attn_range *ranges, uint32_t n_ranges, size_t stride,
 			     uint32_t hs, uint32_t kv_mul, float inv_sqrt)
 {
 	const struct skv_kv_desc *desc = args->desc;
 	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
-		size_t at = (size_t)g * hs * stride * (f16 ? 2 : 4); /* bytes into the planes */
-		const void *k_rows = (const char *)args->k_plane + at;
-		const void *v_rows = (const char *)args->v_plane + at;
-		const void *nk = args->next_k_plane ? (const char *)args->next_k_plane + at : NULL;
-		const void *nv = args->next_v_plane ? (const char *)args->next_v_plane + at : NULL;
+		size_t at = (size_t)g * hs * stride * attn_elem_bytes(kind); /* bytes into a plane */
+		/* q8 scales of head g: [slot_stride] floats at scales_offset (0 and unused else). */
+		size_t sat = desc->scales_offset + (size_t)g * stride * sizeof(float);
+		struct attn_kv_rows kv = {
+			.k = (const char *)args->k_plane + at,
+			.v = (const char *)args->v_plane + at,
+			.k_scale = (const float *)((const char *)args->k_plane + sat),
+			.v_scale = (const float *)((const char *)args->v_plane + sat),
+		};
+		if (args->next_k_plane) {
+			kv.next_k = (const char *)args->next_k_plane + at;
+			kv.next_k_scale = (const float *)((const char *)args->next_k_plane + sat);
+		}
+		if (args->next_v_plane) {
+			kv.next_v = (const char *)args->next_v_plane + at;
+			kv.next_v_scale = (const float *)((const char *)args->next_v_plane + sat);
+		}
 		uint32_t h = g * kv_mul, end = h + kv_mul;
 		/* The common head sizes get their own constant-folded copy of the loops. */
 		for (; h + 2 <= end; h += 2) {
 			if (hs == 8)
-				attn_heads(f16, 1, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv,
-					   stride, 8, inv_sqrt);
+				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, 8, inv_sqrt);
 			else
-				attn_heads(f16, 1, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv,
-					   stride, hs, inv_sqrt);
-			nk = nv = NULL; /* the next pair of heads reads the same K and V */
+				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, hs, inv_sqrt);
+			kv.next_k = kv.next_v = NULL; /* the next pair of heads reads the same K and V */
 		}
 		if (h < end)
-			attn_heads(f16, 0, args, ranges, n_ranges, h, k_rows, v_rows, nk, nv, stride, hs,
-				   inv_sqrt);
+			attn_heads(kind, 0, args, ranges, n_ranges, h, &kv, stride, hs, inv_sqrt);
 	}
 }
 
@@ -404,9 +474,11 @@ void ATTN_FN(attn_attend)(const struct skv_attn_args *args)
 	n_ranges = merged;
 
 	if (desc->dtype == SKV_KV_DTYPE_F16)
-		attn_groups(1, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
+		attn_groups(ATTN_KV_F16, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
+	else if (desc->dtype == SKV_KV_DTYPE_Q8)
+		attn_groups(ATTN_KV_Q8, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
 	else
-		attn_groups(0, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
+		attn_groups(ATTN_KV_F32, args, ranges, n_ranges, stride, hs, kv_mul, inv_sqrt);
 }
 
 void ATTN_FN(attn_swiglu)(float *out, const float *gu, uint32_t rows, uint32_t hidden)

@@ -11,6 +11,11 @@ typedef int32_t attn_vi __attribute__((vector_size(64)));
 typedef float attn_vf_u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
 #define ATTN_LANES 16
 
+/* The kernels' element types (a compile-time constant at each call, so each gets its own loops). */
+#define ATTN_KV_F32 0
+#define ATTN_KV_F16 1
+#define ATTN_KV_Q8 2
+
 struct attn_range {
 	uint32_t lo, hi;
 	const float *q;

@@ -6,8 +6,8 @@
 #include <pthread.h>
 #include <string.h>
 
-/* RoPE, the scalar exp, and the choice of the attention kernels' ISA copy
- * (attention-kernels.c, compiled once per ISA). */
+/* RoPE, the scalar exp, the KV store (every dtype), and the choice of the attention kernels'
+ * ISA copy (attention-kernels.c, compiled once per ISA). */
 
 int skv_rope_init(struct skv_rope *rope, uint32_t head_size, float theta)
 {
@@ -63,6 +63,78 @@ float skv_expf(float x)
 	return p * scale.f;
 }
 
+/* A float as half precision, saturated to its largest finite value (65504) rather than
+ * infinity; NaN stays NaN. */
+static _Float16 attention_half(float x)
+{
+	x = x > 65504.0f ? 65504.0f : x < -65504.0f ? -65504.0f : x;
+	return (_Float16)x;
+}
+
+/* One head's head_size components (x[d], stored at codes[d * stride]) as int8 codes and their
+ * scale. The codes are computed in double: 127 / amax overflows float for a subnormal amax. */
+static float attention_quantize_head(const float *x, uint32_t head_size, int8_t *codes,
+				     size_t stride)
+{
+	float amax = 0.0f;
+	int finite = 1;
+	for (uint32_t d = 0; d < head_size; d++) {
+		float a = fabsf(x[d]);
+		if (!isfinite(a))
+			finite = 0;
+		else if (a > amax)
+			amax = a;
+	}
+	if (!finite || amax == 0.0f) {
+		for (uint32_t d = 0; d < head_size; d++)
+			codes[d * stride] = 0;
+		return finite ? 0.0f : NAN;
+	}
+	double inv = SKV_KV_Q8_MAX / (double)amax;
+	for (uint32_t d = 0; d < head_size; d++) {
+		long c = lrint((double)x[d] * inv);
+		c = c > SKV_KV_Q8_MAX ? SKV_KV_Q8_MAX : c < -SKV_KV_Q8_MAX ? -SKV_KV_Q8_MAX : c;
+		codes[d * stride] = (int8_t)c;
+	}
+	return amax / (float)SKV_KV_Q8_MAX;
+}
+
+static void attention_store_plane(const struct skv_kv_desc *desc, void *plane, uint32_t slot,
+				  const float *x)
+{
+	size_t stride = desc->slot_stride;
+	uint32_t kv_dim = desc->n_kv_heads * desc->head_size;
+	switch (desc->dtype) {
+	case SKV_KV_DTYPE_F16: {
+		_Float16 *p = (_Float16 *)plane + slot;
+		for (uint32_t j = 0; j < kv_dim; j++)
+			p[j * stride] = attention_half(x[j]);
+		break;
+	}
+	case SKV_KV_DTYPE_Q8: {
+		float *scales = skv_kv_plane_scales(plane, desc);
+		for (uint32_t g = 0; g < desc->n_kv_heads; g++)
+			scales[g * stride + slot] = attention_quantize_head(
+				x + (size_t)g * desc->head_size, desc->head_size,
+				(int8_t *)plane + (size_t)g * desc->head_size * stride + slot, stride);
+		break;
+	}
+	default: {
+		float *p = (float *)plane + slot;
+		for (uint32_t j = 0; j < kv_dim; j++)
+			p[j * stride] = x[j];
+		break;
+	}
+	}
+}
+
+void skv_kv_store_row(const struct skv_kv_desc *desc, void *base, uint32_t layer, uint32_t slot,
+		      const float *k, const float *v)
+{
+	attention_store_plane(desc, skv_kv_k_plane(base, desc, layer), slot, k);
+	attention_store_plane(desc, skv_kv_v_plane(base, desc, layer), slot, v);
+}
+
 struct attn_kernels {
 	void (*attend)(const struct skv_attn_args *args);
 	void (*swiglu)(float *out, const float *gu, uint32_t rows, uint32_t hidden);
@@ -92,6 +164,26 @@ void skv_attend(const struct skv_attn_args *args)
 {
 	pthread_once(&attn_once, attn_choose);
 	attn_chosen.attend(args);
+}
+
+int skv_attend_isa(const char *isa, const struct skv_attn_args *args)
+{
+	if (!strcmp(isa, "base")) {
+		attn_attend_base(args);
+		return 0;
+	}
+#ifdef SKV_ATTN_MULTI_ISA
+	__builtin_cpu_init();
+	if (!strcmp(isa, "v4") && __builtin_cpu_supports("x86-64-v4")) {
+		attn_attend_v4(args);
+		return 0;
+	}
+	if (!strcmp(isa, "v3") && __builtin_cpu_supports("x86-64-v3")) {
+		attn_attend_v3(args);
+		return 0;
+	}
+#endif
+	return -ENOTSUP;
 }
 
 void skv_swiglu(float *out, const float *gu, uint32_t rows, uint32_t hidden)

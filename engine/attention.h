@@ -46,8 +46,8 @@ void skv_rope_rotate(const struct skv_rope *rope, float *vec, uint32_t n_heads,
 struct skv_attn_args {
 	const float *q_window;  /* [n_heads][head_size], rotated at the token's absolute position */
 	const float *q_sink;    /* [n_heads][head_size], rotated at the position the sinks must see */
-	const void *k_plane;    /* [n_kv_heads][head_size][slot_stride] of desc->dtype (float32
-				 * or _Float16), see kv-layout.h */
+	const void *k_plane;    /* [n_kv_heads][head_size][slot_stride] of desc->dtype (float32,
+				 * _Float16, or int8 codes with their scales), see kv-layout.h */
 	const void *v_plane;    /* same shape */
 	const struct skv_kv_desc *desc;
 	const struct skv_kv_step *step; /* which slots are valid for this row */
@@ -61,6 +61,22 @@ struct skv_attn_args {
 };
 
 void skv_attend(const struct skv_attn_args *args);
+
+/* The same through one ISA copy of the kernels, "v4" (AVX-512), "v3" (AVX2 + FMA) or "base",
+ * for tests that check every copy. Returns 0, or -ENOTSUP when this build lacks that copy or
+ * this CPU cannot run it (nothing is computed). */
+int skv_attend_isa(const char *isa, const struct skv_attn_args *args);
+
+/* Store one token's rotated key and its value into slot `slot` of layer `layer` of the region
+ * at base (desc validated, slot < slot_stride): element j of k and v goes to row j of the K and
+ * V planes. k and v are [n_kv_heads * head_size] floats. float32 is stored as is; f16 rounds to
+ * nearest, saturating at +-65504 (an infinity would turn a whole softmax into NaN); q8 stores,
+ * per kv head, scale = max |x| / 127 and codes round(x / scale) in [-127, 127] (an all-zero head
+ * stores scale 0; a head with a NaN or an infinity stores scale NaN, so that it poisons the
+ * scores as it would in float32). Called by the engine serving the stream (the one writer of
+ * its KV); touches nothing else. */
+void skv_kv_store_row(const struct skv_kv_desc *desc, void *base, uint32_t layer, uint32_t slot,
+		      const float *k, const float *v);
 
 /* expf for the softmax, vectorisable; max relative error below 2e-7 on [-87, 0]. */
 float skv_expf(float x);

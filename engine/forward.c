@@ -477,36 +477,6 @@ static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32
 	return 0;
 }
 
-/* A float as half precision, saturated to its largest finite value (65504) rather than
- * infinity, which would turn a whole softmax into NaN; NaN stays NaN. */
-static _Float16 forward_half(float x)
-{
-	x = x > 65504.0f ? 65504.0f : x < -65504.0f ? -65504.0f : x;
-	return (_Float16)x;
-}
-
-/* Store a row's rotated key and its value into its slot of every (head, component) row. */
-static void forward_store_kv(const struct skv_seq *seq, uint32_t layer, uint32_t slot,
-			     const float *k, const float *v, uint32_t kv_dim)
-{
-	size_t stride = seq->desc.slot_stride;
-	if (seq->desc.dtype == SKV_KV_DTYPE_F16) {
-		_Float16 *kp = (_Float16 *)skv_kv_k_plane(seq->kv_base, &seq->desc, layer) + slot;
-		_Float16 *vp = (_Float16 *)skv_kv_v_plane(seq->kv_base, &seq->desc, layer) + slot;
-		for (uint32_t j = 0; j < kv_dim; j++) {
-			kp[j * stride] = forward_half(k[j]);
-			vp[j * stride] = forward_half(v[j]);
-		}
-		return;
-	}
-	float *kp = (float *)skv_kv_k_plane(seq->kv_base, &seq->desc, layer) + slot;
-	float *vp = (float *)skv_kv_v_plane(seq->kv_base, &seq->desc, layer) + slot;
-	for (uint32_t j = 0; j < kv_dim; j++) {
-		kp[j * stride] = k[j];
-		vp[j * stride] = v[j];
-	}
-}
-
 static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_rows)
 {
 	const struct skv_model_config *c = &r->cfg;
@@ -521,7 +491,7 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 		const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
 
 		skv_rope_rotate(&r->rope, k, (uint32_t)c->n_kv_heads, ca, sa);
-		forward_store_kv(fr->seq, layer, fr->step.slot, k, v, kv_dim);
+		skv_kv_store_row(&fr->seq->desc, fr->seq->kv_base, layer, fr->step.slot, k, v);
 		if (layer == 0)
 			skv_kv_region_tokens(fr->seq->kv_base, &fr->seq->desc)[fr->step.slot] = fr->token;
 
@@ -548,7 +518,8 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 			const struct skv_seq *nx = r->rows[row + 1].seq;
 			if (nx != fr->seq && nx->desc.slot_stride == fr->seq->desc.slot_stride &&
 			    nx->desc.n_kv_heads == fr->seq->desc.n_kv_heads &&
-			    nx->desc.dtype == fr->seq->desc.dtype) {
+			    nx->desc.dtype == fr->seq->desc.dtype &&
+			    nx->desc.scales_offset == fr->seq->desc.scales_offset) {
 				args.next_k_plane = skv_kv_k_plane(nx->kv_base, &nx->desc, layer);
 				args.next_v_plane = skv_kv_v_plane(nx->kv_base, &nx->desc, layer);
 			}

@@ -104,7 +104,7 @@ int skv_policy_resolve(struct skv_policy *p, int32_t trained_len, char *msg, siz
 		p->kv_dtype = SKV_KV_DTYPE_F32;
 	if (!skv_kv_dtype_bytes(p->kv_dtype))
 		return skv_errorf(msg, msg_len, -SKV_EINVAL_POLICY,
-				  "unknown KV element type %u (f32 or f16)", p->kv_dtype);
+				  "unknown KV element type %u (f32, f16 or q8)", p->kv_dtype);
 	return 0;
 }
 

@@ -51,7 +51,7 @@ struct skv_policy {
 	int64_t window_slots;   /* -1: default; for dense: the limit; for recompute: L */
 	enum skv_evict_mode evict;
 	int abs_positions;      /* ablation for sink: sinks see absolute positions */
-	uint32_t kv_dtype;      /* SKV_KV_DTYPE_F32 (0 means it too) or SKV_KV_DTYPE_F16 */
+	uint32_t kv_dtype;      /* SKV_KV_DTYPE_F32 (0 means it too), _F16 or _Q8 */
 };
 
 /* The defaults: sink policy, 4 sinks, default window, per-token eviction. */

@@ -7,6 +7,10 @@
 #include "skv-error.h"
 
 _Static_assert(sizeof(struct skv_kv_desc) <= SKV_KV_RING_OFFSET, "descriptor overlaps the ring");
+/* A row of 16 q8 slots is 16 bytes and never straddles a cache line; 16 slots of scales are one
+ * whole line. */
+_Static_assert(SKV_KV_ALIGN % SKV_KV_SLOT_ROUND == 0, "q8 rows straddle lines");
+_Static_assert(SKV_KV_SLOT_ROUND * sizeof(float) % SKV_KV_ALIGN == 0, "q8 scales misaligned");
 
 static uint64_t kv_round_up(uint64_t v, uint64_t to)
 {
@@ -31,7 +35,14 @@ int skv_kv_layout_init_dtype(struct skv_kv_desc *desc, uint32_t n_layers, uint32
 	if (slots > SKV_KV_MAX_SLOTS || n_layers > 4096 || n_kv_heads > 4096 || head_size > 4096)
 		return -EOVERFLOW;
 	uint64_t stride = kv_round_up(slots, SKV_KV_SLOT_ROUND);
-	uint64_t plane = kv_round_up(stride * n_kv_heads * head_size * elem, SKV_KV_ALIGN);
+	uint64_t rows = kv_round_up(stride * n_kv_heads * head_size * elem, SKV_KV_ALIGN);
+	/* q8: the scales follow the rows inside each plane, so that a plane stays one block (the
+	 * plane accessors and the next-row prefetch need nothing else) and a head's 16 slots of
+	 * scales are one aligned line (stride * 4 is a multiple of 64). */
+	uint64_t scales_offset = dtype == SKV_KV_DTYPE_Q8 ? rows : 0;
+	uint64_t plane = rows + (dtype == SKV_KV_DTYPE_Q8
+					 ? kv_round_up(stride * n_kv_heads * sizeof(float), SKV_KV_ALIGN)
+					 : 0);
 	uint64_t tokens_offset = SKV_KV_RING_OFFSET +
 				 kv_round_up(sizeof(struct skv_kv_ring), SKV_KV_ALIGN);
 	uint64_t planes_offset = tokens_offset + kv_round_up(stride * sizeof(int32_t), SKV_KV_ALIGN);
@@ -51,6 +62,7 @@ int skv_kv_layout_init_dtype(struct skv_kv_desc *desc, uint32_t n_layers, uint32
 	desc->window_slots = window_slots;
 	desc->slot_stride = (uint32_t)stride;
 	desc->plane_bytes = plane;
+	desc->scales_offset = scales_offset;
 	desc->planes_offset = planes_offset;
 	desc->tokens_offset = tokens_offset;
 	desc->region_bytes = region;
@@ -88,6 +100,7 @@ int skv_kv_layout_check(const struct skv_kv_desc *desc, uint64_t mapped_bytes, c
 	if (desc->slot_stride != expect.slot_stride || desc->plane_bytes != expect.plane_bytes ||
 	    desc->planes_offset != expect.planes_offset ||
 	    desc->tokens_offset != expect.tokens_offset ||
+	    desc->scales_offset != expect.scales_offset ||
 	    desc->region_bytes != expect.region_bytes)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
 				  "KV descriptor: sizes disagree with its shape");

@@ -113,7 +113,7 @@ struct skv_stream_params {
 	int64_t sink_slots;    /* -1: the policy's default */
 	int64_t window_slots;  /* -1: default; dense: the limit; recompute: L */
 	uint16_t abs_positions;
-	uint16_t kv_dtype;       /* SKV_KV_DTYPE_F32 (or 0) / SKV_KV_DTYPE_F16 (shm/kv-layout.h) */
+	uint16_t kv_dtype;       /* SKV_KV_DTYPE_F32 (or 0) / _F16 / _Q8 (shm/kv-layout.h) */
 	float temperature;
 	float top_p;
 	uint32_t idle_timeout_s; /* close the stream after this long with no traffic (0: the

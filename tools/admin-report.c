@@ -642,7 +642,7 @@ json_t *admin_stream_row_json(const struct skv_admin_stream *r)
 	set_str(o, "policy", report_policy_name(r->policy));
 	set_str(o, "evict", report_evict_name(r->evict));
 	set_str(o, "positions", r->abs_positions ? "abs" : "cache");
-	set_str(o, "kv", r->kv_dtype == SKV_KV_DTYPE_F16 ? "f16" : "f32");
+	set_str(o, "kv", skv_kv_dtype_name(r->kv_dtype));
 	set_i64(o, "sink_slots", r->sink_slots);
 	set_i64(o, "window_slots", r->window_slots);
 	set_u64(o, "sink_fill", r->sink_fill);

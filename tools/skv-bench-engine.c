@@ -144,7 +144,7 @@ static void bench_usage(FILE *out)
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
 	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
 	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n"
-	      "                        [--batch B1,B2,...] [--kv f32|f16] [--csv]\n",
+	      "                        [--batch B1,B2,...] [--kv f32|f16|q8] [--csv]\n",
 	      out);
 }
 
@@ -193,8 +193,10 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 				bench_kv_dtype = SKV_KV_DTYPE_F32;
 			else if (!strcmp(optarg, "f16"))
 				bench_kv_dtype = SKV_KV_DTYPE_F16;
+			else if (!strcmp(optarg, "q8"))
+				bench_kv_dtype = SKV_KV_DTYPE_Q8;
 			else
-				bench_die("--kv: '%s' is not f32 or f16", optarg);
+				bench_die("--kv: '%s' is not f32, f16 or q8", optarg);
 			break;
 		case 'B': {
 			o->n_batch = 0;

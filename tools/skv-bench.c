@@ -842,7 +842,7 @@ static void usage(FILE *out)
 {
 	fputs("usage: skv-bench [--socket PATH] (--streams N | --sweep N1,N2,...) [--tokens T]\n"
 	      "                 [--warmup W] [--connections K] [--policy sink|window|dense|recompute]\n"
-	      "                 [--window W] [--kv f32|f16] [--prompt TEXT] [--repeats R] [--local]\n"
+	      "                 [--window W] [--kv f32|f16|q8] [--prompt TEXT] [--repeats R] [--local]\n"
 	      "                 [--json] [--series FILE [--sample-every N]]\n"
 	      "  --socket PATH      skv-cached's socket (default: its default socket)\n"
 	      "  --streams N        N concurrent streams (default 1)\n"
@@ -851,7 +851,7 @@ static void usage(FILE *out)
 	      "  --warmup W         untimed tokens per stream first, to fill the cache (default 0)\n"
 	      "  --connections K    spread the streams over K connections, one thread each (default 1)\n"
 	      "  --policy, --window the streams' cache (default: sink, the daemon's window)\n"
-	      "  --kv f32|f16       the streams' KV element type (default f32)\n"
+	      "  --kv f32|f16|q8    the streams' KV element type (default f32)\n"
 	      "  --prompt TEXT      every stream's prompt (default \"Once upon a time\")\n"
 	      "  --repeats R        runs per N; the rate is their median (default 1)\n"
 	      "  --local            also one stream in this process, no daemon\n"
@@ -916,8 +916,10 @@ static void parse_flags(int argc, char **argv, struct bench_opts *o)
 				o->kv = SKV_CLIENT_KV_F32;
 			else if (!strcmp(optarg, "f16"))
 				o->kv = SKV_CLIENT_KV_F16;
+			else if (!strcmp(optarg, "q8"))
+				o->kv = SKV_CLIENT_KV_Q8;
 			else
-				bench_die("--kv: '%s' is not f32 or f16", optarg);
+				bench_die("--kv: '%s' is not f32, f16 or q8", optarg);
 			break;
 		case 'l': o->local = 1; break;
 		case 'o':

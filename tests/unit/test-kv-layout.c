@@ -48,12 +48,80 @@ Test(kv_layout, half_precision_halves_the_planes)
 	struct skv_kv_desc bad = f16;
 	bad.dtype = SKV_KV_DTYPE_F32;
 	cr_assert_eq(skv_kv_layout_check(&bad, f16.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
-	bad.dtype = 3;
+	bad.dtype = 9;
 	cr_assert_eq(skv_kv_layout_check(&bad, f16.region_bytes, msg, sizeof(msg)), -SKV_EDTYPE);
 	cr_assert_eq(skv_kv_layout_init_dtype(&bad, 5, 4, 8, 4, 508, 0), -EINVAL);
 	cr_assert_eq(skv_kv_layout_init_dtype(&bad, 5, 4, 8, 4, 508, 7), -EINVAL);
 	cr_assert_eq(skv_kv_dtype_bytes(SKV_KV_DTYPE_F32), 4);
 	cr_assert_eq(skv_kv_dtype_bytes(SKV_KV_DTYPE_F16), 2);
+}
+
+/* q8: int8 rows, then each plane's float32 scales [n_kv_heads][slot_stride] on their own lines;
+ * for the shipped model's shape (head_size 8) a plane is 12 bytes per (slot, head), 37.5% of
+ * float32, and for head_size 64 it is 68 bytes, 26.6%. */
+Test(kv_layout, q8_planes_hold_codes_then_scales)
+{
+	struct skv_kv_desc f32, q8, bad;
+	char msg[256] = "";
+	cr_assert_eq(skv_kv_layout_init(&f32, 5, 4, 8, 4, 508), 0);
+	cr_assert_eq(skv_kv_layout_init_dtype(&q8, 5, 4, 8, 4, 508, SKV_KV_DTYPE_Q8), 0);
+	cr_assert_eq(q8.dtype, SKV_KV_DTYPE_Q8);
+	cr_assert_eq(q8.abi_minor, 3);
+	cr_assert_eq(skv_kv_dtype_bytes(SKV_KV_DTYPE_Q8), 1);
+	cr_assert_str_eq(skv_kv_dtype_name(SKV_KV_DTYPE_Q8), "q8");
+	cr_assert_eq(q8.slot_stride, 512);
+	cr_assert_eq(q8.scales_offset, 4ull * 8 * 512, "scales right after the codes");
+	cr_assert_eq(q8.plane_bytes, 4ull * 8 * 512 + 4ull * 512 * sizeof(float));
+	cr_assert_eq(q8.plane_bytes * 8, f32.plane_bytes * 3);
+	cr_assert_eq(q8.planes_offset, f32.planes_offset);
+	cr_assert_eq(q8.region_bytes, q8.planes_offset + 2 * 5 * q8.plane_bytes);
+	cr_assert_eq(f32.scales_offset, 0, "float32 has no scales");
+	cr_assert_eq(skv_kv_layout_check(&q8, q8.region_bytes, msg, sizeof(msg)), 0, "%s", msg);
+	/* Scales of every plane lie inside it, 64-byte aligned, after its codes. */
+	char *base = NULL;
+	for (uint32_t l = 0; l < 5; l++) {
+		char *k = skv_kv_k_plane(base, &q8, l), *v = skv_kv_v_plane(base, &q8, l);
+		char *ks = (char *)skv_kv_plane_scales(k, &q8), *vs = (char *)skv_kv_plane_scales(v, &q8);
+		cr_assert_eq((uintptr_t)ks % SKV_KV_ALIGN, 0);
+		cr_assert_eq(ks + 4 * 512 * sizeof(float), v);
+		cr_assert_eq((uint64_t)(vs + 4 * 512 * sizeof(float) - base), q8.planes_offset +
+			     (2 * l + 2) * q8.plane_bytes);
+	}
+	/* Odd shapes: codes rounded to a line before the scales, scales to a line. */
+	cr_assert_eq(skv_kv_layout_init_dtype(&q8, 1, 3, 5, 1, 16, SKV_KV_DTYPE_Q8), 0);
+	cr_assert_eq(q8.slot_stride, 32);
+	cr_assert_eq(q8.scales_offset, 512, "3 x 5 x 32 = 480 bytes of codes, rounded to a line");
+	cr_assert_eq(q8.plane_bytes, q8.scales_offset + 3 * 32 * sizeof(float));
+	cr_assert_eq(skv_kv_layout_check(&q8, q8.region_bytes, msg, sizeof(msg)), 0, "%s", msg);
+
+	/* Refusals: a q8 descriptor must carry exactly the recomputed scale offset, and a float
+	 * one none; the other dtypes' sizes are refused. */
+	cr_assert_eq(skv_kv_layout_init_dtype(&q8, 5, 4, 8, 4, 508, SKV_KV_DTYPE_Q8), 0);
+	bad = q8;
+	bad.scales_offset += 64;
+	cr_assert_eq(skv_kv_layout_check(&bad, q8.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	cr_assert(strstr(msg, "sizes disagree"), "%s", msg);
+	bad = q8;
+	bad.scales_offset = 0;
+	cr_assert_eq(skv_kv_layout_check(&bad, q8.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	bad = f32;
+	bad.scales_offset = 64;
+	cr_assert_eq(skv_kv_layout_check(&bad, f32.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	bad = q8;
+	bad.dtype = SKV_KV_DTYPE_F16;
+	cr_assert_eq(skv_kv_layout_check(&bad, q8.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	bad = f32;
+	bad.dtype = SKV_KV_DTYPE_Q8;
+	cr_assert_eq(skv_kv_layout_check(&bad, f32.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	bad = q8;
+	bad.plane_bytes -= 64; /* the last head's scales would overlap the V plane */
+	cr_assert_eq(skv_kv_layout_check(&bad, q8.region_bytes, msg, sizeof(msg)), -SKV_ESHAPE);
+	cr_assert_eq(skv_kv_layout_check(&q8, q8.region_bytes - 1, msg, sizeof(msg)), -SKV_ESHAPE);
+	cr_assert(strstr(msg, "exceeds"), "%s", msg);
+	/* Huge q8 shapes overflow like the others rather than wrapping. */
+	cr_assert_eq(skv_kv_layout_init_dtype(&bad, 4096, 4096, 4096, 0, SKV_KV_MAX_SLOTS,
+					      SKV_KV_DTYPE_Q8),
+		     -EOVERFLOW);
 }
 
 Test(kv_layout, check_refuses_foreign_descriptors)

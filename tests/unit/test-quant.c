@@ -715,6 +715,33 @@ Test(quant, k_quants_equal_scalar_reference)
 	free(ref);
 }
 
+/* Infinities and NaNs in the input: the quantizers return without a crash (the values they
+ * write for such a block are ggml's garbage, unspecified), and the next block is unaffected. */
+Test(quant, non_finite_inputs)
+{
+	float x[512], alone[256];
+	uint8_t q[512 * 4], q_alone[256 * 4];
+	uint64_t state = 77;
+	const float bad[] = { INFINITY, -INFINITY, NAN, 3e38f };
+
+	for (size_t t = 0; t < N_TYPES; t++) {
+		const uint32_t type = all_types[t];
+		const uint64_t rb = skv_wtype_row_bytes(type, 256);
+		for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
+			for (int i = 0; i < 512; i++)
+				x[i] = rng_uniform(&state);
+			x[3] = bad[k];
+			x[200] = -bad[k];
+			memcpy(alone, x + 256, sizeof(alone));
+			cr_assert_eq(skv_quant_row(type, x, q, 512), 0);
+			cr_assert_eq(skv_quant_row(type, alone, q_alone, 256), 0);
+			cr_assert_arr_eq(q + rb, q_alone, rb, "%s: block after %g",
+					 skv_wtype_name(type), bad[k]);
+			cr_assert_eq(skv_dequant_row(type, q, x, 512), 0);
+		}
+	}
+}
+
 /* ---- the files made by ggml's llama-quantize ---- */
 
 static const char *quant_path(const char *name)
