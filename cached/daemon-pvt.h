@@ -172,6 +172,7 @@ struct cached {
 	const char *model_path;
 	const char *tokenizer_path;
 	const char *engine_bin;
+	unsigned engine_threads;       /* --threads of every engine */
 	uid_t uid;
 	gid_t group;
 	int have_group;
@@ -183,7 +184,10 @@ struct cached {
 	uint32_t queue_timeout_s;  /* --queue-timeout */
 	uint32_t queue_max;        /* --queue-max */
 	uint32_t idle_timeout_s;   /* --idle-timeout (0: none) */
-	unsigned engine_threads;       /* --threads of every engine */
+	uint32_t detach_timeout_s; /* --detach-timeout: a detached stream without an idle
+				    * time-out of its own is closed after this long */
+	gid_t admin_group;         /* --admin-group: may read stream contents */
+	int have_admin_group;
 	/* resources */
 	struct skv_model *model;
 	int weights_fd;

@@ -700,6 +700,7 @@ int cached_spawn_engine(struct cached *d, struct cached_engine *e)
 {
 	char id[16], node[16], threads[16];
 	snprintf(id, sizeof(id), "%u", e->id);
+	snprintf(threads, sizeof(threads), "%u", d->engine_threads ? d->engine_threads : 1);
 	snprintf(node, sizeof(node), "%d", e->node < 0 ? 0 : e->node);
 	pid_t pid = fork();
 	if (pid < 0)
@@ -719,6 +720,8 @@ int cached_spawn_engine(struct cached *d, struct cached_engine *e)
 		argv[n++] = id;
 		argv[n++] = "--node";
 		argv[n++] = node;
+		argv[n++] = "--threads";
+		argv[n++] = threads;
 		if (e->cpus[0]) {
 			argv[n++] = "--cpus";
 			argv[n++] = e->cpus;
@@ -774,7 +777,6 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 			close(e->doorbell_fd);
 		if (e->efd >= 0)
 			close(e->efd);
-	snprintf(threads, sizeof(threads), "%u", d->engine_threads ? d->engine_threads : 1);
 		e->doorbell = NULL;
 		e->doorbell_fd = e->efd = -1;
 		e->state = CACHED_ENGINE_NONE;
@@ -794,8 +796,6 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 	if (now - e->restart_window_start > CACHED_RESTART_WINDOW_S) {
 		e->restart_window_start = now;
 		e->restarts_in_window = 0;
-		argv[n++] = "--threads";
-		argv[n++] = threads;
 	}
 	if (++e->restarts_in_window > CACHED_RESTART_MAX) {
 		cached_log("engine %u keeps dying (%d times in %d s); not restarting it", e->id,

@@ -129,13 +129,13 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "hugepages", required_argument, NULL, 'H' },
 		{ "numa", required_argument, NULL, 'N' },
 		{ "engines", required_argument, NULL, 'e' },
+		{ "engine-threads", required_argument, NULL, 'E' },
 		{ "group", required_argument, NULL, 'g' },
 		{ "wait", required_argument, NULL, 'w' },
 		{ "engine-bin", required_argument, NULL, 'b' },
 		{ "max-streams", required_argument, NULL, 'M' },
 		{ "admission", required_argument, NULL, 'A' },
 		{ "queue-timeout", required_argument, NULL, 'Q' },
-		{ "engine-threads", required_argument, NULL, 'E' },
 		{ "queue-max", required_argument, NULL, 'q' },
 		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "prefault", no_argument, NULL, 'p' },
@@ -165,6 +165,10 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 			break;
 		case 'N': o->numa = optarg; break;
 		case 'e': o->engines = cached_parse_int("--engines", optarg, 1, CACHED_MAX_ENGINES); break;
+		case 'E':
+			o->engine_threads = !strcmp(optarg, "auto") ? 0
+					    : cached_parse_int("--engine-threads", optarg, 1, 256);
+			break;
 		case 'g': o->group = optarg; break;
 		case 'w':
 			if (!strcmp(optarg, "auto"))
@@ -173,10 +177,6 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 				o->wait = SKV_WAIT_URING;
 			else if (!strcmp(optarg, "futex"))
 				o->wait = SKV_WAIT_FUTEX;
-		case 'E':
-			o->engine_threads = !strcmp(optarg, "auto") ? 0
-					    : cached_parse_int("--engine-threads", optarg, 1, 256);
-			break;
 			else
 				cached_die(CACHED_EXIT_USAGE, "--wait: '%s' is not auto, uring or futex",
 					   optarg);
@@ -279,6 +279,8 @@ static int cached_pack_weights(struct cached *d)
 		return -errno;
 	float *p = MAP_FAILED;
 	int err = 0;
+	/* A fully quantized model has no F32 matrix to pack: the memfd stays empty and engines
+	 * read every weight in place from the model file. */
 	if (ftruncate(fd, (off_t)bytes) < 0 ||
 	    (bytes && (p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) ==
 			      MAP_FAILED))
@@ -295,8 +297,6 @@ static int cached_pack_weights(struct cached *d)
 	}
 	if (err) {
 		close(fd);
-	/* A fully quantized model has no F32 matrix to pack: the memfd stays empty and engines
-	 * read every weight in place from the model file. */
 		return err;
 	}
 	d->weights_fd = fd;

@@ -972,6 +972,7 @@ int main(int argc, char **argv)
 		{ "engine-id", required_argument, NULL, 'i' },
 		{ "node", required_argument, NULL, 'n' },
 		{ "cpus", required_argument, NULL, 'c' },
+		{ "threads", required_argument, NULL, 't' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -995,13 +996,21 @@ int main(int argc, char **argv)
 			break;
 		}
 		case 'c': cpus = optarg; break;
+		case 't': {
+			unsigned long v = strtoul(optarg, &end, 10);
+			if (*end || end == optarg || v < 1 || v > 256) {
+				engine_log("--threads: '%s' is not a whole number in [1, 256]", optarg);
+				return 2;
+			}
+			threads = (uint32_t)v;
+			break;
+		}
 		case 'h': engine_usage(stdout); return 0;
 		default:
 			engine_log("unknown or incomplete flag '%s'", argv[optind - 1]);
 			engine_usage(stderr);
 			return 2;
 		}
-		{ "threads", required_argument, NULL, 't' },
 	}
 	if (!socket_path || optind < argc) {
 		engine_usage(stderr);
@@ -1020,20 +1029,12 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	struct engine e = { .sock = -1, .efd = -1 };
+	e.threads = threads;
 	if (engine_hello(&e, socket_path, want_id, want_node) < 0)
 		return 1;
 	engine_log("engine %u on node %u serving %s with %u thread(s), %s kernels", e.engine_id,
 		   e.node, e.model->path, e.threads, skv_runner_impl(e.runner, 1));
 
-		case 't': {
-			unsigned long v = strtoul(optarg, &end, 10);
-			if (*end || end == optarg || v < 1 || v > 256) {
-				engine_log("--threads: '%s' is not a whole number in [1, 256]", optarg);
-				return 2;
-			}
-			threads = (uint32_t)v;
-			break;
-		}
 	int status = 0;
 	for (;;) {
 		int ctl = engine_control(&e);
@@ -1058,7 +1059,6 @@ int main(int argc, char **argv)
 	skv_waiter_free(e.waiter);
 	skv_runner_free(e.runner);
 	skv_tokenizer_free(e.tok);
-	e.threads = threads;
 	skv_model_close(e.model);
 	close(e.sock);
 	return status;
