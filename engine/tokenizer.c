@@ -5,7 +5,10 @@
  * symbols (one per code point or fallback byte) and a binary max-heap of the adjacent pairs
  * whose concatenation is a piece. A merge leaves stale heap entries behind; they are recognised
  * when popped (lazy invalidation) by comparing the token ids they were made from with the
- * symbols' current ids. */
+ * symbols' current ids.
+ *
+ * The vocabulary, the heap and the id list are shared with the byte-level BPE encoder
+ * (tokenizer-bpe.c, through tokenizer-pvt.h); the public functions here dispatch on the kind. */
 #include "tokenizer-pvt.h"
 
 #include "gguf.h"
@@ -726,7 +729,7 @@ static int tokenizer_spm_encode(const struct skv_tokenizer *t, const char *text,
 	if (!symbols)
 		return -ENOMEM;
 
-	if (bos)
+	if (bos && t->bos_id >= 0)
 		symbols[n_symbols++].id = t->bos_id;
 	if (len > 0) {
 		int32_t space = tokenizer_lookup2(t, " ", 1, "", 0);
@@ -829,7 +832,9 @@ static int tokenizer_encode(const struct skv_tokenizer *t, const char *text, siz
 		return -EINVAL;
 	if (len > INT32_MAX - 3)
 		return -EOVERFLOW;
-	if (t->kind == TOKENIZER_SPM && !parse_special) {
+	/* Without special tokens to find (a llama2.c file has none), parsing them is llama2.c's
+	 * encode() as it is. */
+	if (t->kind == TOKENIZER_SPM && (!parse_special || t->n_specials == 0)) {
 		rc = tokenizer_spm_encode(t, text, len, bos, &out);
 	} else {
 		rc = bos && t->bos_id >= 0 ? tokenizer_ids_push(&out, t->bos_id) : 0;
