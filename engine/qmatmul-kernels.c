@@ -40,23 +40,29 @@
 #define QM_TABLE QM_CAT2(qm_kernels, QMAT_ISA)
 
 /* Micro-tile: NR weight rows x MV groups of 16 rows of x. 32 zmm registers hold NR x MV int
- * and float accumulators; AVX2 and SSE split each 64-byte vector into two or four. */
+ * and float accumulators, MV vectors of x and a broadcast weight; AVX2 and SSE split each
+ * 64-byte vector into two or four registers, hence their smaller tile. */
 #if defined(__AVX512F__)
-#define QM_NR 4
-#define QM_MV 3
+#define QM_NR 3
+#define QM_MV 4
 #else
-#define QM_NR 2
+#define QM_NR 3
 #define QM_MV 1
 #endif
 _Static_assert(QM_NR_MAX % QM_NR == 0, "tiles divide the thread split's row alignment");
+_Static_assert(QM_WB % QM_NR == 0 && QM_WBF % QM_NR == 0, "blocks are whole tiles");
+_Static_assert(QM_WB <= QM_WB_MAX && QM_WBF <= QM_WB_MAX, "qm_scratch_bytes covers the blocks");
+_Static_assert(QM_MV <= QM_MV_MAX, "qm_scratch_bytes covers the partial sums");
 
 typedef int32_t qm_vi __attribute__((vector_size(64)));
 typedef float qm_vf __attribute__((vector_size(64)));
-typedef uint8_t qm_vb __attribute__((vector_size(64)));
+typedef int8_t qm_vb __attribute__((vector_size(64)));
 typedef float qm_vf_u __attribute__((vector_size(64), aligned(4)));
 typedef _Float16 qm_vh_u __attribute__((vector_size(32), aligned(2)));
 typedef uint16_t qm_vu16_u __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t qm_vu32 __attribute__((vector_size(64)));
+typedef uint8_t qm_b32 __attribute__((vector_size(32)));
+typedef uint8_t qm_b16 __attribute__((vector_size(16)));
 
 QM_INLINE float qm_h2f(uint16_t h)
 {
@@ -70,13 +76,13 @@ QM_INLINE float qm_h2f(uint16_t h)
 /* ---------------------------------------------------------------------------------------- */
 /* primitives of the batched path on 16 lanes */
 
-/* acc[l] += sum_i x[4l + i] * w[i]: x unsigned bytes, w four signed bytes (broadcast). The
- * AVX2 form (vpmaddubsw) is exact only while 2 * 255 * |w| < 32768: every weight type but Q8_0
- * (whose AVX2 copy uses the row path). */
-QM_INLINE qm_vi qm_dpbusd(qm_vi acc, qm_vb x, int32_t w)
+/* acc[l] += sum_i w[i] * x[4l + i]: w four unsigned bytes (broadcast), x signed bytes. The
+ * AVX2 form (vpmaddubsw) is exact only while 2 * |w| * 128 < 32768, i.e. w < 128: every
+ * decoded type but Q8_0 (q + 128), whose AVX2 copy takes the row path. */
+QM_INLINE qm_vi qm_dpbusd(qm_vi acc, int32_t w, qm_vb x)
 {
 #if defined(__AVX512VNNI__)
-	return (qm_vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)x, _mm512_set1_epi32(w));
+	return (qm_vi)_mm512_dpbusd_epi32((__m512i)acc, _mm512_set1_epi32(w), (__m512i)x);
 #elif defined(__AVX2__)
 	__m256i wv = _mm256_set1_epi32(w), ones = _mm256_set1_epi16(1);
 	union {
@@ -89,14 +95,14 @@ QM_INLINE qm_vi qm_dpbusd(qm_vi acc, qm_vb x, int32_t w)
 	} au = { .v = acc };
 	for (int i = 0; i < 2; i++)
 		au.h[i] = _mm256_add_epi32(
-			au.h[i], _mm256_madd_epi16(_mm256_maddubs_epi16(xu.h[i], wv), ones));
+			au.h[i], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xu.h[i]), ones));
 	return au.v;
 #else
-	int8_t wb[4];
+	uint8_t wb[4];
 	memcpy(wb, &w, 4);
 	for (int l = 0; l < 16; l++)
-		acc[l] += x[4 * l] * wb[0] + x[4 * l + 1] * wb[1] + x[4 * l + 2] * wb[2] +
-			  x[4 * l + 3] * wb[3];
+		acc[l] += wb[0] * x[4 * l] + wb[1] * x[4 * l + 1] + wb[2] * x[4 * l + 2] +
+			  wb[3] * x[4 * l + 3];
 	return acc;
 #endif
 }
@@ -107,14 +113,15 @@ QM_INLINE qm_vf qm_cvt(qm_vi v)
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* weight rows decoded for the batched path: int8 weights, per scale unit the accumulator's
- * start (-128 * sum of the unit's weights), its float scale and (Q4_K, Q5_K) its float min */
+/* weight rows decoded for the batched path: unsigned bytes (the codes as stored: nibbles,
+ * 5- and 6-bit values, Q8_0's q + 128), per scale unit its float scale and (Q4_K, Q5_K) its
+ * float min; x's corr takes the codes' offsets off (qmatmul-pvt.h) */
 
 struct qm_wtile {
-	int8_t *q;     /* [QM_NR][q_ld] */
-	int32_t *corr; /* [QM_NR][units] */
-	float *sc;     /* [QM_NR][units] */
-	float *mn;     /* [QM_NR][units] */
+	uint8_t *q;    /* [QM_WB][q_ld] */
+	float *sc;     /* [QM_WB][units] */
+	float *mn;     /* [QM_WB][units] */
+	qm_vf *part;   /* [QM_WB / QM_NR][QM_NR * QM_MV]: sums over the K chunks done */
 	size_t q_ld;
 	uint32_t units;
 };
@@ -124,61 +131,68 @@ static void qm_wtile_init(struct qm_wtile *t, void *scratch, uint32_t cols, uint
 	uint8_t *p = scratch;
 	t->q_ld = (cols + 63u) & ~(size_t)63;
 	t->units = cols / unit;
-	size_t ul = ((size_t)t->units + 15u) & ~(size_t)15;
-	t->q = (int8_t *)p;
-	p += QM_NR * t->q_ld;
-	t->corr = (int32_t *)p;
-	p += QM_NR * ul * 4;
+	size_t ul = ((size_t)cols / 16 + 15u) & ~(size_t)15;
+	t->part = (qm_vf *)p;
+	p += QM_PART_BYTES;
+	t->q = p;
+	p += QM_WB * t->q_ld;
 	t->sc = (float *)p;
-	p += QM_NR * ul * 4;
+	p += QM_WB * ul * 4;
 	t->mn = (float *)p;
-	t->units = cols / unit;
-	/* units' stride: exact count (no padding read) */
 }
 
 static void qm_wtile_zero_row(struct qm_wtile *t, uint32_t r, uint32_t cols)
 {
 	memset(t->q + r * t->q_ld, 0, cols);
 	for (uint32_t u = 0; u < t->units; u++) {
-		t->corr[r * t->units + u] = 0;
 		t->sc[r * t->units + u] = 0.f;
 		t->mn[r * t->units + u] = 0.f;
 	}
 }
 
-static void qm_sums(const int8_t *q, uint32_t n, uint32_t unit, int32_t *corr)
+QM_INLINE qm_b32 qm_ld32(const void *p)
 {
-	for (uint32_t u = 0; u < n / unit; u++) {
-		int32_t s = 0;
-		for (uint32_t i = 0; i < unit; i++)
-			s += q[u * unit + i];
-		corr[u] = -128 * s;
-	}
+	qm_b32 v;
+	memcpy(&v, p, 32);
+	return v;
 }
 
-__attribute__((unused)) static void qm_dec_q8_0(const void *row, uint32_t cols, int8_t *q, int32_t *corr, float *sc,
-			float *mn)
+QM_INLINE void qm_st32(void *p, qm_b32 v)
+{
+	memcpy(p, &v, 32);
+}
+
+QM_INLINE qm_b16 qm_ld16(const void *p)
+{
+	qm_b16 v;
+	memcpy(&v, p, 16);
+	return v;
+}
+
+QM_INLINE void qm_st16(void *p, qm_b16 v)
+{
+	memcpy(p, &v, 16);
+}
+
+__attribute__((unused)) static void qm_dec_q8_0(const void *row, uint32_t cols, uint8_t *q,
+						 float *sc, float *mn)
 {
 	const struct skv_block_q8_0 *b = row;
 	for (uint32_t i = 0; i < cols / 32; i++) {
-		memcpy(q + 32 * i, b[i].qs, 32);
+		qm_st32(q + 32 * i, qm_ld32(b[i].qs) ^ 0x80);
 		sc[i] = qm_h2f(b[i].d);
 	}
-	qm_sums(q, cols, 32, corr);
 }
 
-static void qm_dec_q4_0(const void *row, uint32_t cols, int8_t *q, int32_t *corr, float *sc,
-			float *mn)
+static void qm_dec_q4_0(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn)
 {
 	const struct skv_block_q4_0 *b = row;
 	for (uint32_t i = 0; i < cols / 32; i++) {
-		for (uint32_t j = 0; j < 16; j++) {
-			q[32 * i + j] = (int8_t)((b[i].qs[j] & 15) - 8);
-			q[32 * i + 16 + j] = (int8_t)((b[i].qs[j] >> 4) - 8);
-		}
+		qm_b16 v = qm_ld16(b[i].qs);
+		qm_st16(q + 32 * i, v & 15);
+		qm_st16(q + 32 * i + 16, v >> 4);
 		sc[i] = qm_h2f(b[i].d);
 	}
-	qm_sums(q, cols, 32, corr);
 }
 
 /* The 8 six-bit scales and mins of a Q4_K / Q5_K super-block (ggml's get_scale_min_k4). */
@@ -197,91 +211,84 @@ QM_INLINE void qm_scale_min_k4(const uint8_t *s, uint8_t *sc, uint8_t *m)
 	memcpy(m + 4, &m_hi, 4);
 }
 
-static void qm_dec_q4_k(const void *row, uint32_t cols, int8_t *q, int32_t *corr, float *sc,
-			float *mn)
+QM_INLINE void qm_dec_k45(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn,
+			  const int fifth)
 {
-	const struct skv_block_q4_k *b = row;
+	const size_t bytes = fifth ? sizeof(struct skv_block_q5_k) : sizeof(struct skv_block_q4_k);
 	for (uint32_t i = 0; i < cols / 256; i++) {
+		const uint8_t *blk = (const uint8_t *)row + i * bytes;
+		uint16_t dd[2];
+		memcpy(dd, blk, 4);
+		const uint8_t *qs = fifth ? ((const struct skv_block_q5_k *)blk)->qs
+					  : ((const struct skv_block_q4_k *)blk)->qs;
+		qm_b32 h = fifth ? qm_ld32(((const struct skv_block_q5_k *)blk)->qh) : (qm_b32){};
 		uint8_t s[8], m[8];
-		qm_scale_min_k4(b[i].scales, s, m);
-		float d = qm_h2f(b[i].d), dmin = qm_h2f(b[i].dmin);
-		int8_t *o = q + 256 * i;
-		for (uint32_t c = 0; c < 4; c++)
-			for (uint32_t l = 0; l < 32; l++) {
-				o[64 * c + l] = (int8_t)(b[i].qs[32 * c + l] & 15);
-				o[64 * c + 32 + l] = (int8_t)(b[i].qs[32 * c + l] >> 4);
+		qm_scale_min_k4(blk + 4, s, m);
+		uint8_t *o = q + 256 * i;
+		for (int c = 0; c < 4; c++) {
+			qm_b32 v = qm_ld32(qs + 32 * c);
+			qm_b32 lo = v & 15, hi = v >> 4;
+			if (fifth) {
+				lo |= ((h >> (2 * c)) & 1) << 4;
+				hi |= ((h >> (2 * c + 1)) & 1) << 4;
 			}
-		for (uint32_t j = 0; j < 8; j++) {
+			qm_st32(o + 64 * c, lo);
+			qm_st32(o + 64 * c + 32, hi);
+		}
+		float d = qm_h2f(dd[0]), dmin = qm_h2f(dd[1]);
+		for (int j = 0; j < 8; j++) {
 			sc[8 * i + j] = d * (float)s[j];
 			mn[8 * i + j] = dmin * (float)m[j];
 		}
 	}
-	qm_sums(q, cols, 32, corr);
 }
 
-static void qm_dec_q5_k(const void *row, uint32_t cols, int8_t *q, int32_t *corr, float *sc,
-			float *mn)
+static void qm_dec_q4_k(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn)
 {
-	const struct skv_block_q5_k *b = row;
-	for (uint32_t i = 0; i < cols / 256; i++) {
-		uint8_t s[8], m[8];
-		qm_scale_min_k4(b[i].scales, s, m);
-		float d = qm_h2f(b[i].d), dmin = qm_h2f(b[i].dmin);
-		int8_t *o = q + 256 * i;
-		for (uint32_t c = 0; c < 4; c++)
-			for (uint32_t l = 0; l < 32; l++) {
-				uint8_t h = b[i].qh[l];
-				o[64 * c + l] = (int8_t)((b[i].qs[32 * c + l] & 15) |
-							 (((h >> (2 * c)) & 1) << 4));
-				o[64 * c + 32 + l] = (int8_t)((b[i].qs[32 * c + l] >> 4) |
-							      (((h >> (2 * c + 1)) & 1) << 4));
-			}
-		for (uint32_t j = 0; j < 8; j++) {
-			sc[8 * i + j] = d * (float)s[j];
-			mn[8 * i + j] = dmin * (float)m[j];
-		}
-	}
-	qm_sums(q, cols, 32, corr);
+	qm_dec_k45(row, cols, q, sc, mn, 0);
 }
 
-static void qm_dec_q6_k(const void *row, uint32_t cols, int8_t *q, int32_t *corr, float *sc,
-			float *mn)
+static void qm_dec_q5_k(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn)
+{
+	qm_dec_k45(row, cols, q, sc, mn, 1);
+}
+
+/* Q6_K's 6-bit codes q (weight q - 32), in ggml's order. */
+QM_INLINE void qm_q6_codes(const struct skv_block_q6_k *b, uint8_t *o)
+{
+	for (int h = 0; h < 2; h++) {
+		qm_b32 ql0 = qm_ld32(b->ql + 64 * h), ql1 = qm_ld32(b->ql + 64 * h + 32);
+		qm_b32 qh = qm_ld32(b->qh + 32 * h);
+		qm_st32(o + 128 * h, (ql0 & 15) | ((qh & 3) << 4));
+		qm_st32(o + 128 * h + 32, (ql1 & 15) | (((qh >> 2) & 3) << 4));
+		qm_st32(o + 128 * h + 64, (ql0 >> 4) | (((qh >> 4) & 3) << 4));
+		qm_st32(o + 128 * h + 96, (ql1 >> 4) | (((qh >> 6) & 3) << 4));
+	}
+}
+
+static void qm_dec_q6_k(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn)
 {
 	const struct skv_block_q6_k *b = row;
 	for (uint32_t i = 0; i < cols / 256; i++) {
+		qm_q6_codes(&b[i], q + 256 * i);
 		float d = qm_h2f(b[i].d);
-		int8_t *o = q + 256 * i;
-		for (uint32_t h = 0; h < 2; h++) {
-			const uint8_t *ql = b[i].ql + 64 * h, *qh = b[i].qh + 32 * h;
-			for (uint32_t l = 0; l < 32; l++) {
-				o[128 * h + l] = (int8_t)(((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32);
-				o[128 * h + 32 + l] =
-					(int8_t)(((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32);
-				o[128 * h + 64 + l] =
-					(int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-				o[128 * h + 96 + l] =
-					(int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-			}
-		}
 		for (uint32_t j = 0; j < 16; j++)
 			sc[16 * i + j] = d * (float)b[i].scales[j];
 	}
-	qm_sums(q, cols, 16, corr);
 }
 
-typedef void qm_dec_fn(const void *row, uint32_t cols, int8_t *q, int32_t *corr, float *sc,
-		       float *mn);
+typedef void qm_dec_fn(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn);
 
-/* Stores the micro-tile's sums: lane l of facc[r][v] is y[16 (v0 + v) + l][r0 + r]. */
+/* Stores a micro-tile's sums: lane l of facc[r * QM_MV + v] is y[16 (v0 + v) + l][r0 + r]. */
 QM_INLINE void qm_store_tile(const struct qm_job *job, uint32_t r0, uint32_t nr, uint32_t v0,
-			     int mv, qm_vf facc[QM_NR][QM_MV])
+			     uint32_t mv, const qm_vf *facc)
 {
 	for (uint32_t r = 0; r < nr; r++)
-		for (int v = 0; v < mv; v++) {
+		for (uint32_t v = 0; v < mv; v++) {
 			float out[16];
-			memcpy(out, &facc[r][v], sizeof(out));
+			memcpy(out, &facc[r * QM_MV + v], sizeof(out));
 			for (uint32_t l = 0; l < QM_LANES; l++) {
-				uint32_t m = (v0 + (uint32_t)v) * QM_LANES + l;
+				uint32_t m = (v0 + v) * QM_LANES + l;
 				if (m >= job->m_rows)
 					break;
 				float *dst = job->y + (size_t)m * job->ld_y + r0 + r;
@@ -290,110 +297,203 @@ QM_INLINE void qm_store_tile(const struct qm_job *job, uint32_t r0, uint32_t nr,
 		}
 }
 
-/* The integer micro-kernel: QM_NR decoded weight rows x mv groups of x; unit weights per scale
- * unit, xblock values per scale of x; has_min: subtract the K-quant mins. */
-QM_INLINE void qm_mk_int(const struct qm_job *job, const struct qm_wtile *t, uint32_t r0,
-			 uint32_t nr, uint32_t v0, const int mv, const uint32_t unit,
-			 const uint32_t xblock, const int has_min)
+enum qm_corr { QM_CORR_NONE, QM_CORR_X, QM_CORR_X16 };
+
+struct qm_mk_args {
+	const struct qm_act *a;
+	const uint8_t *wq; /* QM_NR decoded rows, q_ld apart */
+	const float *sc, *mn;
+	size_t q_ld;
+	uint32_t units; /* the rows' stride in sc and mn */
+	uint32_t v0;    /* the first group of x */
+	uint32_t u0, u1;
+	qm_vf *part;
+	int first;
+};
+
+/* The integer micro-kernel: QM_NR decoded weight rows x mv groups of x over the scale units
+ * [u0, u1); unit weights per scale unit, xblock values per scale of x; corr: how each unit's
+ * accumulators start (x's corr, that shifted right by 4, or zero); has_min: subtract the
+ * K-quant mins. The running sums live in part between K chunks. */
+QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_t unit,
+			 const uint32_t xblock, const enum qm_corr corr, const int has_min)
 {
-	const struct qm_act *a = job->act;
-	const uint32_t units = t->units;
-	qm_vf facc[QM_NR][QM_MV];
-	const uint8_t *xq[QM_MV];
+	const struct qm_act *a = k->a;
+	const uint32_t units = k->units;
+	qm_vf facc[QM_NR * QM_MV];
+	const int8_t *xq[QM_MV];
+	const int32_t *xc[QM_MV];
 	const float *xd[QM_MV], *xs[QM_MV];
 	for (int v = 0; v < mv; v++) {
-		xq[v] = a->iqs + (size_t)(v0 + v) * a->iqs_ld;
-		xd[v] = a->id + (size_t)(v0 + v) * a->id_ld;
-		xs[v] = has_min ? a->ixsum + (size_t)(v0 + v) * a->ixsum_ld : NULL;
+		xq[v] = a->iqs + (size_t)(k->v0 + v) * a->iqs_ld;
+		xc[v] = corr != QM_CORR_NONE ? a->icorr + (size_t)(k->v0 + v) * a->icorr_ld : NULL;
+		xd[v] = a->id + (size_t)(k->v0 + v) * a->id_ld;
+		xs[v] = has_min ? a->ixsum + (size_t)(k->v0 + v) * a->ixsum_ld : NULL;
 		for (int r = 0; r < QM_NR; r++)
-			facc[r][v] = (qm_vf){};
+			facc[r * QM_MV + v] = k->first ? (qm_vf){} : k->part[r * QM_MV + v];
 	}
-	for (uint32_t u = 0; u < units; u++) {
-		qm_vi acc[QM_NR][QM_MV];
-		for (int r = 0; r < QM_NR; r++)
-			for (int v = 0; v < mv; v++)
-				acc[r][v] = (qm_vi){} + t->corr[r * units + u];
+	const uint8_t *wq[QM_NR];
+	for (int r = 0; r < QM_NR; r++)
+		wq[r] = k->wq + r * k->q_ld;
+	for (uint32_t u = k->u0; u < k->u1; u++) {
+		qm_vi acc[QM_NR * QM_MV];
+		for (int v = 0; v < mv; v++) {
+			qm_vi start = {};
+			if (corr == QM_CORR_X)
+				start = *(const qm_vi *)(xc[v] + (size_t)u * 16);
+			else if (corr == QM_CORR_X16)
+				start = *(const qm_vi *)(xc[v] + (size_t)u * 16) >> 4;
+			for (int r = 0; r < QM_NR; r++)
+				acc[r * QM_MV + v] = start;
+		}
 		for (uint32_t g = u * unit / 4; g < (u + 1) * unit / 4; g++) {
 			qm_vb xv[QM_MV];
 			for (int v = 0; v < mv; v++)
 				xv[v] = *(const qm_vb *)(xq[v] + (size_t)g * 64);
 			for (int r = 0; r < QM_NR; r++) {
 				int32_t w;
-				memcpy(&w, t->q + r * t->q_ld + 4 * g, 4);
+				memcpy(&w, wq[r] + 4 * g, 4);
 				for (int v = 0; v < mv; v++)
-					acc[r][v] = qm_dpbusd(acc[r][v], xv[v], w);
+					acc[r * QM_MV + v] = qm_dpbusd(acc[r * QM_MV + v], w, xv[v]);
 			}
 		}
 		for (int v = 0; v < mv; v++) {
 			qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(u * unit / xblock) * 16);
 			for (int r = 0; r < QM_NR; r++)
-				facc[r][v] += qm_cvt(acc[r][v]) * (dx * t->sc[r * units + u]);
+				facc[r * QM_MV + v] += qm_cvt(acc[r * QM_MV + v]) * (dx * k->sc[r * units + u]);
 			if (has_min) {
 				qm_vf xsum = *(const qm_vf *)(xs[v] + (size_t)u * 16);
 				for (int r = 0; r < QM_NR; r++)
-					facc[r][v] -= xsum * t->mn[r * units + u];
+					facc[r * QM_MV + v] -= xsum * k->mn[r * units + u];
 			}
 		}
 	}
-	qm_store_tile(job, r0, nr, v0, mv, facc);
+	for (int v = 0; v < mv; v++)
+		for (int r = 0; r < QM_NR; r++)
+			k->part[r * QM_MV + v] = facc[r * QM_MV + v];
 }
 
+QM_INLINE void qm_mk_int_mv(const struct qm_mk_args *k, uint32_t mv, const uint32_t unit,
+			    const uint32_t xblock, const enum qm_corr corr, const int has_min)
+{
+	switch (mv) {
+#if QM_MV > 1
+	case 1:
+		qm_mk_int(k, 1, unit, xblock, corr, has_min);
+		break;
+	case 2:
+		qm_mk_int(k, 2, unit, xblock, corr, has_min);
+		break;
+	case 3:
+		qm_mk_int(k, 3, unit, xblock, corr, has_min);
+		break;
+#endif
+	default:
+		qm_mk_int(k, QM_MV, unit, xblock, corr, has_min);
+		break;
+	}
+}
+
+/* Rows [r0, r1) in blocks of QM_WB decoded rows; for each block, groups of QM_MV x groups
+ * over K chunks of QM_KC weights, so that the chunk of x (QM_MV x 16 rows x QM_KC bytes)
+ * stays in L1 while every tile of the block passes over it. */
 QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1, void *scratch,
 			      qm_dec_fn *dec, const uint32_t unit, const uint32_t xblock,
-			      const int has_min)
+			      const enum qm_corr corr, const int has_min)
 {
 	const struct skv_qmat *w = job->w;
 	struct qm_wtile t;
 	qm_wtile_init(&t, scratch, w->cols, unit);
-	uint32_t groups = (job->m_rows + QM_LANES - 1) / QM_LANES;
-	for (uint32_t r = r0; r < r1; r += QM_NR) {
-		uint32_t nr = r1 - r < QM_NR ? r1 - r : QM_NR;
-		for (uint32_t i = 0; i < QM_NR; i++) {
-			if (i < nr)
-				dec((const uint8_t *)w->data + (size_t)(r + i) * w->row_bytes, w->cols,
-				    t.q + i * t.q_ld, t.corr + i * t.units, t.sc + i * t.units,
-				    t.mn + i * t.units);
+	const uint32_t groups = (job->m_rows + QM_LANES - 1) / QM_LANES;
+	const uint32_t ukc = QM_KC / unit;
+	for (uint32_t rb = r0; rb < r1; rb += QM_WB) {
+		uint32_t nrb = r1 - rb < QM_WB ? r1 - rb : QM_WB;
+		uint32_t tiles = (nrb + QM_NR - 1) / QM_NR;
+		for (uint32_t i = 0; i < tiles * QM_NR; i++) {
+			if (i < nrb)
+				dec((const uint8_t *)w->data + (size_t)(rb + i) * w->row_bytes, w->cols,
+				    t.q + i * t.q_ld, t.sc + i * t.units, t.mn + i * t.units);
 			else
 				qm_wtile_zero_row(&t, i, w->cols);
 		}
-		uint32_t v = 0;
-		for (; v + QM_MV <= groups; v += QM_MV)
-			qm_mk_int(job, &t, r, nr, v, QM_MV, unit, xblock, has_min);
-#if QM_MV > 2
-		if (groups - v == 2)
-			qm_mk_int(job, &t, r, nr, v, 2, unit, xblock, has_min);
-		else
-#endif
-#if QM_MV > 1
-		if (groups - v == 1)
-			qm_mk_int(job, &t, r, nr, v, 1, unit, xblock, has_min);
-#endif
+		for (uint32_t v = 0; v < groups; v += QM_MV) {
+			uint32_t mv = groups - v < QM_MV ? groups - v : QM_MV;
+			for (uint32_t u0 = 0; u0 < t.units; u0 += ukc) {
+				uint32_t u1 = t.units - u0 < ukc ? t.units : u0 + ukc;
+				for (uint32_t tile = 0; tile < tiles; tile++) {
+					struct qm_mk_args k = {
+						.a = job->act,
+						.wq = t.q + tile * QM_NR * t.q_ld,
+						.sc = t.sc + tile * QM_NR * t.units,
+						.mn = t.mn + tile * QM_NR * t.units,
+						.q_ld = t.q_ld,
+						.units = t.units,
+						.v0 = v,
+						.u0 = u0,
+						.u1 = u1,
+						.part = t.part + tile * QM_NR * QM_MV,
+						.first = u0 == 0,
+					};
+					qm_mk_int_mv(&k, mv, unit, xblock, corr, has_min);
+				}
+			}
+			for (uint32_t tile = 0; tile < tiles; tile++) {
+				uint32_t rt = rb + tile * QM_NR;
+				uint32_t nr = rb + nrb - rt < QM_NR ? rb + nrb - rt : QM_NR;
+				qm_store_tile(job, rt, nr, v, mv, t.part + tile * QM_NR * QM_MV);
+			}
+		}
 	}
 }
 
-/* The float micro-kernel (F32, F16, BF16): w rows in float32 rows of scratch. */
-QM_INLINE void qm_mk_f32(const struct qm_job *job, const float *wrows, size_t w_ld, uint32_t r0,
-			 uint32_t nr, uint32_t v0, const int mv)
+/* The float micro-kernel (F32, F16, BF16): QM_NR weight rows of float32 (w_ld apart) x mv
+ * groups of x over columns [c0, c1). */
+QM_INLINE void qm_mk_f32(const struct qm_job *job, const float *wrows, size_t w_ld, uint32_t v0,
+			 const int mv, uint32_t c0, uint32_t c1, qm_vf *part, int first)
 {
 	const uint32_t cols = job->w->cols;
 	const float *xs[QM_MV];
-	qm_vf facc[QM_NR][QM_MV];
+	qm_vf facc[QM_NR * QM_MV];
 	for (int v = 0; v < mv; v++) {
 		xs[v] = job->act->ix + (size_t)(v0 + v) * cols * QM_LANES;
 		for (int r = 0; r < QM_NR; r++)
-			facc[r][v] = (qm_vf){};
+			facc[r * QM_MV + v] = first ? (qm_vf){} : part[r * QM_MV + v];
 	}
-	for (uint32_t k = 0; k < cols; k++) {
+	for (uint32_t k = c0; k < c1; k++) {
 		qm_vf xv[QM_MV];
 		for (int v = 0; v < mv; v++)
 			xv[v] = *(const qm_vf *)(xs[v] + (size_t)k * QM_LANES);
 		for (int r = 0; r < QM_NR; r++) {
 			float wk = wrows[r * w_ld + k];
 			for (int v = 0; v < mv; v++)
-				facc[r][v] += xv[v] * wk;
+				facc[r * QM_MV + v] += xv[v] * wk;
 		}
 	}
-	qm_store_tile(job, r0, nr, v0, mv, facc);
+	for (int v = 0; v < mv; v++)
+		for (int r = 0; r < QM_NR; r++)
+			part[r * QM_MV + v] = facc[r * QM_MV + v];
+}
+
+QM_INLINE void qm_mk_f32_mv(const struct qm_job *job, const float *wrows, size_t w_ld,
+			    uint32_t v0, uint32_t mv, uint32_t c0, uint32_t c1, qm_vf *part,
+			    int first)
+{
+	switch (mv) {
+#if QM_MV > 1
+	case 1:
+		qm_mk_f32(job, wrows, w_ld, v0, 1, c0, c1, part, first);
+		break;
+	case 2:
+		qm_mk_f32(job, wrows, w_ld, v0, 2, c0, c1, part, first);
+		break;
+	case 3:
+		qm_mk_f32(job, wrows, w_ld, v0, 3, c0, c1, part, first);
+		break;
+#endif
+	default:
+		qm_mk_f32(job, wrows, w_ld, v0, QM_MV, c0, c1, part, first);
+		break;
+	}
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -482,36 +582,40 @@ QM_INLINE void qm_run_float(const struct qm_job *job, uint32_t r0, uint32_t r1, 
 		}
 		return;
 	}
-	float *wrows = scratch;
-	size_t w_ld = cols;
-	uint32_t groups = (job->m_rows + QM_LANES - 1) / QM_LANES;
-	for (uint32_t r = r0; r < r1; r += QM_NR) {
-		uint32_t nr = r1 - r < QM_NR ? r1 - r : QM_NR;
-		for (uint32_t i = 0; i < QM_NR; i++) {
+	qm_vf *part = scratch;
+	float *wrows = (float *)((uint8_t *)scratch + QM_PART_BYTES);
+	const size_t w_ld = cols;
+	const uint32_t groups = (job->m_rows + QM_LANES - 1) / QM_LANES;
+	for (uint32_t rb = r0; rb < r1; rb += QM_WBF) {
+		uint32_t nrb = r1 - rb < QM_WBF ? r1 - rb : QM_WBF;
+		uint32_t tiles = (nrb + QM_NR - 1) / QM_NR;
+		for (uint32_t i = 0; i < tiles * QM_NR; i++) {
 			float *o = wrows + i * w_ld;
-			if (i >= nr) {
+			if (i >= nrb) {
 				memset(o, 0, cols * sizeof(float));
 				continue;
 			}
-			const void *row = (const uint8_t *)w->data + (size_t)(r + i) * w->row_bytes;
+			const void *row = (const uint8_t *)w->data + (size_t)(rb + i) * w->row_bytes;
 			uint32_t c = 0;
 			for (; c + 16 <= cols; c += 16)
 				*(qm_vf_u *)(o + c) = qm_load_w16(row, c, ft);
 			for (; c < cols; c++)
 				o[c] = qm_load_w1(row, c, ft);
 		}
-		uint32_t v = 0;
-		for (; v + QM_MV <= groups; v += QM_MV)
-			qm_mk_f32(job, wrows, w_ld, r, nr, v, QM_MV);
-#if QM_MV > 2
-		if (groups - v == 2)
-			qm_mk_f32(job, wrows, w_ld, r, nr, v, 2);
-		else
-#endif
-#if QM_MV > 1
-		if (groups - v == 1)
-			qm_mk_f32(job, wrows, w_ld, r, nr, v, 1);
-#endif
+		for (uint32_t v = 0; v < groups; v += QM_MV) {
+			uint32_t mv = groups - v < QM_MV ? groups - v : QM_MV;
+			for (uint32_t c0 = 0; c0 < cols; c0 += QM_KCF) {
+				uint32_t c1 = cols - c0 < QM_KCF ? cols : c0 + QM_KCF;
+				for (uint32_t tile = 0; tile < tiles; tile++)
+					qm_mk_f32_mv(job, wrows + tile * QM_NR * w_ld, w_ld, v, mv, c0, c1,
+						     part + tile * QM_NR * QM_MV, c0 == 0);
+			}
+			for (uint32_t tile = 0; tile < tiles; tile++) {
+				uint32_t rt = rb + tile * QM_NR;
+				uint32_t nr = rb + nrb - rt < QM_NR ? rb + nrb - rt : QM_NR;
+				qm_store_tile(job, rt, nr, v, mv, part + tile * QM_NR * QM_MV);
+			}
+		}
 	}
 }
 
@@ -835,19 +939,15 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 	const float *xd = a->d + (size_t)m * a->blk_ld;
 	float s = 0.f;
 	for (uint32_t i = 0; i < cols / 256; i++) {
-		int8_t q[256];
-		int32_t corr[16], sc[16];
-		float unused[16];
-		qm_dec_q6_k(b + i, 256, q, corr, (float *)unused, NULL);
-		for (int j = 0; j < 16; j++)
-			sc[j] = b[i].scales[j];
+		uint8_t q[256];
+		qm_q6_codes(&b[i], q);
 		const int8_t *x = xq + 256 * i;
 		int32_t isum = 0;
 		for (int j = 0; j < 16; j++) {
 			int32_t dot = 0;
 			for (int l = 0; l < 16; l++)
-				dot += q[16 * j + l] * x[16 * j + l];
-			isum += sc[j] * dot;
+				dot += (q[16 * j + l] - 32) * x[16 * j + l];
+			isum += b[i].scales[j] * dot;
 		}
 		s += (qm_h2f(b[i].d) * xd[i]) * (float)isum;
 	}
@@ -875,7 +975,7 @@ static void qm_q8_0(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 	qm_run_rows(job, r0, r1, qm_dot_q8_0);
 #else
 	if (job->interleaved)
-		qm_batched_int(job, r0, r1, scratch, qm_dec_q8_0, 32, 32, 0);
+		qm_batched_int(job, r0, r1, scratch, qm_dec_q8_0, 32, 32, QM_CORR_X, 0);
 	else
 		qm_run_rows(job, r0, r1, qm_dot_q8_0);
 #endif
@@ -884,7 +984,7 @@ static void qm_q8_0(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 static void qm_q4_0(const struct qm_job *job, uint32_t r0, uint32_t r1, void *scratch)
 {
 	if (job->interleaved)
-		qm_batched_int(job, r0, r1, scratch, qm_dec_q4_0, 32, 32, 0);
+		qm_batched_int(job, r0, r1, scratch, qm_dec_q4_0, 32, 32, QM_CORR_X16, 0);
 	else
 		qm_run_rows(job, r0, r1, qm_dot_q4_0);
 }
@@ -892,7 +992,7 @@ static void qm_q4_0(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 static void qm_q4_k(const struct qm_job *job, uint32_t r0, uint32_t r1, void *scratch)
 {
 	if (job->interleaved)
-		qm_batched_int(job, r0, r1, scratch, qm_dec_q4_k, 32, 256, 1);
+		qm_batched_int(job, r0, r1, scratch, qm_dec_q4_k, 32, 256, QM_CORR_NONE, 1);
 	else
 		qm_run_rows(job, r0, r1, qm_dot_q4_k);
 }
@@ -900,7 +1000,7 @@ static void qm_q4_k(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 static void qm_q5_k(const struct qm_job *job, uint32_t r0, uint32_t r1, void *scratch)
 {
 	if (job->interleaved)
-		qm_batched_int(job, r0, r1, scratch, qm_dec_q5_k, 32, 256, 1);
+		qm_batched_int(job, r0, r1, scratch, qm_dec_q5_k, 32, 256, QM_CORR_NONE, 1);
 	else
 		qm_run_rows(job, r0, r1, qm_dot_q5_k);
 }
@@ -908,7 +1008,7 @@ static void qm_q5_k(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 static void qm_q6_k(const struct qm_job *job, uint32_t r0, uint32_t r1, void *scratch)
 {
 	if (job->interleaved)
-		qm_batched_int(job, r0, r1, scratch, qm_dec_q6_k, 16, 256, 0);
+		qm_batched_int(job, r0, r1, scratch, qm_dec_q6_k, 16, 256, QM_CORR_X, 0);
 	else
 		qm_run_rows(job, r0, r1, qm_dot_q6_k);
 }

@@ -13,11 +13,15 @@
  *   Q8_K form   qs [m][qs_ld] int8, d [m][blk_ld] float, bsum16 [m][b16_ld] int16 (ggml's
  *               bsums), bsum32 [m][b32_ld] int16 (sums of 32 = pairs of bsums)
  *
- * Lane-interleaved (many rows: 16 rows of x are the 16 lanes of a vector, so one weight,
- * broadcast, multiplies 16 rows of x in one instruction and each decoded tile of weight rows is
+ * Lane-interleaved (many rows: 16 rows of x are the 16 lanes of a vector, so four weights,
+ * broadcast, multiply 16 rows of x in one vpdpbusd and each decoded tile of weight rows is
  * reused across every row of x). Group v holds rows 16v .. 16v + 15 (missing rows are zeros):
- *   qs  [group][cols / 4][16 lanes][4] uint8: q + 128 (the unsigned operand of vpdpbusd);
- *       the kernels subtract 128 * (sum of the weights) per scale unit
+ *   qs  [group][cols / 4][16 lanes][4] int8: x's q (the signed operand of vpdpbusd; the
+ *       decoded weights are the unsigned one: nibbles as stored, Q8_0's q + 128)
+ *   corr[group][cols / cunit][16] int32: each scale unit's accumulator start, which takes the
+ *       weights' offset off: Q8_0 form -128 * (sum of the 32 q), for Q8_0 (q + 128); the
+ *       kernels shift it right by 4 for Q4_0 (nibble - 8); Q8_K form -32 * bsum16, for Q6_K
+ *       (q - 32); Q4_K and Q5_K have no offset (their mins are xsum's)
  *   d   [group][cols / xblock][16] float     (xblock: 32 for Q8_0, 256 for Q8_K)
  *   xsum[group][cols / 32][16] float         (Q8_K only: d * bsum32, for the K-quant mins)
  *   f32 [group][cols][16] float               (F32, F16, BF16 weights: x itself)
@@ -32,7 +36,18 @@
 
 #define QM_LANES 16u       /* rows of x per interleaved group: one 512-bit vector of int32 */
 #define QM_ALIGN 64u
-#define QM_NR_MAX 4u       /* weight rows per micro-kernel tile (the largest ISA's) */
+#define QM_NR_MAX 12u      /* a multiple of every ISA's weight rows per micro-tile */
+/* The batched path decodes QM_WB weight rows (QM_WBF for the float types, as float32) at a
+ * time and walks K in chunks of QM_KC weights (QM_KCF for float), so that the chunk of x it
+ * reuses across the block (QM_MV groups x 16 rows x QM_KC bytes, 16 KB) stays in L1 while the
+ * decoded rows (QM_WB x cols bytes) stay in L2. */
+#define QM_WB 48u
+#define QM_WBF 12u
+#define QM_WB_MAX 48u
+#define QM_MV_MAX 4u
+#define QM_KC 256u
+#define QM_KCF 64u
+#define QM_PART_BYTES (QM_WB_MAX * QM_MV_MAX * 64u)
 
 struct qm_act {
 	/* row-major */
@@ -43,10 +58,11 @@ struct qm_act {
 	const int16_t *bsum32;
 	size_t qs_ld, blk_ld, b16_ld, b32_ld; /* lsum's stride: qs_ld / 4 */
 	/* interleaved (NULL when the call uses the row-major path) */
-	const uint8_t *iqs;
+	const int8_t *iqs;
+	const int32_t *icorr;
 	const float *id;
 	const float *ixsum;
-	size_t iqs_ld, id_ld, ixsum_ld; /* elements per group */
+	size_t iqs_ld, icorr_ld, id_ld, ixsum_ld; /* elements per group */
 	/* float32 input */
 	const float *x;
 	size_t ld_x;
@@ -63,15 +79,16 @@ struct qm_job {
 	int add;
 };
 
-/* Bytes of per-thread scratch the kernels need for cols columns: QM_NR_MAX decoded weight
- * rows, as int8 with three words per 16 weights (scale units) or as float32. */
+/* Bytes of per-thread scratch the kernels need for cols columns: QM_WB_MAX decoded weight
+ * rows, as uint8 with two floats per 16 weights (scale units) or as float32, and the
+ * running sums of a block's tiles. */
 static inline size_t qm_scratch_bytes(uint32_t cols)
 {
 	size_t q_ld = ((size_t)cols + 63u) & ~(size_t)63;
 	size_t ul = ((size_t)cols / 16 + 15u) & ~(size_t)15;
-	size_t ints = QM_NR_MAX * (q_ld + 3 * ul * 4);
-	size_t floats = QM_NR_MAX * (size_t)cols * 4;
-	return (ints > floats ? ints : floats) + 256;
+	size_t ints = QM_WB_MAX * (q_ld + 2 * ul * 4);
+	size_t floats = QM_WBF * (size_t)cols * 4;
+	return QM_PART_BYTES + (ints > floats ? ints : floats) + 256;
 }
 
 /* Computes y rows [r0, r1) of one matrix (r0 a multiple of QM_NR_MAX unless r0 == r1).

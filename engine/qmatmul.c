@@ -27,7 +27,8 @@ struct skv_qctx {
 	float *dk;
 	int16_t *b16, *b32;
 	/* interleaved */
-	uint8_t *iqs0, *iqsk;
+	int8_t *iqs0, *iqsk;
+	int32_t *icorr0, *icorrk;
 	float *id0, *idk, *ixsum, *ix;
 	/* per thread */
 	uint8_t *scratch;
@@ -139,6 +140,8 @@ void skv_qctx_free(struct skv_qctx *ctx)
 	free(ctx->b32);
 	free(ctx->iqs0);
 	free(ctx->iqsk);
+	free(ctx->icorr0);
+	free(ctx->icorrk);
 	free(ctx->id0);
 	free(ctx->idk);
 	free(ctx->ixsum);
@@ -182,13 +185,15 @@ int skv_qctx_new(uint32_t max_rows, uint32_t max_cols, uint32_t threads, struct 
 	ctx->b32 = qm_alloc(rows * qm_blk_ld(ctx, 32) * sizeof(int16_t));
 	ctx->iqs0 = qm_alloc(g * cols * QM_LANES);
 	ctx->iqsk = qm_alloc(g * cols * QM_LANES);
+	ctx->icorr0 = qm_alloc(g * (cols / 32) * QM_LANES * sizeof(int32_t));
+	ctx->icorrk = qm_alloc(g * (cols / 16) * QM_LANES * sizeof(int32_t));
 	ctx->id0 = qm_alloc(g * (cols / 32) * QM_LANES * sizeof(float));
 	ctx->idk = qm_alloc(g * qm_round(cols / 256, 1) * QM_LANES * sizeof(float) + 64);
 	ctx->ixsum = qm_alloc(g * (cols / 32) * QM_LANES * sizeof(float));
 	ctx->ix = qm_alloc(g * cols * QM_LANES * sizeof(float));
 	ctx->scratch_bytes = qm_round(qm_scratch_bytes(max_cols), QM_ALIGN);
 	if (!ctx->qs0 || !ctx->d0 || !ctx->lsum0 || !ctx->qsk || !ctx->dk || !ctx->b16 ||
-	    !ctx->b32 || !ctx->iqs0 || !ctx->iqsk || !ctx->id0 || !ctx->idk || !ctx->ixsum ||
+	    !ctx->b32 || !ctx->iqs0 || !ctx->iqsk || !ctx->icorr0 || !ctx->icorrk || !ctx->id0 || !ctx->idk || !ctx->ixsum ||
 	    !ctx->ix || qm_scratch_resize(ctx, threads) < 0) {
 		skv_qctx_free(ctx);
 		return -ENOMEM;
@@ -296,23 +301,30 @@ static void qm_quant_q8_k(const float *x, uint32_t cols, int8_t *qs, float *d, i
 	}
 }
 
-/* Rows 16v + lane of the row-major qs into group v's [cols / 4][16][4] (q + 128), and the
- * per-block floats into [blocks][16]; missing rows are zeros (qs 0 -> 128, scale 0). */
+/* Rows 16v + lane of the row-major qs into group v's [cols / 4][16][4], and each unit's
+ * accumulator start, scale * (sum of the unit's unit q), into [cols / unit][16]; missing rows
+ * are zeros. */
 static void qm_interleave_qs(const int8_t *qs, size_t qs_ld, uint32_t m_rows, uint32_t cols,
-			     uint8_t *iqs)
+			     uint32_t unit, int32_t scale, int8_t *iqs, int32_t *icorr)
 {
 	uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
 	for (uint32_t v = 0; v < groups; v++) {
-		uint8_t *dst = iqs + (size_t)v * cols * QM_LANES;
+		int8_t *dst = iqs + (size_t)v * cols * QM_LANES;
+		int32_t *corr = icorr + (size_t)v * (cols / unit) * QM_LANES;
 		for (uint32_t lane = 0; lane < QM_LANES; lane++) {
 			uint32_t m = v * QM_LANES + lane;
+			const int8_t *src = qs + (size_t)m * qs_ld;
 			for (uint32_t g = 0; g < cols / 4; g++) {
-				uint32_t word = 0x80808080u;
-				if (m < m_rows) {
-					memcpy(&word, qs + (size_t)m * qs_ld + 4 * g, 4);
-					word ^= 0x80808080u;
-				}
+				uint32_t word = 0;
+				if (m < m_rows)
+					memcpy(&word, src + 4 * g, 4);
 				memcpy(dst + ((size_t)g * QM_LANES + lane) * 4, &word, 4);
+			}
+			for (uint32_t u = 0; u < cols / unit; u++) {
+				int32_t s = 0;
+				for (uint32_t i = 0; m < m_rows && i < unit; i++)
+					s += src[u * unit + i];
+				corr[(size_t)u * QM_LANES + lane] = scale * s;
 			}
 		}
 	}
@@ -423,9 +435,12 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 		act0.qs_ld = qs_ld;
 		act0.blk_ld = ld0;
 		if (batched) {
-			qm_interleave_qs(ctx->qs0, qs_ld, m_rows, cols, ctx->iqs0);
+			qm_interleave_qs(ctx->qs0, qs_ld, m_rows, cols, 32, -128, ctx->iqs0,
+					 ctx->icorr0);
 			qm_interleave_f(ctx->d0, ld0, m_rows, cols / 32, ctx->id0);
 			act0.iqs = ctx->iqs0;
+			act0.icorr = ctx->icorr0;
+			act0.icorr_ld = (size_t)cols / 32 * QM_LANES;
 			act0.id = ctx->id0;
 			act0.iqs_ld = (size_t)cols * QM_LANES;
 			act0.id_ld = (size_t)cols / 32 * QM_LANES;
@@ -444,7 +459,8 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 		actk.b16_ld = ld16;
 		actk.b32_ld = ld32;
 		if (batched) {
-			qm_interleave_qs(ctx->qsk, qs_ld, m_rows, cols, ctx->iqsk);
+			qm_interleave_qs(ctx->qsk, qs_ld, m_rows, cols, 16, -32, ctx->iqsk,
+					 ctx->icorrk);
 			qm_interleave_f(ctx->dk, ldk, m_rows, cols / 256, ctx->idk);
 			/* xsum = d * bsum32: the K-quant mins in float */
 			uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
@@ -459,6 +475,8 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 								   : 0.f;
 				}
 			actk.iqs = ctx->iqsk;
+			actk.icorr = ctx->icorrk;
+			actk.icorr_ld = (size_t)cols / 16 * QM_LANES;
 			actk.id = ctx->idk;
 			actk.ixsum = ctx->ixsum;
 			actk.iqs_ld = (size_t)cols * QM_LANES;
