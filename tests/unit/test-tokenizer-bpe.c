@@ -11,6 +11,7 @@
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -627,4 +628,96 @@ Test(tokenizer_refusals, malformed_merges)
 	/* No merges key. */
 	check_refused(copy_vocab("gpt-2", "merge4.gguf", "gpt2", "gpt-2", NULL, 1), -ENOENT,
 		      "tokenizer.ggml.merges: missing");
+}
+
+/* --- merges, ignore_merges, concurrency ------------------------------------------------------ */
+
+/* A vocabulary of a, b, c, ab, bc, abc with the one merge "b c". */
+static const char *small_vocab(const char *name, const char *pre)
+{
+	static const struct skv_gguf_str tokens[] = {
+		{ "a", 1 }, { "b", 1 }, { "c", 1 }, { "ab", 2 }, { "bc", 2 }, { "abc", 3 },
+	};
+	static const int32_t types[] = { 1, 1, 1, 1, 1, 1 };
+	static const struct skv_gguf_str merges[] = { { "b c", 3 } };
+	struct gguf_w w;
+	w_begin(&w);
+	w_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+	w_kv_str(&w, "tokenizer.ggml.pre", pre);
+	w_kv_strs(&w, "tokenizer.ggml.tokens", tokens, 6);
+	w_kv_i32s(&w, "tokenizer.ggml.token_type", types, 6);
+	w_kv_strs(&w, "tokenizer.ggml.merges", merges, 1);
+	return w_finish(&w, name);
+}
+
+Test(tokenizer_refusals, merges_by_rank_and_ignore_merges)
+{
+	/* Only listed merges apply, even where the concatenation is a token: "abc" is a, bc. */
+	struct skv_tokenizer *t = load_path(small_vocab("small-gpt2.gguf", "gpt-2"));
+	check_ids(t, "abc", false, (const int32_t[]){ 0, 4 }, 2);
+	check_ids(t, "ab", false, (const int32_t[]){ 0, 1 }, 2);
+	/* No BOS or EOS keys: the flags add nothing. */
+	int32_t *ids;
+	size_t n;
+	cr_assert_eq(skv_tokenizer_encode(t, "c", 1, 1, 1, &ids, &n), 0);
+	cr_assert(n == 1 && ids[0] == 2);
+	free(ids);
+	cr_assert_eq(skv_tokenizer_bos(t), -1);
+	cr_assert_eq(skv_tokenizer_eos(t), -1);
+	skv_tokenizer_free(t);
+	/* Llama 3 takes a word that is a token as it is (llama.cpp's ignore_merges). */
+	t = load_path(small_vocab("small-llama3.gguf", "llama-bpe"));
+	check_ids(t, "abc", false, (const int32_t[]){ 5 }, 1);
+	check_ids(t, "ab", false, (const int32_t[]){ 3 }, 1);
+	/* A word that is not a token still merges by rank only (no "a b" merge). */
+	check_ids(t, "cab", false, (const int32_t[]){ 2, 0, 1 }, 3);
+	skv_tokenizer_free(t);
+}
+
+struct encode_job {
+	const struct skv_tokenizer *t;
+	const char *text;
+	size_t len;
+	int32_t *ids;
+	size_t n;
+	int rc;
+};
+
+static void *encode_thread(void *arg)
+{
+	struct encode_job *job = arg;
+	job->rc = skv_tokenizer_encode_special(job->t, job->text, job->len, 1, 0, &job->ids,
+					       &job->n);
+	return NULL;
+}
+
+Test(tokenizer_round_trip, concurrent_encodes)
+{
+	/* One tokenizer, four threads at once: each gets what one thread alone gets. */
+	const char *vocabs[] = { "gpt-2", "deepseek-llm", "llama-spm" };
+	size_t len;
+	char *text = tu_read_file(env_path("SKV_TEXT_DIR", "pg11_alice_in_wonderland.txt"), &len);
+	for (size_t v = 0; v < 3; v++) {
+		struct skv_tokenizer *t = load_vocab(vocabs[v]);
+		struct encode_job alone = { t, text, len, NULL, 0, 0 };
+		encode_thread(&alone);
+		cr_assert_eq(alone.rc, 0);
+		struct encode_job jobs[4];
+		pthread_t threads[4];
+		for (int i = 0; i < 4; i++) {
+			jobs[i] = (struct encode_job){ t, text, len, NULL, 0, 0 };
+			cr_assert_eq(pthread_create(&threads[i], NULL, encode_thread, &jobs[i]), 0);
+		}
+		for (int i = 0; i < 4; i++) {
+			cr_assert_eq(pthread_join(threads[i], NULL), 0);
+			cr_assert_eq(jobs[i].rc, 0);
+			cr_assert_eq(jobs[i].n, alone.n, "%s thread %d", vocabs[v], i);
+			cr_assert(memcmp(jobs[i].ids, alone.ids, alone.n * sizeof(*alone.ids)) == 0,
+				  "%s thread %d", vocabs[v], i);
+			free(jobs[i].ids);
+		}
+		free(alone.ids);
+		skv_tokenizer_free(t);
+	}
+	free(text);
 }
