@@ -62,18 +62,28 @@ struct pretok_set {
 };
 
 static const struct pretok_set pretok_sets[] = {
-	{ { "gpt-2" }, { PRETOK_GPT2 }, false, false },
+	{ { "gpt-2", "phi-2" }, { PRETOK_GPT2 }, false, false },
 	{ { "mpt" }, { PRETOK_GPT2 }, false, false },
 	/* Pythia and OLMo share the GPT-NeoX tokenizer; llama.cpp calls it "olmo". */
 	{ { "olmo", "gpt-neox" }, { PRETOK_GPT2 }, false, false },
 	{ { "llama-bpe", "llama3", "llama-v3" }, { PRETOK_LLAMA3 }, true, true },
-	{ { "qwen2" }, { PRETOK_QWEN2 }, false, false },
+	{ { "qwen2", "stablelm2" }, { PRETOK_QWEN2 }, false, false },
+	/* Llama 3's regex without its whole-word tokens and BOS. */
+	{ { "dbrx", "smaug-bpe" }, { PRETOK_LLAMA3 }, false, false },
 	{ { "falcon" }, { "[\\p{P}\\$\\+<=>\\^~\\|`]+", PRETOK_GPT2, "[0-9][0-9][0-9]" },
 	  false, false },
 	{ { "starcoder" }, { "\\p{N}", PRETOK_GPT2 }, false, false },
 	{ { "deepseek-llm" },
 	  { "[\\r\\n]", PRETOK_DEEPSEEK_LETTERS, PRETOK_DEEPSEEK_PUNCT, "\\s+$",
 	    PRETOK_DEEPSEEK_CJK, "\\p{N}+" },
+	  false, false },
+	{ { "deepseek-coder" },
+	  { "[\\r\\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", PRETOK_DEEPSEEK_CJK, "\\p{N}" },
+	  false, false },
+	/* llama.cpp's fallback set, for files that name it ("default"); a file that names
+	 * nothing is refused instead. */
+	{ { "default" },
+	  { "[\\p{P}\\$\\+<=>\\^~\\|]+", PRETOK_GPT2, "\\p{N}+", "[0-9][0-9][0-9]" },
 	  false, false },
 };
 
@@ -89,8 +99,18 @@ struct pretok {
 
 const char *pretok_known_names(void)
 {
-	return "gpt-2, mpt, olmo (gpt-neox), llama-bpe (llama3, llama-v3), qwen2, falcon, "
-	       "starcoder, deepseek-llm";
+	return "gpt-2 (phi-2), mpt, olmo (gpt-neox), llama-bpe (llama3, llama-v3), qwen2 "
+	       "(stablelm2), dbrx (smaug-bpe), falcon, starcoder, deepseek-llm, deepseek-coder, "
+	       "default";
+}
+
+const char *pretok_known(size_t index)
+{
+	for (size_t s = 0; s < PRETOK_N_SETS; s++)
+		for (size_t n = 0; n < 4 && pretok_sets[s].names[n]; n++)
+			if (index-- == 0)
+				return pretok_sets[s].names[n];
+	return NULL;
 }
 
 void pretok_free(struct pretok *p)

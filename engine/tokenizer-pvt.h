@@ -157,8 +157,10 @@ void pretok_free(struct pretok *p);
 const char *pretok_name(const struct pretok *p);
 bool pretok_ignore_merges(const struct pretok *p); /* a word that is a token skips merges */
 bool pretok_add_bos(const struct pretok *p);       /* llama.cpp's default for add_bos */
-/* The names pretok_new() accepts, comma-separated, for messages. */
+/* The names pretok_new() accepts, comma-separated, for messages; one by one (NULL past the
+ * last). */
 const char *pretok_known_names(void);
+const char *pretok_known(size_t index);
 
 /* Split text[0..len) into words, replacing spans->items[0..count); each regex of the set
  * splits every current word into its matches and the text between them, in order. Bytes

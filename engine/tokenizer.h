@@ -21,7 +21,8 @@
  * Face tokenizers encode: special tokens are cut out of the text first (user-defined ones
  * always, control ones only by skv_tokenizer_encode_special()), the rest is split into words by
  * the regexes of the pre-tokenizer tokenizer.ggml.pre names (gpt-2, mpt, olmo or gpt-neox,
- * llama-bpe, qwen2, falcon, starcoder, deepseek-llm; PCRE2), each word's bytes become GPT-2's
+ * llama-bpe, qwen2, falcon, starcoder, deepseek-llm, and the few more of llama.cpp's names
+ * listed in pretok.c; PCRE2), each word's bytes become GPT-2's
  * byte characters and merge by the rank of tokenizer.ggml.merges, lowest first, leftmost on
  * ties, in O(n log n). Bytes that are not valid UTF-8 stay bytes (their own words), so
  * decode(encode(x)) == x for any x whose bytes all have a character in the vocabulary (a byte

@@ -494,6 +494,38 @@ Test(tokenizer_pretok, splits)
 	cr_assert_null(p);
 }
 
+Test(tokenizer_pretok, every_set_covers_the_text)
+{
+	/* Every name compiles, and its words are the text cut in order, nothing lost. */
+	size_t len;
+	char *text = tu_read_file(env_path("SKV_TEXT_DIR", "pg84_frankenstein.txt"), &len);
+	static const char odd[] = "\xff\xfe caf\xc3\xa9 \xe4\xb8\xad\xe6\x96\x87 12345 !? \t\n";
+	size_t n_names = 0;
+	for (const char *name; (name = pretok_known(n_names)); n_names++) {
+		struct pretok *p = NULL;
+		cr_assert_eq(pretok_new(name, strlen(name), &p), 0, "%s", name);
+		cr_assert_str_eq(pretok_name(p), name);
+		struct pretok_spans spans = { 0 };
+		for (int pass = 0; pass < 2; pass++) {
+			const char *subject = pass ? odd : text;
+			size_t subject_len = pass ? sizeof(odd) - 1 : len;
+			cr_assert_eq(pretok_split(p, subject, subject_len, &spans), 0);
+			size_t at = 0;
+			for (size_t i = 0; i < spans.count; i++) {
+				cr_assert_eq(spans.items[i].offset, at, "%s: word %zu", name, i);
+				cr_assert_gt(spans.items[i].len, 0);
+				at += spans.items[i].len;
+			}
+			cr_assert_eq(at, subject_len, "%s: words cover %zu of %zu bytes", name, at,
+				     subject_len);
+		}
+		free(spans.items);
+		pretok_free(p);
+	}
+	cr_assert_geq(n_names, 12);
+	free(text);
+}
+
 /* --- special tokens and ids ------------------------------------------------------------------ */
 
 static void check_ids(struct skv_tokenizer *t, const char *text, bool special,
