@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# What `meson install` puts on a machine to run streamkv as a service, checked from a
+# `meson install --destdir` copy (TAP output; meson runs it as the "dist" suite):
+#   - the binaries, systemd units, sysusers.d entry, man pages and the shipped model land where
+#     the build's prefix says, the model byte for byte, with no template placeholder left;
+#   - every path ExecStart= names (programs, --model) is in the installed tree;
+#   - systemd-analyze verify accepts the units without a warning, and systemd-analyze security
+#     rates them "OK" (exposure at most 2.0); systemd-sysusers creates the users they run as;
+#   - every man page renders without a groff warning and has a NAME line apropos can read;
+#   - every flag of each binary's --help is in its man page (so the pages cannot go stale);
+#   - the installed daemon, with the flags of its unit (minus the system paths), serves the
+#     installed model with the installed engine, the same bytes as local mode;
+#   - the installed skv-http works with writable-and-executable memory refused (its unit sets
+#     MemoryDenyWriteExecute=yes), checked under prctl(PR_SET_MDWE).
+# A missing tool or program is a skip with its reason. Environment (tests/meson.build style,
+# set by dist/meson.build): MESON, SKV_BUILD_ROOT, SKV_PREFIX, SKV_BINDIR, SKV_MANDIR,
+# SKV_MODELDIR, SKV_UNITDIR, SKV_SYSUSERSDIR, SKV_SOURCE_ROOT, SKV_HTTP_BIN (may not exist yet).
+set -u
+
+n=0
+failed=0
+ok() { n=$((n + 1)); echo "ok $n - $1"; }
+not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; shift; for l in "$@"; do printf '%s\n' "$l" | sed 's/^/# /'; done; }
+skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
+check() { # check DESC CMD...: ok when CMD succeeds
+	local desc="$1"; shift
+	local out
+	if out=$("$@" 2>&1); then ok "$desc"; else not_ok "$desc" "$out"; fi
+}
+finish() { echo "1..$n"; exit $((failed > 0)); }
+
+for v in MESON SKV_BUILD_ROOT SKV_PREFIX SKV_BINDIR SKV_MANDIR SKV_MODELDIR SKV_UNITDIR \
+	SKV_SYSUSERSDIR SKV_SOURCE_ROOT SKV_HTTP_BIN; do
+	[ -n "${!v:-}" ] || { echo "Bail out! $v is not set (run through meson test)"; exit 1; }
+done
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/skv-test-dist-$$.XXXXXX")
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+	for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+root="$tmp/root"
+D() { printf '%s%s' "$root" "$1"; } # an installed path inside the destdir copy
+
+# ---- install ----------------------------------------------------------------------------------
+if out=$("$MESON" install -C "$SKV_BUILD_ROOT" --no-rebuild --destdir "$root" --quiet 2>&1); then
+	ok "meson install --destdir"
+else
+	not_ok "meson install --destdir" "$out"
+	finish
+fi
+
+have_http=0
+[ -x "$SKV_HTTP_BIN" ] && have_http=1
+want_files=(
+	"$SKV_BINDIR/skv" "$SKV_BINDIR/skv-cached" "$SKV_BINDIR/skv-engine" "$SKV_BINDIR/skv-admin"
+	"$SKV_UNITDIR/skv-cached.service" "$SKV_UNITDIR/skv-http.service"
+	"$SKV_SYSUSERSDIR/streamkv.conf"
+	"$SKV_MANDIR/man1/skv.1" "$SKV_MANDIR/man8/skv-cached.8" "$SKV_MANDIR/man8/skv-http.8"
+	"$SKV_MANDIR/man8/skv-admin.8"
+)
+[ $have_http = 1 ] && want_files+=("$SKV_BINDIR/skv-http")
+missing=()
+for f in "${want_files[@]}"; do [ -f "$(D "$f")" ] || missing+=("$f"); done
+if [ ${#missing[@]} = 0 ]; then ok "installed: binaries, units, sysusers.d, man pages"
+else not_ok "installed: binaries, units, sysusers.d, man pages" "missing: ${missing[*]}"; fi
+[ $have_http = 1 ] || skip "installed: skv-http" "$SKV_HTTP_BIN is not built yet"
+
+model_src="$SKV_SOURCE_ROOT/models/stories260K"
+bad=()
+for f in stories260K.bin stories260K.gguf tok512.bin README.md LICENSE-llama2.c-MIT.txt; do
+	cmp -s "$model_src/$f" "$(D "$SKV_MODELDIR/stories260K/$f")" || bad+=("$f")
+done
+if [ ${#bad[@]} = 0 ]; then ok "installed: the shipped model under $SKV_MODELDIR, byte for byte"
+else not_ok "installed: the shipped model under $SKV_MODELDIR, byte for byte" "differ or missing: ${bad[*]}"; fi
+
+units=("$(D "$SKV_UNITDIR/skv-cached.service")" "$(D "$SKV_UNITDIR/skv-http.service")")
+pages=("$(D "$SKV_MANDIR/man1/skv.1")" "$(D "$SKV_MANDIR/man8/skv-cached.8")"
+	"$(D "$SKV_MANDIR/man8/skv-http.8")" "$(D "$SKV_MANDIR/man8/skv-admin.8")")
+if left=$(grep -n '@[A-Z_]*@' "${units[@]}" "${pages[@]}"); then
+	not_ok "no template placeholder left in units and pages" "$left"
+else
+	ok "no template placeholder left in units and pages"
+fi
+
+# ---- units ------------------------------------------------------------------------------------
+# Every absolute path on an ExecStart= line (the program, --model) exists in the installed tree.
+bad=()
+for u in "${units[@]}"; do
+	line=$(grep '^ExecStart=' "$u") || { bad+=("$(basename "$u"): no ExecStart="); continue; }
+	for word in ${line#ExecStart=}; do
+		case "$word" in
+		/run/*) ;; # the runtime directory: made by systemd
+		/*) [ -e "$(D "$word")" ] || bad+=("$(basename "$u"): $word") ;;
+		esac
+	done
+done
+if [ ${#bad[@]} = 0 ]; then ok "units: every path ExecStart= names is installed"
+else not_ok "units: every path ExecStart= names is installed" "not installed: ${bad[*]}"; fi
+
+# systemd-analyze checks that ExecStart= programs exist and that Documentation= man pages
+# resolve: point both at the destdir copy.
+mkdir -p "$tmp/units"
+for u in "${units[@]}"; do
+	sed "s|=$SKV_PREFIX/|=$root$SKV_PREFIX/|; s| $SKV_PREFIX/| $root$SKV_PREFIX/|g" "$u" \
+		> "$tmp/units/$(basename "$u")"
+done
+if ! command -v systemd-analyze >/dev/null; then
+	skip "systemd-analyze verify" "no systemd-analyze (apt-get install systemd)"
+	skip "systemd-analyze security" "no systemd-analyze (apt-get install systemd)"
+else
+	# verify exits 0 on unknown keys and bad values too: any output is a failure.
+	out=$(cd "$tmp/units" && MANPATH="$(D "$SKV_MANDIR")" systemd-analyze verify \
+		skv-cached.service skv-http.service 2>&1)
+	rc=$?
+	if [ $rc = 0 ] && [ -z "$out" ]; then ok "systemd-analyze verify: no warnings"
+	else not_ok "systemd-analyze verify: no warnings" "exit $rc" "$out"; fi
+	for u in skv-cached.service skv-http.service; do
+		# Exposure on systemd's 0-100 scale (shown as 0.0-10.0); 20 and below is "OK".
+		out=$(cd "$tmp/units" && systemd-analyze security --offline=yes --threshold=20 "$u" 2>&1)
+		rc=$?
+		level=$(printf '%s\n' "$out" | grep -o 'Overall exposure level for [^:]*: [0-9.]*' | tail -1)
+		if [ $rc = 0 ]; then ok "systemd-analyze security $u: ${level##*: } (at most 2.0)"
+		else not_ok "systemd-analyze security $u: at most 2.0" "$(printf '%s\n' "$out" | grep -E '✗|Overall')"; fi
+	done
+fi
+
+if ! command -v systemd-sysusers >/dev/null; then
+	skip "systemd-sysusers creates streamkv and skv-http" "no systemd-sysusers (apt-get install systemd)"
+else
+	mkdir -p "$tmp/sysroot/etc"
+	out=$(systemd-sysusers --root="$tmp/sysroot" "$(D "$SKV_SYSUSERSDIR/streamkv.conf")" 2>&1)
+	gid=$(awk -F: '$1 == "streamkv" { print $3 }' "$tmp/sysroot/etc/group" 2>/dev/null)
+	daemon=$(awk -F: '$1 == "streamkv" { print $4 }' "$tmp/sysroot/etc/passwd" 2>/dev/null)
+	gateway=$(awk -F: '$1 == "skv-http" { print $4 }' "$tmp/sysroot/etc/passwd" 2>/dev/null)
+	if [ -n "$gid" ] && [ "$daemon" = "$gid" ] && [ "$gateway" = "$gid" ]; then
+		ok "systemd-sysusers: users streamkv and skv-http, primary group streamkv"
+	else
+		not_ok "systemd-sysusers: users streamkv and skv-http, primary group streamkv" "$out" \
+			"group streamkv: '$gid', streamkv's gid: '$daemon', skv-http's gid: '$gateway'"
+	fi
+	# The units run as those users, in that group, and the daemon admits the group.
+	c="$tmp/units/skv-cached.service" h="$tmp/units/skv-http.service"
+	if grep -qx 'User=streamkv' "$c" && grep -qx 'Group=streamkv' "$c" &&
+		grep -q '^ExecStart=.* --group streamkv' "$c" && grep -qx 'User=skv-http' "$h" &&
+		grep -qx 'Group=streamkv' "$h"; then
+		ok "units: skv-cached runs as streamkv with --group streamkv, skv-http in group streamkv"
+	else
+		not_ok "units: skv-cached runs as streamkv with --group streamkv, skv-http in group streamkv"
+	fi
+fi
+
+# ---- man pages --------------------------------------------------------------------------------
+for p in "${pages[@]}"; do
+	name=$(basename "$p")
+	if command -v groff >/dev/null; then
+		out=$(groff -man -ww -z "$p" 2>&1)
+		if [ -z "$out" ]; then ok "$name: groff -man -ww renders it without a warning"
+		else not_ok "$name: groff -man -ww renders it without a warning" "$out"; fi
+	else
+		skip "$name: groff -man -ww" "no groff (apt-get install groff-base)"
+	fi
+	if command -v man >/dev/null && command -v lexgrog >/dev/null; then
+		out=$(MANWIDTH=80 man --warnings -l "$p" 2>&1 >/dev/null)
+		what=$(lexgrog "$p" 2>&1)
+		if [ -z "$out" ] && printf '%s' "$what" | grep -q ": \"${name%.*} - "; then
+			ok "$name: man --warnings -l is silent, lexgrog reads its NAME"
+		else
+			not_ok "$name: man --warnings -l is silent, lexgrog reads its NAME" "$out" "$what"
+		fi
+	else
+		skip "$name: man --warnings, lexgrog" "no man-db (apt-get install man-db)"
+	fi
+done
+
+# Every long flag (--x) and short flag (-x) of a binary's --help is in its page's source.
+flags_of() { # the flags a --help text names, one per line
+	grep -oE -- '(^|[^A-Za-z0-9_-])--?[A-Za-z][A-Za-z0-9-]*' | sed -E 's/^[^-]*//' |
+		grep -E -- '^(--[a-z][a-z0-9-]+|-[A-Za-z])$' | sort -u
+}
+check_flags() { # check_flags BINARY PAGE
+	local bin="$1" page="$2" help missing=()
+	if ! help=$("$bin" --help 2>&1); then
+		not_ok "$(basename "$page"): every flag of $(basename "$bin") --help" "$bin --help failed: $help"
+		return
+	fi
+	local text
+	text=$(sed -e 's/\\-/-/g' -e 's/\\f[BIRP]//g' -e 's/\\(dq/"/g' "$page")
+	for f in $(printf '%s\n' "$help" | flags_of); do
+		printf '%s\n' "$text" | grep -qE -- "(^|[^A-Za-z0-9-])$f([^A-Za-z0-9-]|$)" || missing+=("$f")
+	done
+	if [ ${#missing[@]} = 0 ]; then ok "$(basename "$page"): every flag of $(basename "$bin") --help"
+	else not_ok "$(basename "$page"): every flag of $(basename "$bin") --help" "not in the page: ${missing[*]}"; fi
+}
+check_flags "$(D "$SKV_BINDIR/skv")" "$(D "$SKV_MANDIR/man1/skv.1")"
+check_flags "$(D "$SKV_BINDIR/skv-cached")" "$(D "$SKV_MANDIR/man8/skv-cached.8")"
+check_flags "$(D "$SKV_BINDIR/skv-admin")" "$(D "$SKV_MANDIR/man8/skv-admin.8")"
+if [ $have_http = 1 ]; then
+	check_flags "$(D "$SKV_BINDIR/skv-http")" "$(D "$SKV_MANDIR/man8/skv-http.8")"
+else
+	skip "skv-http.8: every flag of skv-http --help" "$SKV_HTTP_BIN is not built yet"
+fi
+
+# ---- the installed tree runs ------------------------------------------------------------------
+# The daemon with its unit's flags (a private socket, no --group: the test's user may have no
+# group to give), the installed model, and the engine it finds next to itself.
+model="$(D "$SKV_MODELDIR/stories260K/stories260K.bin")"
+sock="$tmp/cached.sock"
+"$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --model "$model" --engines 1 --arena-mb 16 \
+	> "$tmp/cached.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
+prompt="Once upon a time"
+want=$("$(D "$SKV_BINDIR/skv")" --model "$model" generate --temp 0 -n 40 "$prompt" 2>&1)
+got=$("$(D "$SKV_BINDIR/skv")" --socket "$sock" generate --temp 0 -n 40 "$prompt" 2>&1)
+if [ -S "$sock" ] && [ -n "$want" ] && [ "$got" = "$want" ]; then
+	ok "installed skv-cached serves the installed model: the same bytes as local mode"
+else
+	not_ok "installed skv-cached serves the installed model: the same bytes as local mode" \
+		"local: $want" "daemon: $got" "$(cat "$tmp/cached.log")"
+fi
+engine_pid=$(pgrep -P "${pids[0]}" | head -1)
+exe=$(readlink "/proc/$engine_pid/exe" 2>/dev/null)
+if [ "$exe" = "$(D "$SKV_BINDIR/skv-engine")" ]; then
+	ok "the installed daemon runs the installed skv-engine"
+else
+	not_ok "the installed daemon runs the installed skv-engine" "engine pid '$engine_pid' runs '$exe'"
+fi
+
+mdwe_probe='import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0 else 1)'
+if [ $have_http = 0 ]; then
+	skip "skv-http under MemoryDenyWriteExecute" "$SKV_HTTP_BIN is not built yet"
+elif ! command -v python3 >/dev/null; then
+	skip "skv-http under MemoryDenyWriteExecute" "no python3 to set PR_SET_MDWE"
+elif ! python3 -c "$mdwe_probe" 2>/dev/null; then
+	skip "skv-http under MemoryDenyWriteExecute" "the kernel has no prctl(PR_SET_MDWE) (Linux < 6.3)"
+else
+	# PR_SET_MDWE (65) with PR_MDWE_REFUSE_EXEC_GAIN (1) is kept across execve: the kernel's
+	# form of what MemoryDenyWriteExecute=yes refuses (W+X mappings, mprotect adding PROT_EXEC).
+	python3 -c 'import ctypes, os, sys
+if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit("PR_SET_MDWE failed")
+os.execv(sys.argv[1], sys.argv[1:])' "$(D "$SKV_BINDIR/skv-http")" --socket "$sock" \
+		--listen 127.0.0.1:0 > "$tmp/http.log" 2>&1 &
+	pids+=($!)
+	port=
+	for _ in $(seq 100); do
+		port=$(grep -oE 'listening on http://127\.0\.0\.1:[0-9]+' "$tmp/http.log" | grep -oE '[0-9]+$')
+		[ -n "$port" ] && break
+		sleep 0.1
+	done
+	reply=$(python3 - "$port" "$prompt" <<-'PY' 2>&1
+		import json, sys, urllib.request
+		body = json.dumps({"prompt": sys.argv[2], "max_tokens": 40, "temperature": 0}).encode()
+		req = urllib.request.Request("http://127.0.0.1:%s/v1/completions" % sys.argv[1], body,
+		                             {"Content-Type": "application/json"})
+		with urllib.request.urlopen(req, timeout=60) as r:
+		    print(sys.argv[2] + json.load(r)["choices"][0]["text"], end="")
+	PY
+	)
+	mdwe=$(grep -i '^MDWE' "/proc/${pids[1]}/status" 2>/dev/null)
+	if [ -n "$port" ] && [ "$reply" = "$want" ]; then
+		ok "skv-http with W+X memory refused (PR_SET_MDWE) answers a completion, greedy = local mode"
+	else
+		not_ok "skv-http with W+X memory refused (PR_SET_MDWE) answers a completion, greedy = local mode" \
+			"port '$port' $mdwe" "reply: $reply" "local: $want" "$(cat "$tmp/http.log")"
+	fi
+fi
+finish
