@@ -37,6 +37,7 @@ struct gw_proc {
 	uint16_t port;
 	char log[PATH_MAX];
 	char base[64];          /* http://127.0.0.1:PORT */
+	const char *auth;       /* the Authorization header line /metrics needs, or NULL */
 };
 
 /* The named program on PATH (a static buffer per call site's copy), or NULL. */
@@ -270,7 +271,7 @@ static void gw_stop(struct gw_proc *g)
 static double metric(const struct gw_proc *g, const char *name)
 {
 	char *body;
-	cr_assert_eq(http_req(g->port, "GET", "/metrics", NULL, NULL, &body), 200);
+	cr_assert_eq(http_req(g->port, "GET", "/metrics", g->auth, NULL, &body), 200);
 	char needle[128];
 	snprintf(needle, sizeof(needle), "\n%s ", name);
 	char *p = strstr(body, needle);
@@ -510,6 +511,7 @@ Test(http, errors)
 					"--max-tokens", "100000000", "--max-concurrent", "1",
 					"--max-window", "300", NULL });
 	const char *auth = "Authorization: Bearer sekrit\r\n";
+	g.auth = auth;
 	const char *ok = "{\"prompt\":\"Hi\",\"max_tokens\":4,\"temperature\":0}";
 	expect_error(&g, "POST", "/v1/completions", NULL, ok, 401, "no key");
 	expect_error(&g, "POST", "/v1/completions", "Authorization: Bearer wrong\r\n", ok, 401,
@@ -723,6 +725,7 @@ Test(http, conversations)
 		 (const char *const[]){ "--api-key-file", keyfile, "--conversation-idle", "2",
 					NULL });
 	const char *auth = "Authorization: Bearer alpha\r\n";
+	g.auth = auth;
 	static const char *const turns[] = { "Once upon a time", " The sun was hot.",
 					     " Tom ran home.", " Then it rained." };
 	skv_client *c = mp_connect(&d);
