@@ -502,6 +502,15 @@ int skv_tokenizer_add_bos(const struct skv_tokenizer *t)
 	return t->add_bos;
 }
 
+int skv_tokenizer_is_control(const struct skv_tokenizer *t, int32_t token)
+{
+	if (!t || token < 0 || token >= t->vocab_size)
+		return 0;
+	if (!t->types)
+		return token <= SKV_TOKEN_EOS;
+	return t->types[token] == TOKENIZER_TYPE_CONTROL || t->types[token] == TOKENIZER_TYPE_UNKNOWN;
+}
+
 const char *skv_tokenizer_kind(const struct skv_tokenizer *t)
 {
 	return t->kind == TOKENIZER_BPE ? "bpe" : "spm";

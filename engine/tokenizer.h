@@ -101,6 +101,11 @@ int32_t skv_tokenizer_pad(const struct skv_tokenizer *t);
  * llama.cpp's default (SentencePiece and llama-bpe: 1, other byte-level BPE: 0). */
 int skv_tokenizer_add_bos(const struct skv_tokenizer *t);
 
+/* 1 if `token` is a control (or unknown-type) token, which a printer of generated text skips:
+ * GGUF token types 3 and 2; in a llama2.c file, <unk>, BOS and EOS (ids 0..2). 0 otherwise,
+ * also for an id out of range. */
+int skv_tokenizer_is_control(const struct skv_tokenizer *t, int32_t token);
+
 /* "spm" or "bpe"; the pre-tokenizer's name as tokenizer.ggml.pre spells it ("" for spm). */
 const char *skv_tokenizer_kind(const struct skv_tokenizer *t);
 const char *skv_tokenizer_pre(const struct skv_tokenizer *t);

@@ -563,6 +563,9 @@ Test(tokenizer_special, gpt_2)
 	piece = skv_tokenizer_decode(t, -1, 220, &len); /* "\u0120" */
 	cr_assert(len == 1 && piece[0] == ' ');
 	cr_assert_null(skv_tokenizer_decode(t, -1, 50257, &len));
+	cr_assert(skv_tokenizer_is_control(t, 50256));
+	cr_assert(!skv_tokenizer_is_control(t, 64));
+	cr_assert(!skv_tokenizer_is_control(t, 50257));
 	cr_assert_eq(skv_tokenizer_bos(t), 50256);
 	cr_assert_eq(skv_tokenizer_eos(t), 50256);
 	cr_assert_eq(skv_tokenizer_eot(t), -1);
@@ -604,6 +607,8 @@ Test(tokenizer_special, sentencepiece)
 	t = load_vocab("phi-3");
 	cr_assert_eq(skv_tokenizer_eos(t), 32000);
 	cr_assert_eq(skv_tokenizer_eot(t), 32007);
+	cr_assert(skv_tokenizer_is_control(t, 32007));
+	cr_assert(!skv_tokenizer_is_control(t, 2)); /* </s> is user-defined in Phi-3 */
 	cr_assert_eq(skv_tokenizer_pad(t), 32000);
 	int32_t *ids;
 	size_t n;
