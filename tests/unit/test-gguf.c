@@ -474,18 +474,23 @@ static void set_tensor_dim(uint8_t *buf, size_t len, const char *name, unsigned 
 	put_u64(buf, tensor_info_after_name(buf, len, name) + 4 + dim * 8, value);
 }
 
-Test(gguf, non_f32_tensors_are_edtype)
+/* The weight types streamkv reads load, in place, with the type the file gives; any other
+ * type is refused at load with one line naming the tensor and the type. */
+Test(gguf, weight_types_are_read_or_refused_as_edtype)
 {
 	char msg[MSG_LEN] = "";
 	size_t len;
 	uint8_t *buf = gguf_bytes(&len);
 	struct skv_gguf *g = NULL;
+	struct skv_model *m = NULL;
 
-	set_tensor_type(buf, len, "blk.0.attn_q.weight", 1); /* F16 */
+	set_tensor_type(buf, len, "blk.0.attn_q.weight", 1); /* F16: half the bytes, still inside */
 	cr_assert_eq(open_copy("f16.gguf", buf, len, msg), 0, "%s", msg);
-	cr_assert_eq(open_model_copy("f16-model.gguf", buf, len, msg), -SKV_EDTYPE);
-	assert_msg_has(msg, "blk.0.attn_q.weight");
-	assert_msg_has(msg, "F16");
+	cr_assert_eq(skv_model_open(tu_write_scratch("f16-model.gguf", buf, len), &m, msg,
+				    sizeof(msg)), 0, "%s", msg);
+	cr_assert_eq(m->layers[0].wq.type, 1u);
+	cr_assert_eq(m->layers[0].wq.row_bytes, 64u * 2u);
+	skv_model_close(m);
 
 	set_tensor_type(buf, len, "blk.0.attn_q.weight", 2); /* Q4_0 */
 	const char *path = tu_write_scratch("q4.gguf", buf, len);
@@ -494,9 +499,13 @@ Test(gguf, non_f32_tensors_are_edtype)
 	cr_assert_eq(t->type, 2u);
 	cr_assert_eq(t->n_bytes, 64u * 64u / 32u * 18u);
 	skv_gguf_close(g);
-	cr_assert_eq(open_model_copy("q4-model.gguf", buf, len, msg), -SKV_EDTYPE);
-	assert_msg_has(msg, "Q4_0");
-	assert_msg_has(msg, "q4-model.gguf");
+	cr_assert_eq(open_model_copy("q4-model.gguf", buf, len, msg), 0, "%s", msg);
+
+	set_tensor_type(buf, len, "blk.0.attn_q.weight", 3); /* Q4_1: not read by streamkv */
+	cr_assert_eq(open_model_copy("q4_1-model.gguf", buf, len, msg), -SKV_EDTYPE);
+	assert_msg_has(msg, "Q4_1");
+	assert_msg_has(msg, "blk.0.attn_q.weight");
+	assert_msg_has(msg, "q4_1-model.gguf");
 
 	/* A type this reader cannot size parses with data == NULL and is refused by the model. */
 	set_tensor_type(buf, len, "blk.0.attn_q.weight", 200);
