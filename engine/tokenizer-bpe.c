@@ -97,7 +97,7 @@ static void bpe_specials_index(struct skv_tokenizer *t)
 		unsigned char first = (unsigned char)t->specials[i].text[0];
 		t->special_first[first + 1]++;
 		if (t->specials[i].always)
-			t->special_starts[first] = true;
+			t->special_starts[first] = t->any_always = true;
 	}
 	for (int b = 0; b < 256; b++)
 		t->special_first[b + 1] += t->special_first[b];

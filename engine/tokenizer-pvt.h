@@ -60,6 +60,7 @@ struct skv_tokenizer {
 	char *special_bytes;
 	uint32_t special_first[257];
 	bool special_starts[256]; /* some user-defined token starts with this byte */
+	bool any_always;          /* the vocabulary has user-defined tokens */
 
 	struct tokenizer_bpe *bpe; /* BPE only */
 };

@@ -801,18 +801,19 @@ out:
 	return rc;
 }
 
-/* SentencePiece with special tokens parsed: the text between them is encoded as llama.cpp
- * does, each stretch with its own dummy prefix (llama.cpp's add_space_prefix after a special
- * token), by llama2.c's encoder. */
+/* SentencePiece with special tokens cut out first (user-defined ones always, the others when
+ * parse_special), as llama.cpp does: the text between them is encoded by llama2.c's encoder,
+ * each stretch with its own dummy prefix (llama.cpp's add_space_prefix after a special token). */
 static int tokenizer_spm_encode_special(const struct skv_tokenizer *t, const char *text,
-					size_t len, struct tokenizer_ids *out)
+					size_t len, bool parse_special, struct tokenizer_ids *out)
 {
 	size_t start = 0, pos = 0;
 	int rc;
 
 	while (pos < len) {
 		size_t match_len;
-		int32_t id = tokenizer_special_at(t, text + pos, len - pos, true, &match_len);
+		int32_t id = tokenizer_special_at(t, text + pos, len - pos, parse_special,
+						  &match_len);
 		if (id < 0) {
 			pos++;
 			continue;
@@ -841,16 +842,16 @@ static int tokenizer_encode(const struct skv_tokenizer *t, const char *text, siz
 		return -EINVAL;
 	if (len > INT32_MAX - 3)
 		return -EOVERFLOW;
-	/* Without special tokens to find (a llama2.c file has none), parsing them is llama2.c's
-	 * encode() as it is. */
-	if (t->kind == TOKENIZER_SPM && (!parse_special || t->n_specials == 0)) {
+	/* Without special tokens to find (a llama2.c file has none; Llama 2's GGUF has no
+	 * user-defined ones), this is llama2.c's encode() as it is. */
+	if (t->kind == TOKENIZER_SPM && (parse_special ? t->n_specials == 0 : !t->any_always)) {
 		rc = tokenizer_spm_encode(t, text, len, bos, &out);
 	} else {
 		rc = bos && t->bos_id >= 0 ? tokenizer_ids_push(&out, t->bos_id) : 0;
 		if (rc == 0)
 			rc = t->kind == TOKENIZER_BPE ?
 				     tokenizer_bpe_encode(t, text, len, parse_special, &out) :
-				     tokenizer_spm_encode_special(t, text, len, &out);
+				     tokenizer_spm_encode_special(t, text, len, parse_special, &out);
 	}
 	if (rc == 0 && eos && t->eos_id >= 0)
 		rc = tokenizer_ids_push(&out, t->eos_id);

@@ -13,9 +13,10 @@
  * float32 score, int32 length, bytes) for a given vocabulary size, or a GGUF file's
  * tokenizer.ggml.{tokens,scores,token_type} (U+2581 becomes ' ', control tokens <s>/</s> become
  * "\n<s>\n"/"\n</s>\n" as llama2.c's export writes them), so that both give identical results.
+ * A GGUF vocabulary's user-defined tokens (Phi-3's "</s>") are cut out of the text first and
+ * the text after one gets its own dummy prefix, as llama.cpp does (llama2.c files have none).
  * These ids equal llama.cpp's for GGUF "llama" vocabularies on its test vectors (Llama 2 SPM,
- * Phi-3); they differ from llama.cpp's only on invalid UTF-8 (llama2.c's byte grouping) and on
- * user-defined tokens in plain text (llama.cpp cuts them out; llama2.c's encode() does not).
+ * Phi-3); they may differ from llama.cpp's on invalid UTF-8 (llama2.c's byte grouping).
  *
  * Byte-level BPE (kind "bpe": GGUF tokenizer.ggml.model "gpt2"), as llama.cpp and the Hugging
  * Face tokenizers encode: special tokens are cut out of the text first (user-defined ones

@@ -609,6 +609,20 @@ Test(tokenizer_special, sentencepiece)
 	cr_assert_eq(skv_tokenizer_eot(t), 32007);
 	cr_assert(skv_tokenizer_is_control(t, 32007));
 	cr_assert(!skv_tokenizer_is_control(t, 2)); /* </s> is user-defined in Phi-3 */
+	/* User-defined tokens are cut out even from plain text, as llama.cpp does, and the text
+	 * after one gets its own dummy prefix: "a</s>b" is "a", </s>, "b". */
+	int32_t *a, *b, *both;
+	size_t n_a, n_b, n_both;
+	cr_assert_eq(skv_tokenizer_encode(t, "a", 1, 0, 0, &a, &n_a), 0);
+	cr_assert_eq(skv_tokenizer_encode(t, "b", 1, 0, 0, &b, &n_b), 0);
+	cr_assert_eq(skv_tokenizer_encode(t, "a</s>b", 6, 0, 0, &both, &n_both), 0);
+	cr_assert_eq(n_both, n_a + 1 + n_b);
+	cr_assert(memcmp(both, a, n_a * sizeof(*a)) == 0);
+	cr_assert_eq(both[n_a], 2);
+	cr_assert(memcmp(both + n_a + 1, b, n_b * sizeof(*b)) == 0);
+	free(a);
+	free(b);
+	free(both);
 	cr_assert_eq(skv_tokenizer_pad(t), 32000);
 	int32_t *ids;
 	size_t n;
