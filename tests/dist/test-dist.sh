@@ -206,13 +206,29 @@ fi
 
 # ---- the installed tree runs ------------------------------------------------------------------
 # The daemon with its unit's flags (a private socket, no --group: the test's user may have no
-# group to give), the installed model, and the engine it finds next to itself.
+# group to give), the installed model, and the engine it finds next to itself. Under strace -f
+# when it can trace here, so that what the daemon, its engines and the gateway do can be held
+# against what their units allow.
+tracing=0
+if ! command -v strace >/dev/null; then
+	trace_why="no strace (apt-get install strace)"
+elif ! command -v systemd-analyze >/dev/null; then
+	trace_why="no systemd-analyze to list @system-service"
+elif ! strace -f -qq -o /dev/null true 2>/dev/null; then
+	trace_why="strace cannot trace here (ptrace refused)"
+else
+	tracing=1
+fi
+tracer=()
+[ $tracing = 1 ] && tracer=(strace -f -qq -o "$tmp/cached.trace")
 model="$(D "$SKV_MODELDIR/stories260K/stories260K.bin")"
 sock="$tmp/cached.sock"
-"$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --model "$model" --engines 1 --arena-mb 16 \
-	> "$tmp/cached.log" 2>&1 &
+"${tracer[@]}" "$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --model "$model" --engines 1 \
+	--arena-mb 16 > "$tmp/cached.log" 2>&1 &
 pids+=($!)
+daemon_pid=$!
 for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
+[ $tracing = 1 ] && daemon_pid=$(pgrep -P "$daemon_pid" | head -1)
 prompt="Once upon a time"
 want=$("$(D "$SKV_BINDIR/skv")" --model "$model" generate --temp 0 -n 40 "$prompt" 2>&1)
 got=$("$(D "$SKV_BINDIR/skv")" --socket "$sock" generate --temp 0 -n 40 "$prompt" 2>&1)
@@ -222,7 +238,7 @@ else
 	not_ok "installed skv-cached serves the installed model: the same bytes as local mode" \
 		"local: $want" "daemon: $got" "$(cat "$tmp/cached.log")"
 fi
-engine_pid=$(pgrep -P "${pids[0]}" | head -1)
+engine_pid=$(pgrep -P "$daemon_pid" | head -1)
 exe=$(readlink "/proc/$engine_pid/exe" 2>/dev/null)
 if [ "$exe" = "$(D "$SKV_BINDIR/skv-engine")" ]; then
 	ok "the installed daemon runs the installed skv-engine"
@@ -231,6 +247,7 @@ else
 fi
 
 mdwe_probe='import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0 else 1)'
+http_ran=0
 if [ $have_http = 0 ]; then
 	skip "skv-http under MemoryDenyWriteExecute" "$SKV_HTTP_BIN is not built yet"
 elif ! command -v python3 >/dev/null; then
@@ -240,11 +257,14 @@ elif ! python3 -c "$mdwe_probe" 2>/dev/null; then
 else
 	# PR_SET_MDWE (65) with PR_MDWE_REFUSE_EXEC_GAIN (1) is kept across execve: the kernel's
 	# form of what MemoryDenyWriteExecute=yes refuses (W+X mappings, mprotect adding PROT_EXEC).
-	python3 -c 'import ctypes, os, sys
+	http_tracer=()
+	[ $tracing = 1 ] && http_tracer=(strace -f -qq -o "$tmp/http.trace")
+	"${http_tracer[@]}" python3 -c 'import ctypes, os, sys
 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit("PR_SET_MDWE failed")
 os.execv(sys.argv[1], sys.argv[1:])' "$(D "$SKV_BINDIR/skv-http")" --socket "$sock" \
 		--listen 127.0.0.1:0 > "$tmp/http.log" 2>&1 &
 	pids+=($!)
+	http_pid=$!
 	port=
 	for _ in $(seq 100); do
 		port=$(grep -oE 'listening on http://127\.0\.0\.1:[0-9]+' "$tmp/http.log" | grep -oE '[0-9]+$')
@@ -253,19 +273,79 @@ os.execv(sys.argv[1], sys.argv[1:])' "$(D "$SKV_BINDIR/skv-http")" --socket "$so
 	done
 	reply=$(python3 - "$port" "$prompt" <<-'PY' 2>&1
 		import json, sys, urllib.request
+		base = "http://127.0.0.1:%s" % sys.argv[1]
+		urllib.request.urlopen(base + "/health", timeout=60).read()
+		urllib.request.urlopen(base + "/metrics", timeout=60).read()
 		body = json.dumps({"prompt": sys.argv[2], "max_tokens": 40, "temperature": 0}).encode()
-		req = urllib.request.Request("http://127.0.0.1:%s/v1/completions" % sys.argv[1], body,
+		req = urllib.request.Request(base + "/v1/completions", body,
 		                             {"Content-Type": "application/json"})
 		with urllib.request.urlopen(req, timeout=60) as r:
 		    print(sys.argv[2] + json.load(r)["choices"][0]["text"], end="")
 	PY
 	)
-	mdwe=$(grep -i '^MDWE' "/proc/${pids[1]}/status" 2>/dev/null)
 	if [ -n "$port" ] && [ "$reply" = "$want" ]; then
 		ok "skv-http with W+X memory refused (PR_SET_MDWE) answers a completion, greedy = local mode"
+		http_ran=1
 	else
 		not_ok "skv-http with W+X memory refused (PR_SET_MDWE) answers a completion, greedy = local mode" \
-			"port '$port' $mdwe" "reply: $reply" "local: $want" "$(cat "$tmp/http.log")"
+			"port '$port'" "reply: $reply" "local: $want" "$(cat "$tmp/http.log")"
+	fi
+	[ $tracing = 1 ] && http_pid=$(pgrep -P "$http_pid" | head -1)
+	kill "$http_pid" 2>/dev/null
+fi
+# SIGTERM, as systemctl stop sends it: the daemon shuts down, strace ends with it.
+kill "$daemon_pid" 2>/dev/null
+for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+pids=()
+
+# ---- what the processes did, against what their units allow -----------------------------------
+expand_group() { # the system calls of a systemd-analyze syscall-filter group, recursively
+	systemd-analyze syscall-filter "$1" | sed -e '1d' -e 's/#.*//' | awk 'NF { print $1 }' |
+		while read -r s; do case "$s" in @*) expand_group "$s" ;; *) echo "$s" ;; esac; done
+}
+syscalls_of() { # syscalls_of TRACE [AFTER]: the system calls in a trace (after the execve of AFTER)
+	awk -v after="${2:-}" '
+		after != "" && !started { if ($0 ~ ("execve\\(\"[^\"]*" after "\"") && $0 ~ /= 0$/) started = 1; next }
+		{ if (match($0, /^[0-9]+ +[a-z_0-9]+\(/)) { s = substr($0, RSTART, RLENGTH - 1); sub(/^[0-9]+ +/, "", s); print s } }
+		' "$1" | sort -u
+}
+if [ $tracing = 0 ]; then
+	skip "skv-cached and its engines: system calls, socket families and writes within its unit" "$trace_why"
+	skip "skv-http: system calls and socket families within its unit" "$trace_why"
+else
+	expand_group @system-service | sort -u > "$tmp/system-service"
+	{ expand_group @privileged; expand_group @resources; } | sort -u > "$tmp/refused-http"
+	syscalls_of "$tmp/cached.trace" > "$tmp/cached.calls"
+	outside=$(comm -23 "$tmp/cached.calls" "$tmp/system-service" | tr '\n' ' ')
+	families=$(grep -oE 'socket\(AF_[A-Z0-9]+' "$tmp/cached.trace" | sed 's/socket(//' | sort -u | grep -vx AF_UNIX | tr '\n' ' ')
+	# ProtectSystem=strict: writes only where the socket lives (/run/streamkv under the unit).
+	writes=$(grep -E 'open(at)?\(.*O_(WRONLY|RDWR|CREAT)|mkdir\(|unlink\(|rename\(|bind\(' "$tmp/cached.trace" |
+		grep -v -- '= -1 E' | grep -oE '"/[^"]*"' | tr -d '"' | grep -v "^$tmp/cached.sock\$" |
+		grep -vx "$tmp" | sort -u | tr '\n' ' ')
+	n_calls=$(wc -l < "$tmp/cached.calls")
+	if [ -s "$tmp/cached.calls" ] && [ -z "$outside" ] && [ -z "$families" ] && [ -z "$writes" ]; then
+		ok "skv-cached and its engines: $n_calls system calls, all in @system-service; AF_UNIX only; writes only the socket"
+	else
+		not_ok "skv-cached and its engines: system calls, socket families and writes within its unit" \
+			"outside @system-service: $outside" "socket families besides AF_UNIX: $families" \
+			"written outside the socket's directory: $writes"
+	fi
+	if [ $http_ran = 0 ]; then
+		skip "skv-http: system calls and socket families within its unit" "skv-http did not run"
+	else
+		syscalls_of "$tmp/http.trace" skv-http > "$tmp/http.calls"
+		outside=$(comm -23 "$tmp/http.calls" "$tmp/system-service" | tr '\n' ' ')
+		refused=$(comm -12 "$tmp/http.calls" "$tmp/refused-http" | tr '\n' ' ')
+		families=$(grep -oE 'socket\(AF_[A-Z0-9]+' "$tmp/http.trace" | sed 's/socket(//' | sort -u |
+			grep -vxE 'AF_UNIX|AF_INET|AF_INET6' | tr '\n' ' ')
+		n_calls=$(wc -l < "$tmp/http.calls")
+		if [ -s "$tmp/http.calls" ] && [ -z "$outside" ] && [ -z "$refused" ] && [ -z "$families" ]; then
+			ok "skv-http: $n_calls system calls, in @system-service, none in @privileged or @resources; AF_UNIX/AF_INET(6)"
+		else
+			not_ok "skv-http: system calls and socket families within its unit" \
+				"outside @system-service: $outside" "in @privileged or @resources: $refused" \
+				"socket families besides AF_UNIX, AF_INET, AF_INET6: $families"
+		fi
 	fi
 fi
 finish
