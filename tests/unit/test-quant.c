@@ -715,6 +715,30 @@ Test(quant, k_quants_equal_scalar_reference)
 	free(ref);
 }
 
+/* The exact bytes ggml writes for an all-zero block: Q4_0's scale is max / -8 = -0.0 (fp16
+ * 0x8000) with every nibble 8; Q8_0, the K-quants, F16 and BF16 are zero bytes throughout. */
+Test(quant, zero_block_bytes)
+{
+	float x[256] = { 0 };
+	uint8_t q[256 * 4], want[256 * 4];
+
+	cr_assert_eq(skv_quant_row(SKV_WTYPE_Q4_0, x, q, 32), 0);
+	want[0] = 0x00;
+	want[1] = 0x80;
+	memset(want + 2, 0x88, 16);
+	cr_assert_arr_eq(q, want, 18);
+
+	const uint32_t zero_types[] = { SKV_WTYPE_Q8_0, SKV_WTYPE_Q4_K, SKV_WTYPE_Q5_K,
+					SKV_WTYPE_Q6_K, SKV_WTYPE_F16, SKV_WTYPE_BF16 };
+	memset(want, 0, sizeof(want));
+	for (size_t t = 0; t < sizeof(zero_types) / sizeof(zero_types[0]); t++) {
+		const uint64_t rb = skv_wtype_row_bytes(zero_types[t], 256);
+		memset(q, 0xa5, sizeof(q));
+		cr_assert_eq(skv_quant_row(zero_types[t], x, q, 256), 0);
+		cr_assert_arr_eq(q, want, rb, "%s", skv_wtype_name(zero_types[t]));
+	}
+}
+
 /* Infinities and NaNs in the input: the quantizers return without a crash (the values they
  * write for such a block are ggml's garbage, unspecified), and the next block is unaffected. */
 Test(quant, non_finite_inputs)
