@@ -23,6 +23,7 @@
  * the row path uses unsigned weights (nibbles) and subtracts 8 * sum(x) (Q4_0), 32 * sum(x)
  * (Q6_K) or the mins, or for Q8_0 flips the weights' sign bit (VNNI) / moves their sign onto x
  * (AVX2, vpsignb) as ggml does. Every product and sum of a scale unit is an exact integer. */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -117,8 +118,10 @@ QM_INLINE qm_vf qm_cvt(qm_vi v)
  * 5- and 6-bit values, Q8_0's q + 128), per scale unit its float scale and (Q4_K, Q5_K) its
  * float min; x's corr takes the codes' offsets off (qmatmul-pvt.h) */
 
+#define QM_CS (QM_WB * QM_KC) /* bytes per K chunk of a decoded block */
+
 struct qm_wtile {
-	uint8_t *q;    /* [QM_WB][q_ld] */
+	uint8_t *q;    /* [cols / QM_KC chunks][QM_WB][QM_KC]: the rows' chunks side by side */
 	float *sc;     /* [QM_WB][units] */
 	float *mn;     /* [QM_WB][units] */
 	qm_vf *part;   /* [QM_WB / QM_NR][QM_NR * QM_MV]: sums over the K chunks done */
@@ -129,7 +132,7 @@ struct qm_wtile {
 static void qm_wtile_init(struct qm_wtile *t, void *scratch, uint32_t cols, uint32_t unit)
 {
 	uint8_t *p = scratch;
-	t->q_ld = (cols + 63u) & ~(size_t)63;
+	t->q_ld = ((size_t)cols + QM_KC - 1) / QM_KC * QM_KC;
 	t->units = cols / unit;
 	size_t ul = ((size_t)cols / 16 + 15u) & ~(size_t)15;
 	t->part = (qm_vf *)p;
@@ -143,7 +146,8 @@ static void qm_wtile_init(struct qm_wtile *t, void *scratch, uint32_t cols, uint
 
 static void qm_wtile_zero_row(struct qm_wtile *t, uint32_t r, uint32_t cols)
 {
-	memset(t->q + r * t->q_ld, 0, cols);
+	for (uint32_t c = 0; c < cols; c += QM_KC)
+		memset(t->q + (c / QM_KC) * QM_CS + r * QM_KC, 0, QM_KC);
 	for (uint32_t u = 0; u < t->units; u++) {
 		t->sc[r * t->units + u] = 0.f;
 		t->mn[r * t->units + u] = 0.f;
@@ -174,12 +178,20 @@ QM_INLINE void qm_st16(void *p, qm_b16 v)
 	memcpy(p, &v, 16);
 }
 
+/* Where weight k of a decoded row goes: chunk k / QM_KC, QM_CS bytes per chunk (q is the
+ * row's start in chunk 0), so that a chunk of a whole block is one contiguous range and no two
+ * rows of it alias in L1. */
+QM_INLINE uint8_t *qm_wpos(uint8_t *q, uint32_t k)
+{
+	return q + (k / QM_KC) * QM_CS + k % QM_KC;
+}
+
 __attribute__((unused)) static void qm_dec_q8_0(const void *row, uint32_t cols, uint8_t *q,
 						 float *sc, float *mn)
 {
 	const struct skv_block_q8_0 *b = row;
 	for (uint32_t i = 0; i < cols / 32; i++) {
-		qm_st32(q + 32 * i, qm_ld32(b[i].qs) ^ 0x80);
+		qm_st32(qm_wpos(q, 32 * i), qm_ld32(b[i].qs) ^ 0x80);
 		sc[i] = qm_h2f(b[i].d);
 	}
 }
@@ -189,8 +201,8 @@ static void qm_dec_q4_0(const void *row, uint32_t cols, uint8_t *q, float *sc, f
 	const struct skv_block_q4_0 *b = row;
 	for (uint32_t i = 0; i < cols / 32; i++) {
 		qm_b16 v = qm_ld16(b[i].qs);
-		qm_st16(q + 32 * i, v & 15);
-		qm_st16(q + 32 * i + 16, v >> 4);
+		qm_st16(qm_wpos(q, 32 * i), v & 15);
+		qm_st16(qm_wpos(q, 32 * i) + 16, v >> 4);
 		sc[i] = qm_h2f(b[i].d);
 	}
 }
@@ -224,7 +236,7 @@ QM_INLINE void qm_dec_k45(const void *row, uint32_t cols, uint8_t *q, float *sc,
 		qm_b32 h = fifth ? qm_ld32(((const struct skv_block_q5_k *)blk)->qh) : (qm_b32){};
 		uint8_t s[8], m[8];
 		qm_scale_min_k4(blk + 4, s, m);
-		uint8_t *o = q + 256 * i;
+		uint8_t *o = qm_wpos(q, 256 * i);
 		for (int c = 0; c < 4; c++) {
 			qm_b32 v = qm_ld32(qs + 32 * c);
 			qm_b32 lo = v & 15, hi = v >> 4;
@@ -270,7 +282,7 @@ static void qm_dec_q6_k(const void *row, uint32_t cols, uint8_t *q, float *sc, f
 {
 	const struct skv_block_q6_k *b = row;
 	for (uint32_t i = 0; i < cols / 256; i++) {
-		qm_q6_codes(&b[i], q + 256 * i);
+		qm_q6_codes(&b[i], qm_wpos(q, 256 * i));
 		float d = qm_h2f(b[i].d);
 		for (uint32_t j = 0; j < 16; j++)
 			sc[16 * i + j] = d * (float)b[i].scales[j];
@@ -279,20 +291,24 @@ static void qm_dec_q6_k(const void *row, uint32_t cols, uint8_t *q, float *sc, f
 
 typedef void qm_dec_fn(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn);
 
-/* Stores a micro-tile's sums: lane l of facc[r * QM_MV + v] is y[16 (v0 + v) + l][r0 + r]. */
-QM_INLINE void qm_store_tile(const struct qm_job *job, uint32_t r0, uint32_t nr, uint32_t v0,
-			     uint32_t mv, const qm_vf *facc)
+/* Stores the sums of a block's tiles for x groups [v0, v0 + mv): lane l of
+ * part[tile][r * QM_MV + v] is y[16 (v0 + v) + l][rb + tile * QM_NR + r]. Row by row of y, so
+ * that the stores are contiguous (ld_y is often a power of two: column-wise stores would all
+ * fall into one L1 set). */
+QM_INLINE void qm_store_block(const struct qm_job *job, uint32_t rb, uint32_t nrb, uint32_t v0,
+			      uint32_t mv, const qm_vf *part)
 {
-	for (uint32_t r = 0; r < nr; r++)
-		for (uint32_t v = 0; v < mv; v++) {
-			float out[16];
-			memcpy(out, &facc[r * QM_MV + v], sizeof(out));
-			for (uint32_t l = 0; l < QM_LANES; l++) {
-				uint32_t m = (v0 + v) * QM_LANES + l;
-				if (m >= job->m_rows)
-					break;
-				float *dst = job->y + (size_t)m * job->ld_y + r0 + r;
-				*dst = job->add ? *dst + out[l] : out[l];
+	const float *pf = (const float *)part;
+	for (uint32_t v = 0; v < mv; v++)
+		for (uint32_t l = 0; l < QM_LANES; l++) {
+			uint32_t m = (v0 + v) * QM_LANES + l;
+			if (m >= job->m_rows)
+				return;
+			float *dst = job->y + (size_t)m * job->ld_y + rb;
+			for (uint32_t i = 0; i < nrb; i++) {
+				uint32_t tile = i / QM_NR, r = i % QM_NR;
+				float val = pf[((size_t)(tile * QM_NR + r) * QM_MV + v) * QM_LANES + l];
+				dst[i] = job->add ? dst[i] + val : val;
 			}
 		}
 }
@@ -301,9 +317,8 @@ enum qm_corr { QM_CORR_NONE, QM_CORR_X, QM_CORR_X16 };
 
 struct qm_mk_args {
 	const struct qm_act *a;
-	const uint8_t *wq; /* QM_NR decoded rows, q_ld apart */
+	const uint8_t *wq; /* QM_NR decoded rows of one K chunk, QM_KC apart */
 	const float *sc, *mn;
-	size_t q_ld;
 	uint32_t units; /* the rows' stride in sc and mn */
 	uint32_t v0;    /* the first group of x */
 	uint32_t u0, u1;
@@ -334,7 +349,8 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 	}
 	const uint8_t *wq[QM_NR];
 	for (int r = 0; r < QM_NR; r++)
-		wq[r] = k->wq + r * k->q_ld;
+		wq[r] = k->wq + r * QM_KC;
+	const uint32_t g0 = k->u0 * unit / 4; /* the chunk's first group of 4 weights */
 	for (uint32_t u = k->u0; u < k->u1; u++) {
 		qm_vi acc[QM_NR * QM_MV];
 		for (int v = 0; v < mv; v++) {
@@ -352,7 +368,7 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 				xv[v] = *(const qm_vb *)(xq[v] + (size_t)g * 64);
 			for (int r = 0; r < QM_NR; r++) {
 				int32_t w;
-				memcpy(&w, wq[r] + 4 * g, 4);
+				memcpy(&w, wq[r] + 4 * (g - g0), 4);
 				for (int v = 0; v < mv; v++)
 					acc[r * QM_MV + v] = qm_dpbusd(acc[r * QM_MV + v], w, xv[v]);
 			}
@@ -412,7 +428,7 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 		for (uint32_t i = 0; i < tiles * QM_NR; i++) {
 			if (i < nrb)
 				dec((const uint8_t *)w->data + (size_t)(rb + i) * w->row_bytes, w->cols,
-				    t.q + i * t.q_ld, t.sc + i * t.units, t.mn + i * t.units);
+				    t.q + i * QM_KC, t.sc + i * t.units, t.mn + i * t.units);
 			else
 				qm_wtile_zero_row(&t, i, w->cols);
 		}
@@ -423,10 +439,10 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 				for (uint32_t tile = 0; tile < tiles; tile++) {
 					struct qm_mk_args k = {
 						.a = job->act,
-						.wq = t.q + tile * QM_NR * t.q_ld,
+						.wq = t.q + (u0 * unit / QM_KC) * QM_CS +
+						      tile * QM_NR * QM_KC,
 						.sc = t.sc + tile * QM_NR * t.units,
 						.mn = t.mn + tile * QM_NR * t.units,
-						.q_ld = t.q_ld,
 						.units = t.units,
 						.v0 = v,
 						.u0 = u0,
@@ -437,11 +453,7 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 					qm_mk_int_mv(&k, mv, unit, xblock, corr, has_min);
 				}
 			}
-			for (uint32_t tile = 0; tile < tiles; tile++) {
-				uint32_t rt = rb + tile * QM_NR;
-				uint32_t nr = rb + nrb - rt < QM_NR ? rb + nrb - rt : QM_NR;
-				qm_store_tile(job, rt, nr, v, mv, t.part + tile * QM_NR * QM_MV);
-			}
+			qm_store_block(job, rb, nrb, v, mv, t.part);
 		}
 	}
 }
@@ -464,7 +476,7 @@ QM_INLINE void qm_mk_f32(const struct qm_job *job, const float *wrows, size_t w_
 		for (int v = 0; v < mv; v++)
 			xv[v] = *(const qm_vf *)(xs[v] + (size_t)k * QM_LANES);
 		for (int r = 0; r < QM_NR; r++) {
-			float wk = wrows[r * w_ld + k];
+			float wk = wrows[r * w_ld + (k - c0)];
 			for (int v = 0; v < mv; v++)
 				facc[r * QM_MV + v] += xv[v] * wk;
 		}
@@ -583,38 +595,33 @@ QM_INLINE void qm_run_float(const struct qm_job *job, uint32_t r0, uint32_t r1, 
 		return;
 	}
 	qm_vf *part = scratch;
+	/* [cols / QM_KCF chunks][QM_WBF rows][QM_KCF] float32 */
 	float *wrows = (float *)((uint8_t *)scratch + QM_PART_BYTES);
-	const size_t w_ld = cols;
+	const size_t w_ld = QM_KCF, csf = (size_t)QM_WBF * QM_KCF;
 	const uint32_t groups = (job->m_rows + QM_LANES - 1) / QM_LANES;
 	for (uint32_t rb = r0; rb < r1; rb += QM_WBF) {
 		uint32_t nrb = r1 - rb < QM_WBF ? r1 - rb : QM_WBF;
 		uint32_t tiles = (nrb + QM_NR - 1) / QM_NR;
 		for (uint32_t i = 0; i < tiles * QM_NR; i++) {
 			float *o = wrows + i * w_ld;
-			if (i >= nrb) {
-				memset(o, 0, cols * sizeof(float));
-				continue;
-			}
 			const void *row = (const uint8_t *)w->data + (size_t)(rb + i) * w->row_bytes;
 			uint32_t c = 0;
 			for (; c + 16 <= cols; c += 16)
-				*(qm_vf_u *)(o + c) = qm_load_w16(row, c, ft);
+				*(qm_vf_u *)(o + (c / QM_KCF) * csf + c % QM_KCF) =
+					i < nrb ? qm_load_w16(row, c, ft) : (qm_vf){};
 			for (; c < cols; c++)
-				o[c] = qm_load_w1(row, c, ft);
+				o[(c / QM_KCF) * csf + c % QM_KCF] = i < nrb ? qm_load_w1(row, c, ft) : 0.f;
 		}
 		for (uint32_t v = 0; v < groups; v += QM_MV) {
 			uint32_t mv = groups - v < QM_MV ? groups - v : QM_MV;
 			for (uint32_t c0 = 0; c0 < cols; c0 += QM_KCF) {
 				uint32_t c1 = cols - c0 < QM_KCF ? cols : c0 + QM_KCF;
 				for (uint32_t tile = 0; tile < tiles; tile++)
-					qm_mk_f32_mv(job, wrows + tile * QM_NR * w_ld, w_ld, v, mv, c0, c1,
+					qm_mk_f32_mv(job, wrows + (c0 / QM_KCF) * csf + tile * QM_NR * w_ld,
+						     w_ld, v, mv, c0, c1,
 						     part + tile * QM_NR * QM_MV, c0 == 0);
 			}
-			for (uint32_t tile = 0; tile < tiles; tile++) {
-				uint32_t rt = rb + tile * QM_NR;
-				uint32_t nr = rb + nrb - rt < QM_NR ? rb + nrb - rt : QM_NR;
-				qm_store_tile(job, rt, nr, v, mv, part + tile * QM_NR * QM_MV);
-			}
+			qm_store_block(job, rb, nrb, v, mv, part);
 		}
 	}
 }
@@ -956,6 +963,143 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 
 #endif
 
+/* ---------------------------------------------------------------------------------------- */
+/* x quantized as ggml's quantize_row_q8_0_ref and quantize_row_q8_K_ref */
+
+#if defined(__AVX512F__)
+
+/* roundf (half away from zero) of 16 floats, exactly: truncate, then step away from zero
+ * where the dropped fraction is at least one half (t - trunc(t) is exact). */
+QM_INLINE __m512 qm_roundf16(__m512 t)
+{
+	__m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+	__m512 frac = _mm512_abs_ps(_mm512_sub_ps(t, r));
+	__mmask16 up = _mm512_cmp_ps_mask(frac, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+	__m512 step = _mm512_or_ps(_mm512_set1_ps(1.f),
+				   _mm512_and_ps(t, _mm512_set1_ps(-0.f)));
+	return _mm512_mask_add_ps(r, up, r, step);
+}
+
+static void qm_quant_q8_0(const float *x, uint32_t cols, int8_t *qs, float *d, int32_t *lsum)
+{
+	const __m256i ones = _mm256_set1_epi8(1);
+	for (uint32_t b = 0; b < cols / 32; b++) {
+		__m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+		float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+		float scale = amax / 127.f;
+		float inv = scale != 0.f ? 1.f / scale : 0.f;
+		__m512 vi = _mm512_set1_ps(inv);
+		__m512i q0 = _mm512_cvttps_epi32(qm_roundf16(_mm512_mul_ps(x0, vi)));
+		__m512i q1 = _mm512_cvttps_epi32(qm_roundf16(_mm512_mul_ps(x1, vi)));
+		__m256i q = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
+		_mm256_storeu_si256((__m256i *)(qs + 32 * b), q);
+		d[b] = _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT));
+		__m256i s4 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, q);
+		_mm256_storeu_si256((__m256i *)(lsum + 8 * b), _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), s4), 7));
+	}
+}
+
+static void qm_quant_q8_k(const float *x, uint32_t cols, int8_t *qs, float *d, int16_t *b16,
+			  int16_t *b32)
+{
+	for (uint32_t b = 0; b < cols / 256; b++) {
+		const float *xb = x + 256 * b;
+		__m512 m = _mm512_setzero_ps();
+		for (int i = 0; i < 16; i++)
+			m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)));
+		float amax = _mm512_reduce_max_ps(m);
+		int8_t *qb = qs + 256 * b;
+		if (amax == 0.f) {
+			d[b] = 0.f;
+			memset(qb, 0, 256);
+			memset(b16 + 16 * b, 0, 32);
+			memset(b32 + 8 * b, 0, 16);
+			continue;
+		}
+		/* ggml keeps the first element of the largest magnitude, with its sign */
+		float max = 0.f;
+		for (int i = 0; i < 16; i++) {
+			__mmask16 hit = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(xb + 16 * i)),
+							   _mm512_set1_ps(amax), _CMP_EQ_OQ);
+			if (hit) {
+				max = xb[16 * i + __builtin_ctz(hit)];
+				break;
+			}
+		}
+		float iscale = -127.f / max;
+		__m512 vs = _mm512_set1_ps(iscale);
+		for (int i = 0; i < 16; i++) {
+			/* vcvtps2dq rounds half to even, as ggml's nearest_int (|v| <= 127) */
+			__m512i q = _mm512_min_epi32(
+				_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * i), vs)),
+				_mm512_set1_epi32(127));
+			_mm_storeu_si128((__m128i *)(qb + 16 * i), _mm512_cvtepi32_epi8(q));
+			b16[16 * b + i] = (int16_t)_mm512_reduce_add_epi32(q);
+		}
+		for (int j = 0; j < 8; j++)
+			b32[8 * b + j] = (int16_t)(b16[16 * b + 2 * j] + b16[16 * b + 2 * j + 1]);
+		d[b] = 1.f / iscale;
+	}
+}
+
+#else /* plain C, as ggml writes it (rintf: ggml's nearest_int for |v| < 2^22, and no add
+       * that a compiler could fuse into an FMA) */
+
+static void qm_quant_q8_0(const float *x, uint32_t cols, int8_t *qs, float *d, int32_t *lsum)
+{
+	for (uint32_t b = 0; b < cols / 32; b++) {
+		const float *xb = x + (size_t)b * 32;
+		float amax = 0.f;
+		for (uint32_t j = 0; j < 32; j++)
+			amax = fmaxf(amax, fabsf(xb[j]));
+		float scale = amax / 127.f;
+		float inv = scale != 0.f ? 1.f / scale : 0.f;
+		for (uint32_t j = 0; j < 32; j++)
+			qs[b * 32 + j] = (int8_t)roundf(xb[j] * inv);
+		d[b] = skv_f16_to_f32(skv_f32_to_f16(scale));
+	}
+	for (uint32_t g = 0; g < cols / 4; g++)
+		lsum[g] = -128 * (qs[4 * g] + qs[4 * g + 1] + qs[4 * g + 2] + qs[4 * g + 3]);
+}
+
+static void qm_quant_q8_k(const float *x, uint32_t cols, int8_t *qs, float *d, int16_t *b16,
+			  int16_t *b32)
+{
+	for (uint32_t b = 0; b < cols / 256; b++) {
+		const float *xb = x + (size_t)b * 256;
+		int8_t *qb = qs + (size_t)b * 256;
+		float amax = 0.f, max = 0.f;
+		for (uint32_t j = 0; j < 256; j++) {
+			float ax = fabsf(xb[j]);
+			if (ax > amax) {
+				amax = ax;
+				max = xb[j];
+			}
+		}
+		if (amax == 0.f) {
+			d[b] = 0.f;
+			memset(qb, 0, 256);
+		} else {
+			float iscale = -127.f / max;
+			for (uint32_t j = 0; j < 256; j++) {
+				int v = (int)rintf(iscale * xb[j]);
+				qb[j] = (int8_t)(v < 127 ? v : 127);
+			}
+			d[b] = 1.f / iscale;
+		}
+		for (uint32_t j = 0; j < 16; j++) {
+			int s = 0;
+			for (uint32_t i = 0; i < 16; i++)
+				s += qb[j * 16 + i];
+			b16[b * 16 + j] = (int16_t)s;
+		}
+		for (uint32_t j = 0; j < 8; j++)
+			b32[b * 8 + j] = (int16_t)(b16[b * 16 + 2 * j] + b16[b * 16 + 2 * j + 1]);
+	}
+}
+
+#endif
+
 typedef float qm_dot_fn(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols);
 
 QM_INLINE void qm_run_rows(const struct qm_job *job, uint32_t r0, uint32_t r1, qm_dot_fn *dot)
@@ -1031,4 +1175,6 @@ const struct qm_kernels QM_TABLE = {
 	.q4_k = qm_q4_k,
 	.q5_k = qm_q5_k,
 	.q6_k = qm_q6_k,
+	.quant_q8_0 = qm_quant_q8_0,
+	.quant_q8_k = qm_quant_q8_k,
 };

@@ -84,10 +84,11 @@ struct qm_job {
  * running sums of a block's tiles. */
 static inline size_t qm_scratch_bytes(uint32_t cols)
 {
-	size_t q_ld = ((size_t)cols + 63u) & ~(size_t)63;
+	size_t q_ld = ((size_t)cols + QM_KC - 1) / QM_KC * QM_KC;
+	size_t f_ld = ((size_t)cols + QM_KCF - 1) / QM_KCF * QM_KCF;
 	size_t ul = ((size_t)cols / 16 + 15u) & ~(size_t)15;
 	size_t ints = QM_WB_MAX * (q_ld + 2 * ul * 4);
-	size_t floats = QM_WBF * (size_t)cols * 4;
+	size_t floats = QM_WBF * f_ld * 4;
 	return QM_PART_BYTES + (ints > floats ? ints : floats) + 256;
 }
 
@@ -95,9 +96,19 @@ static inline size_t qm_scratch_bytes(uint32_t cols)
  * scratch: qm_scratch_bytes(cols) bytes, 64-byte aligned, private to the calling thread. */
 typedef void qm_rows_fn(const struct qm_job *job, uint32_t r0, uint32_t r1, void *scratch);
 
+/* x quantized by ggml's quantize_row_q8_0_ref (qs, the fp16-rounded d, lsum) and
+ * quantize_row_q8_K_ref (qs, d, bsum16, bsum32), into one row of the row-major layout; every
+ * ISA copy gives the same bits. */
+typedef void qm_quant_q8_0_fn(const float *x, uint32_t cols, int8_t *qs, float *d,
+			      int32_t *lsum);
+typedef void qm_quant_q8_k_fn(const float *x, uint32_t cols, int8_t *qs, float *d,
+			      int16_t *bsum16, int16_t *bsum32);
+
 struct qm_kernels {
 	const char *name;
 	qm_rows_fn *f32, *f16, *bf16, *q8_0, *q4_0, *q4_k, *q5_k, *q6_k;
+	qm_quant_q8_0_fn *quant_q8_0;
+	qm_quant_q8_k_fn *quant_q8_k;
 };
 
 extern const struct qm_kernels qm_kernels_v4;

@@ -2,7 +2,6 @@
  * lane-interleaved copy for many rows, the choice of the kernels' ISA copy and the split of the
  * weight rows over threads. The kernels are in qmatmul-kernels.c (one copy per ISA). */
 #include <errno.h>
-#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -237,69 +236,7 @@ int skv_qmat_check(const struct skv_qmat *w)
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* x quantized as ggml's quantize_row_q8_0_ref and quantize_row_q8_K_ref */
-
-/* ggml's nearest_int: round half to even through the float mantissa (|v| < 2^22). */
-static int qm_nearest_int(float v)
-{
-	float biased = v + 12582912.f;
-	int32_t bits;
-	memcpy(&bits, &biased, sizeof(bits));
-	return (bits & 0x007fffff) - 0x00400000;
-}
-
-static void qm_quant_q8_0(const float *x, uint32_t cols, int8_t *qs, float *d, int32_t *lsum)
-{
-	for (uint32_t b = 0; b < cols / SKV_QK8_0; b++) {
-		const float *xb = x + (size_t)b * SKV_QK8_0;
-		float amax = 0.f;
-		for (uint32_t j = 0; j < SKV_QK8_0; j++)
-			amax = fmaxf(amax, fabsf(xb[j]));
-		float scale = amax / 127.f;
-		float inv = scale != 0.f ? 1.f / scale : 0.f;
-		for (uint32_t j = 0; j < SKV_QK8_0; j++)
-			qs[b * SKV_QK8_0 + j] = (int8_t)roundf(xb[j] * inv);
-		d[b] = skv_f16_to_f32(skv_f32_to_f16(scale));
-	}
-	for (uint32_t g = 0; g < cols / 4; g++)
-		lsum[g] = -128 * (qs[4 * g] + qs[4 * g + 1] + qs[4 * g + 2] + qs[4 * g + 3]);
-}
-
-static void qm_quant_q8_k(const float *x, uint32_t cols, int8_t *qs, float *d, int16_t *b16,
-			  int16_t *b32)
-{
-	for (uint32_t b = 0; b < cols / SKV_QK_K; b++) {
-		const float *xb = x + (size_t)b * SKV_QK_K;
-		int8_t *qb = qs + (size_t)b * SKV_QK_K;
-		float amax = 0.f, max = 0.f;
-		for (uint32_t j = 0; j < SKV_QK_K; j++) {
-			float ax = fabsf(xb[j]);
-			if (ax > amax) {
-				amax = ax;
-				max = xb[j];
-			}
-		}
-		if (amax == 0.f) {
-			d[b] = 0.f;
-			memset(qb, 0, SKV_QK_K);
-		} else {
-			float iscale = -127.f / max;
-			for (uint32_t j = 0; j < SKV_QK_K; j++) {
-				int v = qm_nearest_int(iscale * xb[j]);
-				qb[j] = (int8_t)(v < 127 ? v : 127);
-			}
-			d[b] = 1.f / iscale;
-		}
-		for (uint32_t j = 0; j < SKV_QK_K / 16; j++) {
-			int s = 0;
-			for (uint32_t i = 0; i < 16; i++)
-				s += qb[j * 16 + i];
-			b16[b * 16 + j] = (int16_t)s;
-		}
-		for (uint32_t j = 0; j < SKV_QK_K / 32; j++)
-			b32[b * 8 + j] = (int16_t)(b16[b * 16 + 2 * j] + b16[b * 16 + 2 * j + 1]);
-	}
-}
+/* the interleaved copy of x (the quantizers are the kernels', one per ISA) */
 
 /* Rows 16v + lane of the row-major qs into group v's [cols / 4][16][4], and each unit's
  * accumulator start, scale * (sum of the unit's unit q), into [cols / unit][16]; missing rows
@@ -424,10 +361,11 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 	size_t ld0 = qm_blk_ld(ctx, 32), ldk = qm_blk_ld(ctx, 256);
 	size_t ld16 = qm_blk_ld(ctx, 16), ld32 = qm_blk_ld(ctx, 32);
 	struct qm_act act0 = { .x = x, .ld_x = ld_x }, actk = act0, actf = act0;
+	const struct qm_kernels *k = ctx->kern;
 
 	if (need[0]) {
 		for (uint32_t m = 0; m < m_rows; m++)
-			qm_quant_q8_0(x + m * ld_x, cols, ctx->qs0 + m * qs_ld, ctx->d0 + m * ld0,
+			k->quant_q8_0(x + m * ld_x, cols, ctx->qs0 + m * qs_ld, ctx->d0 + m * ld0,
 				      ctx->lsum0 + m * qs_ld / 4);
 		act0.qs = ctx->qs0;
 		act0.d = ctx->d0;
@@ -448,7 +386,7 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 	}
 	if (need[1]) {
 		for (uint32_t m = 0; m < m_rows; m++)
-			qm_quant_q8_k(x + m * ld_x, cols, ctx->qsk + m * qs_ld, ctx->dk + m * ldk,
+			k->quant_q8_k(x + m * ld_x, cols, ctx->qsk + m * qs_ld, ctx->dk + m * ldk,
 				      ctx->b16 + m * ld16, ctx->b32 + m * ld32);
 		actk.qs = ctx->qsk;
 		actk.d = ctx->dk;
@@ -502,7 +440,6 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 			.add = add,
 		};
 	}
-	const struct qm_kernels *k = ctx->kern;
 	uint32_t threads = ctx->threads;
 	/* One thread runs here, without an OpenMP region: no fork/join on the small models. */
 	if (threads == 1) {

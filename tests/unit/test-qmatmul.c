@@ -750,3 +750,70 @@ Test(qmatmul, argument_checks)
 	skv_qctx_free(ctx);
 	skv_qctx_free(NULL);
 }
+
+/* Identity weights read x back as the kernels quantized it: every quantized activation, bit
+ * for bit, against the reference quantizers (Q8_0 through a Q8_0 identity, Q8_K through a
+ * Q4_K one: d = 1, scales 1, mins 0, one nibble 1 per row), on the row path (1 row) and the
+ * batched path (40 rows). */
+Test(qmatmul, quantized_activations_bit_exact)
+{
+	const uint32_t n = 512;
+	struct skv_block_q8_0 *i8 = calloc(n * (n / 32), sizeof(*i8));
+	struct skv_block_q4_k *i4 = calloc(n * (n / 256), sizeof(*i4));
+	cr_assert(i8 && i4);
+	static const uint8_t ones[12] = { 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1 };
+	for (uint32_t r = 0; r < n; r++) {
+		for (uint32_t b = 0; b < n / 32; b++)
+			i8[r * (n / 32) + b].d = 0x3C00;
+		i8[r * (n / 32) + r / 32].qs[r % 32] = 1;
+		for (uint32_t b = 0; b < n / 256; b++) {
+			struct skv_block_q4_k *blk = &i4[r * (n / 256) + b];
+			blk->d = 0x3C00;
+			memcpy(blk->scales, ones, 12);
+		}
+		struct skv_block_q4_k *blk = &i4[r * (n / 256) + r / 256];
+		uint32_t c = r % 256, l = c % 64;
+		blk->qs[32 * (c / 64) + l % 32] = l < 32 ? 0x01 : 0x10;
+	}
+	struct skv_qmat w8 = { SKV_WTYPE_Q8_0, n, n, 34 * (n / 32), i8 };
+	struct skv_qmat w6 = { SKV_WTYPE_Q4_K, n, n, 144 * (n / 256), i4 };
+	const struct skv_qmat *wp[2] = { &w8, &w6 };
+	struct ref_x *rx = malloc(sizeof(*rx));
+	for (size_t k = 0; k < 3; k++)
+		for (uint32_t m_rows = 1; m_rows <= 40; m_rows += 39) {
+			struct skv_qctx *ctx;
+			cr_assert_eq(skv_qctx_new(m_rows, n, 1, &ctx), 0);
+			if (skv_qctx_set_isa(ctx, isas[k]) < 0) {
+				skv_qctx_free(ctx);
+				continue;
+			}
+			float *x = make_x(m_rows, n, n);
+			/* ties of both rounding rules, and a block whose largest magnitude is negative */
+			x[1] = 127.f;
+			x[2] = 62.5f;
+			x[3] = -62.5f;
+			x[600 % n] = -300.f;
+			float *y8 = malloc(sizeof(float) * m_rows * n), *y6 = malloc(sizeof(float) * m_rows * n);
+			float *ys[2] = { y8, y6 };
+			size_t ld[2] = { n, n };
+			cr_assert_eq(skv_qmat_run(ctx, wp, 2, m_rows, x, n, ys, ld, 0), 0);
+			for (uint32_t m = 0; m < m_rows; m++) {
+				ref_quantize(x + m * n, n, rx);
+				for (uint32_t c = 0; c < n; c++) {
+					float e8 = rx->d0[c / 32] * (float)rx->q0[c];
+					float e6 = rx->dk[c / 256] * (float)rx->qk[c];
+					cr_assert(y8[m * n + c] == e8, "%s Q8_0 x[%u][%u] = %.9g: %.9g, not %.9g",
+						  isas[k], m, c, x[m * n + c], y8[m * n + c], e8);
+					cr_assert(y6[m * n + c] == e6, "%s Q8_K x[%u][%u] = %.9g: %.9g, not %.9g",
+						  isas[k], m, c, x[m * n + c], y6[m * n + c], e6);
+				}
+			}
+			free(y8);
+			free(y6);
+			free(x);
+			skv_qctx_free(ctx);
+		}
+	free(rx);
+	free(i8);
+	free(i4);
+}
