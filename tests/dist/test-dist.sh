@@ -19,15 +19,21 @@ set -u
 
 n=0
 failed=0
+skipped=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; shift; for l in "$@"; do printf '%s\n' "$l" | sed 's/^/# /'; done; }
-skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
+skip() { n=$((n + 1)); skipped=$((skipped + 1)); echo "ok $n - $1 # SKIP $2"; }
 check() { # check DESC CMD...: ok when CMD succeeds
 	local desc="$1"; shift
 	local out
 	if out=$("$@" 2>&1); then ok "$desc"; else not_ok "$desc" "$out"; fi
 }
-finish() { echo "1..$n"; exit $((failed > 0)); }
+# The last lines: Criterion's summary line as a TAP comment, which tools/test counts, then the plan.
+finish() {
+	echo "# Synthesis: Tested: $n | Passing: $((n - failed - skipped)) | Failing: $failed | Crashing: 0"
+	echo "1..$n"
+	exit $((failed > 0))
+}
 
 for v in MESON SKV_BUILD_ROOT SKV_PREFIX SKV_BINDIR SKV_MANDIR SKV_MODELDIR SKV_UNITDIR \
 	SKV_SYSUSERSDIR SKV_SOURCE_ROOT SKV_HTTP_BIN; do
