@@ -23,11 +23,12 @@
  * always, control ones only by skv_tokenizer_encode_special()), the rest is split into words by
  * the regexes of the pre-tokenizer tokenizer.ggml.pre names (gpt-2, mpt, olmo or gpt-neox,
  * llama-bpe, qwen2, falcon, starcoder, deepseek-llm, and the few more of llama.cpp's names
- * listed in pretok.c; PCRE2), each word's bytes become GPT-2's
- * byte characters and merge by the rank of tokenizer.ggml.merges, lowest first, leftmost on
- * ties, in O(n log n). Bytes that are not valid UTF-8 stay bytes (their own words), so
- * decode(encode(x)) == x for any x whose bytes all have a character in the vocabulary (a byte
- * without one is dropped, as in llama.cpp). Decoding gives each token's bytes: normal tokens
+ * listed in pretok.c; PCRE2), each word's bytes become GPT-2's byte characters and merge by
+ * the rank of tokenizer.ggml.merges, lowest first, leftmost on ties, in O(n log n). Bytes that
+ * are not valid UTF-8 stay bytes (their own words), so decode(encode(x)) == x for any x whose
+ * bytes all have a character in the vocabulary (a byte without one is dropped, as in llama.cpp;
+ * Falcon, MPT, GPT-NeoX and StarCoder lack some bytes no UTF-8 text has, and DeepSeek's
+ * user-defined "\u00f8".."\u00ff" stand where bytes 0xf8..0xff would). Decoding gives each token's bytes: normal tokens
  * through the inverse byte map, special tokens as their text; prev_token is not used.
  *
  * Thread safety: a built tokenizer is immutable; encode/decode may run concurrently. */
@@ -40,6 +41,7 @@
 struct skv_gguf;
 struct skv_tokenizer;
 
+/* The ids of llama2.c files; a GGUF vocabulary's are skv_tokenizer_bos() / _eos(). */
 #define SKV_TOKEN_UNK 0
 #define SKV_TOKEN_BOS 1
 #define SKV_TOKEN_EOS 2
