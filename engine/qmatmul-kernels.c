@@ -166,6 +166,16 @@ QM_INLINE void qm_st32(void *p, qm_b32 v)
 	memcpy(p, &v, 32);
 }
 
+typedef uint8_t qm_u8x8 __attribute__((vector_size(8)));
+typedef float qm_f8 __attribute__((vector_size(32)));
+
+QM_INLINE qm_u8x8 qm_ld8(const void *p)
+{
+	qm_u8x8 v;
+	memcpy(&v, p, 8);
+	return v;
+}
+
 QM_INLINE qm_b16 qm_ld16(const void *p)
 {
 	qm_b16 v;
@@ -247,11 +257,10 @@ QM_INLINE void qm_dec_k45(const void *row, uint32_t cols, uint8_t *q, float *sc,
 			qm_st32(o + 64 * c, lo);
 			qm_st32(o + 64 * c + 32, hi);
 		}
-		float d = qm_h2f(dd[0]), dmin = qm_h2f(dd[1]);
-		for (int j = 0; j < 8; j++) {
-			sc[8 * i + j] = d * (float)s[j];
-			mn[8 * i + j] = dmin * (float)m[j];
-		}
+		qm_f8 sv = __builtin_convertvector(qm_ld8(s), qm_f8) * qm_h2f(dd[0]);
+		qm_f8 mv = __builtin_convertvector(qm_ld8(m), qm_f8) * qm_h2f(dd[1]);
+		memcpy(sc + 8 * i, &sv, 32);
+		memcpy(mn + 8 * i, &mv, 32);
 	}
 }
 
@@ -345,8 +354,17 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 		xd[v] = a->id + (size_t)(k->v0 + v) * a->id_ld;
 		xs[v] = has_min ? a->ixsum + (size_t)(k->v0 + v) * a->ixsum_ld : NULL;
 		for (int r = 0; r < QM_NR; r++)
-			facc[r * QM_MV + v] = k->first ? (qm_vf){} : k->part[r * QM_MV + v];
+			facc[r * QM_MV + v] = k->first || xblock == QM_KC ? (qm_vf){}
+									  : k->part[r * QM_MV + v];
 	}
+	/* One scale of x per chunk (Q8_K: a super-block of 256 is the chunk): sum cvt(acc) * w's
+	 * scale over the chunk and multiply by x's scale once at its end. Else (Q8_0 form) the
+	 * running sums stay in registers and every unit multiplies by both scales. */
+	const int chunk_dx = xblock == QM_KC;
+	if (chunk_dx)
+		for (int v = 0; v < mv; v++)
+			for (int r = 0; r < QM_NR; r++)
+				facc[r * QM_MV + v] = (qm_vf){};
 	const uint8_t *wq[QM_NR];
 	for (int r = 0; r < QM_NR; r++)
 		wq[r] = k->wq + r * QM_KC;
@@ -374,9 +392,15 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 			}
 		}
 		for (int v = 0; v < mv; v++) {
-			qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(u * unit / xblock) * 16);
-			for (int r = 0; r < QM_NR; r++)
-				facc[r * QM_MV + v] += qm_cvt(acc[r * QM_MV + v]) * (dx * k->sc[r * units + u]);
+			if (chunk_dx) {
+				for (int r = 0; r < QM_NR; r++)
+					facc[r * QM_MV + v] += qm_cvt(acc[r * QM_MV + v]) * k->sc[r * units + u];
+			} else {
+				qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(u * unit / xblock) * 16);
+				for (int r = 0; r < QM_NR; r++)
+					facc[r * QM_MV + v] +=
+						qm_cvt(acc[r * QM_MV + v]) * (dx * k->sc[r * units + u]);
+			}
 			if (has_min) {
 				qm_vf xsum = *(const qm_vf *)(xs[v] + (size_t)u * 16);
 				for (int r = 0; r < QM_NR; r++)
@@ -384,9 +408,17 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 			}
 		}
 	}
-	for (int v = 0; v < mv; v++)
-		for (int r = 0; r < QM_NR; r++)
-			k->part[r * QM_MV + v] = facc[r * QM_MV + v];
+	for (int v = 0; v < mv; v++) {
+		if (chunk_dx) {
+			qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(k->u0 * unit / xblock) * 16);
+			for (int r = 0; r < QM_NR; r++)
+				k->part[r * QM_MV + v] = (k->first ? (qm_vf){} : k->part[r * QM_MV + v]) +
+							 facc[r * QM_MV + v] * dx;
+		} else {
+			for (int r = 0; r < QM_NR; r++)
+				k->part[r * QM_MV + v] = facc[r * QM_MV + v];
+		}
+	}
 }
 
 QM_INLINE void qm_mk_int_mv(const struct qm_mk_args *k, uint32_t mv, const uint32_t unit,

@@ -23,7 +23,7 @@
  *       kernels shift it right by 4 for Q4_0 (nibble - 8); Q8_K form -32 * bsum16, for Q6_K
  *       (q - 32); Q4_K and Q5_K have no offset (their mins are xsum's)
  *   d   [group][cols / xblock][16] float     (xblock: 32 for Q8_0, 256 for Q8_K)
- *   xsum[group][cols / 32][16] float         (Q8_K only: d * bsum32, for the K-quant mins)
+ *   xsum[group][cols / 32][16] float         (Q8_K only: bsum32, for the K-quant mins)
  *   f32 [group][cols][16] float               (F32, F16, BF16 weights: x itself)
  */
 #ifndef SKV_QMATMUL_PVT_H

@@ -400,7 +400,7 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 			qm_interleave_qs(ctx->qsk, qs_ld, m_rows, cols, 16, -32, ctx->iqsk,
 					 ctx->icorrk);
 			qm_interleave_f(ctx->dk, ldk, m_rows, cols / 256, ctx->idk);
-			/* xsum = d * bsum32: the K-quant mins in float */
+			/* xsum = bsum32 in float: the K-quant mins (x's scale comes per chunk) */
 			uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
 			for (uint32_t v = 0; v < groups; v++)
 				for (uint32_t lane = 0; lane < QM_LANES; lane++) {
@@ -408,9 +408,7 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 					float *o = ctx->ixsum + (size_t)v * (cols / 32) * QM_LANES + lane;
 					for (uint32_t j = 0; j < cols / 32; j++)
 						o[(size_t)j * QM_LANES] =
-							m < m_rows ? ctx->dk[m * ldk + j / 8] *
-									     (float)ctx->b32[m * ld32 + j]
-								   : 0.f;
+							m < m_rows ? (float)ctx->b32[m * ld32 + j] : 0.f;
 				}
 			actk.iqs = ctx->iqsk;
 			actk.icorr = ctx->icorrk;
