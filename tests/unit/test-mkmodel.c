@@ -7,7 +7,8 @@
  * Weight types (--type) are read with engine/gguf.h and engine/quant.h directly, not through
  * the model loader: every tensor has the type llama.cpp's mix gives it (stated here on its own,
  * from llama.cpp's rules), its size is rows x row bytes of that type, and its dequantized
- * values are within the type's error bound of the F32 file of the same seed. */
+ * values are within the type's error bound of the F32 file of the same seed; at the shape of
+ * models/quantized, the types equal those of llama.cpp's own llama-quantize files. */
 #include "forward.h"
 #include "gguf.h"
 #include "model.h"
@@ -1105,4 +1106,52 @@ Test(mkmodel, presets_have_grouped_query_attention)
 	cr_assert(strstr(r.out, "Llama 2's vocabulary of 32000 tokens"), "%s", r.out);
 	cr_assert(strstr(r.out, "--type TYPE"), "%s", r.out);
 	mk_run_free(&r);
+}
+
+/* Against files llama.cpp's own llama-quantize made (models/quantized, $SKV_QUANT_DIR) from a
+ * model of the same shape: every tensor of ours has the type of theirs, and general.file_type
+ * is theirs. (Their Q4_0 file is not pure: its output.weight is Q6_K; ours is, as --pure.) */
+Test(mkmodel, mixes_equal_llama_quantize_files)
+{
+	static const char *const types[] = { "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K" };
+	const char *dir = getenv("SKV_QUANT_DIR");
+	int compared = 0;
+
+	cr_assert(dir && *dir, "SKV_QUANT_DIR is not set: run the tests through `meson test`");
+	for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) {
+		char theirs[PATH_MAX], file[64], name[80];
+		snprintf(theirs, sizeof(theirs), "%s/random-d256-%s.gguf", dir, types[k]);
+		if (!file_exists(theirs))
+			continue;
+		snprintf(file, sizeof(file), "d256-%s.gguf", types[k]);
+		const char *ours = scratch_path(file);
+		struct mk_run r;
+		MK_RUN(&r, "--dim", "256", "--hidden", "768", "--layers", "2", "--heads", "4",
+		       "--kv-heads", "2", "--vocab", "512", "--seq-len", "512", "--type", types[k],
+		       "-o", ours);
+		assert_ok(&r);
+		mk_run_free(&r);
+		struct skv_gguf *a = open_gguf(ours);
+		struct skv_gguf *b = open_gguf(theirs);
+		cr_assert_eq(gguf_u32(a, "general.file_type"), gguf_u32(b, "general.file_type"),
+			     "%s", types[k]);
+		cr_assert_eq(skv_gguf_tensor_count(a), skv_gguf_tensor_count(b));
+		for (uint64_t i = 0; i < skv_gguf_tensor_count(b); i++) {
+			const struct skv_gguf_tensor *tb = skv_gguf_tensor_at(b, i);
+			tensor_name(tb, name);
+			const struct skv_gguf_tensor *ta = skv_gguf_find_tensor(a, name);
+			cr_assert_not_null(ta, "%s: %s missing", types[k], name);
+			cr_assert_eq(ta->type, tb->type, "%s %s: ours %s, llama-quantize's %s",
+				     types[k], name, skv_wtype_name(ta->type),
+				     skv_wtype_name(tb->type));
+			cr_assert(ta->n_dims == tb->n_dims && ta->n_bytes == tb->n_bytes &&
+				  !memcmp(ta->dims, tb->dims, sizeof(ta->dims)), "%s %s: shape",
+				  types[k], name);
+		}
+		skv_gguf_close(b);
+		skv_gguf_close(a);
+		compared++;
+	}
+	if (!compared)
+		cr_skip_test("no llama-quantize files in %s (random-d256-*.gguf)", dir);
 }
