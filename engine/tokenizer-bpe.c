@@ -85,12 +85,27 @@ static int bpe_special_cmp(const void *pa, const void *pb)
 		return fa < fb ? -1 : 1;
 	if (a->len != b->len)
 		return a->len > b->len ? -1 : 1;
+	int by_text = memcmp(a->text, b->text, a->len);
+	if (by_text)
+		return by_text;
 	return a->id < b->id ? -1 : a->id > b->id;
 }
 
-static void bpe_specials_index(struct skv_tokenizer *t)
+/* Sorted by first byte, then longest first, then by text: the tokens of one first byte and one
+ * length form a group, searched by bisection, so finding the special token at a position costs
+ * a bisection per distinct length (DeepSeek's 2,385 "[PAD...]" tokens are one group). */
+static int bpe_specials_index(struct skv_tokenizer *t)
 {
 	qsort(t->specials, t->n_specials, sizeof(*t->specials), bpe_special_cmp);
+	t->special_group_end = malloc((t->n_specials ? t->n_specials : 1) *
+				      sizeof(*t->special_group_end));
+	if (!t->special_group_end)
+		return -ENOMEM;
+	for (size_t i = t->n_specials; i-- > 0;) {
+		bool same = i + 1 < t->n_specials && t->specials[i + 1].len == t->specials[i].len &&
+			    t->specials[i + 1].text[0] == t->specials[i].text[0];
+		t->special_group_end[i] = same ? t->special_group_end[i + 1] : (uint32_t)(i + 1);
+	}
 	memset(t->special_first, 0, sizeof(t->special_first));
 	memset(t->special_starts, 0, sizeof(t->special_starts));
 	for (size_t i = 0; i < t->n_specials; i++) {
@@ -101,6 +116,7 @@ static void bpe_specials_index(struct skv_tokenizer *t)
 	}
 	for (int b = 0; b < 256; b++)
 		t->special_first[b + 1] += t->special_first[b];
+	return 0;
 }
 
 int32_t tokenizer_special_at(const struct skv_tokenizer *t, const char *text, size_t len,
@@ -109,12 +125,26 @@ int32_t tokenizer_special_at(const struct skv_tokenizer *t, const char *text, si
 	unsigned char first = (unsigned char)text[0];
 	if (!parse_special && !t->special_starts[first])
 		return -1;
-	for (uint32_t i = t->special_first[first]; i < t->special_first[first + 1]; i++) {
-		const struct tokenizer_special *s = &t->specials[i];
-		if ((s->always || parse_special) && s->len <= len &&
-		    memcmp(s->text, text, s->len) == 0) {
-			*match_len = s->len;
-			return s->id;
+	for (uint32_t group = t->special_first[first]; group < t->special_first[first + 1];
+	     group = t->special_group_end[group]) {
+		size_t want = t->specials[group].len;
+		if (want > len)
+			continue;
+		uint32_t lo = group, hi = t->special_group_end[group];
+		while (lo < hi) { /* the first entry whose text is >= text[0..want) */
+			uint32_t mid = lo + (hi - lo) / 2;
+			if (memcmp(t->specials[mid].text, text, want) < 0)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		/* Equal texts (a token listed twice) sit together, lowest id first. */
+		for (; lo < t->special_group_end[group] &&
+		       memcmp(t->specials[lo].text, text, want) == 0; lo++) {
+			if (t->specials[lo].always || parse_special) {
+				*match_len = want;
+				return t->specials[lo].id;
+			}
 		}
 	}
 	return -1;
@@ -206,7 +236,8 @@ int tokenizer_gguf_specials(struct skv_tokenizer *t, const struct skv_gguf *g,
 		     bpe_text_is(&tokens[id], "<|end|>") || bpe_text_is(&tokens[id], "<end_of_turn>")))
 			t->eot_id = id;
 	}
-	bpe_specials_index(t);
+	if (bpe_specials_index(t) < 0)
+		goto out_nomem;
 	return 0;
 
 out_nomem:

@@ -54,11 +54,12 @@ struct skv_tokenizer {
 	uint8_t *types;         /* (vocab_size) GGUF token types; NULL for tok512.bin */
 
 	/* Control, unknown and user-defined tokens sorted by first byte, then longest first,
-	 * then lowest id; special_first[b]..special_first[b+1] are those starting with byte b. */
+	 * then text, then id; special_first[b]..special_first[b+1] start with byte b. */
 	struct tokenizer_special *specials;
 	size_t n_specials;
 	char *special_bytes;
 	uint32_t special_first[257];
+	uint32_t *special_group_end; /* (n_specials) past the last entry of i's first byte and length */
 	bool special_starts[256]; /* some user-defined token starts with this byte */
 	bool any_always;          /* the vocabulary has user-defined tokens */
 

@@ -85,6 +85,7 @@ void skv_tokenizer_free(struct skv_tokenizer *t)
 	free(t->types);
 	free(t->specials);
 	free(t->special_bytes);
+	free(t->special_group_end);
 	tokenizer_bpe_free(t->bpe);
 	free(t);
 }

@@ -772,3 +772,33 @@ Test(tokenizer_round_trip, concurrent_encodes)
 	}
 	free(text);
 }
+
+Test(tokenizer_refusals, special_matching)
+{
+	/* Byte tokens for the letters, user-defined "xy", "xyz", "[A1]".."[A3]", control "[A4]"
+	 * and "<c>": leftmost-longest, control ones only when parsed. */
+	static const struct skv_gguf_str tokens[] = {
+		{ "x", 1 },    { "y", 1 },    { "z", 1 },    { "[", 1 },    { "]", 1 },
+		{ "A", 1 },    { "1", 1 },    { "<", 1 },    { ">", 1 },    { "c", 1 },
+		{ "xy", 2 },   { "xyz", 3 },  { "[A1]", 4 }, { "[A2]", 4 }, { "[A3]", 4 },
+		{ "[A4]", 4 }, { "<c>", 3 },
+	};
+	static const int32_t types[] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 3, 3 };
+	static const struct skv_gguf_str merges[] = { { "x y", 3 } };
+	struct gguf_w w;
+	w_begin(&w);
+	w_kv_str(&w, "tokenizer.ggml.model", "gpt2");
+	w_kv_str(&w, "tokenizer.ggml.pre", "gpt-2");
+	w_kv_strs(&w, "tokenizer.ggml.tokens", tokens, 17);
+	w_kv_i32s(&w, "tokenizer.ggml.token_type", types, 17);
+	w_kv_strs(&w, "tokenizer.ggml.merges", merges, 1);
+	struct skv_tokenizer *t = load_path(w_finish(&w, "specials.gguf"));
+	check_ids(t, "xyzxy", false, (const int32_t[]){ 11, 10 }, 2);
+	check_ids(t, "[A2][A3][A1]", false, (const int32_t[]){ 13, 14, 12 }, 3);
+	/* [A4] and <c> are control: text unless parsed (and "4", which the vocabulary cannot
+	 * spell, is dropped, as llama.cpp drops it). */
+	check_ids(t, "[A4]<c>", false, (const int32_t[]){ 3, 5, 4, 7, 9, 8 }, 6);
+	check_ids(t, "[A4]<c>", true, (const int32_t[]){ 15, 16 }, 2);
+	check_ids(t, "y[A2]x", true, (const int32_t[]){ 1, 13, 0 }, 3);
+	skv_tokenizer_free(t);
+}
