@@ -225,6 +225,11 @@ static void conn_error(struct cached *d, struct cached_conn *c, int code, const 
 	cached_conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
 }
 
+void cached_conn_error(struct cached *d, struct cached_conn *c, int code, const char *text)
+{
+	conn_error(d, c, code, "%s", text);
+}
+
 /* ---- streams ------------------------------------------------------------------------------ */
 
 static struct cached_stream *stream_find(struct cached *d, uint64_t id)
@@ -233,6 +238,11 @@ static struct cached_stream *stream_find(struct cached *d, uint64_t id)
 		if (s->id == id)
 			return s;
 	return NULL;
+}
+
+struct cached_stream *cached_stream_find(struct cached *d, uint64_t id)
+{
+	return stream_find(d, id);
 }
 
 /* The idle time-out's view of the channel goes with the stream's KV. */
@@ -302,6 +312,10 @@ static void stream_destroy(struct cached *d, struct cached_stream *s)
 	stream_release(d, s);
 	if (s->client && s->client->n_streams)
 		s->client->n_streams--;
+	if (s->chan_fd >= 0)
+		close(s->chan_fd);
+	if (s->detached_at > 0.0)
+		d->n_detached--;
 	d->n_streams--;
 	d->stats.streams_closed++;
 	free(s);
@@ -350,6 +364,11 @@ static void stream_drop(struct cached *d, struct cached_stream *s)
 	else
 		e->drop_head = s;
 	e->drop_tail = s;
+}
+
+void cached_stream_drop(struct cached *d, struct cached_stream *s)
+{
+	stream_drop(d, s);
 }
 
 /* A DROPPED came back: send the DROPs that waited for the window. */
@@ -520,12 +539,30 @@ static int open_resolve(struct cached *d, const struct skv_stream_params *in, st
 
 /* open_resolve, and refuse a stream larger than a whole arena: no amount of waiting would
  * make room for it. */
-static int open_check(struct cached *d, const struct skv_msg_open *open, struct skv_policy *p,
-		      struct skv_kv_desc *desc, char *why, size_t why_len)
+static int open_check(struct cached *d, const struct skv_msg_open_named *named, int resumable,
+		      struct cached_conn *c, struct skv_policy *p, struct skv_kv_desc *desc,
+		      char *why, size_t why_len)
 {
+	const struct skv_msg_open *open = &named->open;
 	int err = open_resolve(d, &open->params, p, desc, why, why_len);
 	if (err)
 		return err;
+	if (resumable && named->name[0]) {
+		char name[SKV_STREAM_NAME_MAX];
+		snprintf(name, sizeof(name), "%.*s", (int)sizeof(named->name) - 1, named->name);
+		if (!cached_name_valid(name) || memchr(named->name, 0, sizeof(named->name)) == NULL) {
+			snprintf(why, why_len, "OPEN: a stream name is 1 to %d of A-Z a-z 0-9 . _ -",
+				 SKV_STREAM_NAME_MAX - 1);
+			return -EINVAL;
+		}
+		struct cached_stream *other = cached_stream_by_name(d, name, c->peer_uid);
+		if (other && other->owner_uid == c->peer_uid) {
+			snprintf(why, why_len,
+				 "OPEN: you already have a stream named %s: attach to it, or pick "
+				 "another name", name);
+			return -EEXIST;
+		}
+	}
 	uint64_t largest = 0;
 	for (unsigned a = 0; a < d->n_arenas; a++) {
 		struct skv_arena_heap_stats hs;
@@ -542,21 +579,22 @@ static int open_check(struct cached *d, const struct skv_msg_open *open, struct 
 	return 0;
 }
 
-int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
-		      size_t why_len)
+int cached_check_open(struct cached *d, const struct skv_msg_open_named *open, int resumable,
+		      struct cached_conn *c, char *why, size_t why_len)
 {
 	struct skv_policy p;
 	struct skv_kv_desc desc;
-	return open_check(d, open, &p, &desc, why, why_len);
+	return open_check(d, open, resumable, c, &p, &desc, why, why_len);
 }
 
-int cached_place_stream(struct cached *d, struct cached_conn *c, const struct skv_msg_open *open,
-			int client_efd, char *why, size_t why_len)
+int cached_place_stream(struct cached *d, struct cached_conn *c,
+			const struct skv_msg_open_named *open, int resumable, int client_efd,
+			char *why, size_t why_len)
 {
 	struct skv_policy p;
 	struct skv_kv_desc desc;
-	const struct skv_stream_params *in = &open->params;
-	int err = open_check(d, open, &p, &desc, why, why_len);
+	const struct skv_stream_params *in = &open->open.params;
+	int err = open_check(d, open, resumable, c, &p, &desc, why, why_len);
 	if (err)
 		return err;
 	if (d->max_streams && d->n_kv_streams >= d->max_streams) {
@@ -590,6 +628,7 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 	int chan_fd = -ENOMEM;
 	if (s) {
 		s->id = d->next_stream_id;
+		s->chan_fd = -1;
 		s->idle_timeout_s = in->idle_timeout_s ? in->idle_timeout_s : d->idle_timeout_s;
 		if (s->idle_timeout_s > CACHED_IDLE_MAX_S)
 			s->idle_timeout_s = CACHED_IDLE_MAX_S;
@@ -617,7 +656,33 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 	s->params.kv_dtype = (uint16_t)p.kv_dtype;
 	s->params.idle_timeout_s = s->idle_timeout_s;
 	s->state = CACHED_STREAM_OPEN;
+	s->owner_uid = c->peer_uid;
 	s->opened_at = s->rate_time = s->active_at = cached_now();
+	if (resumable) {
+		/* The daemon keeps the channel for whoever attaches next. */
+		s->resumable = 1;
+		if (open->name[0])
+			snprintf(s->name, sizeof(s->name), "%.*s", (int)sizeof(s->name) - 1,
+				 open->name);
+		else
+			snprintf(s->name, sizeof(s->name), "s%llu", (unsigned long long)s->id);
+		s->chan_fd = fcntl(chan_fd, F_DUPFD_CLOEXEC, 0);
+		err = s->chan_fd < 0 ? -errno : cached_token_new(s->token);
+		if (err < 0) {
+			if (s->chan_fd >= 0)
+				close(s->chan_fd);
+			close(chan_fd);
+			if (s->chan_view) {
+				munmap((void *)(uintptr_t)s->chan_view, s->chan_view_bytes);
+				d->n_idle_tracked--;
+			}
+			skv_arena_free(d->arenas[e->arena], offset);
+			free(s);
+			snprintf(why, why_len, "cannot make the stream resumable: %s",
+				 skv_strerror(err));
+			return err;
+		}
+	}
 	if (s->chan_view)
 		d->n_idle_tracked++;
 
@@ -630,6 +695,8 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 		/* Not delivered: the engine is going away and never learns of the region, which is
 		 * ours again at once. */
 		close(chan_fd);
+		if (s->chan_fd >= 0)
+			close(s->chan_fd);
 		if (s->chan_view) {
 			munmap((void *)(uintptr_t)s->chan_view, s->chan_view_bytes);
 			d->n_idle_tracked--;
@@ -651,7 +718,14 @@ int cached_place_stream(struct cached *d, struct cached_conn *c, const struct sk
 				    .sink_slots = p.sink_slots, .window_slots = p.window_slots,
 				    .channel_bytes = chan_bytes, .kv_bytes = desc.region_bytes };
 	int fds_c[3] = { chan_fd, e->doorbell_fd, e->efd };
-	cached_conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
+	if (s->resumable) {
+		struct skv_msg_opened_named on = { .opened = o };
+		memcpy(on.name, s->name, sizeof(on.name));
+		memcpy(on.token, s->token, sizeof(on.token));
+		cached_conn_send(d, c, SKV_MSG_OPENED_NAMED, &on, fds_c, 3);
+	} else {
+		cached_conn_send(d, c, SKV_MSG_OPENED, &o, fds_c, 3);
+	}
 	close(chan_fd);
 	cached_event(d, SKV_EVENT_OPEN, s->id, e->id, 0, "%s, %lld sinks, window %lld",
 		     skv_policy_name(p.kind), (long long)p.sink_slots, (long long)p.window_slots);
@@ -851,6 +925,16 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 				const struct skv_msg_hello *h)
 {
 	struct cached_engine *e = NULL;
+	/* An engine receives its node's whole arena, every stream's KV: only the daemon's own
+	 * uid and root may be one, whatever --group admits. */
+	if (c->peer_uid != 0 && c->peer_uid != d->uid) {
+		cached_log("refused an engine of uid %u (pid %u)", c->peer_uid, c->peer_pid);
+		conn_error(d, c, -EACCES,
+			   "permission denied: only uid %u or root may serve as an engine",
+			   (unsigned)d->uid);
+		cached_drop_conn(d, c);
+		return;
+	}
 	if (h->engine_id != UINT32_MAX) {
 		for (unsigned i = 0; i < d->n_engines; i++)
 			if (d->engines[i].id == h->engine_id && d->engines[i].supervised &&
@@ -948,6 +1032,11 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 		next = s->next;
 		if (s->client != c)
 			continue;
+		if (s->resumable && s->state == CACHED_STREAM_OPEN && !s->dropping && s->engine &&
+		    s->engine->state == CACHED_ENGINE_READY) {
+			cached_stream_detach(d, s);
+			continue;
+		}
 		s->client = NULL;
 		if (s->engine && s->engine->state == CACHED_ENGINE_READY) {
 			s->state = CACHED_STREAM_CLOSING;
@@ -961,28 +1050,6 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 		d->watchers--;
 	}
 	c->dead = 1; /* freed by the loop once no event can still name it */
-}
-
-/* SO_PEERCRED: the same user, root, or (with --group) a member of that group. */
-static int cached_peer_allowed(struct cached *d, const struct ucred *cred)
-{
-	if (cred->uid == 0 || cred->uid == d->uid)
-		return 1;
-	if (!d->have_group)
-		return 0;
-	if (cred->gid == d->group)
-		return 1;
-	struct passwd *pw = getpwuid(cred->uid);
-	if (!pw)
-		return 0;
-	gid_t groups[256];
-	int n = 256;
-	if (getgrouplist(pw->pw_name, pw->pw_gid, groups, &n) < 0)
-		return 0;
-	for (int i = 0; i < n; i++)
-		if (groups[i] == d->group)
-			return 1;
-	return 0;
 }
 
 static void cached_accept(struct cached *d)
@@ -1006,9 +1073,13 @@ static void cached_accept(struct cached *d)
 		c->doorbell_fd = -1;
 		c->peer_pid = (uint32_t)cred.pid;
 		c->peer_uid = cred.uid;
+		c->peer_gid = cred.gid;
+		c->content_ok = cred.uid == 0 || cred.uid == d->uid ||
+				(d->have_admin_group &&
+				 cached_peer_in_group(cred.uid, cred.gid, d->admin_group));
 		c->next = d->conns;
 		d->conns = c;
-		if (!cached_peer_allowed(d, &cred)) {
+		if (!cached_peer_allowed(d, cred.uid, cred.gid)) {
 			cached_log("refused a peer of uid %u (pid %d)", cred.uid, cred.pid);
 			conn_error(d, c, -EACCES,
 				   "permission denied: uid %u may not use this daemon (uid %u%s)",
@@ -1121,7 +1192,20 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 		return;
 	}
 	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_OPEN && n_fds == 1) {
-		cached_admission_open(d, c, body, fds[0]); /* takes the fd */
+		struct skv_msg_open_named named = { .open = *(const struct skv_msg_open *)body };
+		cached_admission_open(d, c, &named, 0, fds[0]); /* takes the fd */
+		return;
+	}
+	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_OPEN_NAMED && n_fds == 1) {
+		cached_admission_open(d, c, body, 1, fds[0]);
+		return;
+	}
+	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_ATTACH && n_fds == 1) {
+		cached_attach(d, c, body, fds[0]); /* takes the fd */
+		return;
+	}
+	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_DETACH && n_fds == 0) {
+		cached_detach_request(d, c, ((const struct skv_msg_stream *)body)->stream_id);
 		return;
 	}
 	if (c->role == SKV_ROLE_CLIENT && h->type == SKV_MSG_CLOSE && n_fds == 0) {
@@ -1304,6 +1388,8 @@ int cached_run(struct cached *d)
 				cached_admin_tick(d);
 			if (d->n_idle_tracked)
 				cached_idle_tick(d, now);
+			if (d->n_detached)
+				cached_detach_tick(d, now);
 		}
 		/* Streams freed above make room: place waiting OPENs before any times out. */
 		if (d->admission_dirty)

@@ -38,7 +38,12 @@ struct skv_chan_hdr {
 	uint8_t pad0[SKV_CACHE_LINE - 56];
 	uint32_t client_wants_room; /* client: set before it sleeps on a full input ring */
 	uint32_t cancel;            /* client: bumped to cancel the request in progress */
-	uint8_t pad1[SKV_CACHE_LINE - 8];
+	/* client: requests it sent (GENERATE/SCORE) and end events it read (DONE, SCORED,
+	 * ERROR); a client that re-attaches to a resumable stream (proto.h, ATTACH) learns from
+	 * their difference how many requests are still in progress. */
+	uint32_t requests_sent;
+	uint32_t requests_ended;
+	uint8_t pad1[SKV_CACHE_LINE - 16];
 	uint32_t engine_wants_room; /* engine: set while its output ring is full */
 	uint8_t pad2[SKV_CACHE_LINE - 4];
 };
@@ -49,6 +54,9 @@ enum skv_chan_type {
 	SKV_CHAN_TEXT = 1,        /* data[0..n): prompt bytes, appended to the pending prompt */
 	SKV_CHAN_GENERATE = 2,    /* end of prompt: arg = tokens to generate after it */
 	SKV_CHAN_SCORE = 3,       /* end of text to score: arg = most predictions (0: all) */
+	SKV_CHAN_RESET = 4,       /* drop the pending prompt bytes not yet ended by GENERATE or
+				   * SCORE: the first message of a client that re-attaches, since
+				   * the previous one may have died in the middle of a prompt */
 	/* engine -> client */
 	SKV_CHAN_TOKEN = 16,      /* arg = token id; data[0..n): its decoded bytes */
 	SKV_CHAN_DONE = 17,       /* a GENERATE finished: arg = tokens generated, flags = reason */

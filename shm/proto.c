@@ -38,6 +38,12 @@ static const struct {
 	[SKV_MSG_ADMIN_EVENT] = { "ADMIN_EVENT", sizeof(struct skv_admin_event) },
 	[SKV_MSG_ADMIN_HIST] = { "ADMIN_HIST", sizeof(struct skv_admin_hist) },
 	[SKV_MSG_QUEUED] = { "QUEUED", sizeof(struct skv_msg_queued) },
+	[SKV_MSG_OPEN_NAMED] = { "OPEN_NAMED", sizeof(struct skv_msg_open_named) },
+	[SKV_MSG_OPENED_NAMED] = { "OPENED_NAMED", sizeof(struct skv_msg_opened_named) },
+	[SKV_MSG_ATTACH] = { "ATTACH", sizeof(struct skv_msg_attach) },
+	[SKV_MSG_DETACH] = { "DETACH", sizeof(struct skv_msg_stream) },
+	[SKV_MSG_DETACHED] = { "DETACHED", sizeof(struct skv_msg_stream) },
+	[SKV_MSG_REATTACH] = { "REATTACH", sizeof(struct skv_msg_stream) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

@@ -22,7 +22,7 @@
 
 #define SKV_PROTO_MAGIC 0x50564b53u /* "SKVP" */
 #define SKV_PROTO_MAJOR 2
-#define SKV_PROTO_MINOR 0
+#define SKV_PROTO_MINOR 1 /* 2.1: resumable streams (OPEN_NAMED, ATTACH, DETACH) */
 #define SKV_MSG_MAX_FDS 4
 #define SKV_MSG_TEXT 192
 
@@ -55,6 +55,21 @@ enum skv_msg_type {
 	SKV_MSG_ADMIN_HIST = 23,    /* daemon -> admin: struct skv_admin_hist */
 	SKV_MSG_QUEUED = 24,        /* daemon -> client: struct skv_msg_queued, an OPEN waits for
 				     * room (--admission queue); OPENED or ERROR follows */
+	/* 2.1: resumable streams. A resumable stream outlives its client's connection: when the
+	 * connection drops (or the client sends DETACH) the stream is detached, not closed; it
+	 * keeps its KV and its channel until its idle time-out (else --detach-timeout), and a
+	 * peer of the same uid (or root) that presents its name and secret token ATTACHes to
+	 * it and continues where it was. */
+	SKV_MSG_OPEN_NAMED = 25,    /* client -> daemon: struct skv_msg_open_named + fd: client
+				     * eventfd; answered OPENED_NAMED (or QUEUED, ERROR) */
+	SKV_MSG_OPENED_NAMED = 26,  /* daemon -> client: struct skv_msg_opened_named + the fds of
+				     * OPENED */
+	SKV_MSG_ATTACH = 27,        /* client -> daemon: struct skv_msg_attach + fd: client
+				     * eventfd; answered OPENED_NAMED or ERROR */
+	SKV_MSG_DETACH = 28,        /* client -> daemon: struct skv_msg_stream; answered DETACHED */
+	SKV_MSG_DETACHED = 29,      /* daemon -> client: struct skv_msg_stream */
+	SKV_MSG_REATTACH = 30,      /* daemon -> engine: struct skv_msg_stream + fds: the new
+				     * client's eventfd and doorbell page */
 	SKV_MSG_TYPE_END
 };
 
@@ -129,6 +144,25 @@ struct skv_msg_open {
 };
 _Static_assert(sizeof(struct skv_msg_open) == 56, "ABI");
 
+/* Resumable streams: names are NUL-padded, 1..63 bytes of [A-Za-z0-9._-], unique per uid;
+ * tokens are SKV_TOKEN_HEX hexadecimal characters (128 random bits), not NUL-terminated. */
+#define SKV_STREAM_NAME_MAX 64
+#define SKV_TOKEN_HEX 32
+
+struct skv_msg_open_named {
+	struct skv_msg_open open;
+	char name[SKV_STREAM_NAME_MAX]; /* "": the daemon names it ("s<id>") */
+};
+_Static_assert(sizeof(struct skv_msg_open_named) == 120, "ABI");
+
+struct skv_msg_attach {
+	char name[SKV_STREAM_NAME_MAX];
+	char token[SKV_TOKEN_HEX];
+	uint32_t flags;                 /* zero */
+	uint32_t reserved;
+};
+_Static_assert(sizeof(struct skv_msg_attach) == 104, "ABI");
+
 struct skv_msg_opened {
 	uint64_t stream_id;
 	uint32_t engine_id;
@@ -139,6 +173,14 @@ struct skv_msg_opened {
 	uint64_t kv_bytes;
 };
 _Static_assert(sizeof(struct skv_msg_opened) == 48, "ABI");
+
+struct skv_msg_opened_named {
+	struct skv_msg_opened opened;
+	char name[SKV_STREAM_NAME_MAX];
+	char token[SKV_TOKEN_HEX];
+	uint64_t tokens_seen;           /* ATTACH: where the stream is (its ring state) */
+};
+_Static_assert(sizeof(struct skv_msg_opened_named) == 152, "ABI");
 
 struct skv_msg_queued {
 	uint32_t position;    /* 1: next to be placed */
