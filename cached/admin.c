@@ -304,6 +304,13 @@ static void admin_engines(struct cached *d, struct cached_conn *c)
 	admin_send_end(d, c, sent);
 }
 
+/* Who may see what (cached/durable.c): a peer sees its own streams; the daemon's uid, root
+ * and --admin-group members see every stream, contents included. */
+static int admin_may_see(const struct cached_conn *c, const struct cached_stream *s)
+{
+	return c->content_ok || s->owner_uid == c->peer_uid;
+}
+
 void cached_admin_request(struct cached *d, struct cached_conn *c,
 			  const struct skv_msg_admin_req *req)
 {
@@ -316,6 +323,8 @@ void cached_admin_request(struct cached *d, struct cached_conn *c,
 		uint64_t sent = 0;
 		for (struct cached_stream *s = d->streams; s; s = s->next) {
 			struct skv_admin_stream row;
+			if (!admin_may_see(c, s))
+				continue;
 			admin_stream_row(d, s, &row, now, NULL);
 			if (cached_conn_send(d, c, SKV_MSG_ADMIN_STREAM, &row, NULL, 0) < 0)
 				return;
@@ -328,7 +337,7 @@ void cached_admin_request(struct cached *d, struct cached_conn *c,
 		struct cached_stream *s = d->streams;
 		while (s && s->id != req->stream_id)
 			s = s->next;
-		if (!s) {
+		if (!s || !admin_may_see(c, s)) {
 			struct skv_msg_error e = { .code = -ENOENT };
 			snprintf(e.text, sizeof(e.text), "no stream %llu",
 				 (unsigned long long)req->stream_id);

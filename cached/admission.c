@@ -55,12 +55,12 @@ static void pending_free(struct cached *d, struct cached_pending *q)
 }
 
 void cached_admission_open(struct cached *d, struct cached_conn *c,
-			   const struct skv_msg_open *open, int client_efd)
+			   const struct skv_msg_open_named *open, int resumable, int client_efd)
 {
 	char why[SKV_MSG_TEXT] = "";
 	int placed = 1;
 	if (!c->n_queued) {
-		int err = cached_check_open(d, open, why, sizeof(why));
+		int err = cached_check_open(d, open, resumable, c, why, sizeof(why));
 		if (err < 0) {
 			admission_error(d, c, err, why);
 			close(client_efd);
@@ -68,7 +68,7 @@ void cached_admission_open(struct cached *d, struct cached_conn *c,
 		}
 		/* Nobody waits: place it now. Somebody waits: it goes behind them. */
 		placed = d->queue_head ? CACHED_WAIT_ARENA
-				       : cached_place_stream(d, c, open, client_efd, why,
+				       : cached_place_stream(d, c, open, resumable, client_efd, why,
 							     sizeof(why));
 		if (placed <= 0) {
 			if (placed < 0)
@@ -99,6 +99,7 @@ void cached_admission_open(struct cached *d, struct cached_conn *c,
 	}
 	q->client = c;
 	q->open = *open;
+	q->resumable = resumable;
 	q->client_efd = client_efd;
 	if (!c->n_queued && !d->queue_head)
 		d->queue_reason = (enum cached_wait_reason)placed;
@@ -133,8 +134,8 @@ void cached_admission_pump(struct cached *d)
 	while (d->queue_head) {
 		struct cached_pending *q = d->queue_head;
 		char why[SKV_MSG_TEXT] = "";
-		int placed = cached_place_stream(d, q->client, &q->open, q->client_efd, why,
-						 sizeof(why));
+		int placed = cached_place_stream(d, q->client, &q->open, q->resumable,
+						 q->client_efd, why, sizeof(why));
 		if (placed > 0) {
 			d->queue_reason = (enum cached_wait_reason)placed;
 			return; /* still no room for the first: the others wait behind it */
@@ -194,7 +195,7 @@ int cached_timer_ms(struct cached *d, double now)
 		return 0;
 	int timed = 0;
 	double until = 0.0;
-	if (d->watchers || d->n_idle_tracked) {
+	if (d->watchers || d->n_idle_tracked || d->n_detached) {
 		until = d->next_tick - now;
 		timed = 1;
 	}

@@ -77,6 +77,8 @@ struct cached_conn {
 	uint32_t role;             /* 0 until HELLO */
 	uint32_t peer_pid;
 	uint32_t peer_uid;
+	uint32_t peer_gid;
+	int content_ok;            /* may read stream contents (daemon's uid, root, --admin-group) */
 	uint32_t seq_out;
 	uint32_t n_streams;
 	struct cached_engine *engine; /* role engine */
@@ -112,7 +114,8 @@ enum cached_wait_reason {
 /* An OPEN in the admission queue (--admission queue): answered QUEUED, then OPENED or ERROR. */
 struct cached_pending {
 	struct cached_conn *client;
-	struct skv_msg_open open;
+	struct skv_msg_open_named open; /* a plain OPEN: name "" and not resumable */
+	int resumable;
 	int client_efd;            /* the OPEN's eventfd, handed to the engine at placement */
 	double deadline;           /* CLOCK_MONOTONIC seconds: ERROR -ETIMEDOUT then */
 	struct cached_pending *next;
@@ -149,6 +152,14 @@ struct cached_stream {
 	uint32_t idle_timeout_s;     /* 0: none */
 	uint32_t chan_seen[4];       /* in head, in tail, out head, out tail */
 	double active_at;
+	/* Who opened it: only that uid (or root) may attach to it or see it (cached/durable.c). */
+	uint32_t owner_uid;
+	/* Resumable streams (OPEN_NAMED): detached, not closed, when the client goes away. */
+	int resumable;
+	char name[SKV_STREAM_NAME_MAX];
+	char token[SKV_TOKEN_HEX];   /* the secret a peer presents to ATTACH */
+	int chan_fd;                 /* the daemon's copy of the channel, for the next client */
+	double detached_at;          /* 0 while a client holds it */
 	struct cached_stream *next;
 };
 
@@ -207,6 +218,7 @@ struct cached {
 	uint64_t n_streams;
 	uint64_t n_kv_streams;     /* streams holding a KV region (what --max-streams counts) */
 	uint64_t n_idle_tracked;   /* streams with an idle time-out */
+	uint64_t n_detached;       /* resumable streams no client holds */
 	uint64_t next_stream_id;
 	struct cached_pending *queue_head, *queue_tail; /* the admission queue, FIFO */
 	uint32_t n_queued;
@@ -252,11 +264,12 @@ double cached_now(void);
  * or -errno for an OPEN no room would help (bad parameters: -EINVAL / -SKV_E*, larger than a
  * whole arena: -ENOSPC, no memory for the daemon's own bookkeeping), nothing sent and why
  * filled: the caller answers ERROR. client_efd stays the caller's. */
-int cached_place_stream(struct cached *d, struct cached_conn *c, const struct skv_msg_open *open,
-			int client_efd, char *why, size_t why_len);
+int cached_place_stream(struct cached *d, struct cached_conn *c,
+			const struct skv_msg_open_named *open, int resumable, int client_efd,
+			char *why, size_t why_len);
 /* The checks of cached_place_stream that do not depend on room: 0 or its -errno, why filled. */
-int cached_check_open(struct cached *d, const struct skv_msg_open *open, char *why,
-		      size_t why_len);
+int cached_check_open(struct cached *d, const struct skv_msg_open_named *open, int resumable,
+		      struct cached_conn *c, char *why, size_t why_len);
 /* The idle time-out fired: FAILED -ETIMEDOUT to the client, DROP to the engine; the region
  * is freed on DROPPED. */
 void cached_stream_idle_expire(struct cached *d, struct cached_stream *s);
@@ -264,7 +277,7 @@ void cached_stream_idle_expire(struct cached *d, struct cached_stream *s);
 /* Admission control and idle time-outs (cached/admission.c). */
 /* An OPEN from a client: place it, queue it (--admission queue) or refuse it. */
 void cached_admission_open(struct cached *d, struct cached_conn *c,
-			   const struct skv_msg_open *open, int client_efd);
+			   const struct skv_msg_open_named *open, int resumable, int client_efd);
 /* Room may have come free: place queued OPENs in order while they fit. */
 void cached_admission_pump(struct cached *d);
 /* Answer ERROR -ETIMEDOUT to queued OPENs past their deadline. */
@@ -275,5 +288,31 @@ void cached_admission_forget(struct cached *d, struct cached_conn *c);
 int cached_timer_ms(struct cached *d, double now);
 /* Once a second: fail streams idle for their time-out. */
 void cached_idle_tick(struct cached *d, double now);
+
+/* Helpers of daemon.c for the files beside it. */
+struct cached_stream *cached_stream_find(struct cached *d, uint64_t id);
+/* Ask the stream's engine to let go of it (the region is freed on DROPPED). */
+void cached_stream_drop(struct cached *d, struct cached_stream *s);
+void cached_conn_error(struct cached *d, struct cached_conn *c, int code, const char *text);
+
+/* Resumable streams and who may see what (cached/durable.c). */
+/* A name as OPEN_NAMED may give it: 1..63 of [A-Za-z0-9._-]. */
+int cached_name_valid(const char *name);
+/* The resumable stream of that name visible to a peer of uid (root sees every uid's). */
+struct cached_stream *cached_stream_by_name(struct cached *d, const char *name, uint32_t uid);
+/* A fresh secret token (SKV_TOKEN_HEX hex characters). 0 or -errno. */
+int cached_token_new(char token[SKV_TOKEN_HEX]);
+/* Its client went away (or sent DETACH): keep the stream, forget the client. */
+void cached_stream_detach(struct cached *d, struct cached_stream *s);
+/* ATTACH (takes client_efd) and DETACH from a client. */
+void cached_attach(struct cached *d, struct cached_conn *c, const struct skv_msg_attach *a,
+		   int client_efd);
+void cached_detach_request(struct cached *d, struct cached_conn *c, uint64_t stream_id);
+/* Once a second: close detached streams past their time-out. */
+void cached_detach_tick(struct cached *d, double now);
+/* SO_PEERCRED of an accepted peer: may it use the daemon at all (1/0); may it read stream
+ * contents (sets c->content_ok). */
+int cached_peer_allowed(struct cached *d, uint32_t uid, uint32_t gid);
+int cached_peer_in_group(uint32_t uid, uint32_t gid, gid_t group);
 
 #endif

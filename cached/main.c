@@ -62,6 +62,8 @@ struct cached_opts {
 	long long queue_timeout_s;
 	long long queue_max;
 	long long idle_timeout_s;
+	long long detach_timeout_s;
+	const char *admin_group;
 };
 
 static void cached_usage(FILE *out)
@@ -89,6 +91,10 @@ static void cached_usage(FILE *out)
 	      "  --queue-max N        queue: at most N OPENs wait; more are refused (default 1024)\n"
 	      "  --idle-timeout SEC   close streams with no traffic for SEC seconds (default 0:\n"
 	      "                       never); a stream may ask for its own, up to a week\n"
+	      "  --detach-timeout SEC close a detached resumable stream (its client gone) after\n"
+	      "                       SEC seconds unless it has an idle time-out (default 3600)\n"
+	      "  --admin-group NAME   members may read stream contents (token ids, window text)\n"
+	      "                       with skv-admin; otherwise only this uid and root may\n"
 	      "  --prefault           fault the arenas in at start\n"
 	      "  --verbose            log every stream, and how many default streams an arena holds\n",
 	      out);
@@ -138,6 +144,8 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "queue-timeout", required_argument, NULL, 'Q' },
 		{ "queue-max", required_argument, NULL, 'q' },
 		{ "idle-timeout", required_argument, NULL, 'I' },
+		{ "detach-timeout", required_argument, NULL, 'D' },
+		{ "admin-group", required_argument, NULL, 'G' },
 		{ "prefault", no_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
@@ -203,6 +211,11 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 			o->idle_timeout_s = cached_parse_int("--idle-timeout", optarg, 0,
 							     CACHED_IDLE_MAX_S);
 			break;
+		case 'D':
+			o->detach_timeout_s = cached_parse_int("--detach-timeout", optarg, 1,
+							       CACHED_IDLE_MAX_S);
+			break;
+		case 'G': o->admin_group = optarg; break;
 		case 'b': o->engine_bin = optarg; break;
 		case 'p': o->prefault = 1; break;
 		case 'v': o->verbose = 1; break;
@@ -435,6 +448,7 @@ int main(int argc, char **argv)
 	d.queue_timeout_s = (uint32_t)o.queue_timeout_s;
 	d.queue_max = (uint32_t)o.queue_max;
 	d.idle_timeout_s = (uint32_t)o.idle_timeout_s;
+	d.detach_timeout_s = o.detach_timeout_s ? (uint32_t)o.detach_timeout_s : 3600u;
 	cached_raise_nofile();
 
 	if (o.socket_path) {
@@ -451,6 +465,14 @@ int main(int argc, char **argv)
 			cached_die(CACHED_EXIT_USAGE, "--group: no group named '%s'", o.group);
 		d.group = g->gr_gid;
 		d.have_group = 1;
+	}
+	if (o.admin_group) {
+		struct group *g = getgrnam(o.admin_group);
+		if (!g)
+			cached_die(CACHED_EXIT_USAGE, "--admin-group: no group named '%s'",
+				   o.admin_group);
+		d.admin_group = g->gr_gid;
+		d.have_admin_group = 1;
 	}
 
 	static char model_path[PATH_MAX], tok_path[PATH_MAX];

@@ -8,6 +8,8 @@
 
 struct skv_client_opts {
 	struct skv_stream_params p;
+	int resumable;                  /* skv_client_opts_resumable */
+	char name[SKV_STREAM_NAME_MAX]; /* "": the daemon names it */
 };
 
 /* The client a stream belongs to. */

@@ -50,6 +50,12 @@ struct skv_client_stream {
 	int64_t sink_slots, window_slots;
 	uint64_t kv_bytes;
 	uint64_t pending;               /* requests sent whose end event was not read */
+	int resumable;                  /* OPEN_NAMED / ATTACH: name and token below */
+	char name[SKV_STREAM_NAME_MAX];
+	char token[SKV_TOKEN_HEX + 1];
+	uint64_t tokens_seen_at_attach;
+	int resync;                     /* attached: skip the tail of an event the previous
+					 * client had begun to read */
 	int failed;                     /* -errno once the daemon said it failed */
 	int failure_seen;               /* a read returned the failure */
 	char why[SKV_MSG_TEXT];
@@ -341,6 +347,7 @@ static void client_fail_all(struct skv_client *c, const char *why)
 /* What a control message can carry back to the caller that waits for it. */
 struct client_reply {
 	struct skv_msg_opened opened;
+	struct skv_msg_opened_named named; /* OPENED_NAMED (opened is filled from it too) */
 	struct skv_msg_error error;
 	struct skv_msg_stats stats;
 	struct skv_msg_queued queued;
@@ -364,6 +371,7 @@ static int client_control(struct skv_client *c, int timeout_ms, struct client_re
 	struct skv_msg_hdr h;
 	union {
 		struct skv_msg_opened opened;
+		struct skv_msg_opened_named named;
 		struct skv_msg_failed failed;
 		struct skv_msg_stream stream;
 		struct skv_msg_error error;
@@ -376,7 +384,7 @@ static int client_control(struct skv_client *c, int timeout_ms, struct client_re
 		client_fail_all(c, "skv-cached went away");
 		return got ? got : -EPIPE;
 	}
-	if (h.type == SKV_MSG_OPENED && r) {
+	if ((h.type == SKV_MSG_OPENED || h.type == SKV_MSG_OPENED_NAMED) && r) {
 		memcpy(r->fds, fds, sizeof(fds));
 		r->n_fds = n_fds;
 	} else {
@@ -387,6 +395,12 @@ static int client_control(struct skv_client *c, int timeout_ms, struct client_re
 	case SKV_MSG_OPENED:
 		if (r)
 			r->opened = body.opened;
+		break;
+	case SKV_MSG_OPENED_NAMED:
+		if (r) {
+			r->named = body.named;
+			r->opened = body.named.opened;
+		}
 		break;
 	case SKV_MSG_FAILED: {
 		struct skv_client_stream *s = client_find(c, body.failed.stream_id);
@@ -470,7 +484,8 @@ static int client_open_reply(struct skv_client *c, struct client_reply *r)
 			return 0;
 		memset(r, 0, sizeof(*r));
 		int type = client_control(c, (int)(left / 1000000 + 1), r);
-		if (type <= 0 || type == SKV_MSG_OPENED || type == SKV_MSG_ERROR)
+		if (type <= 0 || type == SKV_MSG_OPENED || type == SKV_MSG_OPENED_NAMED ||
+		    type == SKV_MSG_ERROR)
 			return type;
 		if (type == SKV_MSG_QUEUED)
 			deadline = client_deadline((int)r->queued.timeout_ms +
@@ -478,8 +493,10 @@ static int client_open_reply(struct skv_client *c, struct client_reply *r)
 	}
 }
 
-static int client_stream_open_once(struct skv_client *c, const struct skv_stream_params *params,
-				   struct skv_client_stream **out)
+/* Send an OPEN (o), OPEN_NAMED (o resumable) or ATTACH (a) and set the stream up from the
+ * answer. */
+static int client_stream_open_once(struct skv_client *c, const skv_client_opts *o,
+				   const struct skv_msg_attach *a, struct skv_client_stream **out)
 {
 	if (c->gone)
 		return client_err(c, -EPIPE, "skv-cached went away");
@@ -488,27 +505,54 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 		return client_err(c, -ENOMEM, "out of memory");
 	s->client = c;
 	s->engine_efd = -1;
-	struct skv_msg_open open = { .params = *params };
-	if (skv_msg_send(c->sock, SKV_MSG_OPEN, c->seq++, &open, &c->efd, 1) < 0) {
+	int sent;
+	if (a) {
+		sent = skv_msg_send(c->sock, SKV_MSG_ATTACH, c->seq++, a, &c->efd, 1);
+	} else if (o->resumable) {
+		struct skv_msg_open_named open = { .open = { .params = o->p } };
+		memcpy(open.name, o->name, sizeof(open.name));
+		sent = skv_msg_send(c->sock, SKV_MSG_OPEN_NAMED, c->seq++, &open, &c->efd, 1);
+	} else {
+		struct skv_msg_open open = { .params = o->p };
+		sent = skv_msg_send(c->sock, SKV_MSG_OPEN, c->seq++, &open, &c->efd, 1);
+	}
+	if (sent < 0) {
 		client_stream_free(s);
 		client_fail_all(c, "skv-cached went away");
 		return client_err(c, -EPIPE, "skv-cached went away");
 	}
 	struct client_reply r;
 	int type = client_open_reply(c, &r);
+	int want = a || o->resumable ? SKV_MSG_OPENED_NAMED : SKV_MSG_OPENED;
+	if (type == SKV_MSG_OPENED || type == SKV_MSG_OPENED_NAMED) {
+		if (type != want) {
+			for (int i = 0; i < r.n_fds; i++)
+				close(r.fds[i]);
+			r.n_fds = 0;
+		}
+		type = want;
+	}
 	if (type == SKV_MSG_ERROR) {
 		client_stream_free(s);
 		r.error.text[sizeof(r.error.text) - 1] = '\0';
 		return client_err(c, r.error.code < 0 ? r.error.code : -EPROTO, "%s", r.error.text);
 	}
-	if (type != SKV_MSG_OPENED || r.n_fds != 3) {
+	if (type != want || r.n_fds != 3) {
 		client_stream_free(s);
-		for (int i = 0; type == SKV_MSG_OPENED && i < r.n_fds; i++)
+		for (int i = 0; type == want && i < r.n_fds; i++)
 			close(r.fds[i]);
 		if (type < 0)
 			return client_err(c, -EPIPE, "skv-cached went away");
 		return client_err(c, type == 0 ? -ETIMEDOUT : -EPROTO,
-				  "no valid answer to OPEN from skv-cached");
+				  "no valid answer to %s from skv-cached", a ? "ATTACH" : "OPEN");
+	}
+	if (want == SKV_MSG_OPENED_NAMED) {
+		s->resumable = 1;
+		snprintf(s->name, sizeof(s->name), "%.*s", (int)sizeof(r.named.name) - 1,
+			 r.named.name);
+		memcpy(s->token, r.named.token, SKV_TOKEN_HEX);
+		s->token[SKV_TOKEN_HEX] = '\0';
+		s->tokens_seen_at_attach = r.named.tokens_seen;
 	}
 	s->id = r.opened.stream_id;
 	s->sink_slots = r.opened.sink_slots;
@@ -534,12 +578,28 @@ static int client_stream_open_once(struct skv_client *c, const struct skv_stream
 		if (err < 0)
 			client_err(c, err, "bad channel from skv-cached: %s", skv_strerror(err));
 	}
+	if (!err && a) {
+		/* Where the previous client left the stream: the requests it sent that have not
+		 * ended are ours to read (client-written words of the channel, so copied once and
+		 * bounded), the rest of an event it was reading is skipped, and a prompt it was in
+		 * the middle of sending is dropped by the engine (RESET goes before our own). */
+		uint32_t sent_n = __atomic_load_n(&s->chan.hdr->requests_sent, __ATOMIC_RELAXED);
+		uint32_t ended_n = __atomic_load_n(&s->chan.hdr->requests_ended, __ATOMIC_RELAXED);
+		uint32_t open_n = sent_n - ended_n;
+		s->pending = open_n <= SKV_CHAN_RING_CAPACITY ? open_n : 0;
+		s->resync = 1;
+		struct skv_chan_msg reset = { .type = SKV_CHAN_RESET };
+		if (skv_ring_push(&s->chan.in, &reset) < 0)
+			err = client_err(c, -EAGAIN, "the stream's input ring is full");
+		else
+			skv_wake(s->engine_word, s->engine_efd);
+	}
 	if (!err && client_add_stream(c, s) < 0)
 		err = client_err(c, -ENOMEM, "out of memory");
 	if (err < 0) {
-		/* The daemon has it: tell it to drop the stream. */
+		/* The daemon has it: tell it to drop (or, resumable, to keep) the stream. */
 		struct skv_msg_stream m = { .stream_id = r.opened.stream_id };
-		skv_msg_send(c->sock, SKV_MSG_CLOSE, c->seq++, &m, NULL, 0);
+		skv_msg_send(c->sock, a ? SKV_MSG_DETACH : SKV_MSG_CLOSE, c->seq++, &m, NULL, 0);
 		client_stream_free(s);
 		return err;
 	}
@@ -561,7 +621,7 @@ int skv_client_stream_open(skv_client *c, const skv_client_opts *o, skv_client_s
 		o = &defaults;
 	}
 	for (int attempt = 0;; attempt++) {
-		int err = client_stream_open_once(c, &o->p, out);
+		int err = client_stream_open_once(c, o, NULL, out);
 		if (err != -EAGAIN || attempt >= CLIENT_OPEN_RETRIES)
 			return err;
 		usleep(CLIENT_OPEN_RETRY_US);
@@ -575,6 +635,89 @@ void skv_client_stream_info(const skv_client_stream *s, struct skv_client_stream
 	out->sinks = s->sink_slots;
 	out->window = s->window_slots;
 	out->kv_bytes = s->kv_bytes;
+}
+
+_Static_assert(SKV_CLIENT_TOKEN_MAX == SKV_TOKEN_HEX + 1 && SKV_CLIENT_NAME_MAX == SKV_STREAM_NAME_MAX,
+	       "skv-client.h repeats the wire sizes");
+
+static int client_failed(struct skv_client_stream *s);
+
+int skv_client_opts_resumable(skv_client_opts *o, const char *name)
+{
+	size_t n = name ? strlen(name) : 0;
+	if (n >= sizeof(o->name))
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++) {
+		char ch = name[i];
+		if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+		      ch == '.' || ch == '_' || ch == '-'))
+			return -EINVAL;
+	}
+	memset(o->name, 0, sizeof(o->name));
+	memcpy(o->name, name ? name : "", n);
+	o->resumable = 1;
+	return 0;
+}
+
+int skv_client_stream_resume_info(const skv_client_stream *s, struct skv_client_resume *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (!s->resumable)
+		return -EINVAL;
+	snprintf(out->name, sizeof(out->name), "%s", s->name);
+	memcpy(out->token, s->token, sizeof(out->token));
+	out->id = s->id;
+	out->tokens_seen = s->tokens_seen_at_attach;
+	return 0;
+}
+
+int skv_client_stream_attach(skv_client *c, const char *name, const char *token,
+			     skv_client_stream **out)
+{
+	struct skv_msg_attach a = { .flags = 0 };
+	if (!name || !token || strlen(name) >= sizeof(a.name) || !name[0] ||
+	    strlen(token) != SKV_TOKEN_HEX)
+		return client_err(c, -EINVAL,
+				  "a resumable stream is named by 1 to %d characters and its token "
+				  "is %d hexadecimal digits", SKV_STREAM_NAME_MAX - 1, SKV_TOKEN_HEX);
+	memcpy(a.name, name, strlen(name));
+	memcpy(a.token, token, SKV_TOKEN_HEX);
+	return client_stream_open_once(c, NULL, &a, out);
+}
+
+int skv_client_stream_detach(skv_client_stream *s)
+{
+	if (!s)
+		return 0;
+	struct skv_client *c = s->client;
+	int err = 0;
+	if (!s->resumable) {
+		return client_err(c, -EINVAL, "stream %llu is not resumable",
+				  (unsigned long long)s->id);
+	}
+	client_remove_stream(c, s);
+	if (!c->gone && !s->failed) {
+		struct skv_msg_stream m = { .stream_id = s->id };
+		err = skv_msg_send(c->sock, SKV_MSG_DETACH, c->seq++, &m, NULL, 0);
+		struct client_reply r;
+		for (int type = 0; !err;) {
+			type = client_control(c, CLIENT_REPLY_TIMEOUT_MS, &r);
+			if (type == SKV_MSG_DETACHED)
+				break;
+			if (type == SKV_MSG_ERROR) {
+				r.error.text[sizeof(r.error.text) - 1] = '\0';
+				err = client_err(c, r.error.code < 0 ? r.error.code : -EPROTO, "%s",
+						 r.error.text);
+			} else if (type <= 0) {
+				err = client_err(c, type ? type : -ETIMEDOUT,
+						 "skv-cached did not answer DETACH");
+			}
+		}
+	} else if (s->failed) {
+		err = client_failed(s);
+	}
+	client_stream_free(s);
+	return err;
 }
 
 skv_client *libskv_stream_owner(const skv_client_stream *s)
@@ -685,6 +828,8 @@ static int client_request(struct skv_client_stream *s, const char *text, size_t 
 	if (err < 0)
 		return err;
 	s->pending++;
+	__atomic_store_n(&s->chan.hdr->requests_sent, s->chan.hdr->requests_sent + 1,
+			 __ATOMIC_RELAXED);
 	skv_wake(s->engine_word, s->engine_efd);
 	return 0;
 }
@@ -771,6 +916,9 @@ static int stream_take(struct skv_client_stream *s, struct skv_client_event *ev)
 		int texty = m.type == SKV_CHAN_TOKEN || m.type == SKV_CHAN_ECHO ||
 			    m.type == SKV_CHAN_ERROR;
 		uint32_t flags = texty ? m.flags : 0;
+		if ((flags & SKV_CHAN_CONTINUES) && !s->assembling && s->resync)
+			continue; /* the rest of an event the previous client had begun */
+		s->resync = 0;
 		if (flags & SKV_CHAN_CONTINUES) {
 			if (!s->assembling)
 				return client_err(s->client, -EPROTO,
@@ -819,8 +967,12 @@ static int stream_take(struct skv_client_stream *s, struct skv_client_event *ev)
 		return client_err(s->client, -EPROTO, "unknown message type %u from the engine",
 				  m->type);
 	}
-	if (ev->type >= SKV_CLIENT_EV_DONE && s->pending)
-		s->pending--;
+	if (ev->type >= SKV_CLIENT_EV_DONE) {
+		if (s->pending)
+			s->pending--;
+		__atomic_store_n(&s->chan.hdr->requests_ended, s->chan.hdr->requests_ended + 1,
+				 __ATOMIC_RELAXED);
+	}
 	if (ev->type == SKV_CLIENT_EV_ERROR)
 		client_err(s->client, ev->error, "request failed: %s", s->buf);
 	return 1;

@@ -32,6 +32,7 @@ extern "C" {
 #endif
 
 #define SKV_CLIENT_API 1
+#define SKV_CLIENT_API_MINOR 1 /* 1.1: resumable streams */
 
 typedef struct skv_client skv_client;
 typedef struct skv_client_stream skv_client_stream;
@@ -137,6 +138,42 @@ struct skv_client_stream_info {
 	uint64_t reserved[4];
 };
 void skv_client_stream_info(const skv_client_stream *s, struct skv_client_stream_info *out);
+
+/* ---- resumable streams (libskv 1.1) ----------------------------------------------------
+ * A resumable stream outlives its connection: when the client disconnects, dies or calls
+ * skv_client_stream_detach, the daemon keeps it (its KV, and the tokens it produced that were
+ * not read yet) for the stream's idle time-out, else the daemon's --detach-timeout (default an
+ * hour). Any connection of the same uid (or root) that presents its name and its token
+ * attaches to it and continues exactly where it was: the events of requests still in
+ * progress are read on the new handle (skv_client_stream_pending counts them), and a prompt
+ * the old client was in the middle of sending is dropped. A stream is attached to one
+ * connection at a time. The token is a secret: keep it like a password (mode 0600 file).
+ * skv_client_stream_close() on a resumable stream ends it for good. */
+#define SKV_CLIENT_NAME_MAX 64   /* a name: 1..63 of A-Z a-z 0-9 . _ - */
+#define SKV_CLIENT_TOKEN_MAX 33  /* 32 hexadecimal digits and a NUL */
+
+/* Make streams opened with o resumable, under name (NULL or "": the daemon names it "s<id>").
+ * Names are unique per uid: opening a second stream of the same name fails with -EEXIST.
+ * Returns -EINVAL for a name that is too long or has other characters. */
+int skv_client_opts_resumable(skv_client_opts *o, const char *name);
+
+struct skv_client_resume {
+	char name[SKV_CLIENT_NAME_MAX];
+	char token[SKV_CLIENT_TOKEN_MAX];
+	uint64_t id;            /* the daemon's stream id */
+	uint64_t tokens_seen;   /* after attach: tokens in the stream when it was attached */
+	uint64_t reserved[4];
+};
+/* The name and token of a resumable stream (-EINVAL if s is not resumable). */
+int skv_client_stream_resume_info(const skv_client_stream *s, struct skv_client_resume *out);
+/* Attach to the resumable stream name with its token. Errors: -ENOENT no such stream of
+ * yours with that token (or it timed out), -EBUSY attached to another connection, -EPIPE it
+ * ended (its engine died), -EINVAL malformed name or token. */
+int skv_client_stream_attach(skv_client *c, const char *name, const char *token,
+			     skv_client_stream **out);
+/* Leave a resumable stream to the daemon and free the handle s (also on error). Requests in
+ * progress go on until the output ring is full. */
+int skv_client_stream_detach(skv_client_stream *s);
 
 /* Flags of skv_client_stream_generate. */
 #define SKV_CLIENT_ENDLESS 1u /* do not stop at the end-of-text token: stream on */

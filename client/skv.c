@@ -9,6 +9,7 @@
  * Every user mistake gets one line on stderr naming what was wrong, and a non-zero exit:
  * 2 for usage errors, 1 for everything else. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <stdarg.h>
 #include <limits.h>
@@ -24,6 +25,7 @@
 #include "forward.h"
 #include "skv-client.h"
 #include "model.h"
+#include "proto.h"
 #include "sampler.h"
 #include "skv-error.h"
 #include "stream.h"
@@ -83,6 +85,13 @@ static void skv_usage(FILE *out)
 	      "  --kv TYPE           f32 (default, exact), f16 (half precision) or q8 (int8 with a\n"
 	      "                      scale per slot and head): the element type of keys and values\n"
 	      "generate:\n"
+	      "  --stream NAME       (with --socket) run on the resumable stream NAME: created on\n"
+	      "                      first use, kept by the daemon after skv exits, attached to\n"
+	      "                      again (continuing where it was, printing what a killed run\n"
+	      "                      left unread) by the next --stream NAME; its secret token is\n"
+	      "                      in $SKV_STREAM_DIR/NAME.token (default: streams/ beside the\n"
+	      "                      default socket), or given in $SKV_STREAM_TOKEN\n"
+	      "  --stream-close      end the stream NAME after this run and delete its token file\n"
 	      "  -n N                tokens to generate (default 256)\n"
 	      "  --temp T            temperature, 0 = greedy (default 1.0)\n"
 	      "  --top-p P           nucleus sampling mass (default 0.9)\n"
@@ -150,8 +159,14 @@ enum {
 	OPT_TEMPLATE,
 	OPT_MAX_ANSWER,
 	OPT_ECHO,
+	OPT_STREAM,
+	OPT_STREAM_CLOSE,
 	OPT_HELP,
 };
+
+/* generate --stream NAME: a resumable stream kept in the daemon between runs (parsed option). */
+static const char *skv_stream_name;
+static int skv_stream_close;
 
 static const struct option skv_long_opts[] = {
 	{ "model", required_argument, NULL, OPT_MODEL },
@@ -175,6 +190,8 @@ static const struct option skv_long_opts[] = {
 	{ "template", required_argument, NULL, OPT_TEMPLATE },
 	{ "max-answer", required_argument, NULL, OPT_MAX_ANSWER },
 	{ "echo", no_argument, NULL, OPT_ECHO },
+	{ "stream", required_argument, NULL, OPT_STREAM },
+	{ "stream-close", no_argument, NULL, OPT_STREAM_CLOSE },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -200,6 +217,8 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 		case OPT_MODEL: o->model_path = optarg; break;
 		case OPT_TOKENIZER: o->tokenizer_path = optarg; break;
 		case OPT_SOCKET: o->socket_path = optarg; break;
+		case OPT_STREAM: skv_stream_name = optarg; break;
+		case OPT_STREAM_CLOSE: skv_stream_close = 1; break;
 		case OPT_POLICY:
 			o->given |= SKV_FLAG_POLICY;
 			if (skv_policy_parse(optarg, &o->policy.kind) < 0)
@@ -646,6 +665,9 @@ struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_c
 	    skv_client_opts_sampling(co, o->temperature, o->top_p, seed) < 0)
 		skv_die(SKV_EXIT_USAGE, "invalid stream options");
 	struct skv_client_stream *s;
+	if (skv_stream_name && skv_client_opts_resumable(co, skv_stream_name) < 0)
+		skv_die(SKV_EXIT_USAGE, "--stream: '%s' is not 1 to %d of A-Z a-z 0-9 . _ -",
+			skv_stream_name, SKV_CLIENT_NAME_MAX - 1);
 	err = skv_client_stream_open(*c, co, &s);
 	skv_client_opts_free(co);
 	if (err < 0)
@@ -669,6 +691,96 @@ static int skv_remote_print(struct skv_client_stream *s, const struct skv_client
 	return 0;
 }
 
+/* Where --stream NAME keeps its token: $SKV_STREAM_DIR, else streams/ beside the default
+ * socket (made 0700). */
+static void skv_token_path(const char *name, char *path, size_t len)
+{
+	char dir[PATH_MAX];
+	const char *env = getenv("SKV_STREAM_DIR");
+	if (env && *env) {
+		snprintf(dir, sizeof(dir), "%s", env);
+	} else {
+		if (skv_default_socket_path(dir, sizeof(dir)) < 0)
+			skv_die(1, "the default socket path is too long; set SKV_STREAM_DIR");
+		char *slash = strrchr(dir, '/');
+		if (slash)
+			*slash = '\0';
+		mkdir(dir, 0700);
+		snprintf(dir + strlen(dir), sizeof(dir) - strlen(dir), "/streams");
+	}
+	if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+		skv_die(1, "cannot make %s: %s", dir, strerror(errno));
+	if ((size_t)snprintf(path, len, "%s/%s.token", dir, name) >= len)
+		skv_die(1, "%s: path too long", dir);
+}
+
+/* The token of --stream NAME: $SKV_STREAM_TOKEN, else its file; 0 if there is none yet. */
+static int skv_token_read(const char *path, char token[SKV_CLIENT_TOKEN_MAX])
+{
+	const char *env = getenv("SKV_STREAM_TOKEN");
+	if (env && *env) {
+		snprintf(token, SKV_CLIENT_TOKEN_MAX, "%s", env);
+		return 1;
+	}
+	FILE *f = fopen(path, "r");
+	if (!f) {
+		if (errno == ENOENT)
+			return 0;
+		skv_die(1, "%s: %s", path, strerror(errno));
+	}
+	char line[128] = "";
+	if (!fgets(line, sizeof(line), f))
+		line[0] = '\0';
+	fclose(f);
+	line[strcspn(line, "\r\n")] = '\0';
+	snprintf(token, SKV_CLIENT_TOKEN_MAX, "%s", line);
+	return 1;
+}
+
+static void skv_token_write(const char *path, const struct skv_client_resume *r)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (fd < 0)
+		skv_die(1, "cannot keep the token of stream %s in %s: %s", r->name, path,
+			strerror(errno));
+	FILE *f = fdopen(fd, "w");
+	if (!f || fprintf(f, "%s\n", r->token) < 0 || fclose(f) != 0)
+		skv_die(1, "cannot write %s: %s", path, strerror(errno));
+}
+
+/* generate --stream NAME: attach if a token is known, else open it; first print what a
+ * previous run left unread (its requests still in progress). */
+static struct skv_client_stream *skv_stream_attach_or_open(struct skv_opts *o,
+							    struct skv_client **c, uint64_t seed,
+							    char *path, size_t path_len)
+{
+	char token[SKV_CLIENT_TOKEN_MAX];
+	skv_token_path(skv_stream_name, path, path_len);
+	if (!skv_token_read(path, token)) {
+		struct skv_client_stream *s = skv_remote_open(o, c, seed);
+		struct skv_client_resume r;
+		if (skv_client_stream_resume_info(s, &r) < 0)
+			skv_die(1, "the daemon did not make stream %s resumable", skv_stream_name);
+		skv_token_write(path, &r);
+		return s;
+	}
+	char msg[512] = "";
+	int err = skv_client_connect(o->socket_path, c, msg, sizeof(msg));
+	if (err < 0)
+		skv_die(1, "%s", msg);
+	struct skv_client_stream *s;
+	err = skv_client_stream_attach(*c, skv_stream_name, token, &s);
+	if (err < 0)
+		skv_die(1, "stream %s: %s (remove %s to start a new stream of that name)",
+			skv_stream_name, skv_client_last_error(*c), path);
+	while (skv_client_stream_pending(s) && (err = skv_client_stream_run(s, skv_remote_print,
+									     NULL)) == 0)
+		;
+	if (err < 0)
+		skv_die(1, "%s", skv_client_last_error(*c));
+	return s;
+}
+
 static int skv_remote_generate(struct skv_opts *o, int argc, char **argv)
 {
 	if (argc > 1)
@@ -677,14 +789,24 @@ static int skv_remote_generate(struct skv_opts *o, int argc, char **argv)
 	const char *prompt = argc ? argv[0] : "";
 	struct skv_client *c;
 	uint64_t seed = o->have_seed ? o->seed : (uint64_t)time(NULL);
-	struct skv_client_stream *s = skv_remote_open(o, &c, seed);
+	char token_path[PATH_MAX] = "";
+	struct skv_client_stream *s = skv_stream_name
+		? skv_stream_attach_or_open(o, &c, seed, token_path, sizeof(token_path))
+		: skv_remote_open(o, &c, seed);
 	int err = skv_client_stream_generate(s, prompt, strlen(prompt), (uint64_t)o->steps, 0);
 	if (!err)
 		err = skv_client_stream_run(s, skv_remote_print, NULL);
 	if (err < 0)
 		skv_die(1, "%s", skv_client_last_error(c));
 	fputc('\n', stdout);
-	skv_client_stream_close(s);
+	if (skv_stream_name && !skv_stream_close) {
+		if (skv_client_stream_detach(s) < 0)
+			skv_die(1, "%s", skv_client_last_error(c));
+	} else {
+		skv_client_stream_close(s);
+		if (skv_stream_name && unlink(token_path) < 0 && errno != ENOENT)
+			skv_die(1, "cannot remove %s: %s", token_path, strerror(errno));
+	}
 	skv_client_disconnect(c);
 	return 0;
 }
@@ -757,6 +879,10 @@ int main(int argc, char **argv)
 		skv_die(SKV_EXIT_USAGE, "no command given (generate, tokenize, ppl, chat; see skv --help)");
 	const char *cmd = argv[first];
 	int remote = o.socket_path != NULL;
+	if ((skv_stream_name || skv_stream_close) && (strcmp(cmd, "generate") || !remote))
+		skv_die(SKV_EXIT_USAGE, "--stream is for generate through the daemon (--socket)");
+	if (skv_stream_close && !skv_stream_name)
+		skv_die(SKV_EXIT_USAGE, "--stream-close needs --stream NAME");
 	if (!strcmp(cmd, "generate")) {
 		skv_check_flags(&o, cmd, SKV_FLAG_STEPS | SKV_FLAG_SAMPLING | SKV_FLAG_POLICY);
 		return (remote ? skv_remote_generate : skv_cmd_generate)(&o, argc - first - 1,

@@ -451,6 +451,10 @@ static void stream_take_input(struct engine *e, struct eng_stream *st)
 		case SKV_CHAN_SCORE:
 			stream_start(e, st, &m);
 			break;
+		case SKV_CHAN_RESET:
+			/* A client re-attached: what an earlier one left of a prompt goes. */
+			st->text_len = 0;
+			break;
 		default:
 			stream_error(e, st, -SKV_EFORMAT, "unknown request type");
 			break;
@@ -772,6 +776,31 @@ static int engine_control(struct engine *e)
 			}
 			/* Acknowledge even an unknown id: the daemon frees the region after it. */
 			engine_send(e, SKV_MSG_DROPPED, &body.stream);
+			break;
+		}
+		case SKV_MSG_REATTACH: {
+			/* A resumable stream has a new client: ring its wake word from now on. */
+			struct eng_stream *st = engine_find(e, body.stream.stream_id, NULL);
+			void *word = n_fds == 2 && st ? mmap(NULL, SKV_CLIENT_DOORBELL_BYTES,
+							     PROT_READ | PROT_WRITE, MAP_SHARED,
+							     fds[1], 0)
+						      : MAP_FAILED;
+			if (word == MAP_FAILED) {
+				for (int i = 0; i < n_fds; i++)
+					close(fds[i]);
+				if (st)
+					engine_log("stream %llu: cannot take its new client",
+						   (unsigned long long)st->id);
+				break;
+			}
+			close(fds[1]);
+			if (st->client_word)
+				munmap(st->client_word, SKV_CLIENT_DOORBELL_BYTES);
+			if (st->client_efd >= 0)
+				close(st->client_efd);
+			st->client_word = word;
+			st->client_efd = fds[0];
+			st->emitted = 1; /* wake it: its output may be waiting */
 			break;
 		}
 		case SKV_MSG_ERROR:

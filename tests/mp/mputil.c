@@ -5,6 +5,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
@@ -355,6 +356,9 @@ void mp_daemon_wait_ready(struct mp_daemon *d, unsigned n, double timeout_s)
 	}
 }
 
+uid_t mp_daemon_uid;
+gid_t mp_daemon_gid;
+
 void mp_daemon_start(struct mp_daemon *d, const char *test, unsigned engines,
 		     const char *wait_mode, const char *const *extra)
 {
@@ -396,6 +400,14 @@ void mp_daemon_start(struct mp_daemon *d, const char *test, unsigned engines,
 		dup2(null_fd, STDIN_FILENO);
 		dup2(log_fd, STDOUT_FILENO);
 		dup2(log_fd, STDERR_FILENO);
+		if (mp_daemon_uid) {
+			if (setgroups(0, NULL) < 0 || setresgid(mp_daemon_gid, mp_daemon_gid,
+								 mp_daemon_gid) < 0 ||
+			    setresuid(mp_daemon_uid, mp_daemon_uid, mp_daemon_uid) < 0)
+				_exit(126);
+			/* A change of credentials clears the parent-death signal. */
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+		}
 		execv(argv[0], (char *const *)argv);
 		_exit(127);
 	}

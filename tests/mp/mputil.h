@@ -55,6 +55,11 @@ const char *mp_env_path(const char *var);
  * connections and all its engines are ready. */
 void mp_daemon_start(struct mp_daemon *d, const char *test, unsigned engines,
 		     const char *wait_mode, const char *const *extra);
+/* When non-zero, mp_daemon_start runs skv-cached (and so its engines) as this uid and gid,
+ * with no supplementary groups (tests/mp/test-perms.c; the test process must be root and the
+ * scratch directory the daemon's). */
+extern uid_t mp_daemon_uid;
+extern gid_t mp_daemon_gid;
 /* Wait until stats report engines_ready == n (and every engine has a pid). */
 void mp_daemon_wait_ready(struct mp_daemon *d, unsigned n, double timeout_s);
 /* The daemon's stats over d->admin. */

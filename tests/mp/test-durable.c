@@ -1,0 +1,316 @@
+/* Streams that outlive their client (issue 14): resumable streams detach when their client
+ * disconnects or dies and continue byte for byte when a client attaches with name and token;
+ * every refusal (wrong token, a name in use, a stream attached elsewhere, a closed stream, a
+ * detach time-out) is one clear error; `skv --stream NAME` keeps a conversation across runs. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "channel.h"
+#include "mputil.h"
+#include "skv-error.h"
+#include "testutil.h"
+
+#define PROMPT "Once upon a time"
+
+static void suite_init(void)
+{
+	mp_suite_init();
+}
+
+static void suite_fini(void)
+{
+	mp_suite_fini();
+}
+
+TestSuite(durable, .init = suite_init, .fini = suite_fini, .timeout = 240);
+
+static skv_client_stream *open_resumable(skv_client *c, const char *name, int *err_out)
+{
+	skv_client_opts *o;
+	cr_assert_eq(skv_client_opts_new(&o), 0);
+	cr_assert_eq(skv_client_opts_resumable(o, name), 0);
+	skv_client_stream *s = NULL;
+	int err = skv_client_stream_open(c, o, &s);
+	skv_client_opts_free(o);
+	if (err_out) {
+		*err_out = err;
+		return err < 0 ? NULL : s;
+	}
+	cr_assert_eq(err, 0, "open %s: %s", name, skv_client_last_error(c));
+	return s;
+}
+
+/* What an uninterrupted stream produces for the same requests (greedy): a plain stream. */
+static char *reference(skv_client *c, const char *const *prompts, const uint64_t *steps,
+		       size_t n)
+{
+	skv_client_stream *s = NULL;
+	cr_assert_eq(skv_client_stream_open(c, NULL, &s), 0, "%s", skv_client_last_error(c));
+	struct mp_result all = { 0 };
+	for (size_t i = 0; i < n; i++) {
+		mp_request(s, prompts[i], SKV_CHAN_GENERATE, steps[i]);
+		all.finished = 0;
+		mp_collect(s, &all, REQUEST_TIMEOUT_S);
+	}
+	skv_client_stream_close(s);
+	return all.text ? all.text : strdup("");
+}
+
+/* Attach, giving the daemon a moment to see the previous connection's hang-up (until then
+ * the stream is still attached to it: -EBUSY). */
+static int attach_retry(skv_client *c, const char *name, const char *token, skv_client_stream **t)
+{
+	int err = -EBUSY;
+	for (int i = 0; i < 200 && err == -EBUSY; i++) {
+		err = skv_client_stream_attach(c, name, token, t);
+		if (err == -EBUSY)
+			mp_sleep_ms(10);
+	}
+	return err;
+}
+
+/* Read s until its request ends, appending TOKEN/ECHO bytes to r. */
+static void collect_into(skv_client_stream *s, struct mp_result *r)
+{
+	r->finished = 0;
+	mp_collect(s, r, REQUEST_TIMEOUT_S);
+}
+
+Test(durable, detach_on_disconnect_then_attach_continues_byte_for_byte)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "durable-attach", 1, NULL, NULL);
+	skv_client *ref = mp_connect(&d);
+	char *want = reference(ref, (const char *const[]){ PROMPT, "" },
+			       (const uint64_t[]){ 120, 40 }, 2);
+
+	skv_client *c1 = mp_connect(&d);
+	skv_client_stream *s = open_resumable(c1, "story-1", NULL);
+	struct skv_client_resume res;
+	cr_assert_eq(skv_client_stream_resume_info(s, &res), 0);
+	cr_assert_str_eq(res.name, "story-1");
+	cr_assert_eq(strlen(res.token), 32);
+	mp_request(s, PROMPT, SKV_CHAN_GENERATE, 120);
+	struct mp_result got = { 0 };
+	/* Read a part, then drop the connection in the middle of the request. */
+	while (got.tokens < 30) {
+		char msg[256];
+		cr_assert(mp_step(s, &got, NS_PER_S, msg, sizeof(msg)) >= 0, "%s", msg);
+	}
+	skv_client_disconnect(c1);
+
+	skv_client *c2 = mp_connect(&d);
+	skv_client_stream *t = NULL;
+	int err = attach_retry(c2, "story-1", res.token, &t);
+	cr_assert_eq(err, 0, "attach: %s", skv_client_last_error(c2));
+	cr_assert_eq(skv_client_stream_pending(t), 1, "the request in progress is ours to read");
+	collect_into(t, &got);
+	cr_assert_eq(got.done_arg, 120);
+	mp_request(t, "", SKV_CHAN_GENERATE, 40);
+	collect_into(t, &got);
+	cr_assert_str_eq(got.text, want, "attached:\n%s\nuninterrupted:\n%s", got.text, want);
+	mp_result_free(&got);
+
+	/* Close ends it for good: the token opens nothing any more, the arena is empty. */
+	skv_client_stream_close(t);
+	err = skv_client_stream_attach(c2, "story-1", res.token, &t);
+	cr_assert_eq(err, -ENOENT, "attach after close: %d", err);
+	cr_assert(strstr(skv_client_last_error(c2), "no resumable stream"), "%s",
+		  skv_client_last_error(c2));
+	skv_client_disconnect(c2);
+	skv_client_disconnect(ref);
+	free(want);
+	mp_wait_streams_freed(&d, 10.0);
+}
+
+Test(durable, client_killed_mid_generation_and_mid_prompt)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "durable-kill", 1, NULL, NULL);
+	skv_client *ref = mp_connect(&d);
+	char *want = reference(ref, (const char *const[]){ PROMPT, " The cat" },
+			       (const uint64_t[]){ 300, 30 }, 2);
+	skv_client_disconnect(ref);
+
+	int pipefd[2];
+	cr_assert_eq(pipe(pipefd), 0);
+	pid_t pid = mp_fork();
+	if (pid == 0) {
+		/* The child: open, start 300 tokens, leave a half-sent prompt in the input ring,
+		 * hand the token over and wait to be killed. */
+		close(pipefd[0]);
+		skv_client *c = NULL;
+		if (skv_client_connect(d.sock, &c, NULL, 0) < 0)
+			_exit(2);
+		skv_client_opts *o;
+		skv_client_opts_new(&o);
+		skv_client_opts_resumable(o, "killed");
+		skv_client_stream *s;
+		if (skv_client_stream_open(c, o, &s) < 0 ||
+		    skv_client_stream_generate(s, PROMPT, strlen(PROMPT), 300, 0) < 0)
+			_exit(3);
+		struct skv_client_event ev;
+		for (int i = 0; i < 20; i++)
+			if (skv_client_stream_read(s, &ev, 10000) != 1)
+				_exit(4);
+		uint64_t inode[4];
+		if (mp_chan_inodes(0, inode, 4) != 1)
+			_exit(5);
+		struct skv_chan ch;
+		if (skv_chan_attach(&ch, mp_chan_address(inode[0]), skv_chan_bytes(), 0) < 0)
+			_exit(6);
+		struct skv_chan_msg half = { .type = SKV_CHAN_TEXT, .n = 9 };
+		memcpy(half.data, "GARBAGE! ", 9);
+		if (skv_ring_push(&ch.in, &half) < 0)
+			_exit(7);
+		struct skv_client_resume r;
+		skv_client_stream_resume_info(s, &r);
+		if (write(pipefd[1], r.token, 32) != 32)
+			_exit(8);
+		pause();
+		_exit(0);
+	}
+	close(pipefd[1]);
+	char token[33] = "";
+	cr_assert(mp_read_timed(pipefd[0], token, 32, 30.0), "the child gave no token");
+	close(pipefd[0]);
+	kill(pid, SIGKILL);
+	mp_wait_gone(pid, 10.0, "the client");
+
+	skv_client *c = mp_connect(&d);
+	skv_client_stream *t = NULL;
+	int err = attach_retry(c, "killed", token, &t);
+	cr_assert_eq(err, 0, "attach: %s", skv_client_last_error(c));
+	cr_assert_eq(skv_client_stream_pending(t), 1);
+	struct mp_result got = { 0 };
+	collect_into(t, &got);
+	cr_assert_eq(got.done_arg, 300);
+	/* The whole of the killed client's request, minus what it read, then ours: the
+	 * continuation equals the uninterrupted stream's, and the garbage was dropped. */
+	struct mp_result next = { 0 };
+	mp_request(t, " The cat", SKV_CHAN_GENERATE, 30);
+	collect_into(t, &next);
+	const char *tail = strstr(want, " The cat");
+	cr_assert(tail, "reference: %s", want);
+	while (strstr(tail + 1, " The cat"))
+		tail = strstr(tail + 1, " The cat");
+	cr_assert_str_eq(next.text, tail, "continuation:\n%s\nuninterrupted:\n%s", next.text,
+			 tail);
+	size_t got_len = strlen(got.text);
+	cr_assert(got_len > 0 && strstr(want, got.text), "the rest of the first answer is not "
+		  "the uninterrupted one's:\n%s", got.text);
+	mp_result_free(&got);
+	mp_result_free(&next);
+	skv_client_stream_close(t);
+	skv_client_disconnect(c);
+	free(want);
+	mp_wait_streams_freed(&d, 10.0);
+}
+
+Test(durable, refusals_each_say_why)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "durable-refuse", 1, NULL,
+			(const char *const[]){ "--detach-timeout", "1", NULL });
+	skv_client *c1 = mp_connect(&d);
+	skv_client_stream *s = open_resumable(c1, "dup", NULL);
+	struct skv_client_resume res;
+	cr_assert_eq(skv_client_stream_resume_info(s, &res), 0);
+
+	/* A second stream of the same name. */
+	int err;
+	cr_assert_null(open_resumable(c1, "dup", &err));
+	cr_assert_eq(err, -EEXIST, "%d", err);
+	cr_assert(strstr(skv_client_last_error(c1), "already have a stream named dup"), "%s",
+		  skv_client_last_error(c1));
+	/* Names the library refuses before asking. */
+	skv_client_opts *o;
+	cr_assert_eq(skv_client_opts_new(&o), 0);
+	cr_assert_eq(skv_client_opts_resumable(o, "a/b"), -EINVAL);
+	cr_assert_eq(skv_client_opts_resumable(o, "0123456789012345678901234567890123456789"
+						  "012345678901234567890123"), -EINVAL);
+	skv_client_opts_free(o);
+
+	skv_client *c2 = mp_connect(&d);
+	skv_client_stream *t = NULL;
+	/* Attached elsewhere. */
+	err = skv_client_stream_attach(c2, "dup", res.token, &t);
+	cr_assert_eq(err, -EBUSY, "%d: %s", err, skv_client_last_error(c2));
+	/* A wrong token and an unknown name answer alike. */
+	char wrong[33];
+	memcpy(wrong, res.token, 33);
+	wrong[0] = wrong[0] == 'a' ? 'b' : 'a';
+	err = skv_client_stream_attach(c2, "dup", wrong, &t);
+	cr_assert_eq(err, -ENOENT, "%d", err);
+	char msg_wrong[320];
+	snprintf(msg_wrong, sizeof(msg_wrong), "%s", skv_client_last_error(c2));
+	err = skv_client_stream_attach(c2, "nobody", res.token, &t);
+	cr_assert_eq(err, -ENOENT, "%d", err);
+	cr_assert(strstr(msg_wrong, "no resumable stream 'dup' of yours with that token"), "%s",
+		  msg_wrong);
+	err = skv_client_stream_attach(c2, "dup", "short", &t);
+	cr_assert_eq(err, -EINVAL, "%d", err);
+
+	/* Detach explicitly: the other connection may take it; a plain stream cannot detach. */
+	cr_assert_eq(skv_client_stream_detach(s), 0, "%s", skv_client_last_error(c1));
+	err = skv_client_stream_attach(c2, "dup", res.token, &t);
+	cr_assert_eq(err, 0, "%s", skv_client_last_error(c2));
+	skv_client_stream *plain = NULL;
+	cr_assert_eq(skv_client_stream_open(c1, NULL, &plain), 0);
+	cr_assert_eq(skv_client_stream_detach(plain), -EINVAL);
+
+	/* Detached for longer than --detach-timeout: closed, its KV freed. */
+	skv_client_disconnect(c2);
+	skv_client_disconnect(c1);
+	mp_wait_streams_freed(&d, 10.0);
+	cr_assert(mp_log_count(&d, "detached for 1 s; closing it") == 1);
+	skv_client *c3 = mp_connect(&d);
+	err = skv_client_stream_attach(c3, "dup", res.token, &t);
+	cr_assert_eq(err, -ENOENT, "%d", err);
+	skv_client_disconnect(c3);
+}
+
+/* skv --stream NAME: the first run creates the stream and its token file (0600), the next
+ * run continues it; the two runs print what one run of both requests prints. */
+Test(durable, cli_stream_continues_across_runs)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "durable-cli", 1, NULL, NULL);
+	const char *dir = tu_scratch_dir("durable-cli-tokens");
+	setenv("SKV_STREAM_DIR", dir, 1);
+	char *a = MP_SKV("--socket", d.sock, "generate", "--stream", "tale", "--temp", "0", "-n",
+			 "50", PROMPT);
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/tale.token", dir);
+	struct stat st;
+	cr_assert_eq(stat(path, &st), 0, "no token file %s", path);
+	cr_assert_eq(st.st_mode & 0777, 0600);
+	char *b = MP_SKV("--socket", d.sock, "generate", "--stream", "tale", "--temp", "0", "-n",
+			 "30", "--stream-close", "");
+	cr_assert_neq(stat(path, &st), 0, "--stream-close leaves %s", path);
+	unsetenv("SKV_STREAM_DIR");
+
+	skv_client *ref = mp_connect(&d);
+	char *want = reference(ref, (const char *const[]){ PROMPT, "" },
+			       (const uint64_t[]){ 50, 30 }, 2);
+	skv_client_disconnect(ref);
+	/* skv prints a newline after each run. */
+	size_t la = strlen(a), lb = strlen(b);
+	cr_assert(la && a[la - 1] == '\n' && lb && b[lb - 1] == '\n');
+	a[la - 1] = '\0';
+	b[lb - 1] = '\0';
+	char both[8192];
+	snprintf(both, sizeof(both), "%s%s", a, b);
+	cr_assert_str_eq(both, want, "two runs:\n%s\none stream:\n%s", both, want);
+	free(a);
+	free(b);
+	free(want);
+	mp_wait_streams_freed(&d, 10.0);
+}
