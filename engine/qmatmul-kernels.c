@@ -108,6 +108,12 @@ QM_INLINE qm_vi qm_dpbusd(qm_vi acc, int32_t w, qm_vb x)
 #endif
 }
 
+#if defined(__AVX512F__)
+#define QM_IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define QM_IN_REGISTER(v) ((void)0)
+#endif
+
 QM_INLINE qm_vf qm_cvt(qm_vi v)
 {
 	return __builtin_convertvector(v, qm_vf);
@@ -125,6 +131,7 @@ struct qm_wtile {
 	float *sc;     /* [QM_WB][units] */
 	float *mn;     /* [QM_WB][units] */
 	qm_vf *part;   /* [QM_WB / QM_NR][QM_NR * QM_MV]: sums over the K chunks done */
+	qm_vf *tmp;    /* [QM_NR * QM_MV]: one chunk's sums */
 	size_t q_ld;
 	uint32_t units;
 };
@@ -136,6 +143,7 @@ static void qm_wtile_init(struct qm_wtile *t, void *scratch, uint32_t cols, uint
 	t->units = cols / unit;
 	size_t ul = ((size_t)cols / 16 + 15u) & ~(size_t)15;
 	t->part = (qm_vf *)p;
+	t->tmp = t->part + QM_WB * QM_MV;
 	p += QM_PART_BYTES;
 	t->q = p;
 	p += QM_WB * t->q_ld;
@@ -332,6 +340,7 @@ struct qm_mk_args {
 	uint32_t v0;    /* the first group of x */
 	uint32_t u0, u1;
 	qm_vf *part;
+	qm_vf *tmp; /* QM_NR * QM_MV vectors */
 	int first;
 };
 
@@ -344,7 +353,6 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 {
 	const struct qm_act *a = k->a;
 	const uint32_t units = k->units;
-	qm_vf facc[QM_NR * QM_MV];
 	const int8_t *xq[QM_MV];
 	const int32_t *xc[QM_MV];
 	const float *xd[QM_MV], *xs[QM_MV];
@@ -353,18 +361,16 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 		xc[v] = corr != QM_CORR_NONE ? a->icorr + (size_t)(k->v0 + v) * a->icorr_ld : NULL;
 		xd[v] = a->id + (size_t)(k->v0 + v) * a->id_ld;
 		xs[v] = has_min ? a->ixsum + (size_t)(k->v0 + v) * a->ixsum_ld : NULL;
-		for (int r = 0; r < QM_NR; r++)
-			facc[r * QM_MV + v] = k->first || xblock == QM_KC ? (qm_vf){}
-									  : k->part[r * QM_MV + v];
 	}
-	/* One scale of x per chunk (Q8_K: a super-block of 256 is the chunk): sum cvt(acc) * w's
-	 * scale over the chunk and multiply by x's scale once at its end. Else (Q8_0 form) the
-	 * running sums stay in registers and every unit multiplies by both scales. */
+	/* One scale of x per chunk (Q8_K: the chunk is a super-block of 256): sum cvt(acc) * w's
+	 * scale over the chunk in tmp and multiply by x's scale once at its end. Else (Q8_0
+	 * form) every unit multiplies by both scales into part. The float sums stay in memory
+	 * (L1) between units: in registers they would push x out of them. */
 	const int chunk_dx = xblock == QM_KC;
-	if (chunk_dx)
-		for (int v = 0; v < mv; v++)
-			for (int r = 0; r < QM_NR; r++)
-				facc[r * QM_MV + v] = (qm_vf){};
+	qm_vf *fa = chunk_dx ? k->tmp : k->part;
+	if (chunk_dx || k->first)
+		for (int i = 0; i < QM_NR * QM_MV; i++)
+			fa[i] = (qm_vf){};
 	const uint8_t *wq[QM_NR];
 	for (int r = 0; r < QM_NR; r++)
 		wq[r] = k->wq + r * QM_KC;
@@ -382,8 +388,12 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 		}
 		for (uint32_t g = u * unit / 4; g < (u + 1) * unit / 4; g++) {
 			qm_vb xv[QM_MV];
-			for (int v = 0; v < mv; v++)
+			for (int v = 0; v < mv; v++) {
 				xv[v] = *(const qm_vb *)(xq[v] + (size_t)g * 64);
+				/* one load of x for all QM_NR rows: GCC would otherwise fold a reload
+				 * into every vpdpbusd, and 512-bit loads (2 per cycle) would bound it */
+				QM_IN_REGISTER(xv[v]);
+			}
 			for (int r = 0; r < QM_NR; r++) {
 				int32_t w;
 				memcpy(&w, wq[r] + 4 * (g - g0), 4);
@@ -391,34 +401,35 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 					acc[r * QM_MV + v] = qm_dpbusd(acc[r * QM_MV + v], w, xv[v]);
 			}
 		}
+		float wsc[QM_NR], wmn[QM_NR];
+		for (int r = 0; r < QM_NR; r++) {
+			wsc[r] = k->sc[r * units + u];
+			wmn[r] = has_min ? k->mn[r * units + u] : 0.f;
+		}
 		for (int v = 0; v < mv; v++) {
-			if (chunk_dx) {
-				for (int r = 0; r < QM_NR; r++)
-					facc[r * QM_MV + v] += qm_cvt(acc[r * QM_MV + v]) * k->sc[r * units + u];
-			} else {
-				qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(u * unit / xblock) * 16);
-				for (int r = 0; r < QM_NR; r++)
-					facc[r * QM_MV + v] +=
-						qm_cvt(acc[r * QM_MV + v]) * (dx * k->sc[r * units + u]);
-			}
-			if (has_min) {
-				qm_vf xsum = *(const qm_vf *)(xs[v] + (size_t)u * 16);
-				for (int r = 0; r < QM_NR; r++)
-					facc[r * QM_MV + v] -= xsum * k->mn[r * units + u];
+			qm_vf dx = chunk_dx ? (qm_vf){}
+					    : *(const qm_vf *)(xd[v] + (size_t)(u * unit / xblock) * 16);
+			qm_vf xsum = has_min ? *(const qm_vf *)(xs[v] + (size_t)u * 16) : (qm_vf){};
+			for (int r = 0; r < QM_NR; r++) {
+				qm_vf t = fa[r * QM_MV + v];
+				if (chunk_dx)
+					t += qm_cvt(acc[r * QM_MV + v]) * wsc[r];
+				else
+					t += qm_cvt(acc[r * QM_MV + v]) * (dx * wsc[r]);
+				if (has_min)
+					t -= xsum * wmn[r];
+				fa[r * QM_MV + v] = t;
 			}
 		}
+		__asm__ volatile("" ::: "memory");
 	}
-	for (int v = 0; v < mv; v++) {
-		if (chunk_dx) {
+	if (chunk_dx)
+		for (int v = 0; v < mv; v++) {
 			qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(k->u0 * unit / xblock) * 16);
 			for (int r = 0; r < QM_NR; r++)
 				k->part[r * QM_MV + v] = (k->first ? (qm_vf){} : k->part[r * QM_MV + v]) +
-							 facc[r * QM_MV + v] * dx;
-		} else {
-			for (int r = 0; r < QM_NR; r++)
-				k->part[r * QM_MV + v] = facc[r * QM_MV + v];
+							 fa[r * QM_MV + v] * dx;
 		}
-	}
 }
 
 QM_INLINE void qm_mk_int_mv(const struct qm_mk_args *k, uint32_t mv, const uint32_t unit,
@@ -464,11 +475,22 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 			else
 				qm_wtile_zero_row(&t, i, w->cols);
 		}
+		/* The next block's weights come from memory while this one computes: a few lines
+		 * of it into L2 per micro-tile, so that its decode does not wait on DRAM. */
+		const uint8_t *pf = (const uint8_t *)w->data + (size_t)(rb + nrb) * w->row_bytes;
+		const uint8_t *pf_end = (const uint8_t *)w->data +
+					(size_t)(r1 - (rb + nrb) < QM_WB ? r1 : rb + nrb + QM_WB) *
+						w->row_bytes;
+		size_t calls = (size_t)((groups + QM_MV - 1) / QM_MV) *
+			       ((t.units + ukc - 1) / ukc) * tiles;
+		size_t pf_step = ((size_t)(pf_end - pf) / calls + 63) & ~(size_t)63;
 		for (uint32_t v = 0; v < groups; v += QM_MV) {
 			uint32_t mv = groups - v < QM_MV ? groups - v : QM_MV;
 			for (uint32_t u0 = 0; u0 < t.units; u0 += ukc) {
 				uint32_t u1 = t.units - u0 < ukc ? t.units : u0 + ukc;
 				for (uint32_t tile = 0; tile < tiles; tile++) {
+					for (size_t o = 0; o < pf_step && pf < pf_end; o += 64, pf += 64)
+						__builtin_prefetch(pf, 0, 2);
 					struct qm_mk_args k = {
 						.a = job->act,
 						.wq = t.q + (u0 * unit / QM_KC) * QM_CS +
@@ -480,6 +502,7 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 						.u0 = u0,
 						.u1 = u1,
 						.part = t.part + tile * QM_NR * QM_MV,
+						.tmp = t.tmp,
 						.first = u0 == 0,
 					};
 					qm_mk_int_mv(&k, mv, unit, xblock, corr, has_min);
@@ -505,8 +528,10 @@ QM_INLINE void qm_mk_f32(const struct qm_job *job, const float *wrows, size_t w_
 	}
 	for (uint32_t k = c0; k < c1; k++) {
 		qm_vf xv[QM_MV];
-		for (int v = 0; v < mv; v++)
+		for (int v = 0; v < mv; v++) {
 			xv[v] = *(const qm_vf *)(xs[v] + (size_t)k * QM_LANES);
+			QM_IN_REGISTER(xv[v]);
+		}
 		for (int r = 0; r < QM_NR; r++) {
 			float wk = wrows[r * w_ld + (k - c0)];
 			for (int v = 0; v < mv; v++)

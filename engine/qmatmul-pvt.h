@@ -47,7 +47,7 @@
 #define QM_MV_MAX 4u
 #define QM_KC 256u
 #define QM_KCF 64u
-#define QM_PART_BYTES (QM_WB_MAX * QM_MV_MAX * 64u)
+#define QM_PART_BYTES ((QM_WB_MAX + QM_NR_MAX) * QM_MV_MAX * 64u)
 
 struct qm_act {
 	/* row-major */
