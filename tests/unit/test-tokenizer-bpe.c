@@ -781,16 +781,16 @@ Test(tokenizer_refusals, special_matching)
 		{ "x", 1 },    { "y", 1 },    { "z", 1 },    { "[", 1 },    { "]", 1 },
 		{ "A", 1 },    { "1", 1 },    { "<", 1 },    { ">", 1 },    { "c", 1 },
 		{ "xy", 2 },   { "xyz", 3 },  { "[A1]", 4 }, { "[A2]", 4 }, { "[A3]", 4 },
-		{ "[A4]", 4 }, { "<c>", 3 },
+		{ "[A4]", 4 }, { "<c>", 3 },   { "<0x34>", 6 },
 	};
-	static const int32_t types[] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 3, 3 };
+	static const int32_t types[] = { 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, 4, 4, 4, 3, 3, 6 };
 	static const struct skv_gguf_str merges[] = { { "x y", 3 } };
 	struct gguf_w w;
 	w_begin(&w);
 	w_kv_str(&w, "tokenizer.ggml.model", "gpt2");
 	w_kv_str(&w, "tokenizer.ggml.pre", "gpt-2");
-	w_kv_strs(&w, "tokenizer.ggml.tokens", tokens, 17);
-	w_kv_i32s(&w, "tokenizer.ggml.token_type", types, 17);
+	w_kv_strs(&w, "tokenizer.ggml.tokens", tokens, 18);
+	w_kv_i32s(&w, "tokenizer.ggml.token_type", types, 18);
 	w_kv_strs(&w, "tokenizer.ggml.merges", merges, 1);
 	struct skv_tokenizer *t = load_path(w_finish(&w, "specials.gguf"));
 	check_ids(t, "xyzxy", false, (const int32_t[]){ 11, 10 }, 2);
@@ -800,5 +800,11 @@ Test(tokenizer_refusals, special_matching)
 	check_ids(t, "[A4]<c>", false, (const int32_t[]){ 3, 5, 4, 7, 9, 8 }, 6);
 	check_ids(t, "[A4]<c>", true, (const int32_t[]){ 15, 16 }, 2);
 	check_ids(t, "y[A2]x", true, (const int32_t[]){ 1, 13, 0 }, 3);
+	/* A byte-type token decodes to its byte; a control token to its text. */
+	size_t len;
+	const char *piece = skv_tokenizer_decode(t, -1, 17, &len);
+	cr_assert(len == 1 && piece[0] == '4');
+	piece = skv_tokenizer_decode(t, -1, 16, &len);
+	cr_assert(len == 3 && memcmp(piece, "<c>", 3) == 0);
 	skv_tokenizer_free(t);
 }
