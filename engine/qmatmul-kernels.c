@@ -1159,11 +1159,18 @@ static void qm_quant_q8_k(const float *x, uint32_t cols, int8_t *qs, float *d, i
 
 typedef float qm_dot_fn(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols);
 
+#define QM_PF_ROWS 3
+
 QM_INLINE void qm_run_rows(const struct qm_job *job, uint32_t r0, uint32_t r1, qm_dot_fn *dot)
 {
 	const struct skv_qmat *w = job->w;
+	const uint8_t *end = (const uint8_t *)w->data + (size_t)r1 * w->row_bytes;
 	for (uint32_t r = r0; r < r1; r++) {
-		const void *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+		const uint8_t *row = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+		/* a few rows ahead into L1 (more requests in flight than the prefetchers keep) */
+		const uint8_t *pf = row + QM_PF_ROWS * w->row_bytes;
+		for (size_t o = 0; o < w->row_bytes && pf + o < end; o += 64)
+			__builtin_prefetch(pf + o, 0, 3);
 		for (uint32_t m = 0; m < job->m_rows; m++)
 			qm_put(job, m, r, dot(row, job->act, m, w->cols));
 	}
