@@ -236,13 +236,15 @@ daemon_pid=$!
 for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
 [ $tracing = 1 ] && daemon_pid=$(pgrep -P "$daemon_pid" | head -1)
 prompt="Once upon a time"
-want=$("$(D "$SKV_BINDIR/skv")" --model "$model" generate --temp 0 -n 40 "$prompt" 2>&1)
-got=$("$(D "$SKV_BINDIR/skv")" --socket "$sock" generate --temp 0 -n 40 "$prompt" 2>&1)
+# The bytes on stdout are compared; stderr (a sanitizer's report, say) is shown on failure.
+want=$("$(D "$SKV_BINDIR/skv")" --model "$model" generate --temp 0 -n 40 "$prompt" 2>"$tmp/local.err")
+got=$("$(D "$SKV_BINDIR/skv")" --socket "$sock" generate --temp 0 -n 40 "$prompt" 2>"$tmp/remote.err")
 if [ -S "$sock" ] && [ -n "$want" ] && [ "$got" = "$want" ]; then
 	ok "installed skv-cached serves the installed model: the same bytes as local mode"
 else
 	not_ok "installed skv-cached serves the installed model: the same bytes as local mode" \
-		"local: $want" "daemon: $got" "$(cat "$tmp/cached.log")"
+		"local: $want" "$(cat "$tmp/local.err")" "daemon: $got" "$(cat "$tmp/remote.err")" \
+		"$(cat "$tmp/cached.log")"
 fi
 engine_pid=$(pgrep -P "$daemon_pid" | head -1)
 exe=$(readlink "/proc/$engine_pid/exe" 2>/dev/null)
