@@ -47,6 +47,7 @@ struct skv_tokenizer {
 	int32_t *lookup;        /* (lookup_mask + 1) hash slots: a token id, or -1 when empty */
 	uint64_t lookup_mask;
 	char byte_pieces[512];  /* byte b at [2b] followed by a NUL: what "<0xXX>" decodes to */
+	bool spm_words;         /* SentencePiece may merge word by word (tokenizer_spm_encode) */
 
 	/* Special ids: -1 when the vocabulary has none. tok512.bin: 1, 2, -1, -1. */
 	int32_t bos_id, eos_id, eot_id, pad_id;

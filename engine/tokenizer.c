@@ -173,6 +173,12 @@ int tokenizer_index(struct skv_tokenizer *t)
 			slot++;
 		t->lookup[slot & t->lookup_mask] = id;
 	}
+	/* Whether SentencePiece encoding may run word by word (see tokenizer_spm_encode()). */
+	t->spm_words = tokenizer_lookup2(t, " ", 1, "", 0) >= 0;
+	for (size_t i = 1; i < t->piece_bytes_len && t->spm_words; i++)
+		if (t->piece_bytes[i] == ' ' && t->piece_bytes[i - 1] != ' ' &&
+		    t->piece_bytes[i - 1] != '\0')
+			t->spm_words = false;
 	return 0;
 }
 
@@ -724,51 +730,38 @@ int tokenizer_ids_push(struct tokenizer_ids *out, int32_t id)
 	return 0;
 }
 
-/* llama2.c's encode() of text[0..len), appended to *out; BOS (when asked) is a symbol of the
- * list as in llama2.c, which merges it like any other. */
-static int tokenizer_spm_encode(const struct skv_tokenizer *t, const char *text, size_t len,
-				bool bos, struct tokenizer_ids *out)
+/* Merge one list of symbols[0..n_symbols) (ids set) to the end, appending the result to *out. */
+static int tokenizer_spm_merge(const struct skv_tokenizer *t, struct tokenizer_symbol *symbols,
+			       int32_t n_symbols, struct tokenizer_heap *heap,
+			       struct tokenizer_ids *out)
 {
-	struct tokenizer_heap heap = { 0 };
-	struct tokenizer_symbol *symbols;
-	int32_t n_symbols = 0;
 	int rc = 0;
 
-	/* BOS, the dummy prefix, at most one symbol per byte. */
-	symbols = malloc(((size_t)len + 2) * sizeof(*symbols));
-	if (!symbols)
-		return -ENOMEM;
-
-	if (bos && t->bos_id >= 0)
-		symbols[n_symbols++].id = t->bos_id;
-	if (len > 0) {
-		int32_t space = tokenizer_lookup2(t, " ", 1, "", 0);
-		symbols[n_symbols++].id = space >= 0 ? space : tokenizer_byte_token(t, ' ');
-	}
-	tokenizer_split(t, text, len, symbols, &n_symbols);
 	for (int32_t i = 0; i < n_symbols; i++) {
 		symbols[i].prev = i - 1;
 		symbols[i].next = i + 1 < n_symbols ? i + 1 : -1;
 	}
-
 	/* Every mergeable adjacent pair, heapified bottom-up in O(n). */
+	heap->count = 0;
 	if (n_symbols > 1) {
-		heap.cap = (size_t)n_symbols;
-		heap.items = malloc(heap.cap * sizeof(*heap.items));
-		if (!heap.items) {
-			rc = -ENOMEM;
-			goto out;
+		if (heap->cap < (size_t)n_symbols) {
+			struct tokenizer_candidate *grown =
+				realloc(heap->items, (size_t)n_symbols * sizeof(*grown));
+			if (!grown)
+				return -ENOMEM;
+			heap->items = grown;
+			heap->cap = (size_t)n_symbols;
 		}
 		for (int32_t i = 0; i + 1 < n_symbols; i++)
-			if (tokenizer_pair(t, symbols, i, &heap.items[heap.count]))
-				heap.count++;
-		for (size_t i = heap.count / 2; i-- > 0;)
-			tokenizer_heap_sift_down(&heap, i);
+			if (tokenizer_pair(t, symbols, i, &heap->items[heap->count]))
+				heap->count++;
+		for (size_t i = heap->count / 2; i-- > 0;)
+			tokenizer_heap_sift_down(heap, i);
 	}
 
-	while (heap.count) {
+	while (heap->count) {
 		struct tokenizer_candidate best, next;
-		tokenizer_heap_pop(&heap, &best);
+		tokenizer_heap_pop(heap, &best);
 		struct tokenizer_symbol *left = &symbols[best.left];
 		/* Stale unless both symbols are unchanged since the push: a merge changes the
 		 * surviving symbol's id and kills the other (id -1). */
@@ -782,21 +775,67 @@ static int tokenizer_spm_encode(const struct skv_tokenizer *t, const char *text,
 			symbols[left->next].prev = best.left;
 		symbols[right].id = -1;
 		/* The merged symbol forms new pairs with both neighbours. */
-		if (left->prev >= 0 && tokenizer_pair(t, symbols, left->prev, &next)) {
-			rc = tokenizer_heap_push(&heap, &next);
-			if (rc < 0)
-				goto out;
-		}
-		if (tokenizer_pair(t, symbols, best.left, &next)) {
-			rc = tokenizer_heap_push(&heap, &next);
-			if (rc < 0)
-				goto out;
-		}
+		if (left->prev >= 0 && tokenizer_pair(t, symbols, left->prev, &next) &&
+		    (rc = tokenizer_heap_push(heap, &next)) < 0)
+			return rc;
+		if (tokenizer_pair(t, symbols, best.left, &next) &&
+		    (rc = tokenizer_heap_push(heap, &next)) < 0)
+			return rc;
 	}
 
 	for (int32_t i = n_symbols ? 0 : -1; i >= 0 && rc == 0; i = symbols[i].next)
 		rc = tokenizer_ids_push(out, symbols[i].id);
-out:
+	return rc;
+}
+
+/* llama2.c's encode() of text[0..len), appended to *out; BOS (when asked) is a symbol of the
+ * list as in llama2.c, which merges it like any other.
+ *
+ * llama2.c merges over the whole text at once; here the text is cut before every space that
+ * follows a non-space, and each word is merged alone, when the vocabulary allows it
+ * (t->spm_words: it has a " " piece and no piece holds a space after another character). Then
+ * no pair across a cut can ever merge, since its concatenation would hold a non-space character
+ * (or a byte token's '>') followed by a space, and merges on either side never change the
+ * candidates of the other; so each word ends as it would in the whole text, with the same
+ * order of merges inside it, and the result is llama2.c's exactly. A word's heap fits in the
+ * caches, where one heap over a megabyte of text does not. */
+static int tokenizer_spm_encode(const struct skv_tokenizer *t, const char *text, size_t len,
+				bool bos, struct tokenizer_ids *out)
+{
+	struct tokenizer_heap heap = { 0 };
+	struct tokenizer_symbol *symbols;
+	int rc = 0;
+
+	/* BOS, the dummy prefix, at most one symbol per byte. */
+	symbols = malloc(((size_t)len + 2) * sizeof(*symbols));
+	if (!symbols)
+		return -ENOMEM;
+
+	size_t start = 0;
+	bool first = true;
+	while (rc == 0 && (first || start < len)) {
+		size_t end = len;
+		if (t->spm_words)
+			for (end = start + 1; end < len; end++)
+				if (text[end] == ' ' && text[end - 1] != ' ')
+					break;
+		if (end > len)
+			end = len;
+		int32_t n_symbols = 0;
+		if (first) {
+			if (bos && t->bos_id >= 0)
+				symbols[n_symbols++].id = t->bos_id;
+			if (len > 0) {
+				int32_t space = tokenizer_lookup2(t, " ", 1, "", 0);
+				symbols[n_symbols++].id = space >= 0 ? space :
+								       tokenizer_byte_token(t, ' ');
+			}
+		}
+		tokenizer_split(t, text + start, end - start, symbols, &n_symbols);
+		rc = tokenizer_spm_merge(t, symbols, n_symbols, &heap, out);
+		first = false;
+		start = end;
+	}
 	free(heap.items);
 	free(symbols);
 	return rc;

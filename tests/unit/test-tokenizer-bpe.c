@@ -808,3 +808,27 @@ Test(tokenizer_refusals, special_matching)
 	cr_assert(len == 3 && memcmp(piece, "<c>", 3) == 0);
 	skv_tokenizer_free(t);
 }
+
+Test(tokenizer_round_trip, sentencepiece_word_by_word_is_exact, .timeout = 300)
+{
+	/* SentencePiece merges word by word when the vocabulary allows it; merging the whole
+	 * text at once (llama2.c's way) must give the same ids on every text. */
+	struct skv_tokenizer *t = load_vocab("llama-spm");
+	cr_assert(t->spm_words, "Llama 2's vocabulary has no space inside a piece");
+	for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+		size_t len;
+		char *text = tu_read_file(env_path("SKV_TEXT_DIR", texts[i]), &len);
+		int32_t *words, *whole;
+		size_t n_words, n_whole;
+		t->spm_words = true;
+		cr_assert_eq(skv_tokenizer_encode(t, text, len, 1, 0, &words, &n_words), 0);
+		t->spm_words = false;
+		cr_assert_eq(skv_tokenizer_encode(t, text, len, 1, 0, &whole, &n_whole), 0);
+		cr_assert_eq(n_words, n_whole, "%s", texts[i]);
+		cr_assert(memcmp(words, whole, n_whole * sizeof(*whole)) == 0, "%s", texts[i]);
+		free(words);
+		free(whole);
+		free(text);
+	}
+	skv_tokenizer_free(t);
+}
