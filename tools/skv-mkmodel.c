@@ -972,8 +972,9 @@ static void mk_draw(const struct mk_tensor *t, uint64_t state, float scale, uint
 /* A tensor's data, in chunks of whole blocks that fill the write buffer. Each chunk is cut
  * into pieces of MK_PIECE_ELEMS weights, drawn and converted by the threads in parallel
  * straight into the buffer (F32 is drawn into it directly); scratch holds one piece per
- * thread. Blocks are quantized independently of each other, so the bytes do not depend on
- * the number of threads. */
+ * thread. Pieces are handed out dynamically: on a shared machine a thread that is not
+ * scheduled does not hold the others up at the chunk's end. Blocks are quantized
+ * independently of each other, so the bytes do not depend on the number of threads. */
 static void mk_emit_tensor(struct mk_writer *w, const struct mk_plan *p, const struct mk_tensor *t,
 			   float *scratch)
 {
@@ -993,7 +994,7 @@ static void mk_emit_tensor(struct mk_writer *w, const struct mk_plan *p, const s
 			continue;
 		const int64_t pieces = (int64_t)((n + MK_PIECE_ELEMS - 1) / MK_PIECE_ELEMS);
 		int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
 		for (int64_t k = 0; k < pieces; k++) {
 			uint64_t at = (uint64_t)k * MK_PIECE_ELEMS;
 			uint64_t len = n - at < MK_PIECE_ELEMS ? n - at : MK_PIECE_ELEMS;
