@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "attention-pvt.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -40,6 +40,14 @@ ATTN_INLINE attn_vf attn_load_kv(const void *plane, size_t idx, int kind)
 #if defined(__AVX512F__)
 		return (attn_vf)_mm512_cvtepi32_ps(
 			_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+		/* Two halves of 8 (GCC 12 lowers the generic conversion below lane by lane). */
+		union { __m256 half[2]; attn_vf whole; } u;
+		u.half[0] = _mm256_cvtepi32_ps(
+			_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+		u.half[1] = _mm256_cvtepi32_ps(
+			_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+		return u.whole;
 #else
 		return __builtin_convertvector(*(const attn_vb_u *)p, attn_vf);
 #endif
@@ -47,6 +55,11 @@ ATTN_INLINE attn_vf attn_load_kv(const void *plane, size_t idx, int kind)
 	const _Float16 *p = (const _Float16 *)plane + idx;
 #if defined(__AVX512F__)
 	return (attn_vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+#elif defined(__AVX2__) && defined(__F16C__)
+	union { __m256 half[2]; attn_vf whole; } u;
+	u.half[0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+	u.half[1] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+	return u.whole;
 #else
 	return __builtin_convertvector(*(const attn_vh_u *)p, attn_vf);
 #endif
@@ -239,14 +252,20 @@ ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 	}
 }
 
-/* s[t] = exp(s[t] - max) over [lo, hi); returns their sum. */
+/* s[t] = exp(s[t] - max) over [lo, hi); returns their sum. A weight below e^-64 (1.6e-28 of the
+ * largest, which is 1) is below float32's resolution of the sum and of the weighted V sums, and
+ * is flushed to zero: left in, its products with V (and with q8's V scales, 1e-2 and smaller)
+ * are subnormal, and subnormal operands cost this CPU's FMAs 10-20 times their normal time
+ * (measured: a q8 layer of 512 slots with widely spread scores, 62 us instead of 3.3). */
 ATTN_INLINE float attn_exp_sum(float *restrict s, uint32_t lo, uint32_t hi, float max)
 {
 	const attn_vf zero = attn_splat(0.0f), vmax = attn_splat(max);
+	const attn_vf negligible = attn_splat(-64.0f);
 	attn_vf vsum = zero;
 	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
 		attn_vf old = attn_load(s + b);
-		attn_vf e = attn_vexp(old - vmax);
+		attn_vf x = old - vmax;
+		attn_vf e = attn_select(x < negligible, zero, attn_vexp(x));
 		if (attn_full(b, lo, hi)) {
 			attn_store(s + b, e);
 		} else {
@@ -325,7 +344,8 @@ ATTN_INLINE void attn_values8(int kind, int pair, const float *restrict p0,
 				/* Lanes outside [lo, hi) select zero products (see attn_mask). */
 				attn_vi mask = attn_mask(b, lo, hi);
 				for (int j = 0; j < 8; j++) {
-					attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, kind);
+					attn_vf v =
+						attn_load_kv(v_rows, (d0 + j) * stride + b, kind);
 					acc0[j] += attn_select(mask, pv0 * v, zero);
 					if (pair)
 						acc1[j] += attn_select(mask, pv1 * v, zero);
@@ -404,8 +424,9 @@ ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 {
 	const struct skv_kv_desc *desc = args->desc;
 	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
-		size_t at = (size_t)g * hs * stride * attn_elem_bytes(kind); /* bytes into a plane */
-		/* q8 scales of head g: [slot_stride] floats at scales_offset (0 and unused else). */
+		/* Bytes into a plane of head g's rows, and of its q8 scales ([slot_stride] floats at
+		 * scales_offset; 0 and unused for the other types). */
+		size_t at = (size_t)g * hs * stride * attn_elem_bytes(kind);
 		size_t sat = desc->scales_offset + (size_t)g * stride * sizeof(float);
 		struct attn_kv_rows kv = {
 			.k = (const char *)args->k_plane + at,
@@ -425,10 +446,13 @@ ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 		/* The common head sizes get their own constant-folded copy of the loops. */
 		for (; h + 2 <= end; h += 2) {
 			if (hs == 8)
-				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, 8, inv_sqrt);
+				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, 8,
+					   inv_sqrt);
 			else
-				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, hs, inv_sqrt);
-			kv.next_k = kv.next_v = NULL; /* the next pair of heads reads the same K and V */
+				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, hs,
+					   inv_sqrt);
+			/* The next pair of heads reads the same K and V. */
+			kv.next_k = kv.next_v = NULL;
 		}
 		if (h < end)
 			attn_heads(kind, 0, args, ranges, n_ranges, h, &kv, stride, hs, inv_sqrt);

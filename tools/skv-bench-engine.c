@@ -101,7 +101,10 @@ static void bench_tokens(int32_t *ids, size_t n, int32_t vocab, uint64_t seed)
 	}
 }
 
-static uint32_t bench_kv_dtype = SKV_KV_DTYPE_F32; /* --kv */
+static uint32_t bench_kv_dtype = SKV_KV_DTYPE_F32; /* the streams' KV type: --kv's first */
+/* --kv's list: --batch measures every type in each repeat, interleaved, side by side. */
+static uint32_t bench_kv_dtypes[3] = { SKV_KV_DTYPE_F32 };
+static int bench_n_kv = 1;
 
 static struct skv_stream *bench_stream(struct skv_runner *r, enum skv_policy_kind kind,
 				       int64_t sinks, int64_t window)
@@ -144,7 +147,7 @@ static void bench_usage(FILE *out)
 	fputs("usage: skv-bench-engine [--model PATH] [--repeats N] [--decode-tokens N]\n"
 	      "                        [--prefill N] [--compare-tokens N] [--sizes 64,128,256,512]\n"
 	      "                        [--threads N] [--json] [--compare-only] [--rec-tokens N]\n"
-	      "                        [--batch B1,B2,...] [--kv f32|f16|q8] [--csv]\n",
+	      "                        [--batch B1,B2,...] [--kv f32|f16|q8[,...]] [--csv]\n",
 	      out);
 }
 
@@ -188,16 +191,30 @@ static void bench_parse(int argc, char **argv, struct bench_opts *o)
 		case 'j': o->json = 1; break;
 		case 'C': o->compare_only = 1; break;
 		case 'V': o->csv = 1; break;
-		case 'K':
-			if (!strcmp(optarg, "f32"))
-				bench_kv_dtype = SKV_KV_DTYPE_F32;
-			else if (!strcmp(optarg, "f16"))
-				bench_kv_dtype = SKV_KV_DTYPE_F16;
-			else if (!strcmp(optarg, "q8"))
-				bench_kv_dtype = SKV_KV_DTYPE_Q8;
-			else
-				bench_die("--kv: '%s' is not f32, f16 or q8", optarg);
+		case 'K': {
+			bench_n_kv = 0;
+			char *save = NULL, *list = strdup(optarg);
+			for (char *tok = strtok_r(list, ",", &save); tok;
+			     tok = strtok_r(NULL, ",", &save)) {
+				uint32_t dt;
+				if (!strcmp(tok, "f32"))
+					dt = SKV_KV_DTYPE_F32;
+				else if (!strcmp(tok, "f16"))
+					dt = SKV_KV_DTYPE_F16;
+				else if (!strcmp(tok, "q8"))
+					dt = SKV_KV_DTYPE_Q8;
+				else
+					bench_die("--kv: '%s' is not f32, f16 or q8", tok);
+				if (bench_n_kv == 3)
+					bench_die("--kv: at most 3 types");
+				bench_kv_dtypes[bench_n_kv++] = dt;
+			}
+			free(list);
+			if (!bench_n_kv)
+				bench_die("--kv: empty list");
+			bench_kv_dtype = bench_kv_dtypes[0];
 			break;
+		}
 		case 'B': {
 			o->n_batch = 0;
 			char *list = optarg, *tok, *save = NULL;
@@ -310,41 +327,52 @@ int main(int argc, char **argv)
 	bench_tokens(ids, n_ids, vocab, 42);
 
 	if (o.n_batch) {
-		/* Only the batch measurement: every count in each repeat, interleaved. */
-		double *bt = calloc((size_t)o.repeats * o.n_batch, sizeof(double));
+		/* Only the batch measurement: every count and KV type in each repeat, interleaved. */
+		int nk = bench_n_kv;
+		double *bt = calloc((size_t)o.repeats * o.n_batch * nk, sizeof(double));
 		if (!bt)
 			bench_die("out of memory");
 		for (int r = 0; r < o.repeats; r++)
-			for (int bi = 0; bi < o.n_batch; bi++) {
-				int B = o.batch[bi];
-				int steps = 20000 / B > 5 ? 20000 / B : 5;
-				bt[bi * o.repeats + r] = bench_batch(runner, B, steps, ids, trained);
-			}
-		double one = 0;
+			for (int bi = 0; bi < o.n_batch; bi++)
+				for (int ki = 0; ki < nk; ki++) {
+					int B = o.batch[bi];
+					int steps = 20000 / B > 5 ? 20000 / B : 5;
+					bench_kv_dtype = bench_kv_dtypes[ki];
+					bt[(bi * nk + ki) * o.repeats + r] =
+						bench_batch(runner, B, steps, ids, trained);
+				}
 		if (o.csv)
-			printf("streams,us_per_token,tokens_per_s,vs_first\n");
+			printf(nk > 1 ? "streams,kv,us_per_token,tokens_per_s,vs_first\n"
+				      : "streams,us_per_token,tokens_per_s,vs_first\n");
 		else if (!o.json)
 			printf("model %s, %d thread(s), median of %d; streams at full windows "
-			       "(4 + %d), one forward pass per step\n\n%-8s %14s %16s %10s\n",
-			       o.model_path, o.threads, o.repeats, trained - 4, "streams",
+			       "(4 + %d), one forward pass per step\n\n%-8s %-4s %14s %16s %10s\n",
+			       o.model_path, o.threads, o.repeats, trained - 4, "streams", "kv",
 			       "us/token", "tokens/s", "vs first");
 		else
 			printf("{\"model\": \"%s\", \"threads\": %d, \"repeats\": %d, "
 			       "\"batch\": [", o.model_path, o.threads, o.repeats);
-		for (int bi = 0; bi < o.n_batch; bi++) {
-			double t = bench_median(bt + bi * o.repeats, (size_t)o.repeats);
-			if (!bi)
-				one = t;
-			if (o.csv)
-				printf("%d,%.3f,%.1f,%.3f\n", o.batch[bi], t * 1e6, 1.0 / t, one / t);
-			else if (o.json)
-				printf("%s{\"streams\": %d, \"s_per_token\": %.9f, "
-				       "\"tokens_per_s\": %.1f}", bi ? ", " : "", o.batch[bi], t,
-				       1.0 / t);
-			else
-				printf("%-8d %14.2f %16.0f %9.2fx\n", o.batch[bi], t * 1e6, 1.0 / t,
-				       one / t);
-		}
+		for (int bi = 0; bi < o.n_batch; bi++)
+			for (int ki = 0; ki < nk; ki++) {
+				/* "vs first": against the first count with the same KV type. */
+				double t = bench_median(bt + (bi * nk + ki) * o.repeats,
+							(size_t)o.repeats);
+				double one = bench_median(bt + ki * o.repeats, (size_t)o.repeats);
+				const char *kv = skv_kv_dtype_name(bench_kv_dtypes[ki]);
+				if (o.csv && nk > 1)
+					printf("%d,%s,%.3f,%.1f,%.3f\n", o.batch[bi], kv, t * 1e6,
+					       1.0 / t, one / t);
+				else if (o.csv)
+					printf("%d,%.3f,%.1f,%.3f\n", o.batch[bi], t * 1e6, 1.0 / t,
+					       one / t);
+				else if (o.json)
+					printf("%s{\"streams\": %d, \"kv\": \"%s\", "
+					       "\"s_per_token\": %.9f, \"tokens_per_s\": %.1f}",
+					       bi || ki ? ", " : "", o.batch[bi], kv, t, 1.0 / t);
+				else
+					printf("%-8d %-4s %14.2f %16.0f %9.2fx\n", o.batch[bi], kv,
+					       t * 1e6, 1.0 / t, one / t);
+			}
 		if (o.json && !o.csv)
 			printf("]}\n");
 		free(bt);
