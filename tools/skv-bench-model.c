@@ -6,7 +6,7 @@
  *   peak       the compute peak of the instructions the matrix products use: int8 VNNI dot
  *              products (vpdpbusd, 64 multiply-adds per instruction) for the block formats,
  *              float32 FMA (16 per instruction) for F32/F16/BF16 and for attention, measured
- *              with independent accumulators in a tight loop;
+ *              with independent accumulators in a tight loop, best of three tries;
  *   decode     tokens/s of one stream with a full window (sinks + window), greedy;
  *   prefill    tokens/s of a prompt fed in chunks of 64 (as the engine feeds prompts);
  *   streams    aggregate tokens/s of N streams decoding together at full windows, one forward
@@ -109,7 +109,8 @@ static double bm_bandwidth(int threads, int repeats)
 	return bench_median(v, (size_t)n);
 }
 
-#define BM_PEAK_ITERS 20000000
+#define BM_PEAK_ITERS 200000000
+#define BM_PEAK_TRIES 3
 
 /* Multiply-adds per second of vpdpbusd over 16 independent accumulators, all threads. */
 __attribute__((target("avx512f,avx512vnni"))) static double bm_peak_vnni(int threads)
@@ -370,7 +371,13 @@ int main(int argc, char **argv)
 	for (size_t ti = 0; ti < o.n_threads; ti++) {
 		int threads = (int)o.threads[ti];
 		double bw = bm_bandwidth(threads, o.repeats);
-		double vnni = bm_peak_vnni(threads), fma = bm_peak_fma(threads);
+		/* A peak is the best of a few tries: preemption only ever slows a try down. */
+		double vnni = 0, fma = 0;
+		for (int i = 0; i < BM_PEAK_TRIES; i++) {
+			double v = bm_peak_vnni(threads), f = bm_peak_fma(threads);
+			vnni = v > vnni ? v : vnni;
+			fma = f > fma ? f : fma;
+		}
 		struct skv_runner *r;
 		double t_runner = bench_now();
 		if (skv_runner_new(m, BM_MAX_ROWS, (uint32_t)threads, &r, msg, sizeof(msg)) < 0)
