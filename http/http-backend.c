@@ -38,6 +38,8 @@
 #define BACKEND_STATS_S 1.0
 #define BACKEND_BACKOFF_MIN_S 0.1
 #define BACKEND_BACKOFF_MAX_S 2.0
+#define BACKEND_WATCH_S 0.05            /* how often suspended clients are checked */
+#define BACKEND_WATCH_MAX 4096          /* of them at once */
 
 struct gw_conv;
 
@@ -64,7 +66,7 @@ struct gw_backend {
 	skv_client *client;
 	int client_fd;
 	int lost_before;                 /* a connection was lost: count the next as reconnect */
-	double next_connect, backoff, next_stats, next_expire;
+	double next_connect, backoff, next_stats, next_expire, next_watch;
 	struct gw_stream *buckets[BACKEND_BUCKETS];
 	struct gw_stream *streams;
 	struct gw_conv *convs;
@@ -72,6 +74,8 @@ struct gw_backend {
 	int paused_ready;                /* the last pass left paused streams with events */
 	struct gw_buf scratch;
 	uint64_t seed_counter;
+	struct pollfd watch_fds[BACKEND_WATCH_MAX];         /* backend_watch's */
+	struct gw_stream *watch_streams[BACKEND_WATCH_MAX];
 };
 
 static double backend_now(void)
@@ -920,6 +924,40 @@ static void backend_expire(struct gw_backend *b, double now)
 	}
 }
 
+/* A non-streaming answer's connection stays suspended until the body is complete, and
+ * libmicrohttpd does not look at a suspended socket: look here for a client that closed it
+ * (POLLRDHUP: its FIN arrived) and stop its generation. The socket cannot be closed under us:
+ * libmicrohttpd closes only connections it has been handed back, and this job's is not until
+ * its output is finished. (A client that shuts down only its sending side while it waits counts
+ * as gone too.) */
+static void backend_watch(struct gw_backend *b, double now)
+{
+	if (now < b->next_watch)
+		return;
+	b->next_watch = now + BACKEND_WATCH_S;
+	struct pollfd *pfd = b->watch_fds;
+	struct gw_stream **who = b->watch_streams;
+	nfds_t n = 0;
+	for (struct gw_stream *st = b->streams; st && n < BACKEND_WATCH_MAX; st = st->next) {
+		struct gw_job *j = st->job;
+		if (!j || j->done || j->req.stream || j->sock_fd < 0)
+			continue;
+		pfd[n] = (struct pollfd){ .fd = j->sock_fd, .events = POLLRDHUP };
+		who[n++] = st;
+	}
+	if (!n || poll(pfd, n, 0) <= 0)
+		return;
+	for (nfds_t i = 0; i < n; i++) {
+		if (!(pfd[i].revents & (POLLRDHUP | POLLHUP | POLLERR)))
+			continue;
+		struct gw_job *j = who[i]->job;
+		__atomic_add_fetch(&b->gw->count.cancelled, 1, __ATOMIC_RELAXED);
+		job_fail(b, j, 499, "the client closed the connection", "invalid_request_error",
+			 "client_closed_request");
+		backend_cut_short(b, who[i]);
+	}
+}
+
 static void *backend_main(void *arg)
 {
 	struct gw_backend *b = arg;
@@ -933,13 +971,15 @@ static void *backend_main(void *arg)
 		backend_take_queue(b);
 		backend_take_cancels(b);
 		size_t n_paused = backend_unpause(b);
+		__atomic_store_n(&gw->count.paused_streams, n_paused, __ATOMIC_RELAXED);
 		int progressed = b->client ? backend_pump(b, n_paused) : 0;
 		backend_expire(b, now);
+		backend_watch(b, now);
 		if (progressed)
 			continue;
 		struct pollfd pfd[2] = { { .fd = gw->wake_fd, .events = POLLIN },
 					 { .fd = b->client ? b->client_fd : -1, .events = POLLIN } };
-		int timeout_ms = 250;
+		int timeout_ms = (int)(BACKEND_WATCH_S * 1e3);
 		if (!b->client) {
 			double wait = b->next_connect - backend_now();
 			timeout_ms = wait <= 0 ? 0 : (int)(wait * 1e3) + 1;

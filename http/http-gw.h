@@ -92,6 +92,7 @@ struct gw_job {
 	uint64_t key_hash;              /* the API key it came with: conversations belong to it */
 	char id[48];                    /* "cmpl-..." / "chatcmpl-..." */
 	int64_t created;                /* Unix seconds */
+	int sock_fd;                    /* the client's socket, -1 unknown (for POLLRDHUP) */
 	/* gw->lock */
 	int refs;
 	struct MHD_Connection *conn;    /* NULL once the connection is gone */
@@ -128,6 +129,7 @@ struct gw_counters {
 	uint64_t tokens;                     /* completion tokens sent on */
 	uint64_t prompt_tokens;
 	uint64_t cancelled;                  /* generations cut short by a client leaving */
+	uint64_t paused_streams;             /* streams not read: their client reads slowly */
 	uint64_t reconnects;
 	uint64_t daemon_up;                  /* 1 while connected */
 	uint64_t engines_ready;              /* as the daemon said at the last look */

@@ -241,6 +241,9 @@ static void srv_own_metrics(struct gw *gw, FILE *f)
 		  offsetof(struct gw_counters, reconnects) },
 		{ "skv_http_daemon_up", "gauge", "1 while skv-http is connected to skv-cached.",
 		  offsetof(struct gw_counters, daemon_up) },
+		{ "skv_http_paused_streams", "gauge",
+		  "Streams not read because their client reads slowly (backpressure).",
+		  offsetof(struct gw_counters, paused_streams) },
 	};
 	for (size_t i = 0; i < sizeof(series) / sizeof(series[0]); i++) {
 		uint64_t *v = (uint64_t *)((char *)&gw->count + series[i].off);
@@ -406,6 +409,9 @@ static struct gw_job *srv_job_new(struct gw *gw, uint64_t key_hash, struct MHD_C
 	j->conn = conn;
 	j->refs = 2; /* the connection's and the backend's */
 	j->created = (int64_t)time(NULL);
+	const union MHD_ConnectionInfo *ci =
+		MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+	j->sock_fd = ci ? ci->connect_fd : -1;
 	return j;
 }
 

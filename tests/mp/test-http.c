@@ -601,13 +601,15 @@ Test(http, errors)
 	gw_stop(&g2);
 }
 
+/* A request whose answer is read raw: HTTP/1.0, so that the body is the SSE bytes themselves,
+ * without chunk headers that could split a "data: " (the connection closes at the end). */
 static int http_open_stream(uint16_t port, const char *body)
 {
 	int fd = tcp_connect(port);
 	cr_assert(fd >= 0);
 	char head[1024];
 	int n = snprintf(head, sizeof(head),
-			 "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+			 "POST /v1/completions HTTP/1.0\r\nHost: x\r\n"
 			 "Content-Length: %zu\r\n\r\n%s",
 			 strlen(body), body);
 	write_all(fd, head, (size_t)n);
@@ -668,6 +670,91 @@ Test(http, disconnect_cancels)
 	mp_stats(&d, &st);
 	cr_assert_eq(st.streams, 1u, "the conversation's stream stays");
 	cr_assert_eq(metric(&g, "skv_http_cancelled_total"), 2.0);
+	cr_assert_eq(http_req(g.port, "DELETE", "/v1/conversations/c", NULL, NULL, &resp), 200);
+	free(resp);
+	mp_wait_streams_freed(&d, 10.0);
+
+	/* Not streaming: the connection waits suspended for the whole body; a client that closes
+	 * it is noticed all the same. */
+	fd = http_open_stream(g.port, "{\"prompt\":\"Hi\",\"max_tokens\":100000000,"
+				      "\"ignore_eos\":true}");
+	deadline = mp_now() + 10.0;
+	do {
+		mp_stats(&d, &st);
+		cr_assert(mp_now() < deadline, "the non-streaming generation did not start");
+		mp_sleep_ms(10);
+	} while (st.streams != 1);
+	close(fd);
+	mp_wait_streams_freed(&d, 10.0);
+	cr_assert_eq(metric(&g, "skv_http_cancelled_total"), 3.0);
+	gw_stop(&g);
+}
+
+/* A client that stops reading its SSE answer is paused alone (bounded buffering, then its
+ * stream is not read: backpressure through libskv); the others are served meanwhile, and the
+ * slow one gets every token once it reads again. */
+Test(http, slow_reader)
+{
+	enum { SLOW_TOKENS = 60000 };
+	struct mp_daemon d;
+	mp_daemon_start(&d, "http-slow", 1, NULL, NULL);
+	struct gw_proc g;
+	gw_start(&g, &d, "http-slow", (const char *const[]){ "--max-tokens", "100000", NULL });
+	char body[256];
+	snprintf(body, sizeof(body),
+		 "{\"prompt\":\"Hi\",\"max_tokens\":%d,\"temperature\":0,\"ignore_eos\":true,"
+		 "\"stream\":true}", SLOW_TOKENS);
+	int fd = http_open_stream(g.port, body);
+	double deadline = mp_now() + 60.0;
+	while (metric(&g, "skv_http_paused_streams") < 1.0) {
+		cr_assert(mp_now() < deadline, "the unread stream was never paused");
+		mp_sleep_ms(20);
+	}
+	/* Paused: the engine stops on it (its ring full), others run. */
+	double tokens = metric(&g, "skv_http_completion_tokens_total");
+	mp_sleep_ms(300);
+	cr_assert_lt(metric(&g, "skv_http_completion_tokens_total") - tokens, 2048.0,
+		     "a paused stream's tokens are still taken");
+	for (int i = 0; i < 3; i++) {
+		char *resp;
+		cr_assert_eq(http_req(g.port, "POST", "/v1/completions", NULL,
+				      "{\"prompt\":\"Once\",\"max_tokens\":50,\"stream\":true}",
+				      &resp), 200);
+		unsigned chunks;
+		char *text = sse_text(resp, &chunks);
+		cr_assert_eq(chunks, 51u);
+		free(text);
+		free(resp);
+	}
+	/* Now read it all: every token, then [DONE]. */
+	size_t events = 0, tail_len = 0;
+	char tail[16] = "";
+	int done = 0;
+	char buf[65536];
+	for (;;) {
+		ssize_t n = read(fd, buf, sizeof(buf));
+		cr_assert(n >= 0, "read: %s", strerror(errno));
+		if (n == 0)
+			break;
+		char joined[sizeof(buf) + 16];
+		memcpy(joined, tail, tail_len);
+		memcpy(joined + tail_len, buf, (size_t)n);
+		size_t jl = tail_len + (size_t)n;
+		for (char *p = joined; (p = memmem(p, jl - (size_t)(p - joined), "data: ", 6));
+		     p += 6) {
+			if ((size_t)(p - joined) + 6 <= tail_len)
+				continue;
+			if (jl - (size_t)(p - joined) >= 12 && !memcmp(p + 6, "[DONE]", 6))
+				done = 1;
+			else
+				events++;
+		}
+		tail_len = jl < sizeof(tail) ? jl : sizeof(tail);
+		memcpy(tail, joined + jl - tail_len, tail_len);
+	}
+	close(fd);
+	cr_assert(done, "no [DONE] after %zu events", events);
+	cr_assert_eq(events, (size_t)SLOW_TOKENS + 1, "%zu events", events);
 	gw_stop(&g);
 }
 
