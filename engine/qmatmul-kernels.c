@@ -309,9 +309,10 @@ static void qm_dec_q6_k(const void *row, uint32_t cols, uint8_t *q, float *sc, f
 typedef void qm_dec_fn(const void *row, uint32_t cols, uint8_t *q, float *sc, float *mn);
 
 /* Stores the sums of a block's tiles for x groups [v0, v0 + mv): lane l of
- * part[tile][r * QM_MV + v] is y[16 (v0 + v) + l][rb + tile * QM_NR + r]. Row by row of y, so
- * that the stores are contiguous (ld_y is often a power of two: column-wise stores would all
- * fall into one L1 set). */
+ * part[i * QM_MV + v] is y[16 (v0 + v) + l][rb + i] (part holds the block's rows i in order:
+ * tile i / QM_NR, row i % QM_NR). The plain C form goes row by row of y, so that its stores
+ * are contiguous (ld_y is often a power of two: column-wise stores would all fall into one L1
+ * set). */
 QM_INLINE void qm_store_block(const struct qm_job *job, uint32_t rb, uint32_t nrb, uint32_t v0,
 			      uint32_t mv, const qm_vf *part)
 {
@@ -322,11 +323,13 @@ QM_INLINE void qm_store_block(const struct qm_job *job, uint32_t rb, uint32_t nr
 			if (m >= job->m_rows)
 				return;
 			float *dst = job->y + (size_t)m * job->ld_y + rb;
-			for (uint32_t i = 0; i < nrb; i++) {
-				uint32_t tile = i / QM_NR, r = i % QM_NR;
-				float val = pf[((size_t)(tile * QM_NR + r) * QM_MV + v) * QM_LANES + l];
-				dst[i] = job->add ? dst[i] + val : val;
-			}
+			const float *src = pf + (size_t)v * QM_LANES + l;
+			if (job->add)
+				for (uint32_t i = 0; i < nrb; i++)
+					dst[i] += src[(size_t)i * QM_MV * QM_LANES];
+			else
+				for (uint32_t i = 0; i < nrb; i++)
+					dst[i] = src[(size_t)i * QM_MV * QM_LANES];
 		}
 }
 
@@ -386,6 +389,7 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 			for (int r = 0; r < QM_NR; r++)
 				acc[r * QM_MV + v] = start;
 		}
+#pragma GCC unroll 8
 		for (uint32_t g = u * unit / 4; g < (u + 1) * unit / 4; g++) {
 			qm_vb xv[QM_MV];
 			for (int v = 0; v < mv; v++) {
