@@ -332,6 +332,7 @@ int main(int argc, char **argv)
 {
 	struct bm_opts o;
 	bm_parse(argc, argv, &o);
+	setvbuf(stdout, NULL, _IOLBF, 0); /* rows as they are measured: a long run shows progress */
 	char msg[512] = "", types[64];
 	struct skv_model *m;
 	double t_open = bench_now();
