@@ -996,6 +996,18 @@ static void *backend_main(void *arg)
 				backend_log("cannot read the wake eventfd: %s", strerror(errno));
 		}
 	}
+	/* Every connection must be resumed before libmicrohttpd stops: answer what is queued. */
+	pthread_mutex_lock(&gw->lock);
+	struct gw_job *queued = gw->queue_head;
+	gw->queue_head = gw->queue_tail = NULL;
+	pthread_mutex_unlock(&gw->lock);
+	while (queued) {
+		struct gw_job *next = queued->queue_next;
+		job_fail(b, queued, 503, "skv-http is shutting down", "server_error",
+			 "service_unavailable");
+		gw_job_unref(gw, queued);
+		queued = next;
+	}
 	while (b->streams) {
 		struct gw_stream *st = b->streams;
 		if (st->job && !st->job->done)
