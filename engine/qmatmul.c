@@ -246,10 +246,10 @@ int skv_qmat_check(const struct skv_qmat *w)
  * accumulator start, scale * (sum of the unit's unit q), into [cols / unit][16]; missing rows
  * are zeros. */
 static void qm_interleave_qs(const int8_t *qs, size_t qs_ld, uint32_t m_rows, uint32_t cols,
-			     uint32_t unit, int32_t scale, int8_t *iqs, int32_t *icorr)
+			     uint32_t unit, int32_t scale, int8_t *iqs, int32_t *icorr,
+			     uint32_t v0, uint32_t v1)
 {
-	uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
-	for (uint32_t v = 0; v < groups; v++) {
+	for (uint32_t v = v0; v < v1; v++) {
 		int8_t *dst = iqs + (size_t)v * cols * QM_LANES;
 		int32_t *corr = icorr + (size_t)v * (cols / unit) * QM_LANES;
 		for (uint32_t lane = 0; lane < QM_LANES; lane++) {
@@ -272,10 +272,9 @@ static void qm_interleave_qs(const int8_t *qs, size_t qs_ld, uint32_t m_rows, ui
 }
 
 static void qm_interleave_f(const float *src, size_t ld, uint32_t m_rows, uint32_t n,
-			    float *dst)
+			    float *dst, uint32_t v0, uint32_t v1)
 {
-	uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
-	for (uint32_t v = 0; v < groups; v++)
+	for (uint32_t v = v0; v < v1; v++)
 		for (uint32_t lane = 0; lane < QM_LANES; lane++) {
 			uint32_t m = v * QM_LANES + lane;
 			float *o = dst + (size_t)v * n * QM_LANES + lane;
@@ -340,6 +339,61 @@ static void qm_slice(const struct qm_job *jobs, uint32_t n, uint32_t t, uint32_t
 
 #define QM_MAX_MATS 16u
 
+/* What one call quantizes and interleaves (need[form]: some matrix wants that form of x). */
+struct qm_call {
+	struct skv_qctx *ctx;
+	const float *x;
+	size_t ld_x;
+	uint32_t m_rows, cols;
+	int need[3];
+	int batched, batched_f;
+	size_t qs_ld, ld0, ldk, ld16, ld32;
+};
+
+/* Rows [m0, m1) of x, quantized to the forms the call needs (row-major). */
+static void qm_quantize_rows(const struct qm_call *c, uint32_t m0, uint32_t m1)
+{
+	struct skv_qctx *ctx = c->ctx;
+	const struct qm_kernels *k = ctx->kern;
+	for (uint32_t m = m0; m < m1; m++) {
+		const float *xm = c->x + m * c->ld_x;
+		if (c->need[0])
+			k->quant_q8_0(xm, c->cols, ctx->qs0 + m * c->qs_ld, ctx->d0 + m * c->ld0,
+				      ctx->lsum0 + m * c->qs_ld / 4);
+		if (c->need[1])
+			k->quant_q8_k(xm, c->cols, ctx->qsk + m * c->qs_ld, ctx->dk + m * c->ldk,
+				      ctx->b16 + m * c->ld16, ctx->b32 + m * c->ld32);
+	}
+}
+
+/* Groups [v0, v1) of the interleaved copies (batched calls only). */
+static void qm_interleave_groups(const struct qm_call *c, uint32_t v0, uint32_t v1)
+{
+	struct skv_qctx *ctx = c->ctx;
+	uint32_t m_rows = c->m_rows, cols = c->cols;
+	if (c->need[0] && c->batched) {
+		qm_interleave_qs(ctx->qs0, c->qs_ld, m_rows, cols, 32, -128, ctx->iqs0, ctx->icorr0,
+				 v0, v1);
+		qm_interleave_f(ctx->d0, c->ld0, m_rows, cols / 32, ctx->id0, v0, v1);
+	}
+	if (c->need[1] && c->batched) {
+		qm_interleave_qs(ctx->qsk, c->qs_ld, m_rows, cols, 16, -32, ctx->iqsk, ctx->icorrk,
+				 v0, v1);
+		qm_interleave_f(ctx->dk, c->ldk, m_rows, cols / 256, ctx->idk, v0, v1);
+		/* xsum = bsum32 in float: the K-quant mins (x's scale comes per chunk) */
+		for (uint32_t v = v0; v < v1; v++)
+			for (uint32_t lane = 0; lane < QM_LANES; lane++) {
+				uint32_t m = v * QM_LANES + lane;
+				float *o = ctx->ixsum + (size_t)v * (cols / 32) * QM_LANES + lane;
+				for (uint32_t j = 0; j < cols / 32; j++)
+					o[(size_t)j * QM_LANES] =
+						m < m_rows ? (float)ctx->b32[m * c->ld32 + j] : 0.f;
+			}
+	}
+	if (c->need[2] && c->batched_f)
+		qm_interleave_f(c->x, c->ld_x, m_rows, cols, ctx->ix, v0, v1);
+}
+
 int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t n,
 		 uint32_t m_rows, const float *x, size_t ld_x, float *const *y, const size_t *ld_y,
 		 int add)
@@ -360,74 +414,43 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 			return -EINVAL;
 		need[form] = 1;
 	}
-	int batched = m_rows >= QM_BATCH_MIN, batched_f = m_rows >= QM_BATCH_MIN_FLOAT;
-	size_t qs_ld = qm_qs_ld(ctx);
-	size_t ld0 = qm_blk_ld(ctx, 32), ldk = qm_blk_ld(ctx, 256);
-	size_t ld16 = qm_blk_ld(ctx, 16), ld32 = qm_blk_ld(ctx, 32);
+	struct qm_call c = {
+		.ctx = ctx, .x = x, .ld_x = ld_x, .m_rows = m_rows, .cols = cols,
+		.need = { need[0], need[1], need[2] },
+		.batched = m_rows >= QM_BATCH_MIN, .batched_f = m_rows >= QM_BATCH_MIN_FLOAT,
+		.qs_ld = qm_qs_ld(ctx), .ld0 = qm_blk_ld(ctx, 32), .ldk = qm_blk_ld(ctx, 256),
+		.ld16 = qm_blk_ld(ctx, 16), .ld32 = qm_blk_ld(ctx, 32),
+	};
+	int batched = c.batched, batched_f = c.batched_f;
 	struct qm_act act0 = { .x = x, .ld_x = ld_x }, actk = act0, actf = act0;
-	const struct qm_kernels *k = ctx->kern;
-
-	if (need[0]) {
-		for (uint32_t m = 0; m < m_rows; m++)
-			k->quant_q8_0(x + m * ld_x, cols, ctx->qs0 + m * qs_ld, ctx->d0 + m * ld0,
-				      ctx->lsum0 + m * qs_ld / 4);
-		act0.qs = ctx->qs0;
-		act0.d = ctx->d0;
-		act0.lsum = ctx->lsum0;
-		act0.qs_ld = qs_ld;
-		act0.blk_ld = ld0;
-		if (batched) {
-			qm_interleave_qs(ctx->qs0, qs_ld, m_rows, cols, 32, -128, ctx->iqs0,
-					 ctx->icorr0);
-			qm_interleave_f(ctx->d0, ld0, m_rows, cols / 32, ctx->id0);
-			act0.iqs = ctx->iqs0;
-			act0.icorr = ctx->icorr0;
-			act0.icorr_ld = (size_t)cols / 32 * QM_LANES;
-			act0.id = ctx->id0;
-			act0.iqs_ld = (size_t)cols * QM_LANES;
-			act0.id_ld = (size_t)cols / 32 * QM_LANES;
-		}
-	}
-	if (need[1]) {
-		for (uint32_t m = 0; m < m_rows; m++)
-			k->quant_q8_k(x + m * ld_x, cols, ctx->qsk + m * qs_ld, ctx->dk + m * ldk,
-				      ctx->b16 + m * ld16, ctx->b32 + m * ld32);
-		actk.qs = ctx->qsk;
-		actk.d = ctx->dk;
-		actk.bsum16 = ctx->b16;
-		actk.bsum32 = ctx->b32;
-		actk.qs_ld = qs_ld;
-		actk.blk_ld = ldk;
-		actk.b16_ld = ld16;
-		actk.b32_ld = ld32;
-		if (batched) {
-			qm_interleave_qs(ctx->qsk, qs_ld, m_rows, cols, 16, -32, ctx->iqsk,
-					 ctx->icorrk);
-			qm_interleave_f(ctx->dk, ldk, m_rows, cols / 256, ctx->idk);
-			/* xsum = bsum32 in float: the K-quant mins (x's scale comes per chunk) */
-			uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
-			for (uint32_t v = 0; v < groups; v++)
-				for (uint32_t lane = 0; lane < QM_LANES; lane++) {
-					uint32_t m = v * QM_LANES + lane;
-					float *o = ctx->ixsum + (size_t)v * (cols / 32) * QM_LANES + lane;
-					for (uint32_t j = 0; j < cols / 32; j++)
-						o[(size_t)j * QM_LANES] =
-							m < m_rows ? (float)ctx->b32[m * ld32 + j] : 0.f;
-				}
-			actk.iqs = ctx->iqsk;
-			actk.icorr = ctx->icorrk;
-			actk.icorr_ld = (size_t)cols / 16 * QM_LANES;
-			actk.id = ctx->idk;
-			actk.ixsum = ctx->ixsum;
-			actk.iqs_ld = (size_t)cols * QM_LANES;
-			actk.id_ld = (size_t)cols / 256 * QM_LANES;
-			actk.ixsum_ld = (size_t)cols / 32 * QM_LANES;
-		}
-	}
-	if (need[2] && batched_f) {
-		qm_interleave_f(x, ld_x, m_rows, cols, ctx->ix);
-		actf.ix = ctx->ix;
-	}
+	act0.qs = ctx->qs0;
+	act0.d = ctx->d0;
+	act0.lsum = ctx->lsum0;
+	act0.qs_ld = c.qs_ld;
+	act0.blk_ld = c.ld0;
+	act0.iqs = ctx->iqs0;
+	act0.icorr = ctx->icorr0;
+	act0.id = ctx->id0;
+	act0.iqs_ld = (size_t)cols * QM_LANES;
+	act0.icorr_ld = (size_t)cols / 32 * QM_LANES;
+	act0.id_ld = (size_t)cols / 32 * QM_LANES;
+	actk.qs = ctx->qsk;
+	actk.d = ctx->dk;
+	actk.bsum16 = ctx->b16;
+	actk.bsum32 = ctx->b32;
+	actk.qs_ld = c.qs_ld;
+	actk.blk_ld = c.ldk;
+	actk.b16_ld = c.ld16;
+	actk.b32_ld = c.ld32;
+	actk.iqs = ctx->iqsk;
+	actk.icorr = ctx->icorrk;
+	actk.id = ctx->idk;
+	actk.ixsum = ctx->ixsum;
+	actk.iqs_ld = (size_t)cols * QM_LANES;
+	actk.icorr_ld = (size_t)cols / 16 * QM_LANES;
+	actk.id_ld = (size_t)cols / 256 * QM_LANES;
+	actk.ixsum_ld = (size_t)cols / 32 * QM_LANES;
+	actf.ix = ctx->ix;
 
 	struct qm_job jobs[QM_MAX_MATS];
 	for (uint32_t i = 0; i < n; i++) {
@@ -443,17 +466,27 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 		};
 	}
 	uint32_t threads = ctx->threads;
+	uint32_t groups = (m_rows + QM_LANES - 1) / QM_LANES;
+	const struct qm_kernels *k = ctx->kern;
 	/* One thread runs here, without an OpenMP region: no fork/join on the small models. */
 	if (threads == 1) {
+		qm_quantize_rows(&c, 0, m_rows);
+		qm_interleave_groups(&c, 0, groups);
 		qm_slice(jobs, n, 0, 1, ctx->scratch, k);
 		return 0;
 	}
 	uint8_t *scratch = ctx->scratch;
 	size_t sb = ctx->scratch_bytes;
+	/* The threads quantize their share of x's rows, then interleave their share of its
+	 * groups, then compute their share of every matrix's rows. */
 #pragma omp parallel num_threads(threads)
 	{
 		uint32_t t = (uint32_t)omp_get_thread_num();
 		uint32_t team = (uint32_t)omp_get_num_threads();
+		qm_quantize_rows(&c, m_rows * t / team, m_rows * (t + 1) / team);
+#pragma omp barrier
+		qm_interleave_groups(&c, groups * t / team, groups * (t + 1) / team);
+#pragma omp barrier
 		qm_slice(jobs, n, t, team, scratch + t * sb, k);
 	}
 	return 0;
