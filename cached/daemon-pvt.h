@@ -90,6 +90,7 @@ struct cached_conn {
 	size_t out_bytes;
 	int overflow;              /* more than CACHED_OUT_MAX_BYTES unread: to be dropped */
 	int dead;
+	uint64_t id;               /* unique per daemon run: names it in replies that come later */
 	struct cached_conn *next;
 };
 
@@ -160,6 +161,12 @@ struct cached_stream {
 	char token[SKV_TOKEN_HEX];   /* the secret a peer presents to ATTACH */
 	int chan_fd;                 /* the daemon's copy of the channel, for the next client */
 	double detached_at;          /* 0 while a client holds it */
+	/* A snapshot in progress (cached/snapshot.c): the engine copies the region into the
+	 * staging memfd; then the daemon writes the file. */
+	int snap_staging_fd;         /* -1: none in progress */
+	int snap_out_fd;
+	uint64_t snap_admin_id;      /* the admin connection that asked (0: the daemon itself) */
+	char *snap_path;             /* --state-dir: the file to rename the written one to */
 	struct cached_stream *next;
 };
 
@@ -199,6 +206,7 @@ struct cached {
 				    * time-out of its own is closed after this long */
 	gid_t admin_group;         /* --admin-group: may read stream contents */
 	int have_admin_group;
+	const char *state_dir;     /* --state-dir: snapshots on SIGTERM, restored at start */
 	/* resources */
 	struct skv_model *model;
 	int weights_fd;
@@ -227,6 +235,15 @@ struct cached {
 	int overflowed;            /* some connection has overflow set */
 	double next_tick;          /* the once-a-second look at idle streams and evictions */
 	struct cached_stats stats;
+	/* snapshots (cached/snapshot.c) */
+	uint8_t model_id[32];
+	int have_model_id;
+	const struct cached_restore *restoring; /* while cached_place_stream places a restore */
+	uint32_t snaps_in_flight;
+	int saving;                /* SIGTERM with --state-dir: snapshots first, then stop */
+	double save_deadline;
+	int restore_due;           /* --state-dir: restore once an engine is ready */
+	uint64_t next_conn_id;
 	double started_at;
 	unsigned watchers;
 	/* Statistics of engine processes that have exited, so that totals never go back. */
@@ -288,6 +305,39 @@ void cached_admission_forget(struct cached *d, struct cached_conn *c);
 int cached_timer_ms(struct cached *d, double now);
 /* Once a second: fail streams idle for their time-out. */
 void cached_idle_tick(struct cached *d, double now);
+
+/* A stream being restored from a snapshot: what cached_place_stream takes from it (the
+ * region's bytes, validated; the engine state; name, token and owner). */
+struct cached_restore {
+	const void *region;
+	uint64_t region_bytes;
+	struct skv_stream_state state;
+	char name[SKV_STREAM_NAME_MAX];
+	char token[SKV_TOKEN_HEX];
+	uint32_t owner_uid;
+	int doorbell_fd;             /* a placeholder client doorbell until someone attaches */
+};
+
+/* Snapshots (cached/snapshot.c). */
+/* Ask s's engine for a copy of it; the file goes to out_fd (taken), then renamed to path
+ * (taken, malloc'ed; NULL: written in place). admin_id: who gets ADMIN_RESULT (0: nobody).
+ * Returns 0, or -errno with why filled. */
+int cached_snapshot_start(struct cached *d, struct cached_stream *s, int out_fd, char *path,
+			  uint64_t admin_id, uint32_t flags, char *why, size_t why_len);
+/* SNAPSHOTTED from an engine. */
+void cached_snapshot_done(struct cached *d, struct cached_conn *c,
+			  const struct skv_msg_snapshotted *m);
+/* The stream is going away: forget its snapshot in progress. */
+void cached_snapshot_abort(struct cached *d, struct cached_stream *s, const char *why);
+/* Restore the snapshot file fd as a detached resumable stream. 0 (*id set) or -errno / -SKV_E*
+ * with a one-line why. */
+int cached_restore_fd(struct cached *d, int fd, uint64_t *id, char *why, size_t why_len);
+/* ADMIN_SNAPSHOT / ADMIN_RESTORE (take fd). */
+void cached_admin_snapshot(struct cached *d, struct cached_conn *c, uint64_t stream_id, int fd);
+void cached_admin_restore(struct cached *d, struct cached_conn *c, int fd);
+/* --state-dir: snapshot every resumable stream (SIGTERM); restore the directory (start). */
+void cached_state_save(struct cached *d);
+void cached_state_restore(struct cached *d);
 
 /* Helpers of daemon.c for the files beside it. */
 struct cached_stream *cached_stream_find(struct cached *d, uint64_t id);

@@ -282,6 +282,8 @@ static void stream_unqueue_drop(struct cached_stream *s)
  * table entry may stay (a failed stream waits for its client's CLOSE). */
 static void stream_release(struct cached *d, struct cached_stream *s)
 {
+	if (s->snap_staging_fd >= 0)
+		cached_snapshot_abort(d, s, "the stream ended before its snapshot was taken");
 	if (s->region_bytes) {
 		struct skv_kv_ring ring;
 		char *region = (char *)skv_arena_base(d->arenas[s->arena]) + s->region_offset;
@@ -555,8 +557,9 @@ static int open_check(struct cached *d, const struct skv_msg_open_named *named, 
 				 SKV_STREAM_NAME_MAX - 1);
 			return -EINVAL;
 		}
-		struct cached_stream *other = cached_stream_by_name(d, name, c->peer_uid);
-		if (other && other->owner_uid == c->peer_uid) {
+		uint32_t owner = c ? c->peer_uid : d->restoring->owner_uid;
+		struct cached_stream *other = cached_stream_by_name(d, name, owner);
+		if (other && other->owner_uid == owner) {
 			snprintf(why, why_len,
 				 "OPEN: you already have a stream named %s: attach to it, or pick "
 				 "another name", name);
@@ -597,6 +600,15 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	int err = open_check(d, open, resumable, c, &p, &desc, why, why_len);
 	if (err)
 		return err;
+	if (d->restoring && (d->restoring->region_bytes != desc.region_bytes ||
+			     memcmp(d->restoring->region, &desc, sizeof(desc)))) {
+		snprintf(why, why_len,
+			 "the snapshot's KV layout (%llu bytes) is not the one this daemon lays out "
+			 "for its parameters (%llu bytes, KV %s)",
+			 (unsigned long long)d->restoring->region_bytes,
+			 (unsigned long long)desc.region_bytes, skv_kv_dtype_name(desc.dtype));
+		return -SKV_ESHAPE;
+	}
 	if (d->max_streams && d->n_kv_streams >= d->max_streams) {
 		snprintf(why, why_len,
 			 "the daemon's stream limit (%llu) is reached: close a stream, or start "
@@ -618,10 +630,16 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 			 d->n_arenas > 1 ? "s are" : " is", (unsigned long long)desc.region_bytes);
 		return CACHED_WAIT_ARENA;
 	}
-	/* Lay the region out before anyone sees it: descriptor, empty ring. */
+	/* Lay the region out before anyone sees it: descriptor, empty ring (or a restored
+	 * region as the snapshot holds it, its descriptor checked equal to desc). */
+	const struct cached_restore *restoring = d->restoring;
 	char *region = (char *)skv_arena_base(d->arenas[e->arena]) + offset;
-	memcpy(region, &desc, sizeof(desc));
-	skv_kv_ring_reset(skv_kv_region_ring(region), &desc);
+	if (restoring) {
+		memcpy(region, restoring->region, desc.region_bytes);
+	} else {
+		memcpy(region, &desc, sizeof(desc));
+		skv_kv_ring_reset(skv_kv_region_ring(region), &desc);
+	}
 
 	struct cached_stream *s = calloc(1, sizeof(*s));
 	size_t chan_bytes = 0;
@@ -629,6 +647,7 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	if (s) {
 		s->id = d->next_stream_id;
 		s->chan_fd = -1;
+		s->snap_staging_fd = s->snap_out_fd = -1;
 		s->idle_timeout_s = in->idle_timeout_s ? in->idle_timeout_s : d->idle_timeout_s;
 		if (s->idle_timeout_s > CACHED_IDLE_MAX_S)
 			s->idle_timeout_s = CACHED_IDLE_MAX_S;
@@ -656,7 +675,7 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	s->params.kv_dtype = (uint16_t)p.kv_dtype;
 	s->params.idle_timeout_s = s->idle_timeout_s;
 	s->state = CACHED_STREAM_OPEN;
-	s->owner_uid = c->peer_uid;
+	s->owner_uid = c ? c->peer_uid : restoring->owner_uid;
 	s->opened_at = s->rate_time = s->active_at = cached_now();
 	if (resumable) {
 		/* The daemon keeps the channel for whoever attaches next. */
@@ -667,7 +686,11 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 		else
 			snprintf(s->name, sizeof(s->name), "s%llu", (unsigned long long)s->id);
 		s->chan_fd = fcntl(chan_fd, F_DUPFD_CLOEXEC, 0);
-		err = s->chan_fd < 0 ? -errno : cached_token_new(s->token);
+		err = s->chan_fd < 0 ? -errno : 0;
+		if (!err && restoring)
+			memcpy(s->token, restoring->token, sizeof(s->token));
+		else if (!err)
+			err = cached_token_new(s->token);
 		if (err < 0) {
 			if (s->chan_fd >= 0)
 				close(s->chan_fd);
@@ -689,8 +712,13 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	struct skv_msg_assign a = { .stream_id = s->id, .params = s->params,
 				    .region_offset = offset, .region_bytes = desc.region_bytes,
 				    .channel_bytes = chan_bytes };
-	int fds_e[3] = { chan_fd, client_efd, c->doorbell_fd };
-	err = cached_conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 3);
+	int fds_e[3] = { chan_fd, client_efd, c ? c->doorbell_fd : restoring->doorbell_fd };
+	if (restoring) {
+		struct skv_msg_assign_restored ar = { .assign = a, .state = restoring->state };
+		err = cached_conn_send(d, e->conn, SKV_MSG_ASSIGN_RESTORED, &ar, fds_e, 3);
+	} else {
+		err = cached_conn_send(d, e->conn, SKV_MSG_ASSIGN, &a, fds_e, 3);
+	}
 	if (err) {
 		/* Not delivered: the engine is going away and never learns of the region, which is
 		 * ours again at once. */
@@ -712,6 +740,16 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	d->n_kv_streams++;
 	d->stats.streams_opened++;
 	e->n_streams++;
+	if (!c) {
+		/* Restored: detached until its owner attaches with the token. */
+		close(chan_fd);
+		s->detached_at = cached_now();
+		d->n_detached++;
+		cached_event(d, SKV_EVENT_OPEN, s->id, e->id, 2, "stream %s restored", s->name);
+		cached_log("stream %llu (%s) restored on engine %u", (unsigned long long)s->id,
+			   s->name, e->id);
+		return 0;
+	}
 	c->n_streams++;
 	struct skv_msg_opened o = { .stream_id = s->id, .engine_id = e->id,
 				    .node = (uint32_t)(e->node < 0 ? 0 : e->node),
@@ -1074,6 +1112,7 @@ static void cached_accept(struct cached *d)
 		c->peer_pid = (uint32_t)cred.pid;
 		c->peer_uid = cred.uid;
 		c->peer_gid = cred.gid;
+		c->id = ++d->next_conn_id;
 		c->content_ok = cred.uid == 0 || cred.uid == d->uid ||
 				(d->have_admin_group &&
 				 cached_peer_in_group(cred.uid, cred.gid, d->admin_group));
@@ -1217,6 +1256,19 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 		cached_send_stats(d, c);
 		return;
 	}
+	if (c->role == SKV_ROLE_ADMIN && h->type == SKV_MSG_ADMIN_SNAPSHOT && n_fds == 1) {
+		cached_admin_snapshot(d, c, ((const struct skv_msg_admin_req *)body)->stream_id,
+				      fds[0]);
+		return;
+	}
+	if (c->role == SKV_ROLE_ADMIN && h->type == SKV_MSG_ADMIN_RESTORE && n_fds == 1) {
+		cached_admin_restore(d, c, fds[0]);
+		return;
+	}
+	if (c->role == SKV_ROLE_ENGINE && h->type == SKV_MSG_SNAPSHOTTED && n_fds == 0) {
+		cached_snapshot_done(d, c, body);
+		return;
+	}
 	if (c->role == SKV_ROLE_ADMIN && h->type == SKV_MSG_ADMIN_REQ && n_fds == 0) {
 		cached_admin_request(d, c, body);
 		return;
@@ -1340,7 +1392,10 @@ int cached_run(struct cached *d)
 	while (!d->stopping) {
 		/* Sleep until a peer speaks, or until the next queue deadline or once-a-second
 		 * look (idle streams, evictions for watchers) is due. */
-		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, cached_timer_ms(d, cached_now()));
+		int ms = cached_timer_ms(d, cached_now());
+		if ((d->saving || d->restore_due) && (ms < 0 || ms > 200))
+			ms = 200; /* a deadline of the shutdown's snapshots, a restore to start */
+		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, ms);
 		if (n < 0 && errno != EINTR) {
 			cached_log("epoll_wait: %s", strerror(errno));
 			return 1;
@@ -1370,7 +1425,13 @@ int cached_run(struct cached *d)
 			case CACHED_TAG_SIGNAL: {
 				struct signalfd_siginfo si;
 				while (read(fd, &si, sizeof(si)) == sizeof(si)) {
-					if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
+					if ((si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) &&
+					    d->state_dir && !d->saving) {
+						/* Snapshots first: stop once they are written. */
+						cached_log("signal %u: snapshotting streams into %s, then "
+							   "shutting down", si.ssi_signo, d->state_dir);
+						cached_state_save(d);
+					} else if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM) {
 						cached_log("signal %u: shutting down", si.ssi_signo);
 						d->stopping = 1;
 					}
@@ -1382,6 +1443,20 @@ int cached_run(struct cached *d)
 			}
 		}
 		double now = cached_now();
+		if (d->saving && (!d->snaps_in_flight || now > d->save_deadline)) {
+			if (d->snaps_in_flight)
+				cached_log("%u snapshot(s) not written in time; shutting down",
+					   d->snaps_in_flight);
+			d->stopping = 1;
+		}
+		if (d->restore_due) {
+			for (unsigned i = 0; i < d->n_engines; i++)
+				if (d->engines[i].state == CACHED_ENGINE_READY) {
+					d->restore_due = 0;
+					cached_state_restore(d);
+					break;
+				}
+		}
 		if (now >= d->next_tick) {
 			d->next_tick = now + 1.0;
 			if (d->watchers)

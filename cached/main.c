@@ -64,6 +64,7 @@ struct cached_opts {
 	long long idle_timeout_s;
 	long long detach_timeout_s;
 	const char *admin_group;
+	const char *state_dir;
 };
 
 static void cached_usage(FILE *out)
@@ -95,6 +96,9 @@ static void cached_usage(FILE *out)
 	      "                       SEC seconds unless it has an idle time-out (default 3600)\n"
 	      "  --admin-group NAME   members may read stream contents (token ids, window text)\n"
 	      "                       with skv-admin; otherwise only this uid and root may\n"
+	      "  --state-dir DIR      on SIGTERM/SIGINT snapshot every resumable stream into DIR,\n"
+	      "                       and restore DIR's snapshots at start (detached: their\n"
+	      "                       clients attach with name and token as before)\n"
 	      "  --prefault           fault the arenas in at start\n"
 	      "  --verbose            log every stream, and how many default streams an arena holds\n",
 	      out);
@@ -146,6 +150,7 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "idle-timeout", required_argument, NULL, 'I' },
 		{ "detach-timeout", required_argument, NULL, 'D' },
 		{ "admin-group", required_argument, NULL, 'G' },
+		{ "state-dir", required_argument, NULL, 'S' },
 		{ "prefault", no_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
@@ -216,6 +221,7 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 							       CACHED_IDLE_MAX_S);
 			break;
 		case 'G': o->admin_group = optarg; break;
+		case 'S': o->state_dir = optarg; break;
 		case 'b': o->engine_bin = optarg; break;
 		case 'p': o->prefault = 1; break;
 		case 'v': o->verbose = 1; break;
@@ -465,6 +471,15 @@ int main(int argc, char **argv)
 			cached_die(CACHED_EXIT_USAGE, "--group: no group named '%s'", o.group);
 		d.group = g->gr_gid;
 		d.have_group = 1;
+	}
+	if (o.state_dir) {
+		struct stat sd;
+		if (stat(o.state_dir, &sd) < 0 || !S_ISDIR(sd.st_mode) ||
+		    access(o.state_dir, W_OK | X_OK) < 0)
+			cached_die(CACHED_EXIT_USAGE, "--state-dir: %s is not a directory this user "
+				   "can write", o.state_dir);
+		d.state_dir = o.state_dir;
+		d.restore_due = 1;
 	}
 	if (o.admin_group) {
 		struct group *g = getgrnam(o.admin_group);

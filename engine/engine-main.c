@@ -85,6 +85,10 @@ struct eng_stream {
 	int in_batch;             /* rows this stream has in the step being built */
 	int emitted;              /* output went out since the client was last rung */
 	int broken;               /* its client corrupted the channel: served no more */
+	int snap_fd;              /* a SNAPSHOT waits for the request in progress to end */
+	uint64_t snap_bytes;
+	void *region;             /* its KV region in the arena */
+	uint64_t region_bytes;
 	struct eng_stream *next;
 };
 
@@ -264,6 +268,8 @@ static void stream_free(struct eng_stream *st)
 		munmap(st->chan_map, st->chan_bytes);
 	if (st->client_efd >= 0)
 		close(st->client_efd);
+	if (st->snap_fd >= 0)
+		close(st->snap_fd);
 	if (st->client_word)
 		munmap(st->client_word, SKV_CLIENT_DOORBELL_BYTES);
 	free(st->out_pending);
@@ -285,8 +291,11 @@ static struct eng_stream *engine_find(struct engine *e, uint64_t id, struct eng_
 	return NULL;
 }
 
+/* restore: the region holds a restored stream (keep its ring state) and this is the engine
+ * state that goes with it (NULL: a new stream). */
 static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int chan_fd,
-			 int client_efd, int doorbell_fd, char *msg, size_t msg_len)
+			 int client_efd, int doorbell_fd, const struct skv_stream_state *restore,
+			 char *msg, size_t msg_len)
 {
 	if (engine_find(e, a->stream_id, NULL))
 		return skv_errorf(msg, msg_len, -EEXIST, "stream %llu assigned twice",
@@ -304,6 +313,9 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 		return -ENOMEM;
 	st->id = a->stream_id;
 	st->client_efd = -1;
+	st->snap_fd = -1;
+	st->region = (char *)e->arena + a->region_offset;
+	st->region_bytes = a->region_bytes;
 	st->chan_bytes = a->channel_bytes;
 	st->chan_map = mmap(NULL, st->chan_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, chan_fd, 0);
 	int err;
@@ -339,7 +351,7 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 	if (err < 0)
 		goto fail;
 	err = skv_stream_new_at(e->runner, &st->policy, (char *)e->arena + a->region_offset,
-				a->region_bytes, 1, &st->s, msg, msg_len);
+				a->region_bytes, restore == NULL, &st->s, msg, msg_len);
 	if (err < 0)
 		goto fail;
 	err = skv_sampler_init(&st->sampler, e->vocab, a->params.temperature, a->params.top_p,
@@ -348,6 +360,18 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 		skv_errorf(msg, msg_len, err, "stream %llu: bad sampling parameters",
 			   (unsigned long long)a->stream_id);
 		goto fail;
+	}
+	if (restore) {
+		if (!restore->rng || restore->prev_token < 0 || restore->prev_token >= e->vocab ||
+		    restore->next_token < 0 || restore->next_token >= e->vocab) {
+			err = skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					 "stream %llu: restored state out of range",
+					 (unsigned long long)a->stream_id);
+			goto fail;
+		}
+		st->sampler.rng = restore->rng;
+		st->prev_token = restore->prev_token;
+		st->next_token = restore->next_token;
 	}
 	st->logits = malloc((size_t)e->vocab * sizeof(float));
 	if (!st->logits) {
@@ -589,6 +613,33 @@ static void engine_rotate(struct engine *e, struct eng_stream *st)
 	e->streams = st;
 }
 
+/* Copy a stream's region into the daemon's staging memfd, at a request boundary (nothing
+ * writes the region meanwhile: this loop is its only writer), and say so. The copy is the
+ * only time the other streams of this engine wait for it: copy_ns tells the daemon. */
+static void stream_snapshot(struct engine *e, struct eng_stream *st)
+{
+	struct skv_msg_snapshotted m = { .stream_id = st->id };
+	int fd = st->snap_fd;
+	st->snap_fd = -1;
+	void *staging = st->snap_bytes == st->region_bytes
+				? mmap(NULL, st->snap_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+				: MAP_FAILED;
+	if (staging == MAP_FAILED) {
+		m.code = st->snap_bytes == st->region_bytes ? -errno : -SKV_ESHAPE;
+	} else {
+		uint64_t t0 = engine_now_ns();
+		memcpy(staging, st->region, st->region_bytes);
+		m.copy_ns = engine_now_ns() - t0;
+		munmap(staging, st->snap_bytes);
+		m.state.rng = st->sampler.rng;
+		m.state.prev_token = st->prev_token;
+		m.state.next_token = st->next_token;
+		m.state.tokens_generated = st->generated;
+	}
+	close(fd);
+	engine_send(e, SKV_MSG_SNAPSHOTTED, &m);
+}
+
 /* Gather every runnable stream's work into one forward pass. Returns rows run (0: idle). */
 static int engine_step(struct engine *e)
 {
@@ -599,6 +650,9 @@ static int engine_step(struct engine *e)
 		/* Read the cancel word before the input: a request sent before a cancel is then
 		 * visible to stream_take_input (the client bumps it with release order). */
 		st->cancel_now = __atomic_load_n(&st->chan.hdr->cancel, __ATOMIC_ACQUIRE);
+		/* A snapshot waits for the request in progress to end, and goes before the next. */
+		if (st->snap_fd >= 0 && st->state == ENG_IDLE)
+			stream_snapshot(e, st);
 		stream_take_input(e, st);
 		if (st->state != ENG_IDLE && (int32_t)(st->cancel_now - st->epoch) > 0) {
 			struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
@@ -727,7 +781,9 @@ static int engine_control(struct engine *e)
 		struct skv_msg_hdr hdr;
 		union {
 			struct skv_msg_assign assign;
+			struct skv_msg_assign_restored restored;
 			struct skv_msg_stream stream;
+			struct skv_msg_snapshot snapshot;
 			struct skv_msg_error error;
 		} body;
 		int fds[SKV_MSG_MAX_FDS], n_fds = 0;
@@ -744,9 +800,13 @@ static int engine_control(struct engine *e)
 		}
 		char msg[256] = "";
 		switch (hdr.type) {
-		case SKV_MSG_ASSIGN: {
+		case SKV_MSG_ASSIGN:
+		case SKV_MSG_ASSIGN_RESTORED: {
+			/* The restored form starts with the same assign. */
+			const struct skv_stream_state *restore =
+				hdr.type == SKV_MSG_ASSIGN_RESTORED ? &body.restored.state : NULL;
 			int err = n_fds == 3 ? engine_assign(e, &body.assign, fds[0], fds[1],
-							     fds[2], msg, sizeof(msg))
+							     fds[2], restore, msg, sizeof(msg))
 					     : -SKV_EFORMAT;
 			if (n_fds >= 1)
 				close(fds[0]);
@@ -776,6 +836,32 @@ static int engine_control(struct engine *e)
 			}
 			/* Acknowledge even an unknown id: the daemon frees the region after it. */
 			engine_send(e, SKV_MSG_DROPPED, &body.stream);
+			break;
+		}
+		case SKV_MSG_SNAPSHOT: {
+			struct eng_stream *st = engine_find(e, body.snapshot.stream_id, NULL);
+			if (!st || n_fds != 1 || st->snap_fd >= 0 ||
+			    st->policy.kind == SKV_POLICY_RECOMPUTE) {
+				struct skv_msg_snapshotted m = {
+					.stream_id = body.snapshot.stream_id,
+					.code = !st ? -ENOENT : n_fds != 1 ? -SKV_EFORMAT
+						: st->snap_fd >= 0 ? -EBUSY : -ENOTSUP };
+				for (int i = 0; i < n_fds; i++)
+					close(fds[i]);
+				engine_send(e, SKV_MSG_SNAPSHOTTED, &m);
+				break;
+			}
+			st->snap_fd = fds[0];
+			st->snap_bytes = body.snapshot.region_bytes;
+			if (st->state != ENG_IDLE && (body.snapshot.flags & SKV_SNAP_NOW)) {
+				/* Shutting down: the request ends here, at a step boundary. */
+				struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
+							     .flags = SKV_DONE_CANCELLED };
+				stream_emit(e, st, &done);
+				st->state = ENG_IDLE;
+			}
+			if (st->state == ENG_IDLE)
+				stream_snapshot(e, st);
 			break;
 		}
 		case SKV_MSG_REATTACH: {

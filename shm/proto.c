@@ -44,6 +44,12 @@ static const struct {
 	[SKV_MSG_DETACH] = { "DETACH", sizeof(struct skv_msg_stream) },
 	[SKV_MSG_DETACHED] = { "DETACHED", sizeof(struct skv_msg_stream) },
 	[SKV_MSG_REATTACH] = { "REATTACH", sizeof(struct skv_msg_stream) },
+	[SKV_MSG_SNAPSHOT] = { "SNAPSHOT", sizeof(struct skv_msg_snapshot) },
+	[SKV_MSG_SNAPSHOTTED] = { "SNAPSHOTTED", sizeof(struct skv_msg_snapshotted) },
+	[SKV_MSG_ASSIGN_RESTORED] = { "ASSIGN_RESTORED", sizeof(struct skv_msg_assign_restored) },
+	[SKV_MSG_ADMIN_SNAPSHOT] = { "ADMIN_SNAPSHOT", sizeof(struct skv_msg_admin_req) },
+	[SKV_MSG_ADMIN_RESTORE] = { "ADMIN_RESTORE", sizeof(struct skv_msg_admin_req) },
+	[SKV_MSG_ADMIN_RESULT] = { "ADMIN_RESULT", sizeof(struct skv_admin_result) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

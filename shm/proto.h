@@ -22,7 +22,7 @@
 
 #define SKV_PROTO_MAGIC 0x50564b53u /* "SKVP" */
 #define SKV_PROTO_MAJOR 2
-#define SKV_PROTO_MINOR 1 /* 2.1: resumable streams (OPEN_NAMED, ATTACH, DETACH) */
+#define SKV_PROTO_MINOR 2 /* 2.1: resumable streams (OPEN_NAMED, ATTACH, DETACH); 2.2: snapshots */
 #define SKV_MSG_MAX_FDS 4
 #define SKV_MSG_TEXT 192
 
@@ -70,6 +70,16 @@ enum skv_msg_type {
 	SKV_MSG_DETACHED = 29,      /* daemon -> client: struct skv_msg_stream */
 	SKV_MSG_REATTACH = 30,      /* daemon -> engine: struct skv_msg_stream + fds: the new
 				     * client's eventfd and doorbell page */
+	/* 2.2: snapshots (shm/snapshot.h is the file format). */
+	SKV_MSG_SNAPSHOT = 31,      /* daemon -> engine: struct skv_msg_snapshot + fd: a staging
+				     * memfd of region_bytes the engine copies the region into */
+	SKV_MSG_SNAPSHOTTED = 32,   /* engine -> daemon: struct skv_msg_snapshotted */
+	SKV_MSG_ASSIGN_RESTORED = 33, /* daemon -> engine: struct skv_msg_assign_restored + the
+				     * fds of ASSIGN: a stream whose region holds restored KV */
+	SKV_MSG_ADMIN_SNAPSHOT = 34, /* admin -> daemon: struct skv_msg_admin_req (stream_id) +
+				     * fd: the file to write (the admin's own, opened for writing) */
+	SKV_MSG_ADMIN_RESTORE = 35, /* admin -> daemon: struct skv_msg_admin_req + fd: the file */
+	SKV_MSG_ADMIN_RESULT = 36,  /* daemon -> admin: struct skv_admin_result */
 	SKV_MSG_TYPE_END
 };
 
@@ -209,6 +219,55 @@ struct skv_msg_assign {
 	uint64_t channel_bytes;
 };
 _Static_assert(sizeof(struct skv_msg_assign) == 80, "ABI");
+
+/* A stream's engine-private state at a request boundary: what the KV region does not hold. */
+struct skv_stream_state {
+	uint64_t rng;              /* the sampler's xorshift64* state (never 0) */
+	int32_t prev_token;        /* the last token fed (decoding its successor needs it) */
+	int32_t next_token;        /* the last token sampled, not fed yet (a continuation
+				    * with no new text starts from it) */
+	uint64_t tokens_generated; /* informational */
+	uint32_t reserved[10];
+};
+_Static_assert(sizeof(struct skv_stream_state) == 64, "ABI");
+
+#define SKV_SNAP_NOW 1u /* SNAPSHOT: end the request in progress now (a shutdown) instead of
+			 * waiting for it to end */
+
+struct skv_msg_snapshot {
+	uint64_t stream_id;
+	uint32_t flags;            /* SKV_SNAP_* */
+	uint32_t reserved;
+	uint64_t region_bytes;     /* the staging memfd's size */
+};
+_Static_assert(sizeof(struct skv_msg_snapshot) == 24, "ABI");
+
+struct skv_msg_snapshotted {
+	uint64_t stream_id;
+	int32_t code;              /* 0, or why not: -ENOENT, -ENOTSUP (recompute), -errno */
+	uint32_t reserved;
+	uint64_t copy_ns;          /* how long the copy held the engine's loop */
+	struct skv_stream_state state;
+};
+_Static_assert(sizeof(struct skv_msg_snapshotted) == 88, "ABI");
+
+struct skv_msg_assign_restored {
+	struct skv_msg_assign assign;
+	struct skv_stream_state state;
+};
+_Static_assert(sizeof(struct skv_msg_assign_restored) == 144, "ABI");
+
+struct skv_admin_result {
+	int32_t code;              /* 0 or -errno / -SKV_E* */
+	uint32_t reserved;
+	uint64_t stream_id;        /* snapshot: the stream; restore: the restored stream */
+	uint64_t bytes;            /* of the file */
+	uint64_t copy_ns;          /* snapshot: the engine's copy */
+	uint64_t tokens_seen;
+	char name[SKV_STREAM_NAME_MAX]; /* restore: its name (attach with the snapshot's token) */
+	char text[SKV_MSG_TEXT];   /* failure: one line */
+};
+_Static_assert(sizeof(struct skv_admin_result) == 296, "ABI");
 
 /* A summary of the daemon's state, for tests and tools (issue 6 extends what admin tools see). */
 struct skv_msg_stats {

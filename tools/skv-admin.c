@@ -19,6 +19,8 @@
  * error); 2 for a usage error or no daemon at the socket. Every failure is one line on stderr
  * starting with "skv-admin: ". */
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -42,13 +44,14 @@
 
 enum admin_command {
 	CMD_INFO, CMD_STREAMS, CMD_STREAM, CMD_ARENAS, CMD_ENGINES, CMD_TOP, CMD_WATCH,
-	CMD_METRICS, CMD_N
+	CMD_METRICS, CMD_SNAPSHOT, CMD_RESTORE, CMD_N
 };
 
 static const char *const command_names[CMD_N] = {
 	[CMD_INFO] = "info", [CMD_STREAMS] = "streams", [CMD_STREAM] = "stream",
 	[CMD_ARENAS] = "arenas", [CMD_ENGINES] = "engines", [CMD_TOP] = "top",
-	[CMD_WATCH] = "watch", [CMD_METRICS] = "metrics",
+	[CMD_WATCH] = "watch", [CMD_METRICS] = "metrics", [CMD_SNAPSHOT] = "snapshot",
+	[CMD_RESTORE] = "restore",
 };
 
 /* Flags that only some commands take. */
@@ -69,6 +72,8 @@ static const unsigned command_flags[CMD_N] = {
 	[CMD_TOP] = FLAG_SORT | FLAG_INTERVAL | FLAG_ITERATIONS,
 	[CMD_WATCH] = FLAG_JSON,
 	[CMD_METRICS] = 0,
+	[CMD_SNAPSHOT] = FLAG_JSON,
+	[CMD_RESTORE] = FLAG_JSON,
 };
 
 struct admin_opts {
@@ -80,7 +85,8 @@ struct admin_opts {
 	long iterations;           /* top: frames, 0 = until q */
 	unsigned given;            /* FLAG_* given on the command line */
 	enum admin_command command;
-	const char *arg;           /* info SECTION, stream ID */
+	const char *arg;           /* info SECTION, stream ID, restore FILE */
+	const char *arg2;          /* snapshot FILE */
 };
 
 static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
@@ -109,6 +115,9 @@ static void usage(FILE *out)
 	      "                      live view, q quits; without a terminal: N frames as text (1)\n"
 	      "  watch               events as they happen, one per line, until interrupted\n"
 	      "  metrics             Prometheus text format (no --json)\n"
+	      "  snapshot ID FILE    write stream ID's whole state to FILE (mode 0600: it holds the\n"
+	      "                      stream's resume token), taken at its next request boundary\n"
+	      "  restore FILE        bring a snapshot back as a detached resumable stream\n"
 	      "--socket defaults to $XDG_RUNTIME_DIR/streamkv/cached.sock; --json: JSON output.\n"
 	      "exit status: 0 ok, 1 failure, 2 usage error or no daemon\n",
 	      out);
@@ -214,9 +223,16 @@ static void parse_args(int argc, char **argv, struct admin_opts *o)
 		die(EXIT_USAGE, "unknown command '%s' (info, streams, stream ID, arenas, engines, top, "
 				"watch, metrics)", name);
 	int n_args = argc - optind;
-	int max_args = o->command == CMD_INFO || o->command == CMD_STREAM ? 1 : 0;
+	int max_args = o->command == CMD_INFO || o->command == CMD_STREAM ||
+				       o->command == CMD_RESTORE ? 1
+		       : o->command == CMD_SNAPSHOT ? 2 : 0;
 	if (n_args > max_args)
 		die(EXIT_USAGE, "%s: unexpected argument '%s'", name, argv[optind + max_args]);
+	if (o->command == CMD_SNAPSHOT && n_args != 2)
+		die(EXIT_USAGE, "usage: skv-admin snapshot ID FILE");
+	if (o->command == CMD_RESTORE && n_args != 1)
+		die(EXIT_USAGE, "usage: skv-admin restore FILE");
+	o->arg2 = n_args == 2 ? argv[optind + 1] : NULL;
 	if (o->command == CMD_STREAM && n_args == 0)
 		die(EXIT_USAGE, "stream: which one? (skv-admin stream ID; see skv-admin streams)");
 	o->arg = n_args ? argv[optind] : NULL;
@@ -410,6 +426,78 @@ static int cmd_watch(const struct admin_opts *o, struct admin_conn *c, const cha
 	return 0;
 }
 
+/* snapshot ID FILE / restore FILE: the file is opened here, with our own permissions, and its
+ * fd handed to the daemon, which never opens a path on an admin's behalf. */
+static int cmd_snapshot_restore(const struct admin_opts *o, struct admin_conn *c,
+				const char *path)
+{
+	int snap = o->command == CMD_SNAPSHOT;
+	const char *file = snap ? o->arg2 : o->arg;
+	int fd = snap ? open(file, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)
+		      : open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die(1, "%s: %s", file, strerror(errno));
+	struct skv_msg_admin_req req = { .stream_id = snap ? parse_stream_id(o->arg) : 0 };
+	int err = skv_msg_send(c->sock, snap ? SKV_MSG_ADMIN_SNAPSHOT : SKV_MSG_ADMIN_RESTORE,
+			       c->seq++, &req, &fd, 1);
+	close(fd);
+	if (err < 0)
+		die(1, "skv-cached at %s went away", path);
+	struct skv_msg_hdr h;
+	union {
+		struct skv_admin_result result;
+		struct skv_msg_error error;
+		uint8_t raw[2048];
+	} body;
+	for (;;) {
+		struct pollfd pfd = { .fd = c->sock, .events = POLLIN };
+		/* A snapshot waits for the stream's request in progress to end. */
+		if (poll(&pfd, 1, 600000) <= 0)
+			die(1, "skv-cached did not answer within 600 s");
+		int fds[SKV_MSG_MAX_FDS], n_fds = 0;
+		int got = skv_msg_recv(c->sock, &h, &body, sizeof(body), fds, &n_fds);
+		for (int i = 0; i < n_fds; i++)
+			close(fds[i]);
+		if (got <= 0)
+			die(1, "skv-cached at %s went away", path);
+		if (h.type == SKV_MSG_ERROR) {
+			body.error.text[sizeof(body.error.text) - 1] = '\0';
+			die(1, "%s", body.error.text);
+		}
+		if (h.type == SKV_MSG_ADMIN_RESULT)
+			break;
+	}
+	struct skv_admin_result *r = &body.result;
+	r->text[sizeof(r->text) - 1] = '\0';
+	r->name[sizeof(r->name) - 1] = '\0';
+	if (r->code < 0) {
+		if (snap)
+			unlink(file);
+		die(1, "%s: %s", file, r->text);
+	}
+	if (o->json) {
+		json_t *j = json_object();
+		json_object_set_new(j, "stream", json_integer((json_int_t)r->stream_id));
+		json_object_set_new(j, "name", json_string(r->name));
+		json_object_set_new(j, "tokens_seen", json_integer((json_int_t)r->tokens_seen));
+		json_object_set_new(j, "bytes", json_integer((json_int_t)r->bytes));
+		if (snap)
+			json_object_set_new(j, "engine_copy_ms", json_real((double)r->copy_ns * 1e-6));
+		else
+			json_object_set_new(j, "token", json_string(r->text));
+		json_out(j);
+	} else if (snap) {
+		printf("stream %llu: %llu tokens, %llu bytes written to %s (the engine's copy took "
+		       "%.3f ms)\n", (unsigned long long)r->stream_id,
+		       (unsigned long long)r->tokens_seen, (unsigned long long)r->bytes, file,
+		       (double)r->copy_ns * 1e-6);
+	} else {
+		printf("restored as stream %llu, name %s, token %s (detached: attach with name and "
+		       "token)\n", (unsigned long long)r->stream_id, r->name, r->text);
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct admin_opts o;
@@ -451,6 +539,10 @@ int main(int argc, char **argv)
 		break;
 	case CMD_METRICS:
 		cmd_metrics(&c, path);
+		break;
+	case CMD_SNAPSHOT:
+	case CMD_RESTORE:
+		status = cmd_snapshot_restore(&o, &c, path);
 		break;
 	case CMD_N:
 		break;

@@ -12,8 +12,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <nettle/sha2.h>
+
 #include "channel.h"
 #include "mputil.h"
+#include "snapshot.h"
 #include "skv-error.h"
 #include "testutil.h"
 
@@ -312,5 +315,192 @@ Test(durable, cli_stream_continues_across_runs)
 	free(a);
 	free(b);
 	free(want);
+	mp_wait_streams_freed(&d, 10.0);
+}
+
+/* ==== snapshots (item 3) ===================================================================== */
+
+/* skv-admin with args: its exit status, stdout and stderr (malloc'ed). */
+static int admin_run(const struct mp_daemon *d, const char *const *args, char **out, char **err)
+{
+	const char *argv[16] = { "--socket", d->sock };
+	size_t n = 2;
+	for (size_t i = 0; args[i] && n < 15; i++)
+		argv[n++] = args[i];
+	argv[n] = NULL;
+	int st = mp_run(mp_env_path("SKV_ADMIN_BIN"), argv, out, err);
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+/* Open a resumable greedy stream, run one request, and leave it detached; its token in tok. */
+static uint64_t open_run_detach(const struct mp_daemon *d, const char *name, const char *prompt,
+				uint64_t steps, struct mp_result *r, char tok[33])
+{
+	skv_client *c = mp_connect(d);
+	skv_client_stream *s = open_resumable(c, name, NULL);
+	mp_request(s, prompt, SKV_CHAN_GENERATE, steps);
+	mp_collect(s, r, REQUEST_TIMEOUT_S);
+	struct skv_client_resume res;
+	cr_assert_eq(skv_client_stream_resume_info(s, &res), 0);
+	memcpy(tok, res.token, 33);
+	cr_assert_eq(skv_client_stream_detach(s), 0, "%s", skv_client_last_error(c));
+	skv_client_disconnect(c);
+	return res.id;
+}
+
+/* Attach (waiting for a restore to finish), run one more request, close. */
+static void attach_and_continue(const struct mp_daemon *d, const char *name, const char *tok,
+				const char *prompt, uint64_t steps, struct mp_result *r)
+{
+	skv_client *c = mp_connect(d);
+	skv_client_stream *t = NULL;
+	int err = -ENOENT;
+	for (int i = 0; i < 300 && (err == -ENOENT || err == -EBUSY); i++) {
+		err = skv_client_stream_attach(c, name, tok, &t);
+		if (err)
+			mp_sleep_ms(20);
+	}
+	cr_assert_eq(err, 0, "attach %s: %s", name, skv_client_last_error(c));
+	cr_assert_eq(skv_client_stream_pending(t), 0);
+	mp_request(t, prompt, SKV_CHAN_GENERATE, steps);
+	r->finished = 0;
+	mp_collect(t, r, REQUEST_TIMEOUT_S);
+	skv_client_stream_close(t);
+	skv_client_disconnect(c);
+}
+
+Test(durable, state_dir_restart_continues_byte_for_byte)
+{
+	struct mp_daemon d;
+	const char *dir = tu_scratch_dir("durable-state");
+	char state[PATH_MAX];
+	snprintf(state, sizeof(state), "%s/state", dir);
+	cr_assert_eq(mkdir(state, 0700), 0);
+	const char *const flags[] = { "--state-dir", state, NULL };
+	mp_daemon_start(&d, "durable-state", 1, NULL, flags);
+	struct mp_result got = { 0 };
+	char tok[33];
+	open_run_detach(&d, "across-restarts", PROMPT, 150, &got, tok);
+
+	/* A clean stop snapshots it; a new daemon restores it; its owner attaches. */
+	kill(d.pid, SIGTERM);
+	cr_assert(mp_daemon_reap(&d, 30.0), "the daemon did not stop");
+	cr_assert(WIFEXITED(d.status) && WEXITSTATUS(d.status) == 0, "status 0x%x", d.status);
+	char snap[PATH_MAX + 64];
+	snprintf(snap, sizeof(snap), "%s/%u-across-restarts.snap", state, (unsigned)getuid());
+	struct stat st;
+	cr_assert_eq(stat(snap, &st), 0, "no %s", snap);
+	cr_assert_eq(st.st_mode & 0777, 0600);
+	mp_daemon_start(&d, "durable-state", 1, NULL, flags);
+	attach_and_continue(&d, "across-restarts", tok, "", 60, &got);
+	cr_assert_neq(stat(snap, &st), 0, "a restored snapshot stays in the directory");
+
+	skv_client *ref = mp_connect(&d);
+	char *want = reference(ref, (const char *const[]){ PROMPT, "" },
+			       (const uint64_t[]){ 150, 60 }, 2);
+	skv_client_disconnect(ref);
+	cr_assert_str_eq(got.text, want, "restarted:\n%s\nuninterrupted:\n%s", got.text, want);
+	free(want);
+	mp_result_free(&got);
+	mp_wait_streams_freed(&d, 10.0);
+}
+
+/* The sha256 of a snapshot file with its sha256 field zero, written into it (to forge files
+ * that pass the checksum and must be refused for what they say). */
+static void reseal(uint8_t *file, size_t len)
+{
+	struct skv_snap_header *h = (struct skv_snap_header *)file;
+	memset(h->sha256, 0, sizeof(h->sha256));
+	struct sha256_ctx ctx;
+	sha256_init(&ctx);
+	sha256_update(&ctx, len, file);
+	sha256_digest(&ctx, 32, h->sha256);
+}
+
+static void expect_refusal(const struct mp_daemon *d, const char *dir, const char *name,
+			   const uint8_t *bytes, size_t len, const char *needle)
+{
+	char path[PATH_MAX];
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	FILE *f = fopen(path, "wb");
+	cr_assert(f && fwrite(bytes, 1, len, f) == len && fclose(f) == 0);
+	char *out = NULL, *err = NULL;
+	int st = admin_run(d, (const char *const[]){ "restore", path, NULL }, &out, &err);
+	cr_assert_eq(st, 1, "%s: exit %d: %s%s", name, st, out, err);
+	cr_assert(strstr(err, needle) && !strchr(strchr(err, '\n') + 1, '\n'),
+		  "%s: not one line saying '%s': %s", name, needle, err);
+	free(out);
+	free(err);
+}
+
+Test(durable, admin_snapshot_restore_and_every_refusal)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "durable-snap", 1, NULL, NULL);
+	const char *dir = tu_scratch_dir("durable-snap");
+	struct mp_result got = { 0 };
+	char tok[33], id[32], file[PATH_MAX];
+	uint64_t sid = open_run_detach(&d, "snapped", PROMPT, 80, &got, tok);
+	snprintf(id, sizeof(id), "%llu", (unsigned long long)sid);
+	snprintf(file, sizeof(file), "%s/snapped.snap", dir);
+	char *out = NULL, *err = NULL;
+	int st = admin_run(&d, (const char *const[]){ "snapshot", id, file, NULL }, &out, &err);
+	cr_assert_eq(st, 0, "snapshot: %s%s", out, err);
+	cr_assert(strstr(out, "written to"), "%s", out);
+	free(out);
+	free(err);
+
+	/* The original goes; the snapshot brings it back under the same name and token. */
+	skv_client *c = mp_connect(&d);
+	skv_client_stream *t = NULL;
+	cr_assert_eq(attach_retry(c, "snapped", tok, &t), 0, "%s", skv_client_last_error(c));
+	skv_client_stream_close(t);
+	skv_client_disconnect(c);
+	st = admin_run(&d, (const char *const[]){ "restore", file, NULL }, &out, &err);
+	cr_assert_eq(st, 0, "restore: %s%s", out, err);
+	cr_assert(strstr(out, "name snapped"), "%s", out);
+	free(out);
+	free(err);
+	attach_and_continue(&d, "snapped", tok, "", 40, &got);
+	skv_client *ref = mp_connect(&d);
+	char *want = reference(ref, (const char *const[]){ PROMPT, "" },
+			       (const uint64_t[]){ 80, 40 }, 2);
+	skv_client_disconnect(ref);
+	cr_assert_str_eq(got.text, want, "restored:\n%s\nuninterrupted:\n%s", got.text, want);
+	free(want);
+	mp_result_free(&got);
+
+	/* Refusals, each one line. */
+	size_t len = 0;
+	uint8_t *bytes = (uint8_t *)tu_read_file(file, &len);
+	cr_assert(bytes && len > sizeof(struct skv_snap_header));
+	uint8_t *copy = malloc(len);
+	cr_assert(copy);
+	expect_refusal(&d, dir, "truncated.snap", bytes, len - 100, "truncated snapshot");
+	expect_refusal(&d, dir, "short.snap", bytes, 100, "truncated snapshot");
+	memcpy(copy, bytes, len);
+	copy[len - 7] ^= 0x40;
+	expect_refusal(&d, dir, "corrupt.snap", copy, len, "sha256 does not match");
+	memcpy(copy, bytes, len);
+	((struct skv_snap_header *)copy)->major = SKV_SNAP_MAJOR + 1;
+	expect_refusal(&d, dir, "newer.snap", copy, len, "is newer than this daemon's");
+	memcpy(copy, bytes, len);
+	((struct skv_snap_header *)copy)->model_id[0] ^= 1;
+	reseal(copy, len);
+	expect_refusal(&d, dir, "model.snap", copy, len, "snapshot of another model");
+	memcpy(copy, bytes, len);
+	((struct skv_snap_header *)copy)->kv_dtype = 9;
+	reseal(copy, len);
+	expect_refusal(&d, dir, "kvtype.snap", copy, len, "snapshot of another KV type");
+	expect_refusal(&d, dir, "garbage.snap", (const uint8_t *)"hello world, no snapshot", 24,
+		       "not a streamkv snapshot");
+	free(copy);
+	free(bytes);
+	/* A snapshot of a stream that does not exist. */
+	st = admin_run(&d, (const char *const[]){ "snapshot", "999999", file, NULL }, &out, &err);
+	cr_assert_eq(st, 1);
+	cr_assert(strstr(err, "no stream 999999"), "%s", err);
+	free(out);
+	free(err);
 	mp_wait_streams_freed(&d, 10.0);
 }
