@@ -99,7 +99,7 @@ for u in "${units[@]}"; do
 	line=$(grep '^ExecStart=' "$u") || { bad+=("$(basename "$u"): no ExecStart="); continue; }
 	for word in ${line#ExecStart=}; do
 		case "$word" in
-		/run/*) ;; # the runtime directory: made by systemd
+		/run/* | /var/lib/*) ;; # the runtime and state directories: made by systemd
 		/*) [ -e "$(D "$word")" ] || bad+=("$(basename "$u"): $word") ;;
 		esac
 	done
@@ -211,8 +211,9 @@ else
 fi
 
 # ---- the installed tree runs ------------------------------------------------------------------
-# The daemon with its unit's flags (a private socket, no --group: the test's user may have no
-# group to give), the installed model, and the engine it finds next to itself. Under strace -f
+# The daemon with its unit's flags (a private socket and state directory, no --group: the
+# test's user may have no group to give), the installed model, and the engine it finds next to
+# itself. Under strace -f
 # when it can trace here, so that what the daemon, its engines and the gateway do can be held
 # against what their units allow.
 tracing=0
@@ -229,8 +230,10 @@ tracer=()
 [ $tracing = 1 ] && tracer=(strace -f -qq -o "$tmp/cached.trace")
 model="$(D "$SKV_MODELDIR/stories260K/stories260K.bin")"
 sock="$tmp/cached.sock"
-"${tracer[@]}" "$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --model "$model" --engines 1 \
-	--arena-mb 16 > "$tmp/cached.log" 2>&1 &
+state="$tmp/state"
+mkdir -m 0700 "$state"
+"${tracer[@]}" "$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --state-dir "$state" \
+	--model "$model" --engines 1 --arena-mb 16 > "$tmp/cached.log" 2>&1 &
 pids+=($!)
 daemon_pid=$!
 for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
@@ -246,6 +249,10 @@ else
 		"local: $want" "$(cat "$tmp/local.err")" "daemon: $got" "$(cat "$tmp/remote.err")" \
 		"$(cat "$tmp/cached.log")"
 fi
+# A resumable stream, left detached for the daemon to snapshot into its state directory.
+SKV_STREAM_DIR="$tmp" "$(D "$SKV_BINDIR/skv")" --socket "$sock" generate --stream dist --temp 0 \
+	-n 8 "$prompt" > "$tmp/resumable.out" 2>&1
+resumable_rc=$?
 engine_pid=$(pgrep -P "$daemon_pid" | head -1)
 exe=$(readlink "/proc/$engine_pid/exe" 2>/dev/null)
 if [ "$exe" = "$(D "$SKV_BINDIR/skv-engine")" ]; then
@@ -305,6 +312,14 @@ fi
 kill "$daemon_pid" 2>/dev/null
 for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
 pids=()
+snaps=$(find "$state" -name '*-dist.snap' -size +0 | wc -l)
+if [ $resumable_rc = 0 ] && [ "$snaps" = 1 ]; then
+	ok "skv-cached --state-dir (the unit's /var/lib/streamkv): SIGTERM snapshots a resumable stream there"
+else
+	not_ok "skv-cached --state-dir (the unit's /var/lib/streamkv): SIGTERM snapshots a resumable stream there" \
+		"skv generate --stream: exit $resumable_rc: $(cat "$tmp/resumable.out")" \
+		"in $state: $(ls -l "$state")" "$(cat "$tmp/cached.log")"
+fi
 
 # ---- what the processes did, against what their units allow -----------------------------------
 expand_group() { # the system calls of a systemd-analyze syscall-filter group, recursively
@@ -326,13 +341,14 @@ else
 	syscalls_of "$tmp/cached.trace" > "$tmp/cached.calls"
 	outside=$(comm -23 "$tmp/cached.calls" "$tmp/system-service" | tr '\n' ' ')
 	families=$(grep -oE 'socket\(AF_[A-Z0-9]+' "$tmp/cached.trace" | sed 's/socket(//' | sort -u | grep -vx AF_UNIX | tr '\n' ' ')
-	# ProtectSystem=strict: writes only where the socket lives (/run/streamkv under the unit).
+	# ProtectSystem=strict: writes only the socket (in /run/streamkv under the unit) and in the
+	# state directory (/var/lib/streamkv).
 	writes=$(grep -E 'open(at)?\(.*O_(WRONLY|RDWR|CREAT)|mkdir\(|unlink\(|rename\(|bind\(' "$tmp/cached.trace" |
 		grep -v -- '= -1 E' | grep -oE '"/[^"]*"' | tr -d '"' | grep -v "^$tmp/cached.sock\$" |
-		grep -vx "$tmp" | sort -u | tr '\n' ' ')
+		grep -v "^$state/" | grep -vx "$tmp" | sort -u | tr '\n' ' ')
 	n_calls=$(wc -l < "$tmp/cached.calls")
 	if [ -s "$tmp/cached.calls" ] && [ -z "$outside" ] && [ -z "$families" ] && [ -z "$writes" ]; then
-		ok "skv-cached and its engines: $n_calls system calls, all in @system-service; AF_UNIX only; writes only the socket"
+		ok "skv-cached and its engines: $n_calls system calls, all in @system-service; AF_UNIX only; writes only the socket and state"
 	else
 		not_ok "skv-cached and its engines: system calls, socket families and writes within its unit" \
 			"outside @system-service: $outside" "socket families besides AF_UNIX: $families" \
