@@ -9,9 +9,13 @@
 #   - every man page renders without a groff warning and has a NAME line apropos can read;
 #   - every flag of each binary's --help is in its man page (so the pages cannot go stale);
 #   - the installed daemon, with the flags of its unit (minus the system paths), serves the
-#     installed model with the installed engine, the same bytes as local mode;
+#     installed model with the installed engine, the same bytes as local mode, and snapshots a
+#     resumable stream into its --state-dir on SIGTERM;
 #   - the installed skv-http works with writable-and-executable memory refused (its unit sets
-#     MemoryDenyWriteExecute=yes), checked under prctl(PR_SET_MDWE).
+#     MemoryDenyWriteExecute=yes), checked under prctl(PR_SET_MDWE);
+#   - under strace -f, the daemon, its engines and the gateway make only the system calls their
+#     units' SystemCallFilter= allows, open only the socket families RestrictAddressFamilies=
+#     allows, and the daemon writes only its socket and state directory (ProtectSystem=strict).
 # A missing tool or program is a skip with its reason. Environment (tests/meson.build style,
 # set by dist/meson.build): MESON, SKV_BUILD_ROOT, SKV_PREFIX, SKV_BINDIR, SKV_MANDIR,
 # SKV_MODELDIR, SKV_UNITDIR, SKV_SYSUSERSDIR, SKV_SOURCE_ROOT, SKV_HTTP_BIN (may not exist yet).
@@ -23,11 +27,6 @@ skipped=0
 ok() { n=$((n + 1)); echo "ok $n - $1"; }
 not_ok() { n=$((n + 1)); failed=$((failed + 1)); echo "not ok $n - $1"; shift; for l in "$@"; do printf '%s\n' "$l" | sed 's/^/# /'; done; }
 skip() { n=$((n + 1)); skipped=$((skipped + 1)); echo "ok $n - $1 # SKIP $2"; }
-check() { # check DESC CMD...: ok when CMD succeeds
-	local desc="$1"; shift
-	local out
-	if out=$("$@" 2>&1); then ok "$desc"; else not_ok "$desc" "$out"; fi
-}
 # The last lines: Criterion's summary line as a TAP comment, which tools/test counts, then the plan.
 finish() {
 	echo "# Synthesis: Tested: $n | Passing: $((n - failed - skipped)) | Failing: $failed | Crashing: 0"
@@ -42,8 +41,9 @@ done
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/skv-test-dist-$$.XXXXXX")
 pids=()
-cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+daemon_pid= http_pid=
+cleanup() { # the processes themselves first: a tracing strace outlives a SIGTERM of its own
+	for p in $daemon_pid $http_pid "${pids[@]}"; do kill "$p" 2>/dev/null; done
 	for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
 	rm -rf "$tmp"
 }
