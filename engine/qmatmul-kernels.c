@@ -1,28 +1,30 @@
 /* Matrix-product kernels over the ggml block formats. This file is compiled once per
  * instruction set (engine/meson.build): -march=x86-64-v4 -mavx512vnni (QMAT_ISA v4),
- * -march=x86-64-v3 (v3) and the baseline (base); each copy exports its table qm_kernels_<isa>.
+ * -march=x86-64-v3 (v3) and the baseline (base); each copy exports its table qm_kernels_<isa>
+ * (qmatmul-pvt.h), with the quantizers of x.
  *
- * Two paths per type, the caller's row count choosing (qm_job.interleaved):
+ * Two paths per type; qmatmul.c chooses by the number of rows of x (qm_job.interleaved):
  *
  * Row path (decode, few rows): each weight row is read in place, block by block, and dotted
  * with each row-major quantized row of x as ggml's vec_dot kernels do: 32 weights per 256-bit
  * vector, int8 products summed to int32 (vpdpbusd with AVX512-VNNI, vpmaddubsw + vpmaddwd with
  * AVX2), the K-quant sub-block scales applied in the integer domain (vpdpwssd / vpmaddwd), one
- * float multiply per block (Q8_0, Q4_0) or super-block (K-quants). Weights stream once at the
- * memory's speed; the few instructions per byte keep one core near that speed.
+ * float multiply per block (Q8_0, Q4_0) or super-block (K-quants). Unsigned operands: the
+ * nibbles as stored (Q4_0 subtracts 8 * sum(x), Q6_K 32 * sum(x), per lane), Q8_0's sign bit
+ * flipped (VNNI, minus 128 * sum(x) per lane) or its sign moved onto x (AVX2, vpsignb), as
+ * ggml does. A few rows ahead are prefetched, so one core streams the weights at the memory's
+ * speed.
  *
- * Batched path (many rows): rows of x are interleaved 16 to a vector (qmatmul-pvt.h); a tile of
- * NR weight rows is decoded once into int8 (or float32) rows in L1, and each group of 4 decoded
- * weights, broadcast, is multiplied with 16 rows of x by one vpdpbusd (one FMA per weight for the
- * float types). A micro-tile of NR weight rows x MV groups of 16 rows of x keeps NR x MV
- * accumulators in registers; every decoded tile is reused by all rows of x, so the inner loop is
- * vpdpbusd-bound. Scales are applied in float per scale unit (32 or 16 weights).
- *
- * Unsigned operands of vpdpbusd: x is stored as q + 128 (interleaved layout) and every scale
- * unit's accumulator starts at -128 * (sum of its weights), which the weight decode computes;
- * the row path uses unsigned weights (nibbles) and subtracts 8 * sum(x) (Q4_0), 32 * sum(x)
- * (Q6_K) or the mins, or for Q8_0 flips the weights' sign bit (VNNI) / moves their sign onto x
- * (AVX2, vpsignb) as ggml does. Every product and sum of a scale unit is an exact integer. */
+ * Batched path (many rows): rows of x are interleaved 16 to a vector (qmatmul-pvt.h); a block
+ * of QM_WB weight rows is decoded once into unsigned bytes (the codes as stored; Q8_0's
+ * q + 128) with float scales per scale unit, and each group of 4 decoded weights, broadcast,
+ * is multiplied with 16 rows of x by one vpdpbusd (one FMA per weight for F32/F16/BF16,
+ * widened to float32: x stays exact float32). Every weight offset is taken off on x's side
+ * (each unit's accumulators start at x's corr), so a unit's sum is one exact integer per row
+ * of x. A micro-tile of QM_NR weight rows x QM_MV groups keeps its accumulators and x in
+ * registers; K is walked in chunks so that the chunk of x reused by every tile of the block
+ * stays in L1, and the next block's weights are prefetched while this one computes. Every
+ * decoded weight is reused by all rows of x. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
