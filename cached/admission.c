@@ -195,7 +195,7 @@ int cached_timer_ms(struct cached *d, double now)
 		return 0;
 	int timed = 0;
 	double until = 0.0;
-	if (d->watchers || d->n_idle_tracked || d->n_detached) {
+	if (d->watchers || d->n_idle_tracked || d->n_detached || d->snapshot_interval_s) {
 		until = d->next_tick - now;
 		timed = 1;
 	}

@@ -207,6 +207,8 @@ struct cached {
 	gid_t admin_group;         /* --admin-group: may read stream contents */
 	int have_admin_group;
 	const char *state_dir;     /* --state-dir: snapshots on SIGTERM, restored at start */
+	uint32_t snapshot_interval_s; /* --snapshot-interval: also every this often (0: never) */
+	double next_checkpoint;
 	/* resources */
 	struct skv_model *model;
 	int weights_fd;
@@ -338,6 +340,10 @@ void cached_admin_restore(struct cached *d, struct cached_conn *c, int fd);
 /* --state-dir: snapshot every resumable stream (SIGTERM); restore the directory (start). */
 void cached_state_save(struct cached *d);
 void cached_state_restore(struct cached *d);
+/* --snapshot-interval: snapshot every resumable stream that has none in progress. */
+void cached_state_checkpoint(struct cached *d);
+/* A resumable stream ended for good: its --state-dir file goes. */
+void cached_state_forget(struct cached *d, const struct cached_stream *s);
 
 /* Helpers of daemon.c for the files beside it. */
 struct cached_stream *cached_stream_find(struct cached *d, uint64_t id);

@@ -318,6 +318,8 @@ static void stream_destroy(struct cached *d, struct cached_stream *s)
 		close(s->chan_fd);
 	if (s->detached_at > 0.0)
 		d->n_detached--;
+	if (s->resumable && d->state_dir)
+		cached_state_forget(d, s);
 	d->n_streams--;
 	d->stats.streams_closed++;
 	free(s);
@@ -1465,6 +1467,10 @@ int cached_run(struct cached *d)
 				cached_idle_tick(d, now);
 			if (d->n_detached)
 				cached_detach_tick(d, now);
+			if (d->snapshot_interval_s && now >= d->next_checkpoint && !d->saving) {
+				d->next_checkpoint = now + d->snapshot_interval_s;
+				cached_state_checkpoint(d);
+			}
 		}
 		/* Streams freed above make room: place waiting OPENs before any times out. */
 		if (d->admission_dirty)

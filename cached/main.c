@@ -65,6 +65,7 @@ struct cached_opts {
 	long long detach_timeout_s;
 	const char *admin_group;
 	const char *state_dir;
+	long long snapshot_interval_s;
 };
 
 static void cached_usage(FILE *out)
@@ -99,6 +100,8 @@ static void cached_usage(FILE *out)
 	      "  --state-dir DIR      on SIGTERM/SIGINT snapshot every resumable stream into DIR,\n"
 	      "                       and restore DIR's snapshots at start (detached: their\n"
 	      "                       clients attach with name and token as before)\n"
+	      "  --snapshot-interval SEC  with --state-dir: also snapshot them every SEC seconds,\n"
+	      "                       so that a kill -9 of the daemon loses at most that much\n"
 	      "  --prefault           fault the arenas in at start\n"
 	      "  --verbose            log every stream, and how many default streams an arena holds\n",
 	      out);
@@ -151,6 +154,7 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "detach-timeout", required_argument, NULL, 'D' },
 		{ "admin-group", required_argument, NULL, 'G' },
 		{ "state-dir", required_argument, NULL, 'S' },
+		{ "snapshot-interval", required_argument, NULL, 'P' },
 		{ "prefault", no_argument, NULL, 'p' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
@@ -222,6 +226,10 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 			break;
 		case 'G': o->admin_group = optarg; break;
 		case 'S': o->state_dir = optarg; break;
+		case 'P':
+			o->snapshot_interval_s = cached_parse_int("--snapshot-interval", optarg, 1,
+								  CACHED_IDLE_MAX_S);
+			break;
 		case 'b': o->engine_bin = optarg; break;
 		case 'p': o->prefault = 1; break;
 		case 'v': o->verbose = 1; break;
@@ -481,6 +489,9 @@ int main(int argc, char **argv)
 		d.state_dir = o.state_dir;
 		d.restore_due = 1;
 	}
+	if (o.snapshot_interval_s && !o.state_dir)
+		cached_die(CACHED_EXIT_USAGE, "--snapshot-interval needs --state-dir DIR");
+	d.snapshot_interval_s = (uint32_t)o.snapshot_interval_s;
 	if (o.admin_group) {
 		struct group *g = getgrnam(o.admin_group);
 		if (!g)

@@ -268,7 +268,7 @@ void cached_snapshot_done(struct cached *d, struct cached_conn *c,
 		if (rename(tmp, s->snap_path) < 0) {
 			r.code = -errno;
 			snprintf(r.text, sizeof(r.text), "cannot rename %.120s: %s", tmp, strerror(errno));
-		} else {
+		} else if (d->saving || d->verbose) {
 			cached_log("stream %llu (%s): %llu tokens snapshotted into %s (engine copy %.3f "
 				   "ms)", (unsigned long long)s->id, s->name,
 				   (unsigned long long)r.tokens_seen, s->snap_path,
@@ -464,13 +464,12 @@ void cached_admin_restore(struct cached *d, struct cached_conn *c, int fd)
 
 /* ---- --state-dir ------------------------------------------------------------------------- */
 
-void cached_state_save(struct cached *d)
+static unsigned state_snapshot_all(struct cached *d, uint32_t flags)
 {
-	d->saving = 1;
-	d->save_deadline = cached_now() + SNAP_SAVE_TIMEOUT_S;
 	unsigned asked = 0;
 	for (struct cached_stream *s = d->streams; s; s = s->next) {
-		if (!s->resumable || s->state != CACHED_STREAM_OPEN || s->dropping)
+		if (!s->resumable || s->state != CACHED_STREAM_OPEN || s->dropping ||
+		    s->snap_staging_fd >= 0)
 			continue;
 		char *path = NULL, tmp[PATH_MAX], why[SKV_MSG_TEXT];
 		if (asprintf(&path, "%s/%u-%s.snap", d->state_dir, s->owner_uid, s->name) < 0) {
@@ -485,7 +484,7 @@ void cached_state_save(struct cached *d)
 			free(path);
 			continue;
 		}
-		if (cached_snapshot_start(d, s, fd, path, 0, SKV_SNAP_NOW, why, sizeof(why)) < 0) {
+		if (cached_snapshot_start(d, s, fd, path, 0, flags, why, sizeof(why)) < 0) {
 			cached_log("stream %llu (%s): no snapshot: %s", (unsigned long long)s->id,
 				   s->name, why);
 			unlink(tmp);
@@ -493,7 +492,29 @@ void cached_state_save(struct cached *d)
 		}
 		asked++;
 	}
+	return asked;
+}
+
+void cached_state_save(struct cached *d)
+{
+	d->saving = 1;
+	d->save_deadline = cached_now() + SNAP_SAVE_TIMEOUT_S;
+	/* Periodic ones in flight still count: they are written before we stop. */
+	unsigned asked = state_snapshot_all(d, SKV_SNAP_NOW);
 	cached_log("%u resumable stream(s) to snapshot", asked);
+}
+
+void cached_state_checkpoint(struct cached *d)
+{
+	state_snapshot_all(d, SKV_SNAP_STEP);
+}
+
+void cached_state_forget(struct cached *d, const struct cached_stream *s)
+{
+	char path[PATH_MAX];
+	if ((size_t)snprintf(path, sizeof(path), "%s/%u-%s.snap", d->state_dir, s->owner_uid,
+			     s->name) < sizeof(path))
+		unlink(path);
 }
 
 void cached_state_restore(struct cached *d)
@@ -516,7 +537,8 @@ void cached_state_restore(struct cached *d)
 		if (fd >= 0)
 			close(fd);
 		if (!err) {
-			unlink(path); /* it lives in the arena now; the next stop writes it anew */
+			/* Kept until the stream ends for good (cached_state_forget): a kill -9
+			 * before the next snapshot finds it again. */
 			restored++;
 			continue;
 		}

@@ -87,6 +87,7 @@ struct eng_stream {
 	int broken;               /* its client corrupted the channel: served no more */
 	int snap_fd;              /* a SNAPSHOT waits for the request in progress to end */
 	uint64_t snap_bytes;
+	uint32_t snap_flags;      /* SKV_SNAP_* */
 	void *region;             /* its KV region in the arena */
 	uint64_t region_bytes;
 	struct eng_stream *next;
@@ -405,7 +406,8 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 	int first = skv_stream_tokens_seen(st->s) == 0;
 	free(st->ids);
 	st->ids = NULL;
-	if (skv_tokenizer_encode(e->tok, st->text ? st->text : "", st->text_len, first, 0, &st->ids,
+	if (skv_tokenizer_encode(e->tok, st->text ? st->text : "", st->text_len,
+				 first && skv_tokenizer_add_bos(e->tok), 0, &st->ids,
 				 &st->n_ids) < 0) {
 		stream_error(e, st, -ENOMEM, "out of memory tokenizing the prompt");
 		return;
@@ -428,7 +430,7 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 	for (size_t i = 1; i < st->n_ids; i++) {
 		size_t len;
 		const char *piece = skv_tokenizer_decode(e->tok, st->ids[i - 1], st->ids[i], &len);
-		if (piece && skv_piece_is_printable(piece, len))
+		if (skv_tokenizer_prints(e->tok, st->ids[i], piece, len))
 			stream_emit_bytes(e, st, SKV_CHAN_ECHO, (uint64_t)st->ids[i], piece, len);
 	}
 	st->to_generate = m->arg;
@@ -499,7 +501,7 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 	int32_t next = skv_sampler_sample(&st->sampler, st->logits);
 	st->generated++;
 	e->stats.tokens_generated++;
-	if (next == SKV_TOKEN_BOS && !(st->gen_flags & SKV_GEN_IGNORE_BOS)) {
+	if (skv_tokenizer_is_end(e->tok, next) && !(st->gen_flags & SKV_GEN_IGNORE_BOS)) {
 		struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
 					     .flags = SKV_DONE_BOS };
 		stream_emit(e, st, &done);
@@ -510,7 +512,7 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 	 * print (a lone control byte) goes with no bytes. */
 	size_t len = 0;
 	const char *piece = skv_tokenizer_decode(e->tok, st->prev_token, next, &len);
-	if (!piece || !skv_piece_is_printable(piece, len))
+	if (!skv_tokenizer_prints(e->tok, next, piece, len))
 		len = 0;
 	stream_emit_bytes(e, st, SKV_CHAN_TOKEN, (uint64_t)next, piece ? piece : "", len);
 	uint64_t now = engine_now_ns();
@@ -651,7 +653,8 @@ static int engine_step(struct engine *e)
 		 * visible to stream_take_input (the client bumps it with release order). */
 		st->cancel_now = __atomic_load_n(&st->chan.hdr->cancel, __ATOMIC_ACQUIRE);
 		/* A snapshot waits for the request in progress to end, and goes before the next. */
-		if (st->snap_fd >= 0 && st->state == ENG_IDLE)
+		if (st->snap_fd >= 0 && (st->state == ENG_IDLE ||
+					 (st->state == ENG_DECODE && (st->snap_flags & SKV_SNAP_STEP))))
 			stream_snapshot(e, st);
 		stream_take_input(e, st);
 		if (st->state != ENG_IDLE && (int32_t)(st->cancel_now - st->epoch) > 0) {
@@ -853,6 +856,7 @@ static int engine_control(struct engine *e)
 			}
 			st->snap_fd = fds[0];
 			st->snap_bytes = body.snapshot.region_bytes;
+			st->snap_flags = body.snapshot.flags;
 			if (st->state != ENG_IDLE && (body.snapshot.flags & SKV_SNAP_NOW)) {
 				/* Shutting down: the request ends here, at a step boundary. */
 				struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
@@ -860,7 +864,8 @@ static int engine_control(struct engine *e)
 				stream_emit(e, st, &done);
 				st->state = ENG_IDLE;
 			}
-			if (st->state == ENG_IDLE)
+			if (st->state == ENG_IDLE ||
+			    (st->state == ENG_DECODE && (st->snap_flags & SKV_SNAP_STEP)))
 				stream_snapshot(e, st);
 			break;
 		}

@@ -233,6 +233,9 @@ _Static_assert(sizeof(struct skv_stream_state) == 64, "ABI");
 
 #define SKV_SNAP_NOW 1u /* SNAPSHOT: end the request in progress now (a shutdown) instead of
 			 * waiting for it to end */
+#define SKV_SNAP_STEP 2u /* SNAPSHOT: a generation in progress is copied at the next step
+			  * boundary and goes on (periodic snapshots: restored, the stream is
+			  * idle at the last token it had fed) */
 
 struct skv_msg_snapshot {
 	uint64_t stream_id;
