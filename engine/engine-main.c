@@ -623,13 +623,14 @@ static void stream_snapshot(struct engine *e, struct eng_stream *st)
 	struct skv_msg_snapshotted m = { .stream_id = st->id };
 	int fd = st->snap_fd;
 	st->snap_fd = -1;
+	uint64_t t0 = engine_now_ns();
 	void *staging = st->snap_bytes == st->region_bytes
-				? mmap(NULL, st->snap_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+				? mmap(NULL, st->snap_bytes, PROT_READ | PROT_WRITE,
+				       MAP_SHARED | MAP_POPULATE, fd, 0)
 				: MAP_FAILED;
 	if (staging == MAP_FAILED) {
 		m.code = st->snap_bytes == st->region_bytes ? -errno : -SKV_ESHAPE;
 	} else {
-		uint64_t t0 = engine_now_ns();
 		memcpy(staging, st->region, st->region_bytes);
 		m.copy_ns = engine_now_ns() - t0;
 		munmap(staging, st->snap_bytes);
