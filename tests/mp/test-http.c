@@ -420,6 +420,53 @@ Test(http, curl_and_python)
 	gw_stop(&g);
 }
 
+/* Stop sequences end the answer before them (finish_reason "stop"), streaming or not, also when
+ * a stop spans tokens; the stream is closed at once. stream_options.include_usage adds usage. */
+Test(http, stop_sequences)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "http-stop", 1, NULL, NULL);
+	struct gw_proc g;
+	gw_start(&g, &d, "http-stop", NULL);
+	char *resp;
+	cr_assert_eq(http_req(g.port, "POST", "/v1/completions", NULL,
+			      "{\"prompt\":\"Once upon a time\",\"max_tokens\":40,\"temperature\":0}",
+			      &resp), 200);
+	char *full = answer_text(resp);
+	free(resp);
+	/* ", there was a little girl named Lily..." */
+	const char *cut = strstr(full, "tle gi");
+	cr_assert(cut, "unexpected greedy text: %s", full);
+	size_t want_len = (size_t)(cut - full);
+	for (int stream = 0; stream < 2; stream++) {
+		char body[512];
+		snprintf(body, sizeof(body),
+			 "{\"prompt\":\"Once upon a time\",\"max_tokens\":40,\"temperature\":0,"
+			 "\"stop\":[\"zzz\",\"tle gi\"],\"stream\":%s,"
+			 "\"stream_options\":{\"include_usage\":true}}",
+			 stream ? "true" : "false");
+		cr_assert_eq(http_req(g.port, "POST", "/v1/completions", NULL, body, &resp), 200);
+		char *text;
+		if (stream) {
+			unsigned chunks;
+			text = sse_text(resp, &chunks);
+			cr_assert(strstr(resp, "\"finish_reason\":\"stop\""), "%s", resp);
+			cr_assert(strstr(resp, "\"choices\":[],\"usage\":{"), "no usage chunk: %s",
+				  resp);
+		} else {
+			text = answer_text(resp);
+			cr_assert(strstr(resp, "\"finish_reason\":\"stop\""), "%s", resp);
+		}
+		cr_assert_eq(strlen(text), want_len, "stream %d: '%s'", stream, text);
+		cr_assert(!strncmp(text, full, want_len));
+		free(text);
+		free(resp);
+	}
+	mp_wait_streams_freed(&d, 10.0);
+	free(full);
+	gw_stop(&g);
+}
+
 /* The official openai package for Node.js, installed here into the build directory. */
 Test(http, node_openai)
 {
