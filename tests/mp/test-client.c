@@ -487,6 +487,44 @@ Test(client, half_precision_streams_through_the_daemon_equal_local_mode)
 	mp_wait_streams_freed(&d, FAIL_NOTICE_S);
 }
 
+/* ==== 8-bit KV ============================================================================== */
+
+/* q8 through the daemon (libskv's option, the wire, the daemon's check, an engine's KV region in
+ * the shared arena) gives local mode's text byte for byte, evicting past its window; the
+ * region's descriptor is the q8 layout (shm/kv-layout.h), 37.5% of float32's planes here. */
+Test(client, q8_streams_through_the_daemon_equal_local_mode)
+{
+	struct mp_daemon d;
+	mp_daemon_start(&d, "kv_q8", 1, NULL, NULL);
+	char *local = MP_SKV("generate", "--kv", "q8", "--temp", "0", "-n", "400", "--window",
+			     "50", "Lily and Tom");
+	char *remote = MP_SKV("--socket", d.sock, "generate", "--kv", "q8", "--temp", "0", "-n",
+			      "400", "--window", "50", "Lily and Tom");
+	cr_assert_str_eq(remote, local, "through the daemon:\n%s\nlocal:\n%s", remote, local);
+	char *f32 = MP_SKV("generate", "--temp", "0", "-n", "400", "--window", "50",
+			   "Lily and Tom");
+	cr_log_info("q8 %s float32 over 400 greedy tokens", strcmp(local, f32) ? "differs from"
+									       : "equals");
+	free(f32);
+	free(local);
+	free(remote);
+	skv_client *c = mp_connect(&d);
+	skv_client_opts *o;
+	cr_assert_eq(skv_client_opts_new(&o), 0);
+	skv_client_stream *a, *q;
+	cr_assert_eq(skv_client_stream_open(c, o, &a), 0);
+	cr_assert_eq(skv_client_opts_kv(o, SKV_CLIENT_KV_Q8), 0);
+	cr_assert_eq(skv_client_stream_open(c, o, &q), 0);
+	skv_client_opts_free(o);
+	struct skv_client_stream_info ia, iq;
+	skv_client_stream_info(a, &ia);
+	skv_client_stream_info(q, &iq);
+	cr_assert_lt(iq.kv_bytes, ia.kv_bytes * 4 / 10, "q8 %llu bytes, f32 %llu",
+		     (unsigned long long)iq.kv_bytes, (unsigned long long)ia.kv_bytes);
+	skv_client_disconnect(c);
+	mp_wait_streams_freed(&d, FAIL_NOTICE_S);
+}
+
 /* ==== no system call per token ============================================================== */
 
 /* The engine's count of wake-ups that needed a system call, from its doorbell page. */
