@@ -169,6 +169,10 @@ static int raw_hello(const char *sock, uint32_t role, struct skv_msg_error *e, i
 	} body;
 	memset(&body, 0, sizeof(body));
 	int got = mp_raw_recv(fd, 5000, &hdr, &body, sizeof(body), n_fds);
+	/* A peer refused at accept is answered and hung up on before its HELLO arrives: the
+	 * read may see the reset first, with the ERROR still queued behind it. */
+	if (got == 0)
+		got = mp_raw_recv(fd, 1000, &hdr, &body, sizeof(body), n_fds);
 	if (got == 1 && hdr.type == SKV_MSG_ERROR)
 		*e = body.error;
 	close(fd);
