@@ -38,6 +38,7 @@
 #define BACKEND_STATS_S 1.0
 #define BACKEND_BACKOFF_MIN_S 0.1
 #define BACKEND_BACKOFF_MAX_S 2.0
+#define BACKEND_STARTS_PER_PASS 16      /* new requests started between reads */
 #define BACKEND_WATCH_S 0.05            /* how often suspended clients are checked */
 #define BACKEND_WATCH_MAX 4096          /* of them at once */
 
@@ -797,18 +798,26 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 	job_started(b, j);
 }
 
-static void backend_take_queue(struct gw_backend *b)
+/* Start up to BACKEND_STARTS_PER_PASS queued jobs (each open waits for the daemon): a burst of
+ * new requests is taken in slices, with the running streams read in between. Returns 1 if more
+ * are waiting. */
+static int backend_take_queue(struct gw_backend *b)
 {
 	struct gw *gw = b->gw;
+	struct gw_job *taken[BACKEND_STARTS_PER_PASS];
+	int n = 0, more;
 	pthread_mutex_lock(&gw->lock);
-	struct gw_job *j = gw->queue_head;
-	gw->queue_head = gw->queue_tail = NULL;
-	pthread_mutex_unlock(&gw->lock);
-	while (j) {
-		struct gw_job *next = j->queue_next;
-		backend_start(b, j);
-		j = next;
+	while (n < BACKEND_STARTS_PER_PASS && gw->queue_head) {
+		taken[n++] = gw->queue_head;
+		gw->queue_head = gw->queue_head->queue_next;
 	}
+	if (!gw->queue_head)
+		gw->queue_tail = NULL;
+	more = gw->queue_head != NULL;
+	pthread_mutex_unlock(&gw->lock);
+	for (int i = 0; i < n; i++)
+		backend_start(b, taken[i]);
+	return more;
 }
 
 /* Connections that went away: their generations stop now. */
@@ -968,14 +977,14 @@ static void *backend_main(void *arg)
 			backend_connect(b);
 		if (b->client && now >= b->next_stats)
 			backend_stats(b);
-		backend_take_queue(b);
+		int queued = backend_take_queue(b);
 		backend_take_cancels(b);
 		size_t n_paused = backend_unpause(b);
 		__atomic_store_n(&gw->count.paused_streams, n_paused, __ATOMIC_RELAXED);
 		int progressed = b->client ? backend_pump(b, n_paused) : 0;
 		backend_expire(b, now);
 		backend_watch(b, now);
-		if (progressed)
+		if (progressed || queued)
 			continue;
 		struct pollfd pfd[2] = { { .fd = gw->wake_fd, .events = POLLIN },
 					 { .fd = b->client ? b->client_fd : -1, .events = POLLIN } };
