@@ -279,9 +279,7 @@ static struct point measure(const struct opts *o, const struct shape *sh, const 
 	double *t = malloc(sizeof(double) * cap), *rd = malloc(sizeof(double) * cap);
 	size_t n = 0, nr = 0;
 	double macs = (double)sh->out * sh->in * m;
-	for (size_t i = 0; i < copies && m == 1; i++)
-		run(ctx, i, m); /* warm-up: page tables, primitives */
-	run(ctx, 0, m);
+	run(ctx, 0, m); /* warm-up: primitives, scratch */
 	for (int rep = 0; rep < o->repeats; rep++) {
 		if (m == 1) {
 			for (size_t i = 0; i < copies; i++) {
