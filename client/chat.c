@@ -264,8 +264,6 @@ struct chat {
 /* One answer's piece on stdout as it comes. */
 static void chat_emit(struct chat *ch, const char *piece, size_t len)
 {
-	if (!skv_piece_is_printable(piece, len))
-		return;
 	if (ch->trim) {
 		while (len && *piece == ' ') {
 			piece++;
@@ -293,13 +291,16 @@ static uint64_t chat_answer_local(struct chat *ch, const int32_t *ids, size_t n,
 	for (;;) {
 		int32_t next = skv_sampler_sample(&ch->sampler, ch->logits);
 		made++;
-		if (next == SKV_TOKEN_BOS) { /* llama2.c's end of text */
+		if (skv_tokenizer_is_end(ch->L.tok, next)) { /* llama2.c's BOS, or EOS/EOT */
 			*end = CHAT_END_EOS;
 			break;
 		}
 		size_t len;
 		const char *piece = skv_tokenizer_decode(ch->L.tok, prev, next, &len);
-		chat_emit(ch, piece, len);
+		/* What the engine would send: pieces the vocabulary prints (the daemon's path gets
+		 * them filtered the same way). */
+		if (skv_tokenizer_prints(ch->L.tok, next, piece, len))
+			chat_emit(ch, piece, len);
 		prev = next;
 		if (made >= (uint64_t)ch->o->max_answer)
 			break;
@@ -369,7 +370,8 @@ static int chat_turn(struct chat *ch, struct chat_input *in, const char *turn, s
 	char *text = chat_fill(o->chat_template, turn, turn_len, &text_len);
 	int32_t *ids;
 	size_t n_ids;
-	if (skv_tokenizer_encode(ch->L.tok, text, text_len, ch->fed == 0, 0, &ids, &n_ids) < 0)
+	if (skv_tokenizer_encode(ch->L.tok, text, text_len,
+				 ch->fed == 0 && skv_tokenizer_add_bos(ch->L.tok), 0, &ids, &n_ids) < 0)
 		skv_die(1, "out of memory encoding a turn");
 	uint64_t need = (uint64_t)n_ids + (uint64_t)o->max_answer;
 	if (ch->evict_prompt && need > (uint64_t)ch->window) {

@@ -52,7 +52,7 @@ struct skv_stream *skv_open_stream(struct skv_local *L, struct skv_policy *polic
 void skv_feed_or_die(struct skv_stream *s, const int32_t *tokens, size_t n, float *logits,
 		     const struct skv_policy *p);
 /* Write a decoded piece on stdout as llama2.c does (lone control bytes dropped). */
-void skv_emit(const char *piece, size_t len);
+void skv_emit(const char *piece, size_t len); /* to stdout as is (callers filter) */
 double skv_now(void);
 /* Connect to the daemon and open a stream with the flags' policy and sampling, or die. */
 struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_client **c,

@@ -450,11 +450,6 @@ void skv_feed_or_die(struct skv_stream *s, const int32_t *tokens, size_t n, floa
  * dropped, everything else is written as is. */
 void skv_emit(const char *piece, size_t len)
 {
-	if (len == 1) {
-		unsigned char b = (unsigned char)piece[0];
-		if (!(b >= 0x20 && b < 0x7f) && !(b == ' ' || (b >= '\t' && b <= '\r')))
-			return;
-	}
 	fwrite(piece, 1, len, stdout);
 }
 
@@ -478,7 +473,8 @@ static int skv_cmd_generate(struct skv_opts *o, int argc, char **argv)
 
 	int32_t *ids;
 	size_t n_ids;
-	if (skv_tokenizer_encode(L.tok, prompt, strlen(prompt), 1, 0, &ids, &n_ids) < 0)
+	if (skv_tokenizer_encode(L.tok, prompt, strlen(prompt), skv_tokenizer_add_bos(L.tok), 0, &ids,
+				 &n_ids) < 0)
 		skv_die(1, "out of memory encoding the prompt");
 
 	struct skv_sampler sampler;
@@ -493,7 +489,8 @@ static int skv_cmd_generate(struct skv_opts *o, int argc, char **argv)
 	for (size_t i = 1; i < n_ids; i++) {
 		size_t len;
 		const char *piece = skv_tokenizer_decode(L.tok, ids[i - 1], ids[i], &len);
-		skv_emit(piece, len);
+		if (skv_tokenizer_prints(L.tok, ids[i], piece, len))
+			skv_emit(piece, len);
 	}
 	fflush(stdout);
 	skv_stream_make_room(s, n_ids + (uint64_t)o->steps);
@@ -506,11 +503,12 @@ static int skv_cmd_generate(struct skv_opts *o, int argc, char **argv)
 	while (made < o->steps) {
 		int32_t next = skv_sampler_sample(&sampler, logits);
 		made++;
-		if (next == SKV_TOKEN_BOS) /* llama2.c's end-of-story marker */
+		if (skv_tokenizer_is_end(L.tok, next)) /* llama2.c's end-of-story BOS, or EOS/EOT */
 			break;
 		size_t len;
 		const char *piece = skv_tokenizer_decode(L.tok, prev, next, &len);
-		skv_emit(piece, len);
+		if (skv_tokenizer_prints(L.tok, next, piece, len))
+			skv_emit(piece, len);
 		fflush(stdout);
 		prev = next;
 		if (made < o->steps)
@@ -559,7 +557,7 @@ static int32_t *skv_encode_file(struct skv_local *L, const char *path, size_t *n
 	size_t len;
 	char *text = skv_slurp(path, &len);
 	int32_t *ids;
-	if (skv_tokenizer_encode(L->tok, text, len, 1, 0, &ids, n_ids) < 0)
+	if (skv_tokenizer_encode(L->tok, text, len, skv_tokenizer_add_bos(L->tok), 0, &ids, n_ids) < 0)
 		skv_die(1, "%s: out of memory encoding the text", path);
 	free(text);
 	return ids;

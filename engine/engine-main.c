@@ -406,7 +406,8 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 	int first = skv_stream_tokens_seen(st->s) == 0;
 	free(st->ids);
 	st->ids = NULL;
-	if (skv_tokenizer_encode(e->tok, st->text ? st->text : "", st->text_len, first, 0, &st->ids,
+	if (skv_tokenizer_encode(e->tok, st->text ? st->text : "", st->text_len,
+				 first && skv_tokenizer_add_bos(e->tok), 0, &st->ids,
 				 &st->n_ids) < 0) {
 		stream_error(e, st, -ENOMEM, "out of memory tokenizing the prompt");
 		return;
@@ -429,7 +430,7 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 	for (size_t i = 1; i < st->n_ids; i++) {
 		size_t len;
 		const char *piece = skv_tokenizer_decode(e->tok, st->ids[i - 1], st->ids[i], &len);
-		if (piece && skv_piece_is_printable(piece, len))
+		if (skv_tokenizer_prints(e->tok, st->ids[i], piece, len))
 			stream_emit_bytes(e, st, SKV_CHAN_ECHO, (uint64_t)st->ids[i], piece, len);
 	}
 	st->to_generate = m->arg;
@@ -500,7 +501,7 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 	int32_t next = skv_sampler_sample(&st->sampler, st->logits);
 	st->generated++;
 	e->stats.tokens_generated++;
-	if (next == SKV_TOKEN_BOS && !(st->gen_flags & SKV_GEN_IGNORE_BOS)) {
+	if (skv_tokenizer_is_end(e->tok, next) && !(st->gen_flags & SKV_GEN_IGNORE_BOS)) {
 		struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
 					     .flags = SKV_DONE_BOS };
 		stream_emit(e, st, &done);
@@ -511,7 +512,7 @@ static void stream_after_logits(struct engine *e, struct eng_stream *st)
 	 * print (a lone control byte) goes with no bytes. */
 	size_t len = 0;
 	const char *piece = skv_tokenizer_decode(e->tok, st->prev_token, next, &len);
-	if (!piece || !skv_piece_is_printable(piece, len))
+	if (!skv_tokenizer_prints(e->tok, next, piece, len))
 		len = 0;
 	stream_emit_bytes(e, st, SKV_CHAN_TOKEN, (uint64_t)next, piece ? piece : "", len);
 	uint64_t now = engine_now_ns();

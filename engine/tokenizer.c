@@ -518,6 +518,27 @@ int skv_tokenizer_is_control(const struct skv_tokenizer *t, int32_t token)
 	return t->types[token] == TOKENIZER_TYPE_CONTROL || t->types[token] == TOKENIZER_TYPE_UNKNOWN;
 }
 
+int skv_tokenizer_is_end(const struct skv_tokenizer *t, int32_t token)
+{
+	if (!t || token < 0)
+		return 0;
+	if (token == skv_tokenizer_eot(t))
+		return 1;
+	if (t->kind == TOKENIZER_BPE)
+		return token == skv_tokenizer_eos(t);
+	return token == skv_tokenizer_bos(t) || (t->types && token == skv_tokenizer_eos(t));
+}
+
+int skv_tokenizer_prints(const struct skv_tokenizer *t, int32_t token, const char *piece,
+			 size_t len)
+{
+	if (!piece)
+		return 0;
+	if (t->kind == TOKENIZER_BPE)
+		return len > 0 && !skv_tokenizer_is_control(t, token);
+	return skv_piece_is_printable(piece, len);
+}
+
 const char *skv_tokenizer_kind(const struct skv_tokenizer *t)
 {
 	return t->kind == TOKENIZER_BPE ? "bpe" : "spm";

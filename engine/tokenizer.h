@@ -109,6 +109,17 @@ int skv_tokenizer_add_bos(const struct skv_tokenizer *t);
  * also for an id out of range. */
 int skv_tokenizer_is_control(const struct skv_tokenizer *t, int32_t token);
 
+/* 1 if generating `token` ends the text: for SentencePiece vocabularies BOS (llama2.c's stories
+ * mark the end of one story by starting the next; run.c stops there), EOS where the vocabulary
+ * comes with token types (a GGUF), and EOT; for byte-level BPE, EOS and EOT. */
+int skv_tokenizer_is_end(const struct skv_tokenizer *t, int32_t token);
+
+/* Whether a generated token's decoded piece is printed: SentencePiece follows llama2.c
+ * (skv_piece_is_printable: a lone non-printable byte is dropped); byte-level BPE prints every
+ * byte (a character's UTF-8 bytes may come in several tokens) except control tokens. */
+int skv_tokenizer_prints(const struct skv_tokenizer *t, int32_t token, const char *piece,
+			 size_t len);
+
 /* "spm" or "bpe"; the pre-tokenizer's name as tokenizer.ggml.pre spells it ("" for spm). */
 const char *skv_tokenizer_kind(const struct skv_tokenizer *t);
 const char *skv_tokenizer_pre(const struct skv_tokenizer *t);
