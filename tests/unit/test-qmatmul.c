@@ -817,3 +817,21 @@ Test(qmatmul, quantized_activations_bit_exact)
 	free(i8);
 	free(i4);
 }
+
+/* SKV_QMAT_ISA chooses a new context's kernels; an unknown or unsupported name falls back to
+ * the CPU's best. */
+Test(qmatmul, isa_from_environment)
+{
+	struct skv_qctx *ctx;
+	const char *best = skv_qmat_isa();
+	cr_assert(best);
+	setenv("SKV_QMAT_ISA", "base", 1);
+	cr_assert_str_eq(skv_qmat_isa(), "base");
+	cr_assert_eq(skv_qctx_new(1, 32, 1, &ctx), 0);
+	cr_assert_str_eq(skv_qctx_isa(ctx), "base");
+	skv_qctx_free(ctx);
+	setenv("SKV_QMAT_ISA", "no-such-isa", 1);
+	cr_assert_str_eq(skv_qmat_isa(), best);
+	unsetenv("SKV_QMAT_ISA");
+	cr_assert_str_eq(skv_qmat_isa(), best);
+}
