@@ -506,9 +506,19 @@ int main(int argc, char **argv)
 		if (!realpath(o.model_path, model_path))
 			cached_die(1, "%s: %s", o.model_path, strerror(errno));
 	} else {
+		/* $SKV_MODEL_DIR, else the source tree's model while it exists, else the copy
+		 * meson install put under share/streamkv. */
 		const char *dir = getenv("SKV_MODEL_DIR");
-		snprintf(tok_path, sizeof(tok_path), "%s/stories260K.bin",
-			 dir && *dir ? dir : SKV_MODEL_DIR);
+		struct stat st;
+		if (!dir || !*dir)
+			dir = SKV_MODEL_DIR;
+#ifdef SKV_INSTALLED_MODEL_DIR
+		if (dir == (const char *)SKV_MODEL_DIR && stat(SKV_MODEL_DIR, &st) < 0 &&
+		    stat(SKV_INSTALLED_MODEL_DIR, &st) == 0)
+			dir = SKV_INSTALLED_MODEL_DIR;
+#endif
+		(void)st;
+		snprintf(tok_path, sizeof(tok_path), "%s/stories260K.bin", dir);
 		if (!realpath(tok_path, model_path))
 			cached_die(1, "%s: %s", tok_path, strerror(errno));
 		tok_path[0] = '\0';

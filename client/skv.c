@@ -360,10 +360,20 @@ static int skv_file_exists(const char *path)
 	return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+/* $SKV_MODEL_DIR, else the source tree's models/stories260K while it exists, else the installed
+ * copy (meson install: share/streamkv/models/stories260K). */
 static const char *skv_model_dir(void)
 {
 	const char *env = getenv("SKV_MODEL_DIR");
-	return env && *env ? env : SKV_MODEL_DIR;
+	struct stat st;
+	if (env && *env)
+		return env;
+#ifdef SKV_INSTALLED_MODEL_DIR
+	if (stat(SKV_MODEL_DIR, &st) < 0 && stat(SKV_INSTALLED_MODEL_DIR, &st) == 0)
+		return SKV_INSTALLED_MODEL_DIR;
+#endif
+	(void)st;
+	return SKV_MODEL_DIR;
 }
 
 void skv_local_open(const struct skv_opts *o, struct skv_local *L, int with_runner)
