@@ -315,10 +315,63 @@ typedef void qm_dec_fn(const void *row, uint32_t cols, uint8_t *q, float *sc, fl
  * tile i / QM_NR, row i % QM_NR). The plain C form goes row by row of y, so that its stores
  * are contiguous (ld_y is often a power of two: column-wise stores would all fall into one L1
  * set). */
+#if defined(__AVX512F__)
+/* r[16] rows of 16 floats -> r[j][i] = old r[i][j] (t: scratch) */
+QM_INLINE void qm_transpose16(__m512 *r, __m512 *t)
+{
+	for (int i = 0; i < 16; i += 2) {
+		t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+		t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+	}
+	for (int i = 0; i < 16; i += 4) {
+		r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+		r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+		r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+		r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+	}
+	for (int h = 0; h < 16; h += 8)
+		for (int i = 0; i < 4; i++) {
+			t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+			t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+		}
+	for (int i = 0; i < 8; i++) {
+		r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+		r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+	}
+}
+#endif
+
 QM_INLINE void qm_store_block(const struct qm_job *job, uint32_t rb, uint32_t nrb, uint32_t v0,
 			      uint32_t mv, const qm_vf *part)
 {
 	const float *pf = (const float *)part;
+#if defined(__AVX512F__)
+	/* 16 weight rows at a time: a 16x16 transpose in registers turns the micro-tiles' lanes
+	 * (rows of x) into 16 contiguous outputs per row of y */
+	uint32_t full = nrb / 16 * 16;
+	for (uint32_t v = 0; v < mv; v++) {
+		uint32_t m0 = (v0 + v) * QM_LANES;
+		uint32_t lanes = job->m_rows - m0 < QM_LANES ? job->m_rows - m0 : QM_LANES;
+		for (uint32_t i0 = 0; i0 < full; i0 += 16) {
+			__m512 r[16], t[16];
+			for (int j = 0; j < 16; j++)
+				r[j] = (__m512)part[(i0 + j) * QM_MV + v];
+			qm_transpose16(r, t);
+			for (uint32_t l = 0; l < lanes; l++) {
+				float *dst = job->y + (size_t)(m0 + l) * job->ld_y + rb + i0;
+				__m512 val = r[l];
+				if (job->add)
+					val = _mm512_add_ps(val, _mm512_loadu_ps(dst));
+				_mm512_storeu_ps(dst, val);
+			}
+		}
+	}
+	if (full == nrb)
+		return;
+	pf += (size_t)full * QM_MV * QM_LANES;
+	rb += full;
+	nrb -= full;
+#endif
 	for (uint32_t v = 0; v < mv; v++)
 		for (uint32_t l = 0; l < QM_LANES; l++) {
 			uint32_t m = (v0 + v) * QM_LANES + l;
