@@ -581,6 +581,15 @@ const char *tokenizer_bpe_decode(const struct skv_tokenizer *t, int32_t token, s
 }
 
 static bool bpe_pair(const struct tokenizer_bpe *bpe, const struct tokenizer_symbol *symbols,
+		     int32_t left, struct tokenizer_candidate *c);
+
+static bool bpe_pair_any(const void *vocab, const struct tokenizer_symbol *symbols, int32_t left,
+			 struct tokenizer_candidate *c)
+{
+	return bpe_pair(vocab, symbols, left, c);
+}
+
+static bool bpe_pair(const struct tokenizer_bpe *bpe, const struct tokenizer_symbol *symbols,
 		     int32_t left, struct tokenizer_candidate *c)
 {
 	int32_t right = symbols[left].next;
@@ -656,29 +665,8 @@ static int bpe_word(const struct skv_tokenizer *t, struct bpe_scratch *s, const 
 	for (size_t i = heap->count / 2; i-- > 0;)
 		tokenizer_heap_sift_down(heap, i);
 
-	while (heap->count) {
-		struct tokenizer_candidate best, next;
-		tokenizer_heap_pop(heap, &best);
-		struct tokenizer_symbol *left = &symbols[best.left];
-		/* Stale unless both symbols are unchanged since the push (a dead symbol has
-		 * next -1 on its left neighbour's side, and its id is never read again). */
-		if (left->id != best.left_id || left->next < 0 ||
-		    symbols[left->next].id != best.right_id)
-			continue;
-		int32_t right = left->next;
-		left->id = best.merged_id;
-		left->next = symbols[right].next;
-		if (left->next >= 0)
-			symbols[left->next].prev = best.left;
-		symbols[right].id = -1;
-		symbols[right].next = -1;
-		if (left->prev >= 0 && bpe_pair(bpe, symbols, left->prev, &next) &&
-		    (rc = tokenizer_heap_push(heap, &next)) < 0)
-			return rc;
-		if (bpe_pair(bpe, symbols, best.left, &next) &&
-		    (rc = tokenizer_heap_push(heap, &next)) < 0)
-			return rc;
-	}
+	if ((rc = tokenizer_merge(heap, symbols, bpe_pair_any, bpe)) < 0)
+		return rc;
 	for (int32_t i = 0; i >= 0 && rc == 0; i = symbols[i].next)
 		if (symbols[i].id >= 0)
 			rc = tokenizer_ids_push(out, symbols[i].id);

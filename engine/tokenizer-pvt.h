@@ -116,6 +116,17 @@ int32_t tokenizer_lookup2(const struct skv_tokenizer *t, const char *a, size_t a
 void tokenizer_heap_sift_down(struct tokenizer_heap *heap, size_t i);
 int tokenizer_heap_push(struct tokenizer_heap *heap, const struct tokenizer_candidate *c);
 void tokenizer_heap_pop(struct tokenizer_heap *heap, struct tokenizer_candidate *top);
+
+/* The candidate merge of symbols[left] with its right neighbour, if the vocabulary has one. */
+typedef bool (*tokenizer_pair_fn)(const void *vocab, const struct tokenizer_symbol *symbols,
+				  int32_t left, struct tokenizer_candidate *out);
+
+/* Both tokenizers' merge loop over a linked list of symbols whose first candidates are in
+ * heap: pop the best candidate, skip it if stale (either symbol changed since the push), merge
+ * (the left symbol takes the merged id, the right one dies: id -1, next -1), push the merged
+ * symbol's new pairs with both neighbours. O(n log n). Returns 0 or -ENOMEM. */
+int tokenizer_merge(struct tokenizer_heap *heap, struct tokenizer_symbol *symbols,
+		    tokenizer_pair_fn pair, const void *vocab);
 int tokenizer_ids_push(struct tokenizer_ids *out, int32_t id);
 
 /* tokenizer-bpe.c, for both kinds of GGUF vocabulary: the special ids (bos/eos/eot/pad

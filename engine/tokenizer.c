@@ -681,6 +681,46 @@ void tokenizer_heap_pop(struct tokenizer_heap *heap, struct tokenizer_candidate 
 
 /* Fill *c for the pair (left, left's next) if its concatenation is a piece llama2.c would merge
  * (score above its starting best); returns whether it is. */
+int tokenizer_merge(struct tokenizer_heap *heap, struct tokenizer_symbol *symbols,
+		    tokenizer_pair_fn pair, const void *vocab)
+{
+	int rc;
+	while (heap->count) {
+		struct tokenizer_candidate best, next;
+		tokenizer_heap_pop(heap, &best);
+		struct tokenizer_symbol *left = &symbols[best.left];
+		/* Stale unless both symbols are unchanged since the push: a merge changes the
+		 * surviving symbol's id and kills the other (id -1). */
+		if (left->id != best.left_id || left->next < 0 ||
+		    symbols[left->next].id != best.right_id)
+			continue;
+		int32_t right = left->next;
+		left->id = best.merged_id;
+		left->next = symbols[right].next;
+		if (left->next >= 0)
+			symbols[left->next].prev = best.left;
+		symbols[right].id = -1;
+		symbols[right].next = -1;
+		/* The merged symbol forms new pairs with both neighbours. */
+		if (left->prev >= 0 && pair(vocab, symbols, left->prev, &next) &&
+		    (rc = tokenizer_heap_push(heap, &next)) < 0)
+			return rc;
+		if (pair(vocab, symbols, best.left, &next) &&
+		    (rc = tokenizer_heap_push(heap, &next)) < 0)
+			return rc;
+	}
+	return 0;
+}
+
+static bool tokenizer_pair(const struct skv_tokenizer *t, const struct tokenizer_symbol *symbols,
+			   int32_t left, struct tokenizer_candidate *c);
+
+static bool tokenizer_pair_any(const void *vocab, const struct tokenizer_symbol *symbols,
+			       int32_t left, struct tokenizer_candidate *c)
+{
+	return tokenizer_pair(vocab, symbols, left, c);
+}
+
 static bool tokenizer_pair(const struct skv_tokenizer *t, const struct tokenizer_symbol *symbols,
 			   int32_t left, struct tokenizer_candidate *c)
 {
@@ -780,29 +820,9 @@ static int tokenizer_spm_merge(const struct skv_tokenizer *t, struct tokenizer_s
 			tokenizer_heap_sift_down(heap, i);
 	}
 
-	while (heap->count) {
-		struct tokenizer_candidate best, next;
-		tokenizer_heap_pop(heap, &best);
-		struct tokenizer_symbol *left = &symbols[best.left];
-		/* Stale unless both symbols are unchanged since the push: a merge changes the
-		 * surviving symbol's id and kills the other (id -1). */
-		if (left->id != best.left_id || left->next < 0 ||
-		    symbols[left->next].id != best.right_id)
-			continue;
-		int32_t right = left->next;
-		left->id = best.merged_id;
-		left->next = symbols[right].next;
-		if (left->next >= 0)
-			symbols[left->next].prev = best.left;
-		symbols[right].id = -1;
-		/* The merged symbol forms new pairs with both neighbours. */
-		if (left->prev >= 0 && tokenizer_pair(t, symbols, left->prev, &next) &&
-		    (rc = tokenizer_heap_push(heap, &next)) < 0)
-			return rc;
-		if (tokenizer_pair(t, symbols, best.left, &next) &&
-		    (rc = tokenizer_heap_push(heap, &next)) < 0)
-			return rc;
-	}
+	rc = tokenizer_merge(heap, symbols, tokenizer_pair_any, t);
+	if (rc < 0)
+		return rc;
 
 	for (int32_t i = n_symbols ? 0 : -1; i >= 0 && rc == 0; i = symbols[i].next)
 		rc = tokenizer_ids_push(out, symbols[i].id);
