@@ -16,8 +16,9 @@
  * reference in tests/unit/test-qmatmul.c states each of these in plain C, with the tolerance
  * per type.
  *
- * Kernels: AVX-512 (VNNI, BF16 where present), AVX2 and a baseline, picked at run time by
- * CPUID (SKV_QMAT_ISA=base|avx2|avx512 forces one, for tests). One row of x (a decode step)
+ * Kernels: AVX-512 with VNNI (x86-64-v4 + AVX512_VNNI; no AVX512_BF16 instruction is used),
+ * AVX2 and a baseline, picked at run time by CPUID (SKV_QMAT_ISA=base|avx2|avx512 forces one,
+ * for tests and benchmarks; skv_qctx_set_isa forces one per context). One row of x (a decode step)
  * streams every weight once; many rows reuse each tile of weights, kept in cache, across all of
  * them. Rows of W are split over the context's threads (OpenMP), which also share the
  * quantization of x; with one thread the call runs on the caller's thread, without an OpenMP
