@@ -880,7 +880,8 @@ static void skv_check_flags(const struct skv_opts *o, const char *cmd, unsigned 
 
 int main(int argc, char **argv)
 {
-	struct skv_opts o;
+	/* Static: what the options hold (the chat template) lives until exit, reachable. */
+	static struct skv_opts o;
 	atexit(skv_close_stdout);
 	int first = skv_parse_opts(argc, argv, &o);
 	if (first >= argc)
