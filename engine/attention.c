@@ -11,14 +11,65 @@
 
 int skv_rope_init(struct skv_rope *rope, uint32_t head_size, float theta)
 {
-	if (!head_size || head_size % 2 || head_size / 2 > SKV_ROPE_MAX_PAIRS || !(theta > 0))
+	return skv_rope_init_partial(rope, head_size, head_size, theta);
+}
+
+int skv_rope_init_partial(struct skv_rope *rope, uint32_t head_size, uint32_t rot_dims,
+			  float theta)
+{
+	if (!head_size || head_size % 2 || head_size / 2 > SKV_ROPE_MAX_PAIRS || !(theta > 0) ||
+	    !rot_dims || rot_dims % 2 || rot_dims > head_size)
 		return -EINVAL;
 	rope->head_size = head_size;
-	rope->pairs = head_size / 2;
+	rope->pairs = rot_dims / 2;
 	/* Same float32 arithmetic as llama2.c, so short sequences rotate bit-for-bit alike. */
 	for (uint32_t i = 0; i < rope->pairs; i++)
-		rope->inv_freq[i] = 1.0f / powf(theta, (float)(2 * i) / (float)head_size);
+		rope->inv_freq[i] = 1.0f / powf(theta, (float)(2 * i) / (float)rot_dims);
 	return 0;
+}
+
+int skv_rope_scale_llama3(struct skv_rope *rope, float factor, float low_freq_factor,
+			  float high_freq_factor, float original_context)
+{
+	if (!(factor >= 1.0f) || !(low_freq_factor > 0.0f) ||
+	    !(high_freq_factor > low_freq_factor) || !(original_context > 0.0f))
+		return -EINVAL;
+	const double two_pi = 6.283185307179586;
+	double low_wavelen = original_context / low_freq_factor;
+	double high_wavelen = original_context / high_freq_factor;
+	for (uint32_t i = 0; i < rope->pairs; i++) {
+		double f = rope->inv_freq[i], wavelen = two_pi / f;
+		if (wavelen < high_wavelen)
+			continue;
+		if (wavelen > low_wavelen) {
+			f /= factor;
+		} else {
+			double smooth = (original_context / wavelen - low_freq_factor) /
+					(high_freq_factor - low_freq_factor);
+			f = (1.0 - smooth) * f / factor + smooth * f;
+		}
+		rope->inv_freq[i] = (float)f;
+	}
+	return 0;
+}
+
+void skv_rope_divide(struct skv_rope *rope, const float *factors)
+{
+	for (uint32_t i = 0; i < rope->pairs; i++)
+		rope->inv_freq[i] = rope->inv_freq[i] / factors[i];
+}
+
+void skv_rope_rotate_neox(const struct skv_rope *rope, float *vec, uint32_t n_heads,
+			  const float *cos_tab, const float *sin_tab)
+{
+	for (uint32_t h = 0; h < n_heads; h++) {
+		float *head = vec + (size_t)h * rope->head_size;
+		for (uint32_t i = 0; i < rope->pairs; i++) {
+			float v0 = head[i], v1 = head[i + rope->pairs];
+			head[i] = v0 * cos_tab[i] - v1 * sin_tab[i];
+			head[i + rope->pairs] = v0 * sin_tab[i] + v1 * cos_tab[i];
+		}
+	}
 }
 
 void skv_rope_angles(const struct skv_rope *rope, uint64_t pos, float *cos_out, float *sin_out)

@@ -28,7 +28,7 @@
  * (1 / theta^(2i / head_size) in float32). */
 struct skv_rope {
 	uint32_t head_size;
-	uint32_t pairs;                     /* head_size / 2 */
+	uint32_t pairs;                     /* rotated dims / 2 (head_size / 2 unless partial) */
 	float inv_freq[SKV_ROPE_MAX_PAIRS]; /* [pairs] */
 };
 
@@ -41,6 +41,27 @@ void skv_rope_angles(const struct skv_rope *rope, uint64_t pos, float *cos_out, 
 /* Rotate n_heads consecutive heads of vec (interleaved pairs, as llama2.c) in place. */
 void skv_rope_rotate(const struct skv_rope *rope, float *vec, uint32_t n_heads,
 		     const float *cos_tab, const float *sin_tab);
+
+/* Partial rotary (GPT-NeoX): only the first rot_dims components of each head of head_size
+ * rotate, at 1 / theta^(2i / rot_dims); the rest never move. rot_dims even, <= head_size.
+ * skv_rope_init is this with rot_dims == head_size. */
+int skv_rope_init_partial(struct skv_rope *rope, uint32_t head_size, uint32_t rot_dims,
+			  float theta);
+
+/* Llama 3.1's `llama3` rope scaling of the inverse frequencies, as llama.cpp and Hugging Face
+ * apply it: with wavelength w = 2 pi / f, w < ctx / high keeps f, w > ctx / low takes
+ * f / factor, in between s = (ctx / w - low) / (high - low) and f' = (1 - s) f / factor + s f.
+ * -EINVAL unless factor >= 1, 0 < low < high, ctx > 0. */
+int skv_rope_scale_llama3(struct skv_rope *rope, float factor, float low_freq_factor,
+			  float high_freq_factor, float original_context);
+
+/* GGUF rope_freqs.weight: f_i / factors[i] for each pair (what llama.cpp does with them). */
+void skv_rope_divide(struct skv_rope *rope, const float *factors);
+
+/* The same rotation in GPT-NeoX order: component i pairs with i + rot_dims / 2 (halves of
+ * the rotated part, not interleaved pairs), as llama.cpp's NEOX rope type. */
+void skv_rope_rotate_neox(const struct skv_rope *rope, float *vec, uint32_t n_heads,
+			  const float *cos_tab, const float *sin_tab);
 
 /* One query row of one layer attending over one stream's KV planes. */
 struct skv_attn_args {

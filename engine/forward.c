@@ -280,9 +280,22 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 	r->model = model;
 	r->cfg = *c;
 	r->max_rows = max_rows;
-	if (skv_rope_init(&r->rope, (uint32_t)c->head_size, c->rope_theta) < 0) {
+	if (skv_rope_init_partial(&r->rope, (uint32_t)c->head_size, (uint32_t)c->rope_dims,
+				  c->rope_theta) < 0) {
 		err = skv_errorf(msg, msg_len, -SKV_ESHAPE, "%s: head size %d is not supported",
 				 model->path, c->head_size);
+		goto fail;
+	}
+	if (c->rope_freqs)
+		skv_rope_divide(&r->rope, c->rope_freqs);
+	if (c->rope_scaling == SKV_ROPE_SCALING_LINEAR) {
+		for (uint32_t i = 0; i < r->rope.pairs; i++)
+			r->rope.inv_freq[i] /= c->rope_factor;
+	} else if (c->rope_scaling == SKV_ROPE_SCALING_LLAMA3 &&
+		   skv_rope_scale_llama3(&r->rope, c->rope_factor, c->rope_low_freq_factor,
+					 c->rope_high_freq_factor, c->rope_original_context) < 0) {
+		err = skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: bad llama3 rope scaling factors",
+				 model->path);
 		goto fail;
 	}
 	err = skv_backend_new(max_rows, threads, &r->be, msg, msg_len);
@@ -477,6 +490,36 @@ static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32
 	return 0;
 }
 
+/* The model's RoPE order: interleaved pairs (llama) or halves (NEOX: qwen2). */
+static void forward_rope(const struct skv_runner *r, float *vec, uint32_t n_heads,
+			 const float *cos_tab, const float *sin_tab)
+{
+	if (r->cfg.rope_order == SKV_ROPE_NEOX)
+		skv_rope_rotate_neox(&r->rope, vec, n_heads, cos_tab, sin_tab);
+	else
+		skv_rope_rotate(&r->rope, vec, n_heads, cos_tab, sin_tab);
+}
+
+/* qwen2's biases on q, k and v, added to each row of qkv before any rotation. */
+static void forward_qkv_bias(struct skv_runner *r, const struct skv_layer_weights *w,
+			     uint32_t n_rows)
+{
+	const struct skv_model_config *c = &r->cfg;
+	const float *bias[3] = { w->bq, w->bk, w->bv };
+	const uint32_t width[3] = { (uint32_t)c->dim, (uint32_t)c->kv_dim, (uint32_t)c->kv_dim };
+	if (!w->bq && !w->bk && !w->bv)
+		return;
+	for (uint32_t row = 0; row < n_rows; row++) {
+		float *dst = r->qkv + (size_t)row * r->qkv_dim;
+		for (uint32_t b = 0; b < 3; b++) {
+			if (bias[b])
+				for (uint32_t j = 0; j < width[b]; j++)
+					dst[j] += bias[b][j];
+			dst += width[b];
+		}
+	}
+}
+
 static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_rows)
 {
 	const struct skv_model_config *c = &r->cfg;
@@ -490,7 +533,7 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 		const float *ca = r->cos_abs + row * pairs, *sa = r->sin_abs + row * pairs;
 		const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
 
-		skv_rope_rotate(&r->rope, k, (uint32_t)c->n_kv_heads, ca, sa);
+		forward_rope(r, k, (uint32_t)c->n_kv_heads, ca, sa);
 		skv_kv_store_row(&fr->seq->desc, fr->seq->kv_base, layer, fr->step.slot, k, v);
 		if (layer == 0)
 			skv_kv_region_tokens(fr->seq->kv_base, &fr->seq->desc)[fr->step.slot] = fr->token;
@@ -498,10 +541,10 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 		const float *q_sink = q;
 		if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
 			memcpy(r->q_sink, q, dim * sizeof(float));
-			skv_rope_rotate(&r->rope, r->q_sink, (uint32_t)c->n_heads, cs, ss);
+			forward_rope(r, r->q_sink, (uint32_t)c->n_heads, cs, ss);
 			q_sink = r->q_sink;
 		}
-		skv_rope_rotate(&r->rope, q, (uint32_t)c->n_heads, ca, sa);
+		forward_rope(r, q, (uint32_t)c->n_heads, ca, sa);
 
 		struct skv_attn_args args = {
 			.q_window = q,
@@ -552,6 +595,7 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 		forward_rmsnorm(r->xb, r->x, w->attn_norm, n_rows, dim, c->norm_eps);
 		if ((err = forward_group_run(r, &fl->qkv, n_rows, r->xb, r->qkv)) < 0)
 			return err;
+		forward_qkv_bias(r, w, n_rows);
 		forward_attention(r, (uint32_t)l, n_rows);
 		if ((err = forward_group_run(r, &fl->wo, n_rows, r->att, r->x)) < 0)
 			return err;

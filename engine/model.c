@@ -76,6 +76,8 @@ static int model_check_config(struct skv_model_config *cfg, const char *path, co
 				  "%s: %s: head size %" PRId32 " (dim / n_heads) is odd; RoPE needs"
 				  " pairs", path, source, cfg->head_size);
 	cfg->kv_dim = cfg->n_kv_heads * cfg->head_size; /* <= dim: cannot overflow */
+	if (!cfg->rope_dims)
+		cfg->rope_dims = cfg->head_size;
 	if (!(cfg->norm_eps > 0.0f) || !isfinite(cfg->norm_eps))
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
 				  "%s: %s: RMSNorm epsilon %g must be positive and finite", path,
@@ -301,7 +303,7 @@ static int model_gguf_find(const struct skv_model *m, const char *name, int64_t 
 	return 0;
 }
 
-/* A norm vector: F32 only, as every GGUF producer stores them. */
+/* A norm or bias vector: F32 only, as every GGUF producer stores them. */
 static int model_gguf_vector(const struct skv_model *m, const char *name, int64_t cols,
 			     const float **out, char *msg, size_t msg_len)
 {
@@ -311,7 +313,7 @@ static int model_gguf_vector(const struct skv_model *m, const char *name, int64_
 		return err;
 	if (t->type != SKV_GGML_TYPE_F32)
 		return skv_errorf(msg, msg_len, -SKV_EDTYPE,
-				  "%s: GGUF tensor %s has type %s (%" PRIu32 "); norm vectors must"
+				  "%s: GGUF tensor %s has type %s (%" PRIu32 "); norm and bias vectors must"
 				  " be F32", m->path, name, skv_gguf_ggml_type_name(t->type),
 				  t->type);
 	/* general.alignment may legally be 1 or 2; the forward pass needs aligned floats. */
@@ -377,6 +379,84 @@ static int model_gguf_layer_vector(const struct skv_model *m, int32_t layer, con
 	return model_gguf_vector(m, name, cols, out, msg, msg_len);
 }
 
+/* PREFIX.rope.scaling.type: absent or "none", "linear" (frequencies / factor) or "llama3"
+ * (factor, low_freq_factor, high_freq_factor, original_context_length); any other is refused. */
+static int model_gguf_rope_scaling(struct skv_model *m, const char *prefix, char *msg,
+				   size_t msg_len)
+{
+	struct skv_model_config *cfg = &m->cfg;
+	struct skv_gguf_str type;
+	char key[GGUF_NAME_MAX];
+	int err;
+
+	snprintf(key, sizeof(key), "%s.rope.scaling.type", prefix);
+	err = skv_gguf_get_str(m->gguf, key, &type);
+	if (err == -ENOENT)
+		return 0;
+	if (err)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: GGUF metadata key %s is not a"
+				  " string", m->path, key);
+	bool none = type.len == 4 && !memcmp(type.ptr, "none", 4);
+	bool linear = type.len == 6 && !memcmp(type.ptr, "linear", 6);
+	bool llama3 = type.len == 6 && !memcmp(type.ptr, "llama3", 6);
+	if (!none && !linear && !llama3) {
+		char shown[40];
+		size_t n = type.len < sizeof(shown) - 1 ? (size_t)type.len : sizeof(shown) - 1;
+		for (size_t i = 0; i < n; i++)
+			shown[i] = type.ptr[i] >= 0x20 && type.ptr[i] < 0x7f ? type.ptr[i] : '?';
+		shown[n] = '\0';
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF rope scaling type '%s' is not supported (none, linear,"
+				  " llama3)", m->path, shown);
+	}
+	if (none)
+		return 0;
+	snprintf(key, sizeof(key), "%s.rope.scaling.factor", prefix);
+	if ((err = model_gguf_float(m, key, 1.0f, true, &cfg->rope_factor, msg, msg_len)))
+		return err;
+	if (!(cfg->rope_factor >= 1.0f) || !isfinite(cfg->rope_factor))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: GGUF %s %g must be at least 1",
+				  m->path, key, (double)cfg->rope_factor);
+	cfg->rope_scaling = SKV_ROPE_SCALING_LINEAR;
+	if (linear)
+		return 0;
+	cfg->rope_scaling = SKV_ROPE_SCALING_LLAMA3;
+	int32_t original = 0;
+	snprintf(key, sizeof(key), "%s.rope.scaling.original_context_length", prefix);
+	if ((err = model_gguf_dim(m, key, true, &original, msg, msg_len)))
+		return err;
+	cfg->rope_original_context = (float)original;
+	snprintf(key, sizeof(key), "%s.rope.scaling.low_freq_factor", prefix);
+	if ((err = model_gguf_float(m, key, 1.0f, true, &cfg->rope_low_freq_factor, msg,
+				    msg_len)))
+		return err;
+	snprintf(key, sizeof(key), "%s.rope.scaling.high_freq_factor", prefix);
+	if ((err = model_gguf_float(m, key, 4.0f, true, &cfg->rope_high_freq_factor, msg,
+				    msg_len)))
+		return err;
+	if (!(cfg->rope_low_freq_factor > 0.0f) ||
+	    !(cfg->rope_high_freq_factor > cfg->rope_low_freq_factor) || original <= 0 ||
+	    !isfinite(cfg->rope_high_freq_factor))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF llama3 rope scaling needs 0 < low_freq_factor (%g) <"
+				  " high_freq_factor (%g) and original_context_length %" PRId32
+				  " > 0", m->path, (double)cfg->rope_low_freq_factor,
+				  (double)cfg->rope_high_freq_factor, original);
+	return 0;
+}
+
+/* blk.N.SUFFIX.bias: required for qwen2, optional for llama (llama.cpp reads it there too). */
+static int model_gguf_bias(const struct skv_model *m, int32_t layer, const char *suffix,
+			   int64_t cols, const float **out, char *msg, size_t msg_len)
+{
+	char name[GGUF_NAME_MAX];
+
+	snprintf(name, sizeof(name), "blk.%" PRId32 ".%s.bias", layer, suffix);
+	if (m->cfg.arch != SKV_ARCH_QWEN2 && !skv_gguf_find_tensor(m->gguf, name))
+		return 0;
+	return model_gguf_vector(m, name, cols, out, msg, msg_len);
+}
+
 static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 {
 	struct skv_model_config *cfg = &m->cfg;
@@ -388,34 +468,58 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
 				  "%s: GGUF metadata key general.architecture is %s", m->path,
 				  err == -ENOENT ? "missing" : "not a string");
-	if (arch.len != strlen("llama") || memcmp(arch.ptr, "llama", arch.len)) {
+	static const struct {
+		const char *name;
+		enum skv_model_arch arch;
+		enum skv_rope_order order;
+	} archs[] = {
+		{ "llama", SKV_ARCH_LLAMA, SKV_ROPE_INTERLEAVED },
+		{ "qwen2", SKV_ARCH_QWEN2, SKV_ROPE_NEOX },
+	};
+	const char *prefix = NULL;
+	for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++) {
+		if (arch.len == strlen(archs[i].name) && !memcmp(arch.ptr, archs[i].name, arch.len)) {
+			prefix = archs[i].name;
+			cfg->arch = archs[i].arch;
+			cfg->rope_order = archs[i].order;
+		}
+	}
+	if (!prefix) {
 		char shown[40];
 		size_t n = arch.len < sizeof(shown) - 1 ? (size_t)arch.len : sizeof(shown) - 1;
 		for (size_t i = 0; i < n; i++)
 			shown[i] = arch.ptr[i] >= 0x20 && arch.ptr[i] < 0x7f ? arch.ptr[i] : '?';
 		shown[n] = '\0';
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
-				  "%s: GGUF architecture '%s' is not supported (only llama)",
+				  "%s: GGUF architecture '%s' is not supported (llama, qwen2)",
 				  m->path, shown);
 	}
+	char key[GGUF_NAME_MAX];
+#define MODEL_KEY(suffix) (snprintf(key, sizeof(key), "%s." suffix, prefix), key)
 
-	if ((err = model_gguf_dim(m, "llama.embedding_length", true, &cfg->dim, msg, msg_len)) ||
-	    (err = model_gguf_dim(m, "llama.feed_forward_length", true, &cfg->hidden_dim, msg,
+	if ((err = model_gguf_dim(m, MODEL_KEY("embedding_length"), true, &cfg->dim, msg,
 				  msg_len)) ||
-	    (err = model_gguf_dim(m, "llama.block_count", true, &cfg->n_layers, msg, msg_len)) ||
-	    (err = model_gguf_dim(m, "llama.attention.head_count", true, &cfg->n_heads, msg,
+	    (err = model_gguf_dim(m, MODEL_KEY("feed_forward_length"), true, &cfg->hidden_dim, msg,
 				  msg_len)) ||
-	    (err = model_gguf_dim(m, "llama.context_length", true, &cfg->seq_len, msg, msg_len)))
+	    (err = model_gguf_dim(m, MODEL_KEY("block_count"), true, &cfg->n_layers, msg,
+				  msg_len)) ||
+	    (err = model_gguf_dim(m, MODEL_KEY("attention.head_count"), true, &cfg->n_heads, msg,
+				  msg_len)) ||
+	    (err = model_gguf_dim(m, MODEL_KEY("context_length"), true, &cfg->seq_len, msg,
+				  msg_len)))
 		return err;
 	cfg->n_kv_heads = cfg->n_heads; /* no grouped-query attention unless the key says so */
-	err = model_gguf_dim(m, "llama.attention.head_count_kv", false, &cfg->n_kv_heads, msg,
-			     msg_len);
+	err = model_gguf_dim(m, MODEL_KEY("attention.head_count_kv"), false, &cfg->n_kv_heads,
+			     msg, msg_len);
 	if (err)
 		return err;
-	if ((err = model_gguf_float(m, "llama.attention.layer_norm_rms_epsilon", 0.0f, true,
+	if ((err = model_gguf_float(m, MODEL_KEY("attention.layer_norm_rms_epsilon"), 0.0f, true,
 				    &cfg->norm_eps, msg, msg_len)) ||
-	    (err = model_gguf_float(m, "llama.rope.freq_base", GGUF_DEFAULT_ROPE_THETA, false,
+	    (err = model_gguf_float(m, MODEL_KEY("rope.freq_base"), GGUF_DEFAULT_ROPE_THETA, false,
 				    &cfg->rope_theta, msg, msg_len)))
+		return err;
+	err = model_gguf_rope_scaling(m, prefix, msg, msg_len);
+	if (err)
 		return err;
 
 	/* The vocabulary is the tokenizer's token list; without one, the embedding's rows. */
@@ -447,18 +551,18 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 	if (err)
 		return err;
 
-	/* Partial rotary embeddings are not implemented: RoPE must cover whole heads. */
+	/* Partial rotary embeddings belong to gptneox, which is not read yet: RoPE must cover
+	 * whole heads. */
 	uint32_t rope_dims;
-	err = skv_gguf_get_u32(m->gguf, "llama.rope.dimension_count", &rope_dims);
+	err = skv_gguf_get_u32(m->gguf, MODEL_KEY("rope.dimension_count"), &rope_dims);
 	if (err == -SKV_EFORMAT)
 		return skv_errorf(msg, msg_len, err,
-				  "%s: GGUF metadata key llama.rope.dimension_count is not an integer",
-				  m->path);
+				  "%s: GGUF metadata key %s is not an integer", m->path, key);
 	if (!err && rope_dims != (uint32_t)cfg->head_size)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
-				  "%s: GGUF llama.rope.dimension_count %" PRIu32
-				  " differs from the head size %" PRId32, m->path, rope_dims,
-				  cfg->head_size);
+				  "%s: GGUF %s %" PRIu32 " differs from the head size %" PRId32,
+				  m->path, key, rope_dims, cfg->head_size);
+#undef MODEL_KEY
 	return 0;
 }
 
@@ -499,9 +603,17 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 		    (err = model_gguf_layer_matrix(m, l, "ffn_down", dim, hidden, &lw->w2, msg,
 						   msg_len)) ||
 		    (err = model_gguf_layer_matrix(m, l, "ffn_up", hidden, dim, &lw->w3, msg,
-						   msg_len)))
+						   msg_len)) ||
+		    (err = model_gguf_bias(m, l, "attn_q", dim, &lw->bq, msg, msg_len)) ||
+		    (err = model_gguf_bias(m, l, "attn_k", kv_dim, &lw->bk, msg, msg_len)) ||
+		    (err = model_gguf_bias(m, l, "attn_v", kv_dim, &lw->bv, msg, msg_len)))
 			return err;
 	}
+	/* Llama 3.1 as llama.cpp converts it: the rope scaling as per-pair frequency divisors. */
+	if (skv_gguf_find_tensor(m->gguf, "rope_freqs.weight") &&
+	    (err = model_gguf_vector(m, "rope_freqs.weight", cfg->rope_dims / 2,
+				     &m->cfg.rope_freqs, msg, msg_len)))
+		return err;
 	/* No output.weight: the classifier is tied to the embedding. */
 	if (!skv_gguf_find_tensor(m->gguf, "output.weight")) {
 		m->classifier = m->token_embedding;

@@ -19,6 +19,23 @@ enum skv_model_format {
 	SKV_MODEL_GGUF = 2,
 };
 
+/* GGUF general.architecture values streamkv runs; anything else is refused at load. */
+enum skv_model_arch {
+	SKV_ARCH_LLAMA = 0,  /* Llama 2/3/3.1, Mistral, TinyLlama; llama2.c models */
+	SKV_ARCH_QWEN2 = 1,  /* llama with biases on q, k, v and NEOX-order RoPE */
+};
+
+enum skv_rope_scaling {
+	SKV_ROPE_SCALING_NONE = 0,
+	SKV_ROPE_SCALING_LINEAR = 1, /* frequencies / rope_factor */
+	SKV_ROPE_SCALING_LLAMA3 = 2, /* Llama 3.1: skv_rope_scale_llama3 */
+};
+
+enum skv_rope_order {
+	SKV_ROPE_INTERLEAVED = 0, /* pairs (2i, 2i + 1): llama2.c, GGUF llama */
+	SKV_ROPE_NEOX = 1,        /* halves (i, i + rot / 2): qwen2, gptneox */
+};
+
 struct skv_model_config {
 	int32_t dim;         /* model width */
 	int32_t hidden_dim;  /* FFN inner width */
@@ -32,6 +49,12 @@ struct skv_model_config {
 	int32_t kv_dim;      /* n_kv_heads * head_size */
 	float norm_eps;      /* RMSNorm epsilon (1e-5 for llama2.c models) */
 	float rope_theta;    /* RoPE base (10000 for llama2.c models) */
+	int32_t arch;        /* enum skv_model_arch */
+	int32_t rope_order;  /* enum skv_rope_order */
+	int32_t rope_dims;   /* rotated components of a head (head_size unless partial) */
+	int32_t rope_scaling; /* enum skv_rope_scaling, with the four values below */
+	float rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_context;
+	const float *rope_freqs; /* GGUF rope_freqs.weight [rope_dims / 2] or NULL */
 };
 
 /* Every matrix is [out][in] row-major as the file stores it (llama2.c's layout), in the file's
@@ -47,6 +70,7 @@ struct skv_layer_weights {
 	struct skv_qmat w1;     /* [hidden_dim][dim]   gate */
 	struct skv_qmat w2;     /* [dim][hidden_dim]   down */
 	struct skv_qmat w3;     /* [hidden_dim][dim]   up */
+	const float *bq, *bk, *bv; /* qwen2: [dim], [kv_dim], [kv_dim] biases; NULL: none */
 };
 
 struct skv_model {

@@ -33,18 +33,54 @@ static void ref_rmsnorm(double *out, const double *x, const float *w, int n, dou
 		out[i] = (double)w[i] * (ss * x[i]);
 }
 
-/* Rotate interleaved pairs of every head at position pos, frequencies as llama2.c. */
-static void ref_rope(double *vec, int n, int head_size, double theta, uint64_t pos)
+/* The frequency of rotary pair i, in double: 1 / theta^(2i / rot_dims), then the model's
+ * rope_freqs divisors and its scaling (linear: / factor; llama3: Llama 3.1's formula as its
+ * Hugging Face code states it). */
+static double ref_freq(const struct skv_model_config *c, int i)
 {
-	for (int i = 0; i < n; i += 2) {
-		int hd = i % head_size;
-		double freq = 1.0 / pow(theta, (double)hd / head_size);
-		double a = (double)pos * freq;
-		double c = cos(a), s = sin(a);
-		double v0 = vec[i], v1 = vec[i + 1];
-		vec[i] = v0 * c - v1 * s;
-		vec[i + 1] = v0 * s + v1 * c;
+	double f = 1.0 / pow(c->rope_theta, 2.0 * i / c->rope_dims);
+	if (c->rope_freqs)
+		f /= c->rope_freqs[i];
+	if (c->rope_scaling == SKV_ROPE_SCALING_LINEAR)
+		f /= c->rope_factor;
+	if (c->rope_scaling == SKV_ROPE_SCALING_LLAMA3) {
+		double wavelen = 2.0 * M_PI / f;
+		double low_wavelen = c->rope_original_context / c->rope_low_freq_factor;
+		double high_wavelen = c->rope_original_context / c->rope_high_freq_factor;
+		if (wavelen > low_wavelen) {
+			f /= c->rope_factor;
+		} else if (wavelen >= high_wavelen) {
+			double smooth = (c->rope_original_context / wavelen - c->rope_low_freq_factor) /
+					(c->rope_high_freq_factor - c->rope_low_freq_factor);
+			f = (1.0 - smooth) * f / c->rope_factor + smooth * f;
+		}
 	}
+	return f;
+}
+
+/* Rotate every head of vec at position pos: the first rope_dims components of each head, in
+ * interleaved pairs (2i, 2i + 1) or NEOX halves (i, i + rope_dims / 2). */
+static void ref_rope(double *vec, int n, const struct skv_model_config *c, uint64_t pos)
+{
+	int hs = c->head_size, half = c->rope_dims / 2;
+	for (int h = 0; h < n; h += hs) {
+		for (int i = 0; i < half; i++) {
+			int a = c->rope_order == SKV_ROPE_NEOX ? i : 2 * i;
+			int b = c->rope_order == SKV_ROPE_NEOX ? i + half : 2 * i + 1;
+			double angle = (double)pos * ref_freq(c, i);
+			double cs = cos(angle), sn = sin(angle);
+			double v0 = vec[h + a], v1 = vec[h + b];
+			vec[h + a] = v0 * cs - v1 * sn;
+			vec[h + b] = v0 * sn + v1 * cs;
+		}
+	}
+}
+
+/* out[i] += bias[i] when the model has that bias. */
+static void ref_bias(double *out, const float *bias, int n)
+{
+	for (int i = 0; bias && i < n; i++)
+		out[i] += bias[i];
 }
 
 void ref_init(struct ref_model *r, const struct skv_model *m, uint32_t sink_slots,
@@ -125,13 +161,16 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 		ref_matvec(q, xb, &w->wq, dim, dim);
 		ref_matvec(k, xb, &w->wk, dim, kv_dim);
 		ref_matvec(v, xb, &w->wv, dim, kv_dim);
+		ref_bias(q, w->bq, dim);
+		ref_bias(k, w->bk, kv_dim);
+		ref_bias(v, w->bv, kv_dim);
 		for (int i = 0; i < kv_dim; i++) {
 			kc[(size_t)slot * kv_dim + i] = (float)k[i];
 			vc[(size_t)slot * kv_dim + i] = (float)v[i];
 		}
 		/* Re-rotate everything at this step's positions. */
 		memcpy(qr, q, dim * sizeof(double));
-		ref_rope(qr, dim, hs, c->rope_theta, r->abs_positions ? q_abs : n_cache - 1);
+		ref_rope(qr, dim, c, r->abs_positions ? q_abs : n_cache - 1);
 		int kv_mul = c->n_heads / c->n_kv_heads;
 		for (int h = 0; h < c->n_heads; h++) {
 			int g = h / kv_mul;
@@ -140,8 +179,7 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 				uint32_t s = order[i];
 				for (int j = 0; j < kv_dim; j++)
 					kr[j] = kc[(size_t)s * kv_dim + j];
-				ref_rope(kr, kv_dim, hs, c->rope_theta,
-					 r->abs_positions ? r->abs_pos[s] : i);
+				ref_rope(kr, kv_dim, c, r->abs_positions ? r->abs_pos[s] : i);
 				double dot = 0.0;
 				for (int d = 0; d < hs; d++)
 					dot += qr[h * hs + d] * kr[g * hs + d];
