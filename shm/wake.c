@@ -262,13 +262,17 @@ static int wake_sleep_uring(struct skv_waiter *w, int (*ready)(void *), void *ar
 static int wake_sleep_futex(struct skv_waiter *w, int (*ready)(void *), void *arg,
 			    int64_t deadline_ns)
 {
+	/* A3: pairs with R3 in skv_wake. Read before the announcement: every producer that claims
+	 * this announcement bumps seq after this read, so FUTEX_WAIT either sees the change or is
+	 * woken by the FUTEX_WAKE that follows the bump. Read after it, seq could already hold
+	 * the bump of a late producer that claimed this announcement while answering an earlier
+	 * one (it saw the old announcement, then swapped the new one): we would sleep on the
+	 * bumped value with the announcement gone, and the next producer, seeing no sleeper,
+	 * would never wake us (a lost wake-up; the acquire keeps the store below after it). */
+	uint32_t seq = __atomic_load_n(&w->word->seq, __ATOMIC_ACQUIRE);
 	__atomic_store_n(&w->word->sleeping, SKV_SLEEP_FUTEX, __ATOMIC_RELAXED);
 	/* F1: orders the announcement before the re-check; pairs with F2 in skv_wake. */
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	/* A3: pairs with R3 in skv_wake. Read before the re-check: a producer that publishes after
-	 * the re-check bumps seq after this read, so FUTEX_WAIT either sees the change or is
-	 * woken by the FUTEX_WAKE that follows the bump. */
-	uint32_t seq = __atomic_load_n(&w->word->seq, __ATOMIC_ACQUIRE);
 	int result = 0;
 	if (ready(arg)) {
 		result = 1;

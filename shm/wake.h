@@ -8,8 +8,9 @@
  * saying so through the caller's log callback.
  *
  * The protocol (a Dekker handshake; every acquire names its paired release):
- *   consumer:  sleeping = SKV_SLEEP_EVENTFD or SKV_SLEEP_FUTEX (store);  full fence F1;
- *              (futex: s = load-acquire seq, A3);  re-check its rings (A1 of ring.h);
+ *   consumer:  (futex: s = load-acquire seq, A3);
+ *              sleeping = SKV_SLEEP_EVENTFD or SKV_SLEEP_FUTEX (store);  full fence F1;
+ *              re-check its rings (A1 of ring.h);
  *              if still idle: sleep (eventfd read in io_uring, or FUTEX_WAIT(seq, s));
  *              on wake-up: sleeping = SKV_SLEEP_AWAKE.
  *   producer:  publish (R1 of ring.h);  full fence F2;  load sleeping: if set, claim the wake-up
