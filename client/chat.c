@@ -2,7 +2,11 @@
  *
  * Every turn (a line from the terminal, or from --turns FILE as the paper feeds its benchmark's
  * turns into one conversation) is put into the template, fed to the same stream as everything
- * before it, and answered token by token. The stream's cache never grows: its sinks stay the
+ * before it, and answered token by token. A template is a chat format of engine/chat-template.h
+ * (named, or recognized from the model's tokenizer.chat_template with --template auto), whose
+ * new-turn text closes the previous answer and opens the next one, or a text of the user's with
+ * {turn} in it. A format with special tokens (<|im_end|>, </s>) has them encoded as their ids,
+ * here and through the daemon (SKV_CLIENT_SPECIAL). The stream's cache never grows: its sinks stay the
  * first tokens of the conversation and its window the latest ones, so the conversation goes on
  * for as long as the user likes in the memory of one stream. Locally the engine runs in this
  * process; with --socket the daemon serves the stream and this process only prints what its
@@ -36,8 +40,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "chat-template.h"
 #include "chat.h"
 #include "forward.h"
+#include "gguf.h"
 #include "model.h"
 #include "sampler.h"
 #include "skv-error.h"
@@ -211,6 +217,18 @@ char *skv_chat_parse_template(const char *text)
 	return t;
 }
 
+void skv_chat_check_template(const char *arg)
+{
+	if (strstr(arg, CHAT_PLACEHOLDER)) {
+		free(skv_chat_parse_template(arg));
+		return;
+	}
+	if (strcmp(arg, "auto") && !skv_chat_template_find(arg))
+		skv_die(SKV_EXIT_USAGE,
+			"--template: unknown format '%s' (%s, auto, or a text holding %s)", arg,
+			skv_chat_template_names(), CHAT_PLACEHOLDER);
+}
+
 /* The template with every {turn} replaced by the turn (malloc'ed). */
 static char *chat_fill(const char *template, const char *turn, size_t turn_len, size_t *len)
 {
@@ -259,6 +277,9 @@ struct chat {
 	uint64_t kv_first, kv_last;     /* the stream's KV bytes when opened, and now */
 	int kv_constant;
 	int trim;                       /* drop the answer's leading spaces (no --echo) */
+	/* the template: a format, or the user's text with {turn} (escapes decoded) */
+	const struct skv_chat_template *format;
+	char *custom;
 };
 
 /* One answer's piece on stdout as it comes. */
@@ -318,7 +339,8 @@ static uint64_t chat_answer_local(struct chat *ch, const int32_t *ids, size_t n,
 static uint64_t chat_answer_remote(struct chat *ch, const char *text, size_t len,
 				   enum chat_end *end)
 {
-	int err = skv_client_stream_generate(ch->cs, text, len, (uint64_t)ch->o->max_answer, 0);
+	unsigned flags = ch->format && skv_chat_template_special(ch->format) ? SKV_CLIENT_SPECIAL : 0;
+	int err = skv_client_stream_generate(ch->cs, text, len, (uint64_t)ch->o->max_answer, flags);
 	if (err < 0)
 		skv_die(1, "%s", skv_client_last_error(ch->client));
 	int cancel_sent = 0, answering = 0;
@@ -367,11 +389,29 @@ static int chat_turn(struct chat *ch, struct chat_input *in, const char *turn, s
 {
 	const struct skv_opts *o = ch->o;
 	size_t text_len;
-	char *text = chat_fill(o->chat_template, turn, turn_len, &text_len);
+	char *text;
+	int special = 0;
+	if (ch->custom) {
+		text = chat_fill(ch->custom, turn, turn_len, &text_len);
+	} else {
+		/* The new turn only: after the first, the stream holds the previous answer but
+		 * not its end, which the format writes before the turn (chat-template.h). */
+		const struct skv_chat_message turns[] = {
+			{ "user", "", 0 },
+			{ "assistant", "", 0 },
+			{ "user", turn, turn_len },
+		};
+		size_t from = ch->turns ? 0 : 2;
+		if (skv_chat_template_render(ch->format, turns + from, 3 - from, ch->turns ? 2 : 0,
+					     1, &text, &text_len) < 0)
+			skv_die(1, "out of memory for a turn");
+		special = skv_chat_template_special(ch->format);
+	}
 	int32_t *ids;
 	size_t n_ids;
-	if (skv_tokenizer_encode(ch->L.tok, text, text_len,
-				 ch->fed == 0 && skv_tokenizer_add_bos(ch->L.tok), 0, &ids, &n_ids) < 0)
+	if ((special ? skv_tokenizer_encode_special : skv_tokenizer_encode)(
+		    ch->L.tok, text, text_len, ch->fed == 0 && skv_tokenizer_add_bos(ch->L.tok), 0,
+		    &ids, &n_ids) < 0)
 		skv_die(1, "out of memory encoding a turn");
 	uint64_t need = (uint64_t)n_ids + (uint64_t)o->max_answer;
 	if (ch->evict_prompt && need > (uint64_t)ch->window) {
@@ -395,7 +435,7 @@ static int chat_turn(struct chat *ch, struct chat_input *in, const char *turn, s
 		fwrite(text, 1, text_len, stdout);
 		fflush(stdout);
 	}
-	ch->trim = !o->echo;
+	ch->trim = !o->echo && (ch->custom || skv_chat_template_trims(ch->format));
 	double t0 = skv_now();
 	enum chat_end end;
 	uint64_t sampled = ch->s ? chat_answer_local(ch, ids, n_ids, &end)
@@ -475,6 +515,34 @@ static void chat_close(struct chat *ch)
 	skv_client_stream_close(ch->cs);
 	skv_client_disconnect(ch->client);
 	skv_local_close(&ch->L);
+	free(ch->custom);
+}
+
+/* --template: the user's text, a named format, or the one the model's GGUF names (auto). */
+static void chat_pick_template(struct chat *ch)
+{
+	const char *arg = ch->o->chat_template ? ch->o->chat_template : SKV_CHAT_DEFAULT_TEMPLATE;
+	if (strstr(arg, CHAT_PLACEHOLDER)) {
+		ch->custom = skv_chat_parse_template(arg);
+		return;
+	}
+	if (strcmp(arg, "auto")) {
+		ch->format = skv_chat_template_find(arg);
+		if (!ch->format)
+			skv_die(SKV_EXIT_USAGE, "--template: unknown format '%s' (%s)", arg,
+				skv_chat_template_names());
+		return;
+	}
+	struct skv_gguf_str jinja;
+	if (!ch->L.model->gguf ||
+	    skv_gguf_get_str(ch->L.model->gguf, "tokenizer.chat_template", &jinja) < 0)
+		skv_die(SKV_EXIT_USAGE,
+			"--template auto: the model has no tokenizer.chat_template; name a format "
+			"(%s)", skv_chat_template_names());
+	if (skv_chat_template_recognize(jinja.ptr, (size_t)jinja.len, &ch->format) < 0)
+		skv_die(SKV_EXIT_USAGE,
+			"--template auto: the model's tokenizer.chat_template is none of the formats "
+			"known here; name one (%s)", skv_chat_template_names());
 }
 
 int skv_cmd_chat(struct skv_opts *o, int argc, char **argv)
@@ -508,6 +576,7 @@ int skv_cmd_chat(struct skv_opts *o, int argc, char **argv)
 			"--max-answer %lld leaves no room for a turn in the %lld window slots with "
 			"--evict prompt; lower --max-answer or raise --window",
 			o->max_answer, (long long)ch.window);
+	chat_pick_template(&ch);
 	ch.kv_first = ch.kv_last = chat_kv_bytes(&ch);
 
 	struct sigaction sa = { .sa_handler = chat_on_sigint, .sa_flags = SA_RESTART };

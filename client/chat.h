@@ -27,7 +27,8 @@ struct skv_opts {
 	int stats;
 	long long threads;      /* OpenMP threads for oneDNN */
 	const char *turns_path; /* chat: file of turns, "-" = stdin; NULL: the terminal */
-	char *chat_template;    /* chat: escapes decoded, holds "{turn}" */
+	const char *chat_template; /* chat: --template as given: a format's name, "auto", or a
+				    * text holding "{turn}"; NULL: SKV_CHAT_DEFAULT_TEMPLATE */
 	long long max_answer;   /* chat: tokens per answer */
 	int echo;               /* chat: print each turn before its answer */
 	unsigned given;         /* SKV_FLAG_* bits of the command-specific flags given */
@@ -58,11 +59,15 @@ double skv_now(void);
 struct skv_client_stream *skv_remote_open(const struct skv_opts *o, struct skv_client **c,
 					  uint64_t seed);
 
-/* Turn "User: {turn}\n" as typed on the command line (\n, \t, \\ decoded) into a template;
- * dies with exit status 2 on an unknown escape or a template without {turn}. */
+/* Turn "User: {turn}\n" as typed on the command line (\n, \t, \\ decoded) into a template
+ * (malloc'ed: the caller frees it); dies with exit status 2 on an unknown escape or a template
+ * without {turn}. */
 char *skv_chat_parse_template(const char *text);
-/* The template when --template is not given. */
-#define SKV_CHAT_DEFAULT_TEMPLATE "Tom said, \"{turn}\"\\nMom said,"
+/* Check --template's argument as flags are parsed: a text holding {turn} must parse, anything
+ * else must be "auto" or a format engine/chat-template.h knows; dies with exit status 2. */
+void skv_chat_check_template(const char *arg);
+/* The format when --template is not given (the shipped story model's). */
+#define SKV_CHAT_DEFAULT_TEMPLATE "story"
 #define SKV_CHAT_DEFAULT_MAX_ANSWER 128
 
 /* skv chat: locally (o->socket_path NULL) or through the daemon. argc/argv: the arguments

@@ -837,10 +837,11 @@ static int client_request(struct skv_client_stream *s, const char *text, size_t 
 int skv_client_stream_generate(skv_client_stream *s, const char *prompt, size_t len,
 			       uint64_t max_tokens, unsigned flags)
 {
-	if (flags & ~SKV_CLIENT_ENDLESS)
+	if (flags & ~(SKV_CLIENT_ENDLESS | SKV_CLIENT_SPECIAL))
 		return client_err(s->client, -EINVAL, "unknown generate flags %#x", flags);
 	return client_request(s, prompt, len, SKV_CHAN_GENERATE, max_tokens,
-			      flags & SKV_CLIENT_ENDLESS ? SKV_GEN_IGNORE_BOS : 0);
+			      (flags & SKV_CLIENT_ENDLESS ? SKV_GEN_IGNORE_BOS : 0) |
+				      (flags & SKV_CLIENT_SPECIAL ? SKV_GEN_SPECIAL : 0));
 }
 
 int skv_client_stream_score(skv_client_stream *s, const char *text, size_t len,

@@ -177,6 +177,8 @@ int skv_client_stream_detach(skv_client_stream *s);
 
 /* Flags of skv_client_stream_generate. */
 #define SKV_CLIENT_ENDLESS 1u /* do not stop at the end-of-text token: stream on */
+#define SKV_CLIENT_SPECIAL 2u /* special tokens in the prompt ("<|im_end|>", "</s>") are
+                               * encoded as their ids, as a rendered chat template needs */
 
 /* Send a prompt (len bytes, may be 0 to continue from the last token) and ask for up to
  * max_tokens tokens after it (0: only feed the prompt into the cache). Requests queue: several can be sent before reading. Waits for

@@ -103,8 +103,11 @@ static void skv_usage(FILE *out)
 	      "chat (also --temp, --top-p, --seed, --stats and the cache policy flags):\n"
 	      "  --turns FILE        one turn per line, blank lines skipped; - = stdin\n"
 	      "                      (default: the terminal, with a \"> \" prompt on a tty)\n"
-	      "  --template T        what the model is fed per turn; {turn} is the turn, \\n a\n"
-	      "                      newline (default: Tom said, \"{turn}\"\\nMom said,)\n"
+	      "  --template T        how a turn is fed: a format (story, raw, llama2, llama3,\n"
+	      "                      chatml, vicuna), auto (the one the model's\n"
+	      "                      tokenizer.chat_template names), or a text where {turn} is\n"
+	      "                      the turn and \\n a newline (default story: Tom said,\n"
+	      "                      \"{turn}\"\\nMom said,)\n"
 	      "  --max-answer N      tokens per answer at most (default 128); an answer also\n"
 	      "                      ends at the model's end-of-text token; with --evict prompt\n"
 	      "                      a turn and N tokens must fit the window\n"
@@ -305,8 +308,8 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 			break;
 		case OPT_TEMPLATE:
 			o->given |= SKV_FLAG_CHAT;
-			free(o->chat_template);
-			o->chat_template = skv_chat_parse_template(optarg);
+			skv_chat_check_template(optarg);
+			o->chat_template = optarg;
 			break;
 		case OPT_MAX_ANSWER:
 			o->given |= SKV_FLAG_CHAT;
@@ -349,8 +352,6 @@ static int skv_parse_opts(int argc, char **argv, struct skv_opts *o)
 		skv_die(SKV_EXIT_USAGE, "--positions abs applies to the sink policy");
 	if (o->echo && !o->turns_path)
 		skv_die(SKV_EXIT_USAGE, "--echo applies to turns read with --turns FILE");
-	if (!o->chat_template)
-		o->chat_template = skv_chat_parse_template(SKV_CHAT_DEFAULT_TEMPLATE);
 	return optind;
 }
 

@@ -406,9 +406,11 @@ static void stream_start(struct engine *e, struct eng_stream *st, const struct s
 	int first = skv_stream_tokens_seen(st->s) == 0;
 	free(st->ids);
 	st->ids = NULL;
-	if (skv_tokenizer_encode(e->tok, st->text ? st->text : "", st->text_len,
-				 first && skv_tokenizer_add_bos(e->tok), 0, &st->ids,
-				 &st->n_ids) < 0) {
+	/* A rendered chat template asks for its special tokens to be parsed (SKV_GEN_SPECIAL). */
+	int special = m->type == SKV_CHAN_GENERATE && (m->flags & SKV_GEN_SPECIAL);
+	if ((special ? skv_tokenizer_encode_special : skv_tokenizer_encode)(
+		    e->tok, st->text ? st->text : "", st->text_len,
+		    first && skv_tokenizer_add_bos(e->tok), 0, &st->ids, &st->n_ids) < 0) {
 		stream_error(e, st, -ENOMEM, "out of memory tokenizing the prompt");
 		return;
 	}

@@ -78,6 +78,8 @@ enum skv_chan_type {
 
 /* Flags of a GENERATE request. */
 #define SKV_GEN_IGNORE_BOS 1u /* do not stop at BOS: stream on (endless streams, benchmarks) */
+#define SKV_GEN_SPECIAL 2u    /* special tokens written in the prompt are their ids (chat
+                               * templates: skv_tokenizer_encode_special) */
 
 #define SKV_DONE_LENGTH 0u  /* generated the requested number of tokens */
 #define SKV_DONE_BOS 1u     /* the model produced BOS (llama2.c's end of story) */
