@@ -667,9 +667,9 @@ static int backend_chat_text(struct gw_backend *b, struct gw_job *j, struct gw_c
 		if (h == conv->fed_hash)
 			skip = conv->fed_messages;
 	}
+	if (gw_template_render(b->gw->opts.tmpl, r->messages, r->n_messages, skip, text) < 0)
+		return -ENOMEM;
 	for (size_t i = skip; i < r->n_messages; i++) {
-		if (gw_template_render(b->gw->opts.tmpl, &r->messages[i], text) < 0)
-			return -ENOMEM;
 		if (conv) {
 			conv->fed_hash = backend_hash_message(conv->fed_hash, r->messages[i].role,
 							      r->messages[i].content,
@@ -777,7 +777,11 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 	if (!err)
 		err = skv_client_stream_generate(st->s, text.data ? text.data : "", text.len,
 						 j->req.max_tokens,
-						 j->req.ignore_eos ? SKV_CLIENT_ENDLESS : 0);
+						 (j->req.ignore_eos ? SKV_CLIENT_ENDLESS : 0) |
+							 (j->req.kind == GW_CHAT &&
+								  gw_template_special(gw->opts.tmpl)
+							  ? SKV_CLIENT_SPECIAL
+							  : 0));
 	gw_buf_free(&text);
 	if (err < 0) {
 		snprintf(msg, sizeof(msg), "cannot send the request: %s",

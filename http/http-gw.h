@@ -26,7 +26,7 @@
 #define GW_MODEL_NAME_MAX 256
 
 struct MHD_Connection;
-struct gw_template;
+struct skv_chat_template;
 
 /* Parsed flags (skv-http.c). */
 struct gw_opts {
@@ -41,7 +41,7 @@ struct gw_opts {
 	uint64_t max_tokens;
 	unsigned conversation_idle;     /* seconds */
 	int64_t max_window, max_sink;
-	const struct gw_template *tmpl;
+	const struct skv_chat_template *tmpl; /* engine/chat-template.h */
 };
 
 enum gw_kind { GW_COMPLETION = 1, GW_CHAT = 2, GW_DELETE = 3 };
@@ -184,14 +184,17 @@ int gw_response_body(struct gw_buf *b, const struct gw_job *j, const char *model
 /* ---- http-template.c: chat messages to text -------------------------------------------- */
 
 /* NULL if unknown. */
-const struct gw_template *gw_template_find(const char *name);
+const struct skv_chat_template *gw_template_find(const char *name);
 const char *gw_template_names(void);        /* for --help */
-const char *gw_template_name(const struct gw_template *t);
-/* Append the text of one message to b. */
-int gw_template_render(const struct gw_template *t, const struct gw_message *m,
-		       struct gw_buf *b);
+const char *gw_template_name(const struct skv_chat_template *t);
+/* Append to b the text of m[from, n) of the conversation m[0, n), then the assistant's header
+ * unless m[n - 1] is the assistant's (the answer's start the client wrote). 0 or -ENOMEM. */
+int gw_template_render(const struct skv_chat_template *t, const struct gw_message *m, size_t n,
+		       size_t from, struct gw_buf *b);
 /* Whether the answer's leading spaces are dropped (the template ends with a space's place). */
-int gw_template_trims(const struct gw_template *t);
+int gw_template_trims(const struct skv_chat_template *t);
+/* Whether the text holds special tokens (generate with SKV_CLIENT_SPECIAL). */
+int gw_template_special(const struct skv_chat_template *t);
 
 /* ---- http-backend.c ------------------------------------------------------------------------ */
 

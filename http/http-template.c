@@ -1,66 +1,57 @@
-/* Chat messages to the text the model is fed. Kept in this one file so that it can move to a
- * shared module when the real chat templates (Llama 2 [INST], Llama 3, ChatML, Vicuna) come.
- *
- * "story" (the default) is skv chat's template for the shipped story model, which was never
- * trained to chat: a user turn is a line of dialogue the story's mother answers,
- *     Tom said, "{content}"\nMom said,
- * a system (or developer) message is its text and a newline, and an assistant message (only
- * fed when the client sends one the stream has not seen) is a space and its text, as the model
- * writes it after "Mom said,". The answer's leading spaces are dropped, as skv chat drops them.
- * "raw" feeds every message's text as it is, followed by a newline. */
+/* Chat messages to the text the model is fed: a thin wrapper over the shared formats of
+ * engine/chat-template.c (story, the default, for the shipped story model; raw; llama2,
+ * llama3, chatml, vicuna), appending to the gateway's buffers. A conversation's new request
+ * renders only the messages its stream has not seen, which the shared module makes the suffix
+ * of the whole conversation's text (an answer's end marker comes with the next message). */
+#include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "chat-template.h"
 #include "http-gw.h"
 
-struct gw_template {
-	const char *name;
-	const char *system_before, *system_after;
-	const char *user_before, *user_after;
-	const char *assistant_before, *assistant_after;
-	int trims;
-};
-
-static const struct gw_template template_table[] = {
-	{ "story", "", "\n", "Tom said, \"", "\"\nMom said,", " ", "", 1 },
-	{ "raw", "", "\n", "", "\n", "", "\n", 0 },
-};
-
-const struct gw_template *gw_template_find(const char *name)
+const struct skv_chat_template *gw_template_find(const char *name)
 {
-	for (size_t i = 0; i < sizeof(template_table) / sizeof(template_table[0]); i++)
-		if (!strcmp(template_table[i].name, name))
-			return &template_table[i];
-	return NULL;
+	return skv_chat_template_find(name);
 }
 
 const char *gw_template_names(void)
 {
-	return "story, raw";
+	return skv_chat_template_names();
 }
 
-const char *gw_template_name(const struct gw_template *t)
+const char *gw_template_name(const struct skv_chat_template *t)
 {
-	return t->name;
+	return skv_chat_template_name(t);
 }
 
-int gw_template_render(const struct gw_template *t, const struct gw_message *m,
-		       struct gw_buf *b)
+int gw_template_render(const struct skv_chat_template *t, const struct gw_message *m, size_t n,
+		       size_t from, struct gw_buf *b)
 {
-	const char *before = t->system_before, *after = t->system_after;
-	if (!strcmp(m->role, "user")) {
-		before = t->user_before;
-		after = t->user_after;
-	} else if (!strcmp(m->role, "assistant")) {
-		before = t->assistant_before;
-		after = t->assistant_after;
-	}
-	if (gw_buf_puts(b, before) < 0 || gw_buf_put(b, m->content, m->content_len) < 0 ||
-	    gw_buf_puts(b, after) < 0)
-		return -1;
-	return 0;
+	struct skv_chat_message *msgs = n ? calloc(n, sizeof(*msgs)) : NULL;
+	if (n && !msgs)
+		return -ENOMEM;
+	for (size_t i = 0; i < n; i++)
+		msgs[i] = (struct skv_chat_message){ m[i].role, m[i].content, m[i].content_len };
+	/* The assistant's header, unless the client wrote the answer's start itself. */
+	int generation_prompt = !n || strcmp(m[n - 1].role, "assistant");
+	char *text;
+	size_t len;
+	int err = skv_chat_template_render(t, msgs, n, from, generation_prompt, &text, &len);
+	free(msgs);
+	if (err < 0)
+		return err;
+	err = gw_buf_put(b, text, len) < 0 ? -ENOMEM : 0;
+	free(text);
+	return err;
 }
 
-int gw_template_trims(const struct gw_template *t)
+int gw_template_trims(const struct skv_chat_template *t)
 {
-	return t->trims;
+	return skv_chat_template_trims(t);
+}
+
+int gw_template_special(const struct skv_chat_template *t)
+{
+	return skv_chat_template_special(t);
 }

@@ -105,9 +105,8 @@ Test(http_api, chat_messages)
 	cr_assert_str_eq(r.messages[2].content, "");
 	cr_assert_eq(r.max_tokens, 9u);
 	struct gw_buf text = { 0 };
-	const struct gw_template *t = gw_template_find("story");
-	for (size_t i = 0; i < r.n_messages; i++)
-		cr_assert_eq(gw_template_render(t, &r.messages[i], &text), 0);
+	const struct skv_chat_template *t = gw_template_find("story");
+	cr_assert_eq(gw_template_render(t, r.messages, r.n_messages, 0, &text), 0);
 	cr_assert_str_eq(text.data, "Be kind.\nTom said, \"Hello\"\nMom said, ");
 	cr_assert(gw_template_trims(t));
 	cr_assert(!gw_template_trims(gw_template_find("raw")));
