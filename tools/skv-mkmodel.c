@@ -171,6 +171,7 @@ struct mk_opts {
 	int force;
 	int dry_run;
 	int arch;                 /* -1 until given */
+	const char *vocab_file;   /* a GGUF whose tokenizer.* keys the model gets */
 	int rope_llama3;          /* -1 until given */
 };
 
@@ -182,6 +183,7 @@ struct mk_vocab {
 	float *scores;        /* [n] */
 	int32_t *types;       /* [n] GGUF token types */
 	char source[PATH_MAX + 32];
+	struct skv_gguf *gguf; /* --vocab-file: its tokenizer.* keys are copied as they are */
 };
 
 enum mk_init {
@@ -297,6 +299,9 @@ static void mk_usage(FILE *out)
 	      "  --arch ARCH         llama (default; the presets' own) or qwen2 (biases on q, k, v)\n"
 	      "  --rope-scaling S    llama3 (Llama 3.1: factor 8, low 1, high 4, context 8192) or\n"
 	      "                      none (default; llama-3-8b: llama3)\n"
+	      "  --vocab-file FILE   a GGUF vocabulary (models/vocab/ggml-vocab-*.gguf): its\n"
+	      "                      tokenizer keys (model, pre, tokens, token_type, merges, scores,\n"
+	      "                      special ids) are copied; --vocab becomes its token count\n"
 	      "  --seed N            weights' seed (default 1)\n"
 	      "  -o, --output OUT    the file to write (through OUT.tmp)\n"
 	      "  --force             replace OUT (and a stale OUT.tmp) if it exists\n"
@@ -333,6 +338,7 @@ enum {
 	OPT_DRY_RUN,
 	OPT_ARCH,
 	OPT_ROPE_SCALING,
+	OPT_VOCAB_FILE,
 	OPT_HELP,
 };
 
@@ -358,6 +364,7 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 		{ "dry-run", no_argument, NULL, OPT_DRY_RUN },
 		{ "arch", required_argument, NULL, OPT_ARCH },
 		{ "rope-scaling", required_argument, NULL, OPT_ROPE_SCALING },
+		{ "vocab-file", required_argument, NULL, OPT_VOCAB_FILE },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -430,6 +437,11 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 				mk_die(MK_EXIT_USAGE, "--arch: '%s' is not llama or qwen2 (gptneox,"
 				       " falcon and mpt are not written yet)", optarg);
 			break;
+		case OPT_VOCAB_FILE:
+			if (!*optarg)
+				mk_die(MK_EXIT_USAGE, "--vocab-file needs a GGUF file name");
+			o->vocab_file = optarg;
+			break;
 		case OPT_ROPE_SCALING:
 			if (!strcmp(optarg, "llama3"))
 				o->rope_llama3 = 1;
@@ -492,6 +504,24 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 	}
 	if (s.kv_heads < 0)
 		s.kv_heads = s.heads; /* no grouped-query attention unless asked */
+	if (o->vocab_file) {
+		struct skv_gguf *g;
+		struct skv_gguf_str *tokens = NULL;
+		uint64_t n_tokens = 0;
+		char msg[512];
+		if (skv_gguf_open(o->vocab_file, &g, msg, sizeof(msg)) < 0)
+			mk_die(MK_EXIT_USAGE, "--vocab-file: %s", msg);
+		if (skv_gguf_get_str_array(g, "tokenizer.ggml.tokens", &tokens, &n_tokens) < 0 ||
+		    !n_tokens || n_tokens > INT32_MAX)
+			mk_die(MK_EXIT_USAGE, "--vocab-file %s: no tokenizer.ggml.tokens array",
+			       o->vocab_file);
+		free(tokens);
+		skv_gguf_close(g);
+		if (given.vocab > 0 && given.vocab != (int64_t)n_tokens)
+			mk_die(MK_EXIT_USAGE, "--vocab %" PRId64 " differs from the %" PRIu64
+			       " tokens of %s", given.vocab, n_tokens, o->vocab_file);
+		s.vocab = (int64_t)n_tokens;
+	}
 	for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
 		if (*fields[i].field < 0)
 			mk_die(MK_EXIT_USAGE, "%s is required without --shape", fields[i].flag);
@@ -540,6 +570,7 @@ static void mk_vocab_free(struct mk_vocab *v)
 	free(v->offset);
 	free(v->scores);
 	free(v->types);
+	skv_gguf_close(v->gguf);
 }
 
 static void mk_vocab_alloc(struct mk_vocab *v, int32_t n, size_t bytes)
@@ -653,8 +684,14 @@ static void mk_vocab_load(struct mk_vocab *v, const struct mk_opts *o)
 {
 	int32_t n = (int32_t)o->shape.vocab;
 	char path[PATH_MAX];
+	char msg[512];
 
-	if (o->tokenizer && !strcmp(o->tokenizer, "bytes")) {
+	if (o->vocab_file) {
+		if (skv_gguf_open(o->vocab_file, &v->gguf, msg, sizeof(msg)) < 0)
+			mk_die(MK_EXIT_RUNTIME, "--vocab-file: %s", msg);
+		v->n = n;
+		snprintf(v->source, sizeof(v->source), "%s", o->vocab_file);
+	} else if (o->tokenizer && !strcmp(o->tokenizer, "bytes")) {
 		mk_vocab_bytes(v, n);
 	} else if (o->tokenizer) {
 		mk_vocab_from_llama2c(v, o->tokenizer, n);
@@ -921,6 +958,73 @@ static void mk_pad(struct mk_writer *w)
 	mk_put(w, zeros, (size_t)(mk_align(w->pos) - w->pos));
 }
 
+/* The tokenizer keys of a vocabulary GGUF, as it states them (the ones it has). */
+static void mk_copy_vocab(struct mk_writer *w, const struct skv_gguf *g)
+{
+	static const char *const str_keys[] = { "tokenizer.ggml.model", "tokenizer.ggml.pre",
+						"tokenizer.chat_template" };
+	static const char *const str_arrays[] = { "tokenizer.ggml.tokens",
+						  "tokenizer.ggml.merges" };
+	static const struct {
+		const char *key;
+		uint32_t type;
+		size_t size;
+	} arrays[] = {
+		{ "tokenizer.ggml.token_type", SKV_GGUF_INT32, 4 },
+		{ "tokenizer.ggml.scores", SKV_GGUF_FLOAT32, 4 },
+	};
+	static const char *const ids[] = {
+		"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+		"tokenizer.ggml.eot_token_id", "tokenizer.ggml.unknown_token_id",
+		"tokenizer.ggml.padding_token_id", "tokenizer.ggml.seperator_token_id",
+	};
+	static const char *const bools[] = { "tokenizer.ggml.add_bos_token",
+					     "tokenizer.ggml.add_eos_token",
+					     "tokenizer.ggml.add_space_prefix" };
+	struct skv_gguf_str str;
+	for (size_t i = 0; i < sizeof(str_keys) / sizeof(str_keys[0]); i++) {
+		if (skv_gguf_get_str(g, str_keys[i], &str))
+			continue;
+		mk_key(w, str_keys[i], SKV_GGUF_STRING);
+		mk_put_str(w, str.ptr, str.len);
+	}
+	for (size_t i = 0; i < sizeof(str_arrays) / sizeof(str_arrays[0]); i++) {
+		struct skv_gguf_str *items = NULL;
+		uint64_t n = 0;
+		if (skv_gguf_get_str_array(g, str_arrays[i], &items, &n))
+			continue;
+		mk_key(w, str_arrays[i], SKV_GGUF_ARRAY);
+		mk_put_u32(w, SKV_GGUF_STRING);
+		mk_put_u64(w, n);
+		for (uint64_t j = 0; j < n; j++)
+			mk_put_str(w, items[j].ptr, items[j].len);
+		free(items);
+	}
+	for (size_t i = 0; i < sizeof(arrays) / sizeof(arrays[0]); i++) {
+		const void *data;
+		uint64_t n;
+		if (skv_gguf_get_array(g, arrays[i].key, arrays[i].type, &data, &n))
+			continue;
+		mk_key(w, arrays[i].key, SKV_GGUF_ARRAY);
+		mk_put_u32(w, arrays[i].type);
+		mk_put_u64(w, n);
+		mk_put(w, data, (size_t)n * arrays[i].size);
+	}
+	for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++) {
+		uint32_t id;
+		if (!skv_gguf_get_u32(g, ids[i], &id))
+			mk_kv_u32(w, ids[i], id);
+	}
+	for (size_t i = 0; i < sizeof(bools) / sizeof(bools[0]); i++) {
+		int b;
+		if (skv_gguf_get_bool(g, bools[i], &b))
+			continue;
+		mk_key(w, bools[i], SKV_GGUF_BOOL);
+		uint8_t byte = (uint8_t)b;
+		mk_put(w, &byte, 1);
+	}
+}
+
 /* Header, metadata and tensor infos, up to the (padded) start of the data section. */
 static void mk_emit_header(struct mk_writer *w, const struct mk_plan *p)
 {
@@ -966,6 +1070,10 @@ static void mk_emit_header(struct mk_writer *w, const struct mk_plan *p)
 	}
 #undef MK_KEY
 
+	if (v->gguf) {
+		mk_copy_vocab(w, v->gguf);
+		goto tensors;
+	}
 	mk_kv_str(w, "tokenizer.ggml.model", "llama");
 	mk_key(w, "tokenizer.ggml.tokens", SKV_GGUF_ARRAY);
 	mk_put_u32(w, SKV_GGUF_STRING);
@@ -984,6 +1092,7 @@ static void mk_emit_header(struct mk_writer *w, const struct mk_plan *p)
 	mk_kv_u32(w, "tokenizer.ggml.bos_token_id", SKV_TOKEN_BOS);
 	mk_kv_u32(w, "tokenizer.ggml.eos_token_id", SKV_TOKEN_EOS);
 
+tensors:
 	for (uint64_t i = 0; i < p->n_tensors; i++) {
 		const struct mk_tensor *t = &p->tensors[i];
 		mk_put_str(w, t->name, strlen(t->name));

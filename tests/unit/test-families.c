@@ -21,6 +21,8 @@
 #include "refmodel.h"
 #include "skv-error.h"
 #include "stream.h"
+#include "tokenizer.h"
+#include "gguf.h"
 #include "testutil.h"
 
 extern char **environ;
@@ -33,7 +35,20 @@ static int32_t vocab;
 #define FAM_TOKENS 160
 
 /* Runs skv-mkmodel with the tiny shape and the extra flags; returns the file's path. */
+static const char *fam_run(const char *name, const char *const *extra, int with_vocab);
+
 static const char *fam_make(const char *name, const char *const *extra)
+{
+	return fam_run(name, extra, 1);
+}
+
+/* The tiny shape without --vocab and --tokenizer: extra gives --vocab-file. */
+static const char *fam_make_vocab(const char *name, const char *const *extra)
+{
+	return fam_run(name, extra, 0);
+}
+
+static const char *fam_run(const char *name, const char *const *extra, int with_vocab)
 {
 	const char *bin = getenv("SKV_MKMODEL_BIN");
 	cr_assert(bin && *bin, "SKV_MKMODEL_BIN is not set: run the tests through `meson test`");
@@ -41,10 +56,15 @@ static const char *fam_make(const char *name, const char *const *extra)
 	static char path[4096];
 	snprintf(path, sizeof(path), "%s/%s.gguf", dir, name);
 	const char *argv[32] = { bin, "--dim", "64", "--hidden", "96", "--layers", "2",
-				 "--heads", "4", "--kv-heads", "2", "--vocab", "300",
-				 "--seq-len", "1024", "--tokenizer", "bytes", "--threads", "1",
-				 "-o", path };
-	size_t n = 21;
+				 "--heads", "4", "--kv-heads", "2", "--seq-len", "1024",
+				 "--threads", "1", "-o", path };
+	size_t n = 17;
+	if (with_vocab) {
+		argv[n++] = "--vocab";
+		argv[n++] = "300";
+		argv[n++] = "--tokenizer";
+		argv[n++] = "bytes";
+	}
 	for (size_t i = 0; extra && extra[i]; i++)
 		argv[n++] = extra[i];
 	argv[n] = NULL;
@@ -263,4 +283,38 @@ Test(families, unknown_architecture_scaling_and_missing_bias_are_refused,
 	snprintf(keep, sizeof(keep), "%s", qwen2);
 	fam_refused(fam_patched(keep, "blk.1.attn_k.bias", "blk.1.attn_k.bia_", 17),
 		    "blk.1.attn_k.bias is missing");
+}
+
+/* --vocab-file copies a byte-level BPE vocabulary: the model's tokenizer is GPT-2's, and a
+ * qwen2 model of it runs. */
+Test(families, vocab_file_copies_the_bpe_vocabulary, .fini = fam_teardown, .timeout = 120)
+{
+	const char *dir = getenv("SKV_VOCAB_DIR");
+	cr_assert(dir && *dir, "SKV_VOCAB_DIR is not set: run the tests through `meson test`");
+	char vocab_file[4096];
+	snprintf(vocab_file, sizeof(vocab_file), "%s/ggml-vocab-gpt-2.gguf", dir);
+	const char *const flags[] = { "--arch", "qwen2", "--vocab-file", vocab_file, NULL };
+	char msg[256] = "";
+	const char *path = fam_make_vocab("vocab", flags);
+	cr_assert_eq(skv_model_open(path, &model, msg, sizeof(msg)), 0, "%s", msg);
+	cr_assert_eq(model->cfg.vocab_size, 50257);
+	struct skv_gguf_str s;
+	cr_assert_eq(skv_gguf_get_str(model->gguf, "tokenizer.ggml.pre", &s), 0);
+	cr_assert(s.len == 5 && !memcmp(s.ptr, "gpt-2", 5));
+	cr_assert_eq(skv_gguf_get_str(model->gguf, "tokenizer.ggml.model", &s), 0);
+	cr_assert(s.len == 4 && !memcmp(s.ptr, "gpt2", 4));
+	struct skv_tokenizer *tok;
+	cr_assert_eq(skv_tokenizer_from_gguf(model->gguf, model->cfg.vocab_size, &tok, msg,
+					     sizeof(msg)), 0, "%s", msg);
+	int32_t *ids;
+	size_t n;
+	cr_assert_eq(skv_tokenizer_encode(tok, "Hello world", 11, 0, 0, &ids, &n), 0);
+	cr_assert_eq(n, 2);
+	cr_assert_eq(ids[0], 15496); /* models/vocab/ggml-vocab-gpt-2.gguf.out */
+	cr_assert_eq(ids[1], 995);
+	free(ids);
+	skv_tokenizer_free(tok);
+	cr_assert_eq(skv_runner_new(model, 4, 1, &runner, msg, sizeof(msg)), 0, "%s", msg);
+	vocab = model->cfg.vocab_size;
+	fam_compare(4, 12, 1, 24, 4000000);
 }
