@@ -95,7 +95,16 @@ static void forward_group_describe(const struct skv_model *m, uint32_t l, uint32
 		switch (g) {
 		case 0: out->n = 3; out->w[0] = &w->wq; out->w[1] = &w->wk; out->w[2] = &w->wv; break;
 		case 1: out->n = 1; out->w[0] = &w->wo; out->add = 1; break;
-		case 2: out->n = 2; out->w[0] = &w->w1; out->w[1] = &w->w3; break;
+		case 2:
+			if (w->w1.data) {
+				out->n = 2;
+				out->w[0] = &w->w1;
+				out->w[1] = &w->w3;
+			} else { /* GELU FFN: up only */
+				out->n = 1;
+				out->w[0] = &w->w3;
+			}
+			break;
 		default: out->n = 1; out->w[0] = &w->w2; out->add = 1; break;
 		}
 	}
@@ -416,6 +425,42 @@ static int forward_group_run(struct skv_runner *r, const struct forward_group *g
 	return nq ? skv_qmat_run(r->qctx, qw, nq, rows, x, g->in, qy, ld, (int)g->add) : 0;
 }
 
+/* LayerNorm with weight and bias, row by row (gptneox): mean and variance over the row. */
+static void forward_layernorm(float *out, const float *x, const float *weight, const float *bias,
+			      uint32_t rows, uint32_t dim, float eps)
+{
+	for (uint32_t r = 0; r < rows; r++) {
+		const float *xr = x + (size_t)r * dim;
+		float *o = out + (size_t)r * dim;
+		float mean = 0.0f, var = 0.0f;
+		for (uint32_t j = 0; j < dim; j++)
+			mean += xr[j];
+		mean /= (float)dim;
+		for (uint32_t j = 0; j < dim; j++)
+			var += (xr[j] - mean) * (xr[j] - mean);
+		float inv = 1.0f / sqrtf(var / (float)dim + eps);
+		for (uint32_t j = 0; j < dim; j++)
+			o[j] = (xr[j] - mean) * inv * weight[j] + (bias ? bias[j] : 0.0f);
+	}
+}
+
+/* y[r][j] += bias[j] over rows of width n and stride ld; nothing when bias is NULL. */
+static void forward_add_bias(float *y, const float *bias, uint32_t rows, uint32_t n, size_t ld)
+{
+	for (uint32_t r = 0; bias && r < rows; r++)
+		for (uint32_t j = 0; j < n; j++)
+			y[(size_t)r * ld + j] += bias[j];
+}
+
+/* GELU, tanh form as ggml computes it: 0.5 x (1 + tanh(sqrt(2 / pi) x (1 + 0.044715 x^2))). */
+static void forward_gelu(float *out, const float *x, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		float v = x[i];
+		out[i] = 0.5f * v * (1.0f + tanhf(0.7978845608f * v * (1.0f + 0.044715f * v * v)));
+	}
+}
+
 /* llama2.c's rmsnorm, row by row. */
 static void forward_rmsnorm(float *out, const float *x, const float *weight, uint32_t rows,
 			    uint32_t dim, float eps)
@@ -432,6 +477,17 @@ static void forward_rmsnorm(float *out, const float *x, const float *weight, uin
 		for (uint32_t j = 0; j < dim; j++)
 			o[j] = weight[j] * (ss * xr[j]);
 	}
+}
+
+/* The model's norm: RMSNorm, or LayerNorm with its bias. */
+static void forward_norm(const struct skv_runner *r, float *out, const float *x,
+			 const float *weight, const float *bias, uint32_t rows)
+{
+	const struct skv_model_config *c = &r->cfg;
+	if (c->layer_norm)
+		forward_layernorm(out, x, weight, bias, rows, (uint32_t)c->dim, c->norm_eps);
+	else
+		forward_rmsnorm(out, x, weight, rows, (uint32_t)c->dim, c->norm_eps);
 }
 
 static int forward_check_seq(const struct skv_runner *r, const struct skv_seq *seq)
@@ -592,20 +648,32 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 		const struct skv_layer_weights *w = &m->layers[l];
 		struct forward_layer *fl = &r->layers[l];
 
-		forward_rmsnorm(r->xb, r->x, w->attn_norm, n_rows, dim, c->norm_eps);
+		forward_norm(r, r->xb, r->x, w->attn_norm, w->attn_norm_b, n_rows);
 		if ((err = forward_group_run(r, &fl->qkv, n_rows, r->xb, r->qkv)) < 0)
 			return err;
 		forward_qkv_bias(r, w, n_rows);
+		/* Parallel residual: the FFN reads the same x as attention (xb is free now). */
+		if (c->parallel_residual)
+			forward_norm(r, r->xb, r->x, w->ffn_norm, w->ffn_norm_b, n_rows);
 		forward_attention(r, (uint32_t)l, n_rows);
 		if ((err = forward_group_run(r, &fl->wo, n_rows, r->att, r->x)) < 0)
 			return err;
+		forward_add_bias(r->x, w->bo, n_rows, dim, dim);
 
-		forward_rmsnorm(r->xb, r->x, w->ffn_norm, n_rows, dim, c->norm_eps);
+		if (!c->parallel_residual)
+			forward_norm(r, r->xb, r->x, w->ffn_norm, w->ffn_norm_b, n_rows);
 		if ((err = forward_group_run(r, &fl->w13, n_rows, r->xb, r->gu)) < 0)
 			return err;
-		skv_swiglu(r->hb, r->gu, n_rows, (uint32_t)c->hidden_dim);
+		if (c->gelu_ffn) {
+			uint32_t hidden = (uint32_t)c->hidden_dim;
+			forward_add_bias(r->gu, w->b_up, n_rows, hidden, hidden);
+			forward_gelu(r->hb, r->gu, (size_t)n_rows * hidden);
+		} else {
+			skv_swiglu(r->hb, r->gu, n_rows, (uint32_t)c->hidden_dim);
+		}
 		if ((err = forward_group_run(r, &fl->w2, n_rows, r->hb, r->x)) < 0)
 			return err;
+		forward_add_bias(r->x, w->b_down, n_rows, dim, dim);
 	}
 
 	/* The rings are committed once the KV of every row is in place. */
@@ -621,9 +689,9 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 		uint32_t first = it->logits_all ? 0 : it->n_tokens - 1;
 		for (uint32_t t = 0; t < it->n_tokens; t++, row++)
 			if (it->logits && t >= first)
-				forward_rmsnorm(r->xb + (size_t)out_rows++ * dim,
-						r->x + (size_t)row * dim, m->final_norm, 1, dim,
-						c->norm_eps);
+				forward_norm(r, r->xb + (size_t)out_rows++ * dim,
+					     r->x + (size_t)row * dim, m->final_norm,
+					     m->final_norm_b, 1);
 	}
 	if (!out_rows)
 		return 0;

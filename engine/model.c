@@ -475,6 +475,7 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 	} archs[] = {
 		{ "llama", SKV_ARCH_LLAMA, SKV_ROPE_INTERLEAVED },
 		{ "qwen2", SKV_ARCH_QWEN2, SKV_ROPE_NEOX },
+		{ "gptneox", SKV_ARCH_GPTNEOX, SKV_ROPE_NEOX },
 	};
 	const char *prefix = NULL;
 	for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++) {
@@ -491,7 +492,8 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 			shown[i] = arch.ptr[i] >= 0x20 && arch.ptr[i] < 0x7f ? arch.ptr[i] : '?';
 		shown[n] = '\0';
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
-				  "%s: GGUF architecture '%s' is not supported (llama, qwen2)",
+				  "%s: GGUF architecture '%s' is not supported (llama, qwen2,"
+				  " gptneox)",
 				  m->path, shown);
 	}
 	char key[GGUF_NAME_MAX];
@@ -513,8 +515,19 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 			     msg, msg_len);
 	if (err)
 		return err;
-	if ((err = model_gguf_float(m, MODEL_KEY("attention.layer_norm_rms_epsilon"), 0.0f, true,
-				    &cfg->norm_eps, msg, msg_len)) ||
+	if (cfg->arch == SKV_ARCH_GPTNEOX) {
+		int parallel = 1; /* llama.cpp's default when the key is absent */
+		cfg->layer_norm = 1;
+		cfg->gelu_ffn = 1;
+		err = skv_gguf_get_bool(m->gguf, MODEL_KEY("use_parallel_residual"), &parallel);
+		if (err && err != -ENOENT)
+			return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					  "%s: GGUF metadata key %s is not a bool", m->path, key);
+		cfg->parallel_residual = parallel;
+	}
+	if ((err = model_gguf_float(m, cfg->layer_norm ? MODEL_KEY("attention.layer_norm_epsilon")
+					 : MODEL_KEY("attention.layer_norm_rms_epsilon"),
+				    0.0f, true, &cfg->norm_eps, msg, msg_len)) ||
 	    (err = model_gguf_float(m, MODEL_KEY("rope.freq_base"), GGUF_DEFAULT_ROPE_THETA, false,
 				    &cfg->rope_theta, msg, msg_len)))
 		return err;
@@ -551,18 +564,95 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 	if (err)
 		return err;
 
-	/* Partial rotary embeddings belong to gptneox, which is not read yet: RoPE must cover
-	 * whole heads. */
+	/* Partial rotary embeddings are gptneox's: elsewhere RoPE must cover whole heads. */
 	uint32_t rope_dims;
 	err = skv_gguf_get_u32(m->gguf, MODEL_KEY("rope.dimension_count"), &rope_dims);
 	if (err == -SKV_EFORMAT)
 		return skv_errorf(msg, msg_len, err,
 				  "%s: GGUF metadata key %s is not an integer", m->path, key);
-	if (!err && rope_dims != (uint32_t)cfg->head_size)
+	if (!err && cfg->arch == SKV_ARCH_GPTNEOX &&
+	    (!rope_dims || rope_dims % 2 || rope_dims > (uint32_t)cfg->head_size))
+		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
+				  "%s: GGUF %s %" PRIu32 " must be even, positive and at most the"
+				  " head size %" PRId32, m->path, key, rope_dims, cfg->head_size);
+	if (!err && cfg->arch != SKV_ARCH_GPTNEOX && rope_dims != (uint32_t)cfg->head_size)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
 				  "%s: GGUF %s %" PRIu32 " differs from the head size %" PRId32,
 				  m->path, key, rope_dims, cfg->head_size);
+	if (!err)
+		cfg->rope_dims = (int32_t)rope_dims;
 #undef MODEL_KEY
+	return 0;
+}
+
+/* A vector that must be present: blk.N.SUFFIX.bias, or a whole name when layer < 0. */
+static int model_gguf_req_bias(const struct skv_model *m, int32_t layer, const char *suffix,
+			       int64_t cols, const float **out, char *msg, size_t msg_len)
+{
+	char name[GGUF_NAME_MAX];
+
+	if (layer < 0)
+		snprintf(name, sizeof(name), "%s", suffix);
+	else
+		snprintf(name, sizeof(name), "blk.%" PRId32 ".%s.bias", layer, suffix);
+	return model_gguf_vector(m, name, cols, out, msg, msg_len);
+}
+
+/* gptneox as llama.cpp's converter writes it: LayerNorms with biases, one fused attn_qkv
+ * [dim + 2 kv_dim][dim] holding q, then k, then v rows (the converter undoes the Hugging Face
+ * per-head interleaving), its bias likewise, biases on attn_output, ffn_up and ffn_down. q, k
+ * and v are views of the fused matrix: consecutive rows, so the forward pass runs them as one
+ * group as it does separate ones. */
+static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
+{
+	const struct skv_model_config *cfg = &m->cfg;
+	const int64_t dim = cfg->dim, hidden = cfg->hidden_dim, kv_dim = cfg->kv_dim;
+	struct skv_qmat qkv;
+	const float *bqkv;
+	int err;
+
+	if ((err = model_gguf_matrix(m, "token_embd.weight", cfg->vocab_size, dim,
+				     &m->token_embedding, msg, msg_len)) ||
+	    (err = model_gguf_vector(m, "output_norm.weight", dim, &m->final_norm, msg, msg_len)) ||
+	    (err = model_gguf_req_bias(m, -1, "output_norm.bias", dim, &m->final_norm_b, msg,
+				       msg_len)))
+		return err;
+	for (int32_t l = 0; l < cfg->n_layers; l++) {
+		struct skv_layer_weights *lw = &m->layers[l];
+		if ((err = model_gguf_layer_vector(m, l, "attn_norm", dim, &lw->attn_norm, msg,
+						   msg_len)) ||
+		    (err = model_gguf_req_bias(m, l, "attn_norm", dim, &lw->attn_norm_b, msg,
+					       msg_len)) ||
+		    (err = model_gguf_layer_matrix(m, l, "attn_qkv", dim + 2 * kv_dim, dim, &qkv,
+						   msg, msg_len)) ||
+		    (err = model_gguf_req_bias(m, l, "attn_qkv", dim + 2 * kv_dim, &bqkv, msg,
+					       msg_len)) ||
+		    (err = model_gguf_layer_matrix(m, l, "attn_output", dim, dim, &lw->wo, msg,
+						   msg_len)) ||
+		    (err = model_gguf_req_bias(m, l, "attn_output", dim, &lw->bo, msg, msg_len)) ||
+		    (err = model_gguf_layer_vector(m, l, "ffn_norm", dim, &lw->ffn_norm, msg,
+						   msg_len)) ||
+		    (err = model_gguf_req_bias(m, l, "ffn_norm", dim, &lw->ffn_norm_b, msg,
+					       msg_len)) ||
+		    (err = model_gguf_layer_matrix(m, l, "ffn_up", hidden, dim, &lw->w3, msg,
+						   msg_len)) ||
+		    (err = model_gguf_req_bias(m, l, "ffn_up", hidden, &lw->b_up, msg, msg_len)) ||
+		    (err = model_gguf_layer_matrix(m, l, "ffn_down", dim, hidden, &lw->w2, msg,
+						   msg_len)) ||
+		    (err = model_gguf_req_bias(m, l, "ffn_down", dim, &lw->b_down, msg, msg_len)))
+			return err;
+		const char *base = qkv.data;
+		lw->wq = qkv;
+		lw->wq.rows = (uint32_t)dim;
+		lw->wk = qkv;
+		lw->wk.rows = (uint32_t)kv_dim;
+		lw->wk.data = base + (size_t)dim * qkv.row_bytes;
+		lw->wv = lw->wk;
+		lw->wv.data = base + (size_t)(dim + kv_dim) * qkv.row_bytes;
+		lw->bq = bqkv;
+		lw->bk = bqkv + dim;
+		lw->bv = bqkv + dim + kv_dim;
+	}
 	return 0;
 }
 
@@ -580,6 +670,12 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 		return err;
 
 	const int64_t dim = cfg->dim, hidden = cfg->hidden_dim, kv_dim = cfg->kv_dim;
+	if (cfg->arch == SKV_ARCH_GPTNEOX) {
+		err = model_open_gptneox(m, msg, msg_len);
+		if (err)
+			return err;
+		goto classifier;
+	}
 	if ((err = model_gguf_matrix(m, "token_embd.weight", cfg->vocab_size, dim,
 				     &m->token_embedding, msg, msg_len)) ||
 	    (err = model_gguf_vector(m, "output_norm.weight", dim, &m->final_norm, msg, msg_len)))
@@ -614,6 +710,7 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 	    (err = model_gguf_vector(m, "rope_freqs.weight", cfg->rope_dims / 2,
 				     &m->cfg.rope_freqs, msg, msg_len)))
 		return err;
+classifier:
 	/* No output.weight: the classifier is tied to the embedding. */
 	if (!skv_gguf_find_tensor(m->gguf, "output.weight")) {
 		m->classifier = m->token_embedding;
@@ -711,7 +808,8 @@ static void model_for_each_matrix(const struct skv_model *m,
 		const struct skv_qmat *all[] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2,
 						 &w->w3 };
 		for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
-			fn(all[i], arg);
+			if (all[i]->data) /* a GELU FFN has no gate */
+				fn(all[i], arg);
 	}
 }
 

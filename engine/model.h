@@ -23,6 +23,7 @@ enum skv_model_format {
 enum skv_model_arch {
 	SKV_ARCH_LLAMA = 0,  /* Llama 2/3/3.1, Mistral, TinyLlama; llama2.c models */
 	SKV_ARCH_QWEN2 = 1,  /* llama with biases on q, k, v and NEOX-order RoPE */
+	SKV_ARCH_GPTNEOX = 2, /* Pythia: partial NEOX RoPE, LayerNorm, GELU, biases, parallel */
 };
 
 enum skv_rope_scaling {
@@ -55,6 +56,9 @@ struct skv_model_config {
 	int32_t rope_scaling; /* enum skv_rope_scaling, with the four values below */
 	float rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_context;
 	const float *rope_freqs; /* GGUF rope_freqs.weight [rope_dims / 2] or NULL */
+	int32_t layer_norm;  /* 1: LayerNorm (mean and variance, weight and bias), else RMSNorm */
+	int32_t gelu_ffn;    /* 1: up -> GELU -> down (no gate), else SwiGLU */
+	int32_t parallel_residual; /* 1: x + attn(norm1(x)) + ffn(norm2(x)) */
 };
 
 /* Every matrix is [out][in] row-major as the file stores it (llama2.c's layout), in the file's
@@ -67,10 +71,12 @@ struct skv_layer_weights {
 	struct skv_qmat wv;     /* [kv_dim][dim] */
 	struct skv_qmat wo;     /* [dim][dim] */
 	const float *ffn_norm;  /* [dim] */
-	struct skv_qmat w1;     /* [hidden_dim][dim]   gate */
+	struct skv_qmat w1;     /* [hidden_dim][dim]   gate (.data NULL for a GELU FFN) */
 	struct skv_qmat w2;     /* [dim][hidden_dim]   down */
 	struct skv_qmat w3;     /* [hidden_dim][dim]   up */
-	const float *bq, *bk, *bv; /* qwen2: [dim], [kv_dim], [kv_dim] biases; NULL: none */
+	const float *bq, *bk, *bv; /* qwen2, gptneox: [dim], [kv_dim], [kv_dim]; NULL: none */
+	const float *attn_norm_b, *ffn_norm_b; /* LayerNorm biases [dim] (gptneox) or NULL */
+	const float *bo, *b_up, *b_down;       /* [dim], [hidden], [dim] or NULL */
 };
 
 struct skv_model {
@@ -79,6 +85,7 @@ struct skv_model {
 	struct skv_qmat token_embedding;   /* [vocab_size][dim] */
 	struct skv_layer_weights *layers;  /* [n_layers] */
 	const float *final_norm;           /* [dim] */
+	const float *final_norm_b;         /* [dim] LayerNorm bias or NULL */
 	struct skv_qmat classifier;        /* [vocab_size][dim]; .data == token_embedding.data
 					    * when tied */
 	struct skv_gguf *gguf;             /* GGUF models: the parsed file (vocabulary lives here) */

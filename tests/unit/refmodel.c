@@ -76,6 +76,26 @@ static void ref_rope(double *vec, int n, const struct skv_model_config *c, uint6
 	}
 }
 
+/* The model's norm in double: RMSNorm, or LayerNorm (mean, variance, weight, bias). */
+static void ref_norm(double *out, const double *x, const float *w, const float *b,
+		     const struct skv_model_config *c)
+{
+	int n = c->dim;
+	if (!c->layer_norm) {
+		ref_rmsnorm(out, x, w, n, c->norm_eps);
+		return;
+	}
+	double mean = 0.0, var = 0.0;
+	for (int i = 0; i < n; i++)
+		mean += x[i];
+	mean /= n;
+	for (int i = 0; i < n; i++)
+		var += (x[i] - mean) * (x[i] - mean);
+	double inv = 1.0 / sqrt(var / n + c->norm_eps);
+	for (int i = 0; i < n; i++)
+		out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0);
+}
+
 /* out[i] += bias[i] when the model has that bias. */
 static void ref_bias(double *out, const float *bias, int n)
 {
@@ -157,7 +177,7 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 	for (int l = 0; l < c->n_layers; l++) {
 		const struct skv_layer_weights *w = &r->m->layers[l];
 		float *kc = r->k + (size_t)l * slots * kv_dim, *vc = r->v + (size_t)l * slots * kv_dim;
-		ref_rmsnorm(xb, x, w->attn_norm, dim, c->norm_eps);
+		ref_norm(xb, x, w->attn_norm, w->attn_norm_b, c);
 		ref_matvec(q, xb, &w->wq, dim, dim);
 		ref_matvec(k, xb, &w->wk, dim, kv_dim);
 		ref_matvec(v, xb, &w->wv, dim, kv_dim);
@@ -199,19 +219,34 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 				att_out[h * hs + d] = acc;
 			}
 		}
+		/* Parallel residual: the FFN's input is the norm of x before attention adds. */
+		if (c->parallel_residual)
+			ref_norm(xb, x, w->ffn_norm, w->ffn_norm_b, c);
 		ref_matvec(tmp, att_out, &w->wo, dim, dim);
+		ref_bias(tmp, w->bo, dim);
 		for (int i = 0; i < dim; i++)
 			x[i] += tmp[i];
-		ref_rmsnorm(xb, x, w->ffn_norm, dim, c->norm_eps);
-		ref_matvec(hb, xb, &w->w1, dim, hid);
-		ref_matvec(hb2, xb, &w->w3, dim, hid);
-		for (int i = 0; i < hid; i++)
-			hb[i] = hb[i] / (1.0 + exp(-hb[i])) * hb2[i];
+		if (!c->parallel_residual)
+			ref_norm(xb, x, w->ffn_norm, w->ffn_norm_b, c);
+		if (c->gelu_ffn) {
+			ref_matvec(hb, xb, &w->w3, dim, hid);
+			ref_bias(hb, w->b_up, hid);
+			for (int i = 0; i < hid; i++)
+				hb[i] = 0.5 * hb[i] *
+					(1.0 + tanh(sqrt(2.0 / M_PI) * hb[i] *
+						    (1.0 + 0.044715 * hb[i] * hb[i])));
+		} else {
+			ref_matvec(hb, xb, &w->w1, dim, hid);
+			ref_matvec(hb2, xb, &w->w3, dim, hid);
+			for (int i = 0; i < hid; i++)
+				hb[i] = hb[i] / (1.0 + exp(-hb[i])) * hb2[i];
+		}
 		ref_matvec(tmp, hb, &w->w2, hid, dim);
+		ref_bias(tmp, w->b_down, dim);
 		for (int i = 0; i < dim; i++)
 			x[i] += tmp[i];
 	}
-	ref_rmsnorm(xb, x, r->m->final_norm, dim, c->norm_eps);
+	ref_norm(xb, x, r->m->final_norm, r->m->final_norm_b, c);
 	double *out = calloc(c->vocab_size, sizeof(double));
 	ref_matvec(out, xb, &r->m->classifier, dim, c->vocab_size);
 	for (int i = 0; i < c->vocab_size; i++)

@@ -318,3 +318,33 @@ Test(families, vocab_file_copies_the_bpe_vocabulary, .fini = fam_teardown, .time
 	vocab = model->cfg.vocab_size;
 	fam_compare(4, 12, 1, 24, 4000000);
 }
+
+/* Pythia's layout: partial rotary (a quarter of each head, NEOX halves), LayerNorm with
+ * biases, GELU, biases on every linear, fused qkv, parallel residual. */
+Test(families, gptneox_matches_reference, .fini = fam_teardown, .timeout = 300)
+{
+	static const char *const flags[] = { "--arch", "gptneox", "--kv-heads", "4", NULL };
+	fam_load("gptneox", flags);
+	const struct skv_model_config *c = &model->cfg;
+	cr_assert_eq(c->arch, SKV_ARCH_GPTNEOX);
+	cr_assert_eq(c->rope_dims, 4);
+	cr_assert_eq(c->head_size, 16);
+	cr_assert_eq(c->rope_order, SKV_ROPE_NEOX);
+	cr_assert(c->layer_norm && c->gelu_ffn && c->parallel_residual);
+	const struct skv_layer_weights *w = &model->layers[1];
+	cr_assert_null(w->w1.data);
+	cr_assert_eq((const char *)w->wk.data,
+		     (const char *)w->wq.data + (size_t)c->dim * w->wq.row_bytes);
+	cr_assert(w->bo && w->b_up && w->b_down && w->attn_norm_b && w->ffn_norm_b);
+	cr_assert_not_null(model->final_norm_b);
+	fam_all_policies();
+}
+
+Test(families, gptneox_missing_fused_qkv_is_refused, .fini = tu_scratch_cleanup)
+{
+	static const char *const flags[] = { "--arch", "gptneox", "--kv-heads", "4", NULL };
+	char keep[4096];
+	snprintf(keep, sizeof(keep), "%s", fam_make("refuse-neox", flags));
+	fam_refused(fam_patched(keep, "blk.0.attn_qkv.weight", "blk.0.attn_qkv.weighx", 21),
+		    "blk.0.attn_qkv.weight is missing");
+}
