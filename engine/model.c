@@ -476,6 +476,7 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		{ "llama", SKV_ARCH_LLAMA, SKV_ROPE_INTERLEAVED },
 		{ "qwen2", SKV_ARCH_QWEN2, SKV_ROPE_NEOX },
 		{ "gptneox", SKV_ARCH_GPTNEOX, SKV_ROPE_NEOX },
+		{ "falcon", SKV_ARCH_FALCON, SKV_ROPE_NEOX },
 	};
 	const char *prefix = NULL;
 	for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++) {
@@ -493,7 +494,7 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		shown[n] = '\0';
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
 				  "%s: GGUF architecture '%s' is not supported (llama, qwen2,"
-				  " gptneox)",
+				  " gptneox, falcon)",
 				  m->path, shown);
 	}
 	char key[GGUF_NAME_MAX];
@@ -515,6 +516,11 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 			     msg, msg_len);
 	if (err)
 		return err;
+	if (cfg->arch == SKV_ARCH_FALCON) {
+		cfg->layer_norm = 1;
+		cfg->gelu_ffn = 1;
+		cfg->parallel_residual = 1;
+	}
 	if (cfg->arch == SKV_ARCH_GPTNEOX) {
 		int parallel = 1; /* llama.cpp's default when the key is absent */
 		cfg->layer_norm = 1;
@@ -603,6 +609,28 @@ static int model_gguf_req_bias(const struct skv_model *m, int32_t layer, const c
  * per-head interleaving), its bias likewise, biases on attn_output, ffn_up and ffn_down. q, k
  * and v are views of the fused matrix: consecutive rows, so the forward pass runs them as one
  * group as it does separate ones. */
+/* falcon as llama.cpp writes it: the same fused attn_qkv (multi-query: one k and one v head),
+ * one LayerNorm feeding both attention and the MLP (attn_norm_2, Falcon-40B's second one, feeds
+ * the MLP when present), no biases on the linears, no ffn_norm. */
+static int model_open_falcon_layer(const struct skv_model *m, int32_t l,
+				   struct skv_layer_weights *lw, char *msg, size_t msg_len)
+{
+	char name[GGUF_NAME_MAX];
+	int err;
+
+	lw->ffn_norm = lw->attn_norm;
+	lw->ffn_norm_b = lw->attn_norm_b;
+	snprintf(name, sizeof(name), "blk.%" PRId32 ".attn_norm_2.weight", l);
+	if (!skv_gguf_find_tensor(m->gguf, name))
+		return 0;
+	if ((err = model_gguf_layer_vector(m, l, "attn_norm_2", m->cfg.dim, &lw->ffn_norm, msg,
+					   msg_len)) ||
+	    (err = model_gguf_req_bias(m, l, "attn_norm_2", m->cfg.dim, &lw->ffn_norm_b, msg,
+				       msg_len)))
+		return err;
+	return 0;
+}
+
 static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
 {
 	const struct skv_model_config *cfg = &m->cfg;
@@ -619,6 +647,24 @@ static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
 		return err;
 	for (int32_t l = 0; l < cfg->n_layers; l++) {
 		struct skv_layer_weights *lw = &m->layers[l];
+		bqkv = NULL;
+		if (cfg->arch == SKV_ARCH_FALCON) {
+			if ((err = model_gguf_layer_vector(m, l, "attn_norm", dim, &lw->attn_norm,
+							   msg, msg_len)) ||
+			    (err = model_gguf_req_bias(m, l, "attn_norm", dim, &lw->attn_norm_b,
+						       msg, msg_len)) ||
+			    (err = model_gguf_layer_matrix(m, l, "attn_qkv", dim + 2 * kv_dim, dim,
+							   &qkv, msg, msg_len)) ||
+			    (err = model_gguf_layer_matrix(m, l, "attn_output", dim, dim, &lw->wo,
+							   msg, msg_len)) ||
+			    (err = model_gguf_layer_matrix(m, l, "ffn_up", hidden, dim, &lw->w3,
+							   msg, msg_len)) ||
+			    (err = model_gguf_layer_matrix(m, l, "ffn_down", dim, hidden, &lw->w2,
+							   msg, msg_len)) ||
+			    (err = model_open_falcon_layer(m, l, lw, msg, msg_len)))
+				return err;
+			goto views;
+		}
 		if ((err = model_gguf_layer_vector(m, l, "attn_norm", dim, &lw->attn_norm, msg,
 						   msg_len)) ||
 		    (err = model_gguf_req_bias(m, l, "attn_norm", dim, &lw->attn_norm_b, msg,
@@ -641,6 +687,7 @@ static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
 						   msg_len)) ||
 		    (err = model_gguf_req_bias(m, l, "ffn_down", dim, &lw->b_down, msg, msg_len)))
 			return err;
+views:;
 		const char *base = qkv.data;
 		lw->wq = qkv;
 		lw->wq.rows = (uint32_t)dim;
@@ -649,9 +696,11 @@ static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
 		lw->wk.data = base + (size_t)dim * qkv.row_bytes;
 		lw->wv = lw->wk;
 		lw->wv.data = base + (size_t)(dim + kv_dim) * qkv.row_bytes;
-		lw->bq = bqkv;
-		lw->bk = bqkv + dim;
-		lw->bv = bqkv + dim + kv_dim;
+		if (bqkv) {
+			lw->bq = bqkv;
+			lw->bk = bqkv + dim;
+			lw->bv = bqkv + dim + kv_dim;
+		}
 	}
 	return 0;
 }
@@ -670,7 +719,7 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 		return err;
 
 	const int64_t dim = cfg->dim, hidden = cfg->hidden_dim, kv_dim = cfg->kv_dim;
-	if (cfg->arch == SKV_ARCH_GPTNEOX) {
+	if (cfg->arch == SKV_ARCH_GPTNEOX || cfg->arch == SKV_ARCH_FALCON) {
 		err = model_open_gptneox(m, msg, msg_len);
 		if (err)
 			return err;

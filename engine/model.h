@@ -24,6 +24,7 @@ enum skv_model_arch {
 	SKV_ARCH_LLAMA = 0,  /* Llama 2/3/3.1, Mistral, TinyLlama; llama2.c models */
 	SKV_ARCH_QWEN2 = 1,  /* llama with biases on q, k, v and NEOX-order RoPE */
 	SKV_ARCH_GPTNEOX = 2, /* Pythia: partial NEOX RoPE, LayerNorm, GELU, biases, parallel */
+	SKV_ARCH_FALCON = 3,  /* parallel attention and MLP on one LayerNorm, multi-query, GELU */
 };
 
 enum skv_rope_scaling {

@@ -348,3 +348,22 @@ Test(families, gptneox_missing_fused_qkv_is_refused, .fini = tu_scratch_cleanup)
 	fam_refused(fam_patched(keep, "blk.0.attn_qkv.weight", "blk.0.attn_qkv.weighx", 21),
 		    "blk.0.attn_qkv.weight is missing");
 }
+
+/* Falcon: multi-query attention (one KV head), attention and MLP in parallel on one
+ * LayerNorm, GELU, NEOX RoPE over whole heads, no biases on the linears. */
+Test(families, falcon_matches_reference, .fini = fam_teardown, .timeout = 300)
+{
+	static const char *const flags[] = { "--arch", "falcon", "--kv-heads", "1", NULL };
+	fam_load("falcon", flags);
+	const struct skv_model_config *c = &model->cfg;
+	cr_assert_eq(c->arch, SKV_ARCH_FALCON);
+	cr_assert_eq(c->n_kv_heads, 1);
+	cr_assert_eq(c->rope_dims, c->head_size);
+	cr_assert(c->layer_norm && c->gelu_ffn && c->parallel_residual);
+	const struct skv_layer_weights *w = &model->layers[0];
+	cr_assert_eq(w->ffn_norm, w->attn_norm);
+	cr_assert_null(w->bq);
+	cr_assert_null(w->bo);
+	cr_assert_null(w->w1.data);
+	fam_all_policies();
+}
