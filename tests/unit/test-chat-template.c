@@ -3,9 +3,13 @@
  * the models ship (written here as fixtures), unknown templates refused, and the text of a
  * continuing stream (messages [from, n)) equal to the suffix of the full rendering. */
 #include "chat-template.h"
+#include "gguf.h"
+#include "tokenizer.h"
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -283,4 +287,55 @@ Test(chat_template, recognition_honours_len)
 {
 	const struct skv_chat_template *t;
 	cr_assert_eq(skv_chat_template_recognize(qwen2_jinja, 20, &t), -ENOENT);
+}
+
+/* The special tokens of a rendering are their ids with skv_tokenizer_encode_special() and
+ * plain text without it: Llama 2's </s><s> between turns on the Llama 2 vocabulary
+ * (models/vocab/ggml-vocab-llama-spm.gguf). */
+Test(chat_template, special_tokens_encode_as_ids)
+{
+	const char *dir = getenv("SKV_VOCAB_DIR");
+	cr_assert_not_null(dir, "SKV_VOCAB_DIR is not set (run the suite with meson test)");
+	char path[4096];
+	snprintf(path, sizeof(path), "%s/ggml-vocab-llama-spm.gguf", dir);
+	struct skv_gguf *g = NULL;
+	struct skv_tokenizer *tok = NULL;
+	char msg[512] = "";
+	cr_assert_eq(skv_gguf_open(path, &g, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_gguf_str *tokens;
+	uint64_t n_tokens;
+	cr_assert_eq(skv_gguf_get_str_array(g, "tokenizer.ggml.tokens", &tokens, &n_tokens), 0);
+	free(tokens);
+	cr_assert_eq(skv_tokenizer_from_gguf(g, (int32_t)n_tokens, &tok, msg, sizeof(msg)), 0,
+		     "%s", msg);
+	skv_gguf_close(g);
+
+	size_t len;
+	char *text = render("llama2", 0, 1, &len);
+	int32_t *ids, *plain;
+	size_t n_ids, n_plain;
+	cr_assert_eq(skv_tokenizer_encode_special(tok, text, len, 1, 0, &ids, &n_ids), 0);
+	cr_assert_eq(skv_tokenizer_encode(tok, text, len, 1, 0, &plain, &n_plain), 0);
+	int32_t bos = skv_tokenizer_bos(tok), eos = skv_tokenizer_eos(tok);
+	cr_assert(bos >= 0 && eos >= 0 && bos != eos);
+	size_t n_bos = 0, n_eos = 0, at_eos = 0;
+	for (size_t i = 0; i < n_ids; i++) {
+		n_bos += ids[i] == bos;
+		if (ids[i] == eos) {
+			n_eos++;
+			at_eos = i;
+		}
+	}
+	cr_assert_eq(ids[0], bos);
+	cr_assert_eq(n_bos, 2u, "the prompt's BOS and the second turn's <s>");
+	cr_assert_eq(n_eos, 1u, "the first answer's </s>");
+	cr_assert_lt(at_eos + 1, n_ids);
+	cr_assert_eq(ids[at_eos + 1], bos);
+	for (size_t i = 1; i < n_plain; i++)
+		cr_assert(plain[i] != bos && plain[i] != eos, "plain text: no special ids");
+	cr_assert_gt(n_plain, n_ids);
+	free(ids);
+	free(plain);
+	free(text);
+	skv_tokenizer_free(tok);
 }
