@@ -825,7 +825,7 @@ int cached_spawn_engine(struct cached *d, struct cached_engine *e)
 		sigset_t none;
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, NULL);
-		char *argv[12];
+		char *argv[14];
 		int n = 0;
 		argv[n++] = (char *)d->engine_bin;
 		argv[n++] = "--socket";
