@@ -33,7 +33,7 @@ enum skv_gguf_type {
 	SKV_GGUF_FLOAT64 = 12,
 };
 
-/* Tensor element types (ggml numbering); only F32 is supported for weights. */
+/* Tensor element types (ggml numbering); the weight types streamkv reads are in quant.h. */
 #define SKV_GGML_TYPE_F32 0u
 
 /* Name of a ggml tensor type for messages ("F32", "F16", "Q4_0", ...); "unknown" for a type
