@@ -67,18 +67,21 @@ struct skv_runner {
 	float *att;      /* [max_rows][dim]     attention output */
 	float *hb;       /* [max_rows][hidden]  SwiGLU output */
 	float *gu;       /* [max_rows][2 hidden] gate | up projections */
-	float *q_sink;   /* [dim]               a row's query rotated for the sinks */
+	float *q_sink;   /* [threads][dim]      a row's query rotated for the sinks */
 	float *cos_abs;  /* [max_rows][pairs]   rotation at the absolute position */
 	float *sin_abs;
 	float *cos_sink; /* [max_rows][pairs]   rotation at the position the sinks see */
 	float *sin_sink;
 	struct forward_row *rows;       /* [max_rows] */
 	struct skv_kv_ring *ring_after; /* [max_rows] ring states to commit, one per item */
-	float *scores;   /* [2][scores_cap] attention scores of two heads */
+	float *scores;   /* [threads][scores_ld] attention scores of two heads, 2 * scores_cap
+			  * floats per thread, each thread's 64-byte aligned */
 	float *cls_out;  /* [max_rows][vocab] logits of a step's rows, made at first use */
 	float *tmp;      /* [max_rows][tmp_cols] F32 members of mixed groups (rare) */
 	uint32_t tmp_cols;
 	uint32_t scores_cap;
+	size_t scores_ld;
+	uint32_t *run_start; /* [max_rows + 1] first row of each stream's run (threaded attention) */
 };
 
 /* Describe group g (0..3) of layer l, or the classifier (l == n_layers). */
@@ -267,6 +270,7 @@ void skv_runner_free(struct skv_runner *r)
 	free(r->rows);
 	free(r->ring_after);
 	free(r->scores);
+	free(r->run_start);
 	free(r->cls_out);
 	free(r);
 }
@@ -326,17 +330,19 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 		r->packed = forward_alloc(skv_pack_floats(model));
 		r->owns_packed = 1;
 	}
-	r->q_sink = forward_alloc(c->dim);
+	r->threads = threads ? threads : 1;
+	r->q_sink = forward_alloc((size_t)r->threads * c->dim);
 	r->cos_abs = forward_alloc(rows * pairs);
 	r->sin_abs = forward_alloc(rows * pairs);
 	r->cos_sink = forward_alloc(rows * pairs);
 	r->sin_sink = forward_alloc(rows * pairs);
 	r->rows = calloc(rows, sizeof(*r->rows));
+	r->run_start = calloc(rows + 1, sizeof(*r->run_start));
 	r->ring_after = calloc(rows, sizeof(*r->ring_after));
 	r->layers = calloc((size_t)c->n_layers, sizeof(*r->layers));
 	if (!r->x || !r->xb || !r->qkv || !r->att || !r->hb || !r->gu || !r->packed ||
 	    !r->q_sink || !r->cos_abs || !r->sin_abs || !r->cos_sink || !r->sin_sink || !r->rows ||
-	    !r->ring_after || !r->layers)
+	    !r->run_start || !r->ring_after || !r->layers)
 		goto fail;
 
 	if (r->owns_packed)
@@ -353,7 +359,6 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 		if ((err = forward_group_init(r, fg, &next)) < 0)
 			goto fail_backend;
 	}
-	r->threads = threads ? threads : 1;
 	if (quantized) {
 		/* Scratch for quantized activations comes in whole super-blocks. */
 		uint32_t max_cols = (uint32_t)(c->hidden_dim > c->dim ? c->hidden_dim : c->dim);
@@ -534,12 +539,14 @@ static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32
 		r->ring_after[i] = ring;
 		uint32_t slots = it->seq->desc.slot_stride;
 		if (slots > r->scores_cap) {
-			float *s = forward_alloc(2 * (size_t)slots);
+			size_t ld = (2 * (size_t)slots + 15) / 16 * 16;
+			float *s = forward_alloc(ld * r->threads);
 			if (!s)
 				return -ENOMEM;
 			free(r->scores);
 			r->scores = s;
 			r->scores_cap = slots;
+			r->scores_ld = ld;
 		}
 	}
 	*n_rows = row;
@@ -576,54 +583,83 @@ static void forward_qkv_bias(struct skv_runner *r, const struct skv_layer_weight
 	}
 }
 
-static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_rows)
+/* One row: rotate and store its key and value, rotate its query, attend over its stream's
+ * slots. q_sink and scores are the calling thread's scratch. */
+static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t row,
+			       uint32_t n_rows, float *q_sink_buf, float *scores)
 {
 	const struct skv_model_config *c = &r->cfg;
 	size_t pairs = r->rope.pairs;
 	uint32_t dim = (uint32_t)c->dim, kv_dim = (uint32_t)c->kv_dim;
+	struct forward_row *fr = &r->rows[row];
+	float *q = r->qkv + (size_t)row * r->qkv_dim;
+	float *k = q + dim, *v = k + kv_dim;
+	const float *ca = r->cos_abs + row * pairs, *sa = r->sin_abs + row * pairs;
+	const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
 
-	for (uint32_t row = 0; row < n_rows; row++) {
-		struct forward_row *fr = &r->rows[row];
-		float *q = r->qkv + (size_t)row * r->qkv_dim;
-		float *k = q + dim, *v = k + kv_dim;
-		const float *ca = r->cos_abs + row * pairs, *sa = r->sin_abs + row * pairs;
-		const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
+	forward_rope(r, k, (uint32_t)c->n_kv_heads, ca, sa);
+	skv_kv_store_row(&fr->seq->desc, fr->seq->kv_base, layer, fr->step.slot, k, v);
+	if (layer == 0)
+		skv_kv_region_tokens(fr->seq->kv_base, &fr->seq->desc)[fr->step.slot] = fr->token;
 
-		forward_rope(r, k, (uint32_t)c->n_kv_heads, ca, sa);
-		skv_kv_store_row(&fr->seq->desc, fr->seq->kv_base, layer, fr->step.slot, k, v);
-		if (layer == 0)
-			skv_kv_region_tokens(fr->seq->kv_base, &fr->seq->desc)[fr->step.slot] = fr->token;
+	const float *q_sink = q;
+	if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
+		memcpy(q_sink_buf, q, dim * sizeof(float));
+		forward_rope(r, q_sink_buf, (uint32_t)c->n_heads, cs, ss);
+		q_sink = q_sink_buf;
+	}
+	forward_rope(r, q, (uint32_t)c->n_heads, ca, sa);
 
-		const float *q_sink = q;
-		if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
-			memcpy(r->q_sink, q, dim * sizeof(float));
-			forward_rope(r, r->q_sink, (uint32_t)c->n_heads, cs, ss);
-			q_sink = r->q_sink;
+	struct skv_attn_args args = {
+		.q_window = q,
+		.q_sink = q_sink,
+		.k_plane = skv_kv_k_plane(fr->seq->kv_base, &fr->seq->desc, layer),
+		.v_plane = skv_kv_v_plane(fr->seq->kv_base, &fr->seq->desc, layer),
+		.desc = &fr->seq->desc,
+		.step = &fr->step,
+		.n_heads = (uint32_t)c->n_heads,
+		.scores = scores,
+		.out = r->att + (size_t)row * dim,
+	};
+	if (row + 1 < n_rows) {
+		const struct skv_seq *nx = r->rows[row + 1].seq;
+		if (nx != fr->seq && nx->desc.slot_stride == fr->seq->desc.slot_stride &&
+		    nx->desc.n_kv_heads == fr->seq->desc.n_kv_heads &&
+		    nx->desc.dtype == fr->seq->desc.dtype &&
+		    nx->desc.scales_offset == fr->seq->desc.scales_offset) {
+			args.next_k_plane = skv_kv_k_plane(nx->kv_base, &nx->desc, layer);
+			args.next_v_plane = skv_kv_v_plane(nx->kv_base, &nx->desc, layer);
 		}
-		forward_rope(r, q, (uint32_t)c->n_heads, ca, sa);
+	}
+	skv_attend(&args);
+}
 
-		struct skv_attn_args args = {
-			.q_window = q,
-			.q_sink = q_sink,
-			.k_plane = skv_kv_k_plane(fr->seq->kv_base, &fr->seq->desc, layer),
-			.v_plane = skv_kv_v_plane(fr->seq->kv_base, &fr->seq->desc, layer),
-			.desc = &fr->seq->desc,
-			.step = &fr->step,
-			.n_heads = (uint32_t)c->n_heads,
-			.scores = r->scores,
-			.out = r->att + (size_t)row * dim,
-		};
-		if (row + 1 < n_rows) {
-			const struct skv_seq *nx = r->rows[row + 1].seq;
-			if (nx != fr->seq && nx->desc.slot_stride == fr->seq->desc.slot_stride &&
-			    nx->desc.n_kv_heads == fr->seq->desc.n_kv_heads &&
-			    nx->desc.dtype == fr->seq->desc.dtype &&
-			    nx->desc.scales_offset == fr->seq->desc.scales_offset) {
-				args.next_k_plane = skv_kv_k_plane(nx->kv_base, &nx->desc, layer);
-				args.next_v_plane = skv_kv_v_plane(nx->kv_base, &nx->desc, layer);
-			}
-		}
-		skv_attend(&args);
+/* Rows of one stream run in order (each attends over the keys of the rows before it); the
+ * streams of a step are independent, so with several threads they are spread over them, each
+ * thread with its own scratch. A row's result does not depend on the thread that runs it. */
+static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_rows)
+{
+	uint32_t dim = (uint32_t)r->cfg.dim;
+	if (r->threads <= 1 || n_rows < 2) {
+		for (uint32_t row = 0; row < n_rows; row++)
+			forward_attend_row(r, layer, row, n_rows, r->q_sink, r->scores);
+		return 0;
+	}
+	/* Runs of consecutive rows of one stream (a step holds each stream once). */
+	uint32_t n_runs = 0;
+	for (uint32_t row = 0; row < n_rows; row++)
+		if (row == 0 || r->rows[row].seq != r->rows[row - 1].seq)
+			r->run_start[n_runs++] = row;
+	r->run_start[n_runs] = n_rows;
+#pragma omp parallel num_threads(r->threads)
+	{
+		int t = omp_get_thread_num();
+		float *q_sink = r->q_sink + (size_t)t * dim;
+		float *scores = r->scores + (size_t)t * r->scores_ld;
+#pragma omp for schedule(dynamic, 1)
+		for (uint32_t run = 0; run < n_runs; run++)
+			for (uint32_t row = r->run_start[run]; row < r->run_start[run + 1]; row++)
+				forward_attend_row(r, layer, row, n_rows, q_sink, scores);
 	}
 	return 0;
 }

@@ -296,3 +296,57 @@ Test(qmodel, q8_0_file_gives_the_reference_decoders_greedy_text)
 {
 	assert_greedy_text("random-d256-Q8_0.gguf", REFERENCE_TEXT, strlen(REFERENCE_TEXT));
 }
+
+/* Two threads split the matrix rows and the streams' attention; every row's arithmetic is the
+ * same whichever thread does it, so a batch of streams (prompt chunks of several rows and
+ * single decode rows, windows that evict) gives the same bits with 1 and 2 threads. */
+Test(qmodel, two_threads_give_the_same_bits_as_one)
+{
+	enum { STREAMS = 6, STEPS = 40 };
+	char msg[512] = "";
+	struct skv_model *m = open_model(qpath("random-d256-Q4_K_M.gguf"));
+	struct skv_runner *r[2];
+	struct skv_stream *s[2][STREAMS];
+	int32_t vocab = m->cfg.vocab_size;
+	float *logits[2];
+	for (int k = 0; k < 2; k++) {
+		cr_assert_eq(skv_runner_new(m, 64, (uint32_t)(k + 1), &r[k], msg, sizeof(msg)), 0,
+			     "%s", msg);
+		logits[k] = malloc(sizeof(float) * vocab * STREAMS);
+		for (int i = 0; i < STREAMS; i++) {
+			struct skv_policy p;
+			skv_policy_default(&p);
+			p.sink_slots = 4;
+			p.window_slots = 12 + 4 * i;
+			cr_assert_eq(skv_policy_resolve(&p, m->cfg.seq_len, msg, sizeof(msg)), 0,
+				     "%s", msg);
+			cr_assert_eq(skv_stream_new(r[k], &p, &s[k][i], msg, sizeof(msg)), 0, "%s",
+				     msg);
+		}
+	}
+	int32_t tokens[STREAMS][8];
+	for (int step = 0; step < STEPS; step++) {
+		for (int k = 0; k < 2; k++) {
+			struct skv_fwd_item items[STREAMS];
+			for (int i = 0; i < STREAMS; i++) {
+				/* Every third step a prompt chunk of i + 2 tokens, else one token. */
+				uint32_t n = step % 3 == 0 ? (uint32_t)i + 2 : 1;
+				for (uint32_t j = 0; j < n; j++)
+					tokens[i][j] = 3 + (step * 31 + i * 7 + (int)j * 13) % (vocab - 3);
+				cr_assert_eq(skv_stream_item(s[k][i], tokens[i], n,
+							     logits[k] + (size_t)i * vocab, &items[i]),
+					     0);
+			}
+			cr_assert_eq(skv_forward(r[k], items, STREAMS), 0);
+		}
+		cr_assert(!memcmp(logits[0], logits[1], sizeof(float) * vocab * STREAMS),
+			  "step %d: 2 threads differ from 1", step);
+	}
+	for (int k = 0; k < 2; k++) {
+		for (int i = 0; i < STREAMS; i++)
+			skv_stream_free(s[k][i]);
+		skv_runner_free(r[k]);
+		free(logits[k]);
+	}
+	skv_model_close(m);
+}
