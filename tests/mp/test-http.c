@@ -955,7 +955,7 @@ Test(http, conversations)
 /* Strict flags: one line saying what was wrong, exit status 2. */
 Test(http, flags)
 {
-	static const char *const bad[][4] = {
+	static const char *const bad[][5] = { /* NULL-terminated rows */
 		{ "--listen", "127.0.0.1:8080", NULL },           /* no --socket */
 		{ "--socket", "x", "--listen", "nowhere" },
 		{ "--socket", "x", "--max-tokens", "0" },
