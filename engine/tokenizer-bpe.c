@@ -479,18 +479,10 @@ int tokenizer_bpe_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 				  rc == -ENOMEM ? "out of memory" :
 				  "PCRE2 refused its regexes (a PCRE2 built without Unicode support?)");
 
-	rc = skv_gguf_get_str_array(g, "tokenizer.ggml.tokens", &tokens, &n_tokens);
+	rc = tokenizer_gguf_tokens(g, vocab_size, &tokens, &n_tokens, msg, msg_len);
 	if (rc < 0) {
 		pretok_free(pretok);
-		return skv_errorf(msg, msg_len, rc, "%s: tokenizer.ggml.tokens: %s", path,
-				  rc == -ENOENT ? "missing" :
-				  rc == -SKV_EFORMAT ? "not an array of strings" : skv_strerror(rc));
-	}
-	if (n_tokens != (uint64_t)vocab_size) {
-		rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
-				"%s: tokenizer.ggml.tokens holds %llu tokens, the model has %d", path,
-				(unsigned long long)n_tokens, vocab_size);
-		goto out;
+		return rc;
 	}
 	/* Scores and token types are optional here (llama.cpp reads files without them). */
 	rc = skv_gguf_get_array(g, "tokenizer.ggml.scores", SKV_GGUF_FLOAT32, &scores, &n_scores);

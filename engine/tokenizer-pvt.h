@@ -117,6 +117,14 @@ void tokenizer_heap_sift_down(struct tokenizer_heap *heap, size_t i);
 int tokenizer_heap_push(struct tokenizer_heap *heap, const struct tokenizer_candidate *c);
 void tokenizer_heap_pop(struct tokenizer_heap *heap, struct tokenizer_candidate *top);
 
+/* A GGUF vocabulary's tokenizer.ggml.tokens, which must hold exactly vocab_size tokens: 0, or
+ * -ENOENT/-SKV_EFORMAT/-SKV_EVOCAB with msg naming the file (then *tokens is NULL). */
+struct skv_gguf;
+struct skv_gguf_str;
+int tokenizer_gguf_tokens(const struct skv_gguf *g, int32_t vocab_size,
+			  struct skv_gguf_str **tokens, uint64_t *n_tokens, char *msg,
+			  size_t msg_len);
+
 /* The candidate merge of symbols[left] with its right neighbour, if the vocabulary has one. */
 typedef bool (*tokenizer_pair_fn)(const void *vocab, const struct tokenizer_symbol *symbols,
 				  int32_t left, struct tokenizer_candidate *out);

@@ -368,6 +368,26 @@ static size_t tokenizer_export_piece(char *dst, const char *src, size_t len, int
 	return n;
 }
 
+int tokenizer_gguf_tokens(const struct skv_gguf *g, int32_t vocab_size,
+			  struct skv_gguf_str **tokens, uint64_t *n_tokens, char *msg, size_t msg_len)
+{
+	const char *path = skv_gguf_path(g);
+	int rc = skv_gguf_get_str_array(g, "tokenizer.ggml.tokens", tokens, n_tokens);
+	if (rc < 0)
+		return skv_errorf(msg, msg_len, rc, "%s: tokenizer.ggml.tokens: %s", path,
+				  rc == -ENOENT ? "missing" :
+				  rc == -SKV_EFORMAT ? "not an array of strings" : skv_strerror(rc));
+	if (*n_tokens != (uint64_t)vocab_size) {
+		rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
+				"%s: tokenizer.ggml.tokens holds %llu tokens, the model has %d", path,
+				(unsigned long long)*n_tokens, vocab_size);
+		free(*tokens);
+		*tokens = NULL;
+		return rc;
+	}
+	return 0;
+}
+
 /* GGUF "llama": the SentencePiece vocabulary with llama2.c's encoder. */
 static int tokenizer_spm_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 				   struct skv_tokenizer **out, char *msg, size_t msg_len)
@@ -379,17 +399,9 @@ static int tokenizer_spm_from_gguf(const struct skv_gguf *g, int32_t vocab_size,
 	uint64_t n_tokens, n_scores, n_types;
 	int rc;
 
-	rc = skv_gguf_get_str_array(g, "tokenizer.ggml.tokens", &tokens, &n_tokens);
+	rc = tokenizer_gguf_tokens(g, vocab_size, &tokens, &n_tokens, msg, msg_len);
 	if (rc < 0)
-		return skv_errorf(msg, msg_len, rc, "%s: tokenizer.ggml.tokens: %s", path,
-				  rc == -ENOENT ? "missing" :
-				  rc == -SKV_EFORMAT ? "not an array of strings" : skv_strerror(rc));
-	if (n_tokens != (uint64_t)vocab_size) {
-		rc = skv_errorf(msg, msg_len, -SKV_EVOCAB,
-				"%s: tokenizer.ggml.tokens holds %llu tokens, the model has %d", path,
-				(unsigned long long)n_tokens, vocab_size);
-		goto out;
-	}
+		return rc;
 	rc = skv_gguf_get_array(g, "tokenizer.ggml.scores", SKV_GGUF_FLOAT32, &scores, &n_scores);
 	if (rc < 0) {
 		rc = skv_errorf(msg, msg_len, rc, "%s: tokenizer.ggml.scores: %s", path,
