@@ -74,6 +74,7 @@ struct qm_job {
 	const struct qm_act *act;
 	uint32_t m_rows;
 	int interleaved; /* the batched path */
+	int tiles;       /* the row path's multi-row tiles (else the one-row kernels) */
 	float *y;
 	size_t ld_y;
 	int add;

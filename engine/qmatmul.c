@@ -20,6 +20,7 @@
 struct skv_qctx {
 	uint32_t max_rows, max_cols, threads;
 	const struct qm_kernels *kern;
+	int one_row; /* skv_qctx_set_decode("rows"): the one-row decode kernels */
 	size_t groups; /* max_rows rounded up to QM_LANES, in groups */
 	/* row-major, Q8_0 form */
 	int8_t *qs0;
@@ -99,6 +100,19 @@ int skv_qctx_set_isa(struct skv_qctx *ctx, const char *isa)
 const char *skv_qctx_isa(const struct skv_qctx *ctx)
 {
 	return ctx ? ctx->kern->name : NULL;
+}
+
+int skv_qctx_set_decode(struct skv_qctx *ctx, const char *kind)
+{
+	if (!ctx || !kind)
+		return -EINVAL;
+	if (!strcmp(kind, "tiles"))
+		ctx->one_row = 0;
+	else if (!strcmp(kind, "rows"))
+		ctx->one_row = 1;
+	else
+		return -EINVAL;
+	return 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -460,6 +474,7 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 			.act = form == 0 ? &act0 : form == 1 ? &actk : &actf,
 			.m_rows = m_rows,
 			.interleaved = form == 2 ? batched_f : batched,
+			.tiles = !ctx->one_row,
 			.y = y[i],
 			.ld_y = m_rows > 1 ? ld_y[i] : w[i]->rows,
 			.add = add,

@@ -68,4 +68,10 @@ int skv_qctx_set_isa(struct skv_qctx *ctx, const char *isa);
 /* The kernel family of a context, as skv_qmat_isa names it. */
 const char *skv_qctx_isa(const struct skv_qctx *ctx);
 
+/* The row path's kernels (fewer rows of x than the batched path takes), for tests and
+ * benchmarks that set the new kernels against the old: "tiles" (the default: the AVX-512
+ * kernels run several weight rows at a time, sharing each load of x) or "rows" (one weight
+ * row at a time, as every ISA without tiles does). 0 or -EINVAL. */
+int skv_qctx_set_decode(struct skv_qctx *ctx, const char *kind);
+
 #endif

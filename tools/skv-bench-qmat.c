@@ -43,6 +43,7 @@ struct opts {
 	int repeats;
 	size_t pool_bytes;
 	int onednn;
+	int compare;
 	int json;
 };
 
@@ -359,8 +360,15 @@ static void bench_qmat(const struct opts *o, const struct shape *sh, uint32_t ty
 		uint32_t th = (uint32_t)o->threads[ti];
 		skv_qctx_set_threads(ctx, th);
 		for (size_t ri = 0; ri < o->n_rows; ri++) {
+			skv_qctx_set_decode(ctx, "tiles");
 			add_point(measure(o, sh, skv_wtype_name(type), skv_qctx_isa(ctx), pool, mat,
 					  copies, (uint32_t)o->rows[ri], th, is_float, qrun, &q));
+			if (o->compare) {
+				/* the previous kernels at the same point, right after */
+				skv_qctx_set_decode(ctx, "rows");
+				add_point(measure(o, sh, skv_wtype_name(type), "previous", pool, mat,
+						  copies, (uint32_t)o->rows[ri], th, is_float, qrun, &q));
+			}
 			if (!o->json)
 				fprintf(stderr, ".");
 		}
@@ -439,7 +447,8 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: skv-bench-qmat [--types f16,bf16,q8_0,q4_0,q4_k,q5_k,q6_k,f32]\n"
 		   "                      [--shapes 1b,7b] [--rows 1,16,64] [--threads 1,2]\n"
-		   "                      [--repeats N] [--pool-mb N] [--no-onednn] [--json]\n");
+		   "                      [--repeats N] [--pool-mb N] [--no-onednn] [--compare]\n"
+		   "                      [--json]\n");
 }
 
 static void parse_types(struct opts *o, const char *text)
@@ -473,6 +482,7 @@ int main(int argc, char **argv)
 		{ "repeats", required_argument, NULL, 'n' },
 		{ "pool-mb", required_argument, NULL, 'p' },
 		{ "no-onednn", no_argument, NULL, 'D' },
+		{ "compare", no_argument, NULL, 'C' },
 		{ "json", no_argument, NULL, 'j' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -496,6 +506,7 @@ int main(int argc, char **argv)
 			o.pool_bytes = (size_t)bench_parse_int("--pool-mb", optarg, 16, 65536) << 20;
 			break;
 		case 'D': o.onednn = 0; break;
+		case 'C': o.compare = 1; break;
 		case 'j': o.json = 1; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 1;
@@ -573,9 +584,12 @@ int main(int argc, char **argv)
 	       "impl", "M", "T", "us med", "us best", "GB/s", "GMAC/s", "%best", "%med");
 	for (size_t i = 0; i < n_points; i++) {
 		const struct point *p = &points[i];
-		printf("%-3s %-19s %-5s %-11s %3u %2u %9.1f %9.1f %8.2f %8.1f %6.1f%% %6.1f%%\n",
+		printf("%-3s %-19s %-5s %-11s %3u %2u %9.1f %9.1f %8.2f %8.1f %6.1f%% %6.1f%%",
 		       p->shape, p->matrix, p->type, p->impl, p->m_rows, p->threads, p->seconds * 1e6,
 		       p->best * 1e6, p->gbps, p->gmacs, p->pct, p->pct_med);
+		if (i > 0 && !strcmp(p->impl, "previous"))
+			printf("  new %.2fx", p->seconds / points[i - 1].seconds);
+		printf("\n");
 	}
 	printf("\nGB/s, GMAC/s: medians of every call. %%best: the fastest call against the bound's\n"
 	       "best; %%med: medians against medians. Bound for M = 1: reading the same copies of\n"

@@ -464,6 +464,30 @@ static void check_type_all(uint32_t type)
 	cr_assert(ran >= 1);
 }
 
+/* The AVX-512 row path runs up to four weight rows per tile (each load of x serving them all)
+ * and 16 blocks per group of scales: every tile width (1-4 rows, also at the ends of a
+ * thread's share), whole groups and a tail of blocks, float rows of whole 256-column steps
+ * and a tail of 16-column pieces. */
+Test(qmatmul, decode_tiles_every_width_and_tail)
+{
+	static const uint32_t types[] = { SKV_WTYPE_Q4_0, SKV_WTYPE_Q8_0, SKV_WTYPE_F16,
+					  SKV_WTYPE_BF16, SKV_WTYPE_F32 };
+	static const uint32_t qcols[] = { 32, 544, 1056 }, fcols[] = { 96, 800, 1056 };
+	for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
+		int is_float = types[t] == SKV_WTYPE_F16 || types[t] == SKV_WTYPE_BF16 ||
+			       types[t] == SKV_WTYPE_F32;
+		for (int ci = 0; ci < 3; ci++)
+			for (uint32_t rows = 1; rows <= 9; rows++)
+				for (uint32_t m = 1; m <= 3; m += 2)
+					for (uint32_t th = 1; th <= 2; th++) {
+						uint32_t cols = is_float ? fcols[ci] : qcols[ci];
+						if (check_call("avx512", &types[t], 1, rows, cols, m, th,
+							       0) == -ENOTSUP)
+							cr_skip("the CPU has no AVX-512");
+					}
+	}
+}
+
 #define TYPE_TEST(name, type)                                                                 \
 	Test(qmatmul, name) { check_type_all(type); }
 TYPE_TEST(f32, SKV_WTYPE_F32)
