@@ -24,8 +24,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <curl/curl.h>
 
 #include "admin-conn.h"
 #include "http-gw.h"
@@ -49,8 +52,17 @@ struct gw_stream {
 	struct gw_job *job;              /* the request being answered; NULL between requests */
 	struct gw_conv *conv;            /* NULL: one-shot */
 	int paused;
+	uint64_t skip_ends;              /* requests from before an attach to read to their end */
 	struct gw_stream *hash_next;
 	struct gw_stream *prev, *next;   /* every stream */
+};
+
+/* A conversation's stream settings: those of its first request. */
+struct gw_conv_settings {
+	int policy;                      /* -1: the default */
+	int64_t sinks, window;           /* -1: the default */
+	double temperature, top_p;
+	uint64_t seed;
 };
 
 struct gw_conv {
@@ -60,6 +72,14 @@ struct gw_conv {
 	double last_used;
 	uint64_t fed_messages, fed_hash; /* chat: the messages the stream holds */
 	struct gw_conv *next;
+	/* Durable: the daemon's resumable stream, re-attached after a restart of either side. */
+	char name[SKV_CLIENT_NAME_MAX];
+	char token[SKV_CLIENT_TOKEN_MAX]; /* "": none yet (being moved in) */
+	int lost;                        /* its stream is gone: 410 until DELETE or idle */
+	char lost_why[256];
+	struct gw_task *task;            /* an export, import or pull in progress: busy */
+	struct gw_job *parked;           /* requests waiting for a --snapshot-dir copy */
+	struct gw_conv_settings set;
 };
 
 struct gw_backend {
@@ -75,6 +95,11 @@ struct gw_backend {
 	int paused_ready;                /* the last pass left paused streams with events */
 	struct gw_buf scratch;
 	uint64_t seed_counter;
+	int reattach_due;                /* connected: attach conversations once engines run */
+	int state_dirty;                 /* --state-dir: conversations.json is behind */
+	unsigned tasks_running;          /* worker threads not taken back yet */
+	double next_snapshot;            /* --snapshot-dir */
+	uint64_t last_seed;              /* backend_open's */
 	struct pollfd watch_fds[BACKEND_WATCH_MAX];         /* backend_watch's */
 	struct gw_stream *watch_streams[BACKEND_WATCH_MAX];
 };
@@ -101,9 +126,10 @@ static void backend_log(const char *fmt, ...)
 
 static void job_free(struct gw *gw, struct gw_job *j)
 {
-	if (j->req.kind != GW_DELETE)
+	if (j->req.kind == GW_COMPLETION || j->req.kind == GW_CHAT)
 		__atomic_sub_fetch(&gw->count.active_jobs, 1, __ATOMIC_RELAXED);
 	gw_request_free(&j->req);
+	gw_buf_free(&j->upload);
 	gw_buf_free(&j->out);
 	gw_buf_free(&j->gen);
 	gw_buf_free(&j->content);
@@ -337,8 +363,8 @@ static struct gw_stream *backend_stream_add(struct gw_backend *b, skv_client_str
 	return st;
 }
 
-/* Close the stream (the daemon frees its KV) and forget it. */
-static void backend_stream_close(struct gw_backend *b, struct gw_stream *st)
+/* Forget the stream here; its handle stays libskv's (freed with the connection). */
+static void backend_stream_unlink(struct gw_backend *b, struct gw_stream *st)
 {
 	struct gw_stream **pp = &b->buckets[backend_bucket(st->s)];
 	while (*pp != st)
@@ -350,11 +376,18 @@ static void backend_stream_close(struct gw_backend *b, struct gw_stream *st)
 		b->streams = st->next;
 	if (st->next)
 		st->next->prev = st->prev;
-	skv_client_stream_close(st->s);
 	free(st);
 }
 
 static struct gw_conv *backend_conv_find(struct gw_backend *b, const char *id)
+/* Close the stream (the daemon frees its KV) and forget it. */
+static void backend_stream_close(struct gw_backend *b, struct gw_stream *st)
+{
+	skv_client_stream *s = st->s;
+	backend_stream_unlink(b, st);
+	skv_client_stream_close(s);
+}
+
 {
 	for (struct gw_conv *c = b->convs; c; c = c->next)
 		if (!strcmp(c->id, id))
@@ -375,9 +408,45 @@ static void backend_conv_free(struct gw_backend *b, struct gw_conv *conv)
 	free(conv);
 	b->n_convs--;
 	__atomic_store_n(&b->gw->count.conversations, b->n_convs, __ATOMIC_RELAXED);
+	b->state_dirty = 1;
 }
 
 static uint64_t backend_hash(uint64_t h, const char *s, size_t len)
+static struct gw_conv *backend_conv_new(struct gw_backend *b, const char *id, uint64_t key_hash)
+{
+	struct gw_conv *conv = calloc(1, sizeof(*conv));
+	if (!conv)
+		return NULL;
+	snprintf(conv->id, sizeof(conv->id), "%s", id);
+	conv->key_hash = key_hash;
+	conv->fed_hash = GW_FNV_SEED;
+	conv->last_used = backend_now();
+	conv->set.policy = -1;
+	conv->set.sinks = conv->set.window = -1;
+	conv->next = b->convs;
+	b->convs = conv;
+	b->n_convs++;
+	__atomic_store_n(&b->gw->count.conversations, b->n_convs, __ATOMIC_RELAXED);
+	return conv;
+}
+
+/* Its stream is gone (the daemon lost it, its engine died): the conversation answers 410 from
+ * now on instead of starting a new stream under the client's feet. */
+static void backend_conv_lose(struct gw_backend *b, struct gw_conv *conv, const char *why)
+{
+	if (conv->st) {
+		conv->st->conv = NULL;
+		backend_stream_close(b, conv->st);
+		conv->st = NULL;
+	}
+	conv->lost = 1;
+	snprintf(conv->lost_why, sizeof(conv->lost_why), "%.*s", (int)sizeof(conv->lost_why) - 1,
+		 why);
+	b->state_dirty = 1;
+	__atomic_add_fetch(&b->gw->count.conversations_lost, 1, __ATOMIC_RELAXED);
+	backend_log("conversation %s is lost: %s", conv->id, why);
+}
+
 {
 	for (size_t i = 0; i < len; i++) {
 		h ^= (unsigned char)s[i];
@@ -411,6 +480,7 @@ static void backend_request_over(struct gw_backend *b, struct gw_stream *st)
 		if (st->conv)
 			st->conv->fed_messages += j->req.kind == GW_CHAT;
 		j->st = NULL;
+		b->state_dirty |= st->conv != NULL;
 		gw_job_unref(b->gw, j);
 	}
 	if (st->conv)
@@ -430,16 +500,27 @@ static void backend_cut_short(struct gw_backend *b, struct gw_stream *st)
 	if (skv_client_stream_cancel(st->s) < 0) {
 		struct gw_conv *conv = st->conv;
 		backend_request_over(b, st);
-		backend_conv_free(b, conv);
+		char why[300];
+		snprintf(why, sizeof(why), "cannot cancel on its stream: %s",
+			 skv_client_last_error(b->client));
+		backend_conv_lose(b, conv, why);
 	}
 }
 
 static void backend_event(struct gw_backend *b, struct gw_stream *st,
+static void backend_state_flush(struct gw_backend *b);
+
 			  const struct skv_client_event *ev)
 {
 	struct gw_job *j = st->job;
 	struct gw *gw = b->gw;
 	switch (ev->type) {
+	if (st->skip_ends) {
+		/* A request of the stream's previous connection: read to its end, unseen. */
+		st->skip_ends -= ev->type == SKV_CLIENT_EV_DONE || ev->type == SKV_CLIENT_EV_ERROR ||
+				 ev->type == SKV_CLIENT_EV_SCORED;
+		return;
+	}
 	case SKV_CLIENT_EV_PROMPT:
 		if (!j)
 			break;
@@ -467,7 +548,20 @@ static void backend_event(struct gw_backend *b, struct gw_stream *st,
 	case SKV_CLIENT_EV_DONE:
 		if (j && !j->done) {
 			job_progress(b, j, j->gen.len, 1);
-			job_complete(b, j, ev->reason == SKV_CLIENT_DONE_LENGTH ? "length" : "stop");
+			const char *reason = ev->reason == SKV_CLIENT_DONE_LENGTH ? "length" : "stop";
+			if (st->conv && gw->opts.state_dir) {
+				/* --state-dir: the conversation's new state is on disk before its
+				 * client sees the answer (a kill -9 right after loses nothing). */
+				pthread_mutex_lock(&gw->lock);
+				j->refs++;
+				pthread_mutex_unlock(&gw->lock);
+				backend_request_over(b, st);
+				backend_state_flush(b);
+				job_complete(b, j, reason);
+				gw_job_unref(gw, j);
+				break;
+			}
+			job_complete(b, j, reason);
 		}
 		backend_request_over(b, st);
 		break;
@@ -488,6 +582,8 @@ static void backend_event(struct gw_backend *b, struct gw_stream *st,
 /* ---- the connection to the daemon -------------------------------------------------------- */
 
 /* Everything on the lost connection fails; conversations end with it. */
+static void backend_reattach(struct gw_backend *b);
+
 static void backend_lost(struct gw_backend *b, const char *why)
 {
 	backend_log("lost skv-cached at %s: %s; reconnecting", b->gw->opts.socket_path, why);
@@ -496,17 +592,21 @@ static void backend_lost(struct gw_backend *b, const char *why)
 		if (st->job && !st->job->done)
 			job_fail(b, st->job, 503, "skv-cached went away in the middle of the request",
 				 "server_error", "service_unavailable");
-		if (st->conv) {
-			struct gw_conv *conv = st->conv;
-			backend_request_over(b, st);
+		struct gw_conv *conv = st->conv;
+		backend_request_over(b, st);
+		if (conv && conv->token[0]) {
+			/* Resumable: the daemon may bring it back (--state-dir); attached again
+			 * by name and token at the next connection. */
+			backend_stream_unlink(b, st);
+			conv->st = NULL;
+		} else if (conv) {
 			backend_conv_free(b, conv);
-		} else {
-			backend_request_over(b, st);
 		}
 	}
 	skv_client_disconnect(b->client);
 	b->client = NULL;
 	b->lost_before = 1;
+	b->reattach_due = 0;
 	b->backoff = BACKEND_BACKOFF_MIN_S;
 	b->next_connect = backend_now() + b->backoff;
 	__atomic_store_n(&b->gw->count.daemon_up, 0, __ATOMIC_RELAXED);
@@ -579,7 +679,10 @@ static void backend_stats(struct gw_backend *b)
 		backend_lost(b, skv_client_last_error(b->client));
 		return;
 	}
-	if (err == 0)
+	if (err == 0 && b->reattach_due && st.engines_ready)
+		backend_reattach(b);
+	/* /health says ok only once the conversations are back. */
+	if (err == 0 && b->client && !b->reattach_due)
 		__atomic_store_n(&b->gw->count.engines_ready, st.engines_ready, __ATOMIC_RELAXED);
 }
 
@@ -591,6 +694,7 @@ static int backend_open_status(int err, const char **type, const char **code)
 	*code = "service_unavailable";
 	if (err == -EINVAL || err == -SKV_EINVAL_POLICY) {
 		*type = "invalid_request_error";
+	b->reattach_due = 1;
 		*code = NULL;
 		return 400;
 	}
@@ -602,7 +706,8 @@ static int backend_open_status(int err, const char **type, const char **code)
 	return 503;
 }
 
-static int backend_open(struct gw_backend *b, struct gw_job *j, skv_client_stream **out)
+static int backend_open(struct gw_backend *b, struct gw_job *j, const char *name,
+			skv_client_stream **out)
 {
 	const struct gw_request *r = &j->req;
 	skv_client_opts *o;
@@ -610,6 +715,805 @@ static int backend_open(struct gw_backend *b, struct gw_job *j, skv_client_strea
 		return -ENOMEM;
 	uint64_t seed = r->have_seed ? r->seed
 				     : (uint64_t)time(NULL) * 1000003u + ++b->seed_counter;
+static void backend_start(struct gw_backend *b, struct gw_job *j);
+
+/* ---- durable conversations: name -> token, re-attached after restarts ------------------- */
+
+/* The daemon's name of a conversation's stream: "conv-ID" when the id fits a stream name (at
+ * most 63 of A-Z a-z 0-9 . _ -), else "conv_" and 32 hexadecimal digits of a 128-bit hash of
+ * the id (two FNV-1a passes). The prefixes differ, so the two forms never meet. */
+static void backend_stream_name(const char *id, char *out, size_t len)
+{
+	size_t n = strlen(id);
+	if (n + 5 < SKV_CLIENT_NAME_MAX && !strchr(id, ':')) {
+		snprintf(out, len, "conv-%s", id);
+		return;
+	}
+	uint64_t h1 = gw_fnv64(GW_FNV_SEED, id, n);
+	uint64_t h2 = gw_fnv64(h1 ^ 0x9e3779b97f4a7c15ull, id, n);
+	snprintf(out, len, "conv_%016llx%016llx", (unsigned long long)h1, (unsigned long long)h2);
+}
+
+static struct gw_stream *backend_conv_attach(struct gw_backend *b, struct gw_conv *conv,
+					     int *err_out)
+{
+	skv_client_stream *s;
+	int err = skv_client_stream_attach(b->client, conv->name, conv->token, &s);
+	*err_out = err;
+	if (err < 0)
+		return NULL;
+	struct gw_stream *st = backend_stream_add(b, s);
+	if (!st) {
+		skv_client_stream_detach(s);
+		*err_out = -ENOMEM;
+		return NULL;
+	}
+	st->conv = conv;
+	conv->st = st;
+	/* A request the previous connection left running: cancel it and read it to its end. */
+	uint64_t pending = skv_client_stream_pending(s);
+	if (pending && skv_client_stream_cancel(s) == 0)
+		st->skip_ends = pending;
+	conv->last_used = backend_now();
+	return st;
+}
+
+/* Connected, and the daemon has engines (so it restored its --state-dir): every conversation
+ * without a stream is attached again by name and token, or lost with the reason. */
+static void backend_reattach(struct gw_backend *b)
+{
+	b->reattach_due = 0;
+	unsigned back = 0, lost = 0;
+	for (struct gw_conv *conv = b->convs; conv && b->client; conv = conv->next) {
+		if (conv->st || conv->lost || conv->task || !conv->token[0])
+			continue;
+		int err;
+		if (backend_conv_attach(b, conv, &err)) {
+			back++;
+			continue;
+		}
+		if (err == -EPIPE) {
+			backend_lost(b, skv_client_last_error(b->client));
+			return;
+		}
+		char why[400];
+		if (err == -ENOENT)
+			snprintf(why, sizeof(why), "skv-cached no longer holds its stream %s (it "
+				 "restarted without --state-dir, or the stream timed out detached)",
+				 conv->name);
+		else
+			snprintf(why, sizeof(why), "cannot attach its stream %s again: %s",
+				 conv->name, skv_client_last_error(b->client));
+		backend_conv_lose(b, conv, why);
+		lost++;
+	}
+	if (back || lost)
+		backend_log("re-attached %u conversation(s)%s", back, lost ? "; some lost" : "");
+	__atomic_add_fetch(&b->gw->count.conversations_reattached, back, __ATOMIC_RELAXED);
+	b->state_dirty |= back > 0;
+}
+
+static void backend_conv_json_common(struct gw_backend *b, const struct gw_conv *c, json_t *o)
+{
+	char hex[24];
+	(void)b;
+	json_object_set_new(o, "id", json_string(c->id));
+	json_object_set_new(o, "messages", json_integer((json_int_t)c->fed_messages));
+	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->fed_hash);
+	json_object_set_new(o, "fed_hash", json_string(hex));
+	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->key_hash);
+	json_object_set_new(o, "key_hash", json_string(hex));
+	json_object_set_new(o, "settings",
+			    json_pack("{s:i,s:I,s:I,s:f,s:f,s:I}", "policy", c->set.policy, "sinks",
+				      (json_int_t)c->set.sinks, "window", (json_int_t)c->set.window,
+				      "temperature", c->set.temperature, "top_p", c->set.top_p,
+				      "seed", (json_int_t)c->set.seed));
+}
+
+static int backend_hex64(json_t *v, uint64_t *out)
+{
+	const char *s = json_string_value(v);
+	char *end;
+	if (!s || strlen(s) != 16)
+		return -1;
+	*out = strtoull(s, &end, 16);
+	return *end ? -1 : 0;
+}
+
+/* The conversation fields of a JSON state (export or --state-dir) into c. -1: malformed. */
+static int backend_conv_from_json(struct gw_conv *c, json_t *o)
+{
+	json_t *m = json_object_get(o, "messages"), *set = json_object_get(o, "settings");
+	if (!json_is_integer(m) || json_integer_value(m) < 0 ||
+	    backend_hex64(json_object_get(o, "fed_hash"), &c->fed_hash) < 0 ||
+	    backend_hex64(json_object_get(o, "key_hash"), &c->key_hash) < 0 ||
+	    !json_is_object(set))
+		return -1;
+	c->fed_messages = (uint64_t)json_integer_value(m);
+	c->set.policy = (int)json_integer_value(json_object_get(set, "policy"));
+	c->set.sinks = json_integer_value(json_object_get(set, "sinks"));
+	c->set.window = json_integer_value(json_object_get(set, "window"));
+	c->set.temperature = json_number_value(json_object_get(set, "temperature"));
+	c->set.top_p = json_number_value(json_object_get(set, "top_p"));
+	c->set.seed = (uint64_t)json_integer_value(json_object_get(set, "seed"));
+	return 0;
+}
+
+/* --state-dir: conversations.json holds every conversation's name and token (0600), written
+ * after each pass of the loop that changed one, so a restarted skv-http attaches them again. */
+static void backend_state_flush(struct gw_backend *b)
+{
+	if (!b->state_dirty || !b->gw->opts.state_dir)
+		return;
+	b->state_dirty = 0;
+	json_t *list = json_array();
+	for (const struct gw_conv *c = b->convs; c; c = c->next) {
+		if (!c->token[0] && !c->lost)
+			continue; /* being moved in */
+		json_t *o = json_object();
+		backend_conv_json_common(b, c, o);
+		json_object_set_new(o, "name", json_string(c->name));
+		json_object_set_new(o, "token", json_string(c->token));
+		if (c->lost)
+			json_object_set_new(o, "lost", json_string(c->lost_why));
+		json_array_append_new(list, o);
+	}
+	json_t *root = json_pack("{s:s,s:i,s:o}", "format", "skv-http-conversations", "version", 1,
+				 "conversations", list);
+	char *text = json_dumps(root, JSON_COMPACT);
+	json_decref(root);
+	char msg[600];
+	if (!text || gw_state_save(b->gw->opts.state_dir, text, strlen(text), msg,
+				   sizeof(msg)) < 0) {
+		backend_log("--state-dir: %s", text ? msg : "out of memory");
+		b->state_dirty = 1;
+	}
+	free(text);
+}
+
+static void backend_state_load(struct gw_backend *b)
+{
+	const char *dir = b->gw->opts.state_dir;
+	if (!dir)
+		return;
+	char msg[600];
+	json_t *root = gw_state_load(dir, msg, sizeof(msg));
+	if (!root) {
+		if (msg[0])
+			backend_log("--state-dir: %s; starting without its conversations", msg);
+		return;
+	}
+	size_t i, n = 0;
+	json_t *o;
+	json_array_foreach(json_object_get(root, "conversations"), i, o) {
+		const char *id = json_string_value(json_object_get(o, "id"));
+		const char *name = json_string_value(json_object_get(o, "name"));
+		const char *token = json_string_value(json_object_get(o, "token"));
+		const char *lost = json_string_value(json_object_get(o, "lost"));
+		if (!id || !gw_conv_id_valid(id) || !name || !token || backend_conv_find(b, id) ||
+		    strlen(name) >= SKV_CLIENT_NAME_MAX || strlen(token) >= SKV_CLIENT_TOKEN_MAX)
+			continue;
+		struct gw_conv *c = backend_conv_new(b, id, 0);
+		if (!c)
+			break;
+		snprintf(c->name, sizeof(c->name), "%s", name);
+		snprintf(c->token, sizeof(c->token), "%s", token);
+		if (backend_conv_from_json(c, o) < 0 || (!lost && !c->token[0]))
+			lost = "its entry in --state-dir is malformed";
+		if (lost) {
+			c->lost = 1;
+			snprintf(c->lost_why, sizeof(c->lost_why), "%s", lost);
+		}
+		n++;
+	}
+	json_decref(root);
+	backend_log("--state-dir %s: %zu conversation(s) to attach again", dir, n);
+}
+
+/* ---- moving conversations: export, import, pull from a peer ------------------------------ */
+
+enum task_kind { TASK_EXPORT = 1, TASK_IMPORT, TASK_PULL, TASK_SNAPSHOT };
+
+/* One blocking piece of work (an admin round trip, a peer's HTTP transfer) on a thread of its
+ * own; the backend keeps the conversation busy (conv->task) until it takes the result back
+ * from gw->tasks_done. The worker reads only what is copied into the task. */
+struct gw_task {
+	enum task_kind kind;
+	struct gw *gw;
+	struct gw_job *job;             /* NULL for --snapshot-dir exports */
+	struct gw_conv *conv;           /* the backend's; not touched by the worker */
+	char id[GW_CONV_ID_MAX + 1];
+	char model[GW_MODEL_NAME_MAX], tmpl[64];
+	uint64_t key_hash;
+	int check_key;
+	uint64_t stream_id;             /* export */
+	struct gw_buf state_text;       /* export: the JSON state */
+	const char *snap;               /* import: the whole body (job->upload) */
+	size_t snap_len;
+	/* results */
+	int status;
+	char msg[768];
+	struct gw_buf body;             /* export: the whole body */
+	json_t *state;                  /* import, pull */
+	char name[SKV_CLIENT_NAME_MAX], token[SKV_CLIENT_TOKEN_MAX];
+	char from[GW_NODE_NAME_MAX];
+	int from_file;                  /* pull: restored from --snapshot-dir */
+	int64_t age_s;                  /* its age */
+	struct gw_task *next;
+};
+
+static void task_free(struct gw_task *t)
+{
+	gw_buf_free(&t->state_text);
+	gw_buf_free(&t->body);
+	json_decref(t->state);
+	free(t);
+}
+
+/* The state of another node is ours to take: the same conversation, model and template. */
+static int task_check_state(struct gw_task *t, json_t *state)
+{
+	const char *id = json_string_value(json_object_get(state, "id"));
+	const char *model = json_string_value(json_object_get(state, "model"));
+	const char *tmpl = json_string_value(json_object_get(state, "template"));
+	struct gw_conv probe;
+	memset(&probe, 0, sizeof(probe));
+	if (!id || !model || !tmpl || backend_conv_from_json(&probe, state) < 0) {
+		snprintf(t->msg, sizeof(t->msg), "corrupted conversation: its state lacks id, model, "
+			 "template, messages, fed_hash, key_hash or settings");
+		return 400;
+	}
+	if (strcmp(id, t->id)) {
+		snprintf(t->msg, sizeof(t->msg), "the body holds conversation '%.128s', not '%s'", id,
+			 t->id);
+		return 400;
+	}
+	if (strcmp(model, t->model)) {
+		snprintf(t->msg, sizeof(t->msg), "a conversation of model '%.128s': this gateway "
+			 "serves '%s'", model, t->model);
+		return 422;
+	}
+	if (strcmp(tmpl, t->tmpl)) {
+		snprintf(t->msg, sizeof(t->msg), "a conversation rendered with chat template "
+			 "'%.60s': this gateway uses '%s'", tmpl, t->tmpl);
+		return 422;
+	}
+	if (t->check_key && probe.key_hash != t->key_hash) {
+		snprintf(t->msg, sizeof(t->msg), "conversation '%s' belongs to another API key",
+			 t->id);
+		return 422;
+	}
+	return 0;
+}
+
+/* Unpack, check and restore a body into the daemon: 200, or the status with t->msg. */
+static int task_restore(struct gw_task *t, const char *body, size_t len)
+{
+	const char *snap;
+	size_t snap_len;
+	json_t *state;
+	int status = gw_conv_unpack(body, len, &state, &snap, &snap_len, t->msg, sizeof(t->msg));
+	if (status)
+		return status;
+	status = task_check_state(t, state);
+	if (status) {
+		json_decref(state);
+		return status;
+	}
+	char why[512];
+	int err = gw_move_restore(t->gw->opts.socket_path, snap, snap_len, t->name,
+				  sizeof(t->name), t->token, sizeof(t->token), why, sizeof(why));
+	if (err < 0) {
+		json_decref(state);
+		snprintf(t->msg, sizeof(t->msg), "skv-cached refused the conversation's snapshot: %s",
+			 why);
+		return err == -EEXIST   ? 409
+		       : err == -EACCES ? 500
+		       : err == -ENOENT || err == -ECONNREFUSED || err == -EPIPE ||
+				 err == -ETIMEDOUT
+			       ? 503
+			       : 422;
+	}
+	const char *from = json_string_value(json_object_get(state, "node"));
+	if (!t->from[0])
+		snprintf(t->from, sizeof(t->from), "%s", from ? from : "");
+	t->state = state;
+	return 200;
+}
+
+static void task_export(struct gw_task *t)
+{
+	int fd;
+	char why[512];
+	int err = gw_move_snapshot(t->gw->opts.socket_path, t->stream_id, &fd, why, sizeof(why));
+	if (err < 0) {
+		t->status = 503;
+		snprintf(t->msg, sizeof(t->msg), "skv-cached could not snapshot the conversation's "
+			 "stream: %s", why);
+		return;
+	}
+	err = gw_conv_pack(&t->body, t->state_text.data, t->state_text.len, fd);
+	close(fd);
+	t->status = err < 0 ? 500 : 200;
+	if (err < 0)
+		snprintf(t->msg, sizeof(t->msg), "cannot read the snapshot: %s", strerror(-err));
+}
+
+static int backend_snapshot_file(const struct gw *gw, const char *id, char *path, size_t len,
+				 const char *suffix)
+{
+	return snprintf(path, len, "%s/%s.skvconv%s", gw->opts.snapshot_dir, id, suffix) <
+	       (int)len ? 0 : -ENAMETOOLONG;
+}
+
+/* Ask every peer for the conversation (export?release=1), then --snapshot-dir. status 200:
+ * restored here; 404: nobody has it (a new conversation); else why not. */
+static void task_pull(struct gw_task *t)
+{
+	struct gw *gw = t->gw;
+	int busy = 0, gone = 0;
+	char other[768] = "";
+	struct gw_buf body = { 0 };
+	for (size_t i = 0; i < gw->opts.n_peers; i++) {
+		char node[GW_NODE_NAME_MAX], msg[768] = "";
+		int status = gw_peer_fetch(gw->opts.peers[i], t->id, gw->opts.peer_key,
+					   &gw->stopping, &body, node, sizeof(node), msg,
+					   sizeof(msg));
+		if (status == 200) {
+			snprintf(t->from, sizeof(t->from), "%s", node);
+			t->status = task_restore(t, body.data, body.len);
+			if (t->status != 200) {
+				/* The peer let it go: give it back, and say where it went wrong. */
+				char inner[768], back[768] = "";
+				snprintf(inner, sizeof(inner), "%s", t->msg);
+				int put = gw_peer_put(gw->opts.peers[i], t->id, gw->opts.peer_key,
+						      body.data, body.len, back, sizeof(back));
+				snprintf(t->msg, sizeof(t->msg), "conversation '%s' came from %.100s "
+					 "but could not be taken here: %.300s (%s%.200s)", t->id,
+					 node[0] ? node : gw->opts.peers[i], inner,
+					 put == 200 ? "given back to it" : "not given back: ",
+					 put == 200 ? "" : back);
+				json_decref(t->state);
+				t->state = NULL;
+				if (t->status != 409)
+					t->status = 502;
+			}
+			gw_buf_free(&body);
+			return;
+		}
+		if (status == 404)
+			continue;
+		if (status == 409)
+			busy = 1;
+		if (status == 410)
+			gone = 1;
+		snprintf(other, sizeof(other), "%s", msg);
+		if (status != 409 && status != 410)
+			fprintf(stderr, "skv-http: peer %s: %s\n", gw->opts.peers[i], msg);
+	}
+	gw_buf_free(&body);
+	if (gw->opts.snapshot_dir) {
+		char path[4200];
+		struct stat st;
+		if (backend_snapshot_file(gw, t->id, path, sizeof(path), "") == 0 &&
+		    stat(path, &st) == 0) {
+			FILE *f = fopen(path, "rb");
+			char *data = f && st.st_size > 0 ? malloc((size_t)st.st_size) : NULL;
+			size_t got = data ? fread(data, 1, (size_t)st.st_size, f) : 0;
+			if (f)
+				fclose(f);
+			if (data && got == (size_t)st.st_size) {
+				t->status = task_restore(t, data, got);
+				t->age_s = (int64_t)time(NULL) - (int64_t)st.st_mtime;
+				t->age_s = t->age_s < 0 ? 0 : t->age_s;
+				t->from_file = 1;
+				if (t->status == 200) {
+					free(data);
+					return;
+				}
+				fprintf(stderr, "skv-http: %s: not restored: %s\n", path, t->msg);
+				t->from_file = 0;
+			}
+			free(data);
+			t->from[0] = '\0';
+		}
+	}
+	t->status = busy ? 409 : gone ? 410 : 404;
+	if (busy || gone)
+		snprintf(t->msg, sizeof(t->msg), "%s", other);
+}
+
+static void *task_main(void *arg)
+{
+	struct gw_task *t = arg;
+	switch (t->kind) {
+	case TASK_EXPORT:
+	case TASK_SNAPSHOT: task_export(t); break;
+	case TASK_IMPORT: t->status = task_restore(t, t->snap, t->snap_len); break;
+	case TASK_PULL: task_pull(t); break;
+	}
+	struct gw *gw = t->gw;
+	pthread_mutex_lock(&gw->lock);
+	t->next = gw->tasks_done;
+	gw->tasks_done = t;
+	pthread_mutex_unlock(&gw->lock);
+	backend_wake(gw);
+	return NULL;
+}
+
+static void backend_task_done(struct gw_backend *b, struct gw_task *t);
+
+static struct gw_task *backend_task_new(struct gw_backend *b, enum task_kind kind,
+					struct gw_job *j, struct gw_conv *conv, const char *id)
+{
+	struct gw_task *t = calloc(1, sizeof(*t));
+	if (!t)
+		return NULL;
+	t->kind = kind;
+	t->gw = b->gw;
+	t->job = j;
+	t->conv = conv;
+	snprintf(t->id, sizeof(t->id), "%s", id);
+	pthread_mutex_lock(&b->gw->lock);
+	snprintf(t->model, sizeof(t->model), "%s", b->gw->model_name);
+	pthread_mutex_unlock(&b->gw->lock);
+	snprintf(t->tmpl, sizeof(t->tmpl), "%s",
+		 b->gw->opts.tmpl ? gw_template_name(b->gw->opts.tmpl) : "");
+	return t;
+}
+
+static void backend_task_start(struct gw_backend *b, struct gw_task *t)
+{
+	if (t->conv)
+		t->conv->task = t;
+	b->tasks_running++;
+	pthread_t thread;
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	int err = pthread_create(&thread, &attr, task_main, t);
+	pthread_attr_destroy(&attr);
+	if (err) {
+		t->status = 500;
+		snprintf(t->msg, sizeof(t->msg), "cannot start a thread: %s", strerror(err));
+		b->tasks_running--;
+		backend_task_done(b, t);
+	}
+}
+
+/* The JSON state an export carries. */
+static char *backend_export_state(struct gw_backend *b, const struct gw_conv *c, size_t *len)
+{
+	struct gw *gw = b->gw;
+	json_t *o = json_object();
+	json_object_set_new(o, "format", json_string("skv-conversation"));
+	backend_conv_json_common(b, c, o);
+	pthread_mutex_lock(&gw->lock);
+	json_object_set_new(o, "model", json_string(gw->model_name));
+	pthread_mutex_unlock(&gw->lock);
+	json_object_set_new(o, "template",
+			    json_string(gw->opts.tmpl ? gw_template_name(gw->opts.tmpl) : ""));
+	json_object_set_new(o, "node", json_string(gw->opts.node_name));
+	json_object_set_new(o, "stream_name", json_string(c->name));
+	json_object_set_new(o, "exported_at", json_integer((json_int_t)time(NULL)));
+	char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+	json_decref(o);
+	*len = text ? strlen(text) : 0;
+	return text;
+}
+
+static void backend_job_done(struct gw_backend *b, struct gw_job *j, int status,
+			     const struct gw_buf *body, const char *type)
+{
+	pthread_mutex_lock(&b->gw->lock);
+	j->status = status;
+	j->content_type = type;
+	pthread_mutex_unlock(&b->gw->lock);
+	j->done = 1;
+	job_output(b, j, body->data ? body->data : "", body->len, 1);
+}
+
+static const char *backend_status_type(int status)
+{
+	return status >= 500 ? "server_error" : "invalid_request_error";
+}
+
+/* GET /v1/conversations/ID/export: the snapshot is taken on a worker (the conversation is busy
+ * meanwhile, so nothing changes between the copy and a release). */
+static void backend_export(struct gw_backend *b, struct gw_job *j)
+{
+	struct gw_conv *conv = backend_conv_find(b, j->req.conversation);
+	char msg[GW_CONV_ID_MAX + 400];
+	const char *id = j->req.conversation;
+	int status = 0;
+	const char *code = NULL;
+	if (!conv || (!j->by_peer && conv->key_hash != j->key_hash)) {
+		status = 404, code = "conversation_not_found";
+		snprintf(msg, sizeof(msg), "no conversation '%s'", id);
+	} else if (conv->lost) {
+		status = 410, code = "conversation_lost";
+		snprintf(msg, sizeof(msg), "conversation '%s' is lost: %s", id, conv->lost_why);
+	} else if (conv->task || (conv->st && (conv->st->job || conv->st->skip_ends))) {
+		status = 409, code = "conversation_busy";
+		snprintf(msg, sizeof(msg), "conversation '%s' is answering a request or being "
+			 "moved: retry when it is done", id);
+	} else if (!conv->st || !b->client) {
+		status = 503, code = "service_unavailable";
+		snprintf(msg, sizeof(msg), "conversation '%s' waits for skv-cached to come back", id);
+	}
+	struct gw_task *t = status ? NULL : backend_task_new(b, TASK_EXPORT, j, conv, id);
+	if (!status && t) {
+		struct skv_client_stream_info info;
+		skv_client_stream_info(conv->st->s, &info);
+		t->stream_id = info.id;
+		size_t len;
+		char *text = backend_export_state(b, conv, &len);
+		if (text && gw_buf_put(&t->state_text, text, len) == 0) {
+			free(text);
+			backend_task_start(b, t);
+			return;
+		}
+		free(text);
+		task_free(t);
+		t = NULL;
+	}
+	if (!status)
+		status = 500, snprintf(msg, sizeof(msg), "out of memory");
+	job_fail(b, j, status, msg, backend_status_type(status), code);
+	gw_job_unref(b->gw, j);
+}
+
+/* PUT /v1/conversations/ID: the body is checked here, restored on a worker, attached when it
+ * comes back. */
+static void backend_import(struct gw_backend *b, struct gw_job *j)
+{
+	struct gw *gw = b->gw;
+	const char *id = j->req.conversation;
+	char msg[GW_CONV_ID_MAX + 600];
+	int status = 0;
+	const char *code = NULL;
+	struct gw_task *t = NULL;
+	if (backend_conv_find(b, id)) {
+		status = 409, code = "conversation_exists";
+		snprintf(msg, sizeof(msg), "conversation '%s' exists here: DELETE it first", id);
+	} else if (__atomic_load_n(&gw->draining, __ATOMIC_ACQUIRE) && !j->release) {
+		status = 503, code = "draining";
+		snprintf(msg, sizeof(msg), "node %s is draining: it takes no conversation",
+			 gw->opts.node_name);
+	} else if (!b->client) {
+		status = 503, code = "service_unavailable";
+		snprintf(msg, sizeof(msg), "skv-cached is not reachable at %s", gw->opts.socket_path);
+	} else if (!(t = backend_task_new(b, TASK_IMPORT, j, NULL, id))) {
+		status = 500, snprintf(msg, sizeof(msg), "out of memory");
+	} else {
+		json_t *state;
+		const char *snap;
+		size_t snap_len;
+		t->snap = j->upload.data ? j->upload.data : "";
+		t->snap_len = j->upload.len;
+		status = gw_conv_unpack(t->snap, t->snap_len, &state, &snap, &snap_len, msg,
+					sizeof(msg));
+		if (!status) {
+			t->key_hash = j->key_hash;
+			t->check_key = !j->by_peer && gw->opts.n_api_keys;
+			status = task_check_state(t, state);
+			if (status)
+				snprintf(msg, sizeof(msg), "%.700s", t->msg);
+			json_decref(state);
+		}
+		code = status == 422 ? "conversation_refused" : "invalid_conversation";
+	}
+	if (status) {
+		if (t)
+			task_free(t);
+		job_fail(b, j, status, msg, backend_status_type(status), code);
+		gw_job_unref(gw, j);
+		return;
+	}
+	t->conv = backend_conv_new(b, id, j->key_hash);
+	if (!t->conv) {
+		task_free(t);
+		job_fail(b, j, 500, "out of memory", "server_error", NULL);
+		gw_job_unref(gw, j);
+		return;
+	}
+	backend_task_start(b, t);
+}
+
+/* A request names a conversation this node does not have: ask the peers (and --snapshot-dir)
+ * on a worker before opening a new one. Returns 1 if the job waits for that. */
+static int backend_pull(struct gw_backend *b, struct gw_job *j)
+{
+	struct gw *gw = b->gw;
+	if (!gw->opts.n_peers && !gw->opts.snapshot_dir)
+		return 0;
+	struct gw_task *t = backend_task_new(b, TASK_PULL, j, NULL, j->req.conversation);
+	if (!t)
+		return 0;
+	t->conv = backend_conv_new(b, j->req.conversation, j->key_hash);
+	if (!t->conv) {
+		task_free(t);
+		return 0;
+	}
+	backend_task_start(b, t);
+	return 1;
+}
+
+/* A restored stream is attached and becomes the conversation. 0, or the status with msg. */
+static int backend_task_adopt(struct gw_backend *b, struct gw_task *t, char *msg, size_t len)
+{
+	struct gw_conv *conv = t->conv;
+	snprintf(conv->name, sizeof(conv->name), "%s", t->name);
+	snprintf(conv->token, sizeof(conv->token), "%s", t->token);
+	backend_conv_from_json(conv, t->state);
+	conv->last_used = backend_now();
+	b->state_dirty = 1;
+	if (!b->client)
+		return 0; /* attached at the next connection */
+	int err;
+	if (!backend_conv_attach(b, conv, &err)) {
+		snprintf(msg, len, "skv-cached restored the conversation but it cannot be attached: "
+			 "%s", skv_client_last_error(b->client));
+		return err == -EPIPE ? 503 : 500;
+	}
+	return 0;
+}
+
+static void backend_task_done(struct gw_backend *b, struct gw_task *t)
+{
+	struct gw *gw = b->gw;
+	struct gw_conv *conv = t->conv;
+	struct gw_job *j = t->job;
+	char msg[1024];
+	if (conv)
+		conv->task = NULL;
+	if (t->kind == TASK_SNAPSHOT) {
+		/* Requests that came while the copy was made go on now. */
+		struct gw_job *parked = conv->parked;
+		conv->parked = NULL;
+		while (parked) {
+			struct gw_job *next = parked->queue_next;
+			backend_start(b, parked);
+			parked = next;
+		}
+		char path[4200], tmp[4200];
+		if (t->status == 200 &&
+		    backend_snapshot_file(gw, t->id, path, sizeof(path), "") == 0 &&
+		    backend_snapshot_file(gw, t->id, tmp, sizeof(tmp), ".tmp") == 0) {
+			FILE *f = fopen(tmp, "wb");
+			int ok = f && fwrite(t->body.data, 1, t->body.len, f) == t->body.len;
+			if (f && fclose(f) != 0)
+				ok = 0;
+			if (!ok || rename(tmp, path) < 0) {
+				backend_log("--snapshot-dir: cannot write %s: %s", path, strerror(errno));
+				unlink(tmp);
+			}
+		} else if (t->status != 200) {
+			backend_log("--snapshot-dir: conversation %s: %s", t->id, t->msg);
+		}
+		task_free(t);
+		return;
+	}
+	if (t->kind == TASK_EXPORT) {
+		if (t->status != 200) {
+			job_fail(b, j, t->status, t->msg, backend_status_type(t->status), NULL);
+		} else {
+			if (j->release) {
+				backend_conv_free(b, conv);
+				__atomic_add_fetch(&gw->count.conversations_moved_out, 1,
+						   __ATOMIC_RELAXED);
+				if (gw->opts.snapshot_dir) {
+					char path[4200];
+					if (backend_snapshot_file(gw, t->id, path, sizeof(path), "") == 0)
+						unlink(path);
+				}
+			}
+			backend_job_done(b, j, 200, &t->body, "application/x-skv-conversation");
+		}
+		gw_job_unref(gw, j);
+		task_free(t);
+		return;
+	}
+	/* Import or pull: t->conv is the placeholder made when it started. */
+	int status = t->status;
+	snprintf(msg, sizeof(msg), "%s", t->msg);
+	if (status == 200) {
+		status = backend_task_adopt(b, t, msg, sizeof(msg));
+		status = status ? status : 200;
+	}
+	if (status != 200) {
+		backend_conv_free(b, conv);
+		conv = NULL;
+	}
+	if (t->kind == TASK_IMPORT) {
+		if (status == 200) {
+			__atomic_add_fetch(&gw->count.conversations_moved_in, 1, __ATOMIC_RELAXED);
+			struct gw_buf body = { 0 };
+			gw_buf_puts(&body, "{\"id\":");
+			gw_json_string(&body, t->id, strlen(t->id));
+			gw_buf_printf(&body, ",\"object\":\"conversation\",\"imported\":true,"
+				      "\"messages\":%llu,\"from\":",
+				      (unsigned long long)conv->fed_messages);
+			gw_json_string(&body, t->from, strlen(t->from));
+			gw_buf_puts(&body, "}\n");
+			backend_job_done(b, j, 200, &body, NULL);
+			gw_buf_free(&body);
+		} else {
+			job_fail(b, j, status, msg, backend_status_type(status),
+				 status == 409 ? "conversation_exists"
+				 : status == 422 ? "conversation_refused" : NULL);
+		}
+		gw_job_unref(gw, j);
+		task_free(t);
+		return;
+	}
+	/* Pull: the request goes on, on the conversation moved here or on a new one. */
+	j->no_fetch = 1;
+	if (status == 200) {
+		if (t->from_file) {
+			j->restored = 1;
+			j->restored_age_s = t->age_s;
+			__atomic_add_fetch(&gw->count.conversations_restored, 1, __ATOMIC_RELAXED);
+		} else {
+			snprintf(j->moved_from, sizeof(j->moved_from), "%s", t->from);
+			__atomic_add_fetch(&gw->count.conversations_moved_in, 1, __ATOMIC_RELAXED);
+		}
+		backend_start(b, j);
+	} else if (status == 404) {
+		backend_start(b, j);
+	} else {
+		job_fail(b, j, status, msg, backend_status_type(status),
+			 status == 410 ? "conversation_lost"
+			 : status == 409 ? "conversation_busy" : "conversation_move_failed");
+		gw_job_unref(gw, j);
+	}
+	task_free(t);
+}
+
+static void backend_take_tasks(struct gw_backend *b)
+{
+	struct gw *gw = b->gw;
+	pthread_mutex_lock(&gw->lock);
+	struct gw_task *done = gw->tasks_done;
+	gw->tasks_done = NULL;
+	pthread_mutex_unlock(&gw->lock);
+	while (done) {
+		struct gw_task *next = done->next;
+		b->tasks_running--;
+		backend_task_done(b, done);
+		done = next;
+	}
+}
+
+/* --snapshot-dir: every idle conversation exported into the shared directory as ID.skvconv
+ * (through ID.skvconv.tmp and a rename), each --snapshot-interval seconds. */
+static void backend_snapshot_all(struct gw_backend *b, double now)
+{
+	struct gw *gw = b->gw;
+	if (!gw->opts.snapshot_dir || !b->client || now < b->next_snapshot)
+		return;
+	b->next_snapshot = now + gw->opts.snapshot_interval;
+	for (struct gw_conv *c = b->convs; c; c = c->next) {
+		if (c->lost || c->task || !c->st || c->st->job || c->st->skip_ends)
+			continue;
+		struct gw_task *t = backend_task_new(b, TASK_SNAPSHOT, NULL, c, c->id);
+		if (!t)
+			return;
+		struct skv_client_stream_info info;
+		skv_client_stream_info(c->st->s, &info);
+		t->stream_id = info.id;
+		size_t len;
+		char *text = backend_export_state(b, c, &len);
+		if (!text || gw_buf_put(&t->state_text, text, len) < 0) {
+			free(text);
+			task_free(t);
+			return;
+		}
+		free(text);
+		backend_task_start(b, t);
+	}
+}
+
 	int err = 0;
 	if (r->policy >= 0)
 		err = skv_client_opts_policy(o, (enum skv_client_policy)r->policy);
@@ -632,8 +1536,8 @@ static void backend_delete(struct gw_backend *b, struct gw_job *j)
 	if (!conv || conv->key_hash != j->key_hash) {
 		snprintf(msg, sizeof(msg), "no conversation '%s'", j->req.conversation);
 		job_fail(b, j, 404, msg, "invalid_request_error", "conversation_not_found");
-	} else if (conv->st && conv->st->job) {
-		snprintf(msg, sizeof(msg), "conversation '%s' is answering a request",
+	} else if (conv->task || (conv->st && (conv->st->job || conv->st->skip_ends))) {
+		snprintf(msg, sizeof(msg), "conversation '%s' is answering a request or being moved",
 			 j->req.conversation);
 		job_fail(b, j, 409, msg, "invalid_request_error", "conversation_busy");
 	} else {
@@ -646,8 +1550,11 @@ static void backend_delete(struct gw_backend *b, struct gw_job *j)
 		j->status = 200;
 		pthread_mutex_unlock(&b->gw->lock);
 		job_output(b, j, body.data, body.len, 1);
+	if (!err && name)
+		err = skv_client_opts_resumable(o, name);
 		gw_buf_free(&body);
 	}
+	b->last_seed = seed;
 	gw_job_unref(b->gw, j);
 }
 
@@ -664,6 +1571,10 @@ static int backend_chat_text(struct gw_backend *b, struct gw_job *j, struct gw_c
 		for (size_t i = 0; i < conv->fed_messages; i++)
 			h = backend_hash_message(h, r->messages[i].role, r->messages[i].content,
 						 r->messages[i].content_len);
+		int err;
+		/* Detached (the daemon restarted and it is not attached yet): end it there too. */
+		if (!conv->st && !conv->lost && conv->token[0] && b->client && !b->reattach_due)
+			backend_conv_attach(b, conv, &err);
 		if (h == conv->fed_hash)
 			skip = conv->fed_messages;
 	}
@@ -712,20 +1623,54 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			gw_job_unref(gw, j);
 			return;
 		}
-		if (conv && conv->st->job) {
+		if (conv && conv->task && conv->task->kind == TASK_SNAPSHOT) {
+			j->queue_next = conv->parked; /* goes on when the copy is made */
+			conv->parked = j;
+			return;
+		}
+		int status = 0;
+		const char *code = "conversation_busy";
+		if (conv && conv->lost) {
+			status = 410, code = "conversation_lost";
+			snprintf(msg, sizeof(msg), "conversation '%s' is lost: %s; DELETE "
+				 "/v1/conversations/%s to start it anew", conv->id, conv->lost_why,
+				 conv->id);
+		} else if (conv && conv->task) {
+			status = 409;
+			snprintf(msg, sizeof(msg), "conversation '%s' is being moved: retry",
+				 conv->id);
+		} else if (conv && !conv->st) {
+			status = 503, code = "service_unavailable";
+			snprintf(msg, sizeof(msg), "conversation '%s' waits for skv-cached, which "
+				 "restarted, to have engines again: retry", conv->id);
+		} else if (conv && (conv->st->job || conv->st->skip_ends)) {
+			status = 409;
 			snprintf(msg, sizeof(msg),
 				 "conversation '%s' is answering another request: one at a time",
 				 j->req.conversation);
-			job_fail(b, j, 409, msg, "invalid_request_error", "conversation_busy");
+		} else if (!conv && __atomic_load_n(&gw->draining, __ATOMIC_ACQUIRE)) {
+			status = 503, code = "draining";
+			snprintf(msg, sizeof(msg), "node %s is draining: it starts no new "
+				 "conversation", gw->opts.node_name);
+		}
+		if (status) {
+			job_fail(b, j, status, msg, backend_status_type(status), code);
 			gw_job_unref(gw, j);
 			return;
 		}
 		if (conv)
+	if (j->req.kind == GW_EXPORT || j->req.kind == GW_IMPORT) {
+		(j->req.kind == GW_EXPORT ? backend_export : backend_import)(b, j);
+		return;
+	}
 			st = conv->st;
 	}
 	if (!st) {
 		skv_client_stream *s;
-		int err = backend_open(b, j, &s);
+		char name[SKV_CLIENT_NAME_MAX];
+		if (j->req.conversation[0])
+			backend_stream_name(j->req.conversation, name, sizeof(name));
+		int err = backend_open(b, j, j->req.conversation[0] ? name : NULL, &s);
 		if (err < 0) {
 			const char *type, *code;
 			int status = backend_open_status(err, &type, &code);
@@ -739,19 +1684,24 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		}
 		st = backend_stream_add(b, s);
 		if (st && j->req.conversation[0]) {
-			conv = calloc(1, sizeof(*conv));
+			conv = backend_conv_new(b, j->req.conversation, j->key_hash);
 			if (conv) {
-				snprintf(conv->id, sizeof(conv->id), "%s", j->req.conversation);
-				conv->key_hash = j->key_hash;
 				conv->st = st;
-				conv->fed_hash = BACKEND_HASH_SEED;
-				conv->next = b->convs;
-				b->convs = conv;
 				st->conv = conv;
-				b->n_convs++;
-				__atomic_store_n(&gw->count.conversations, b->n_convs, __ATOMIC_RELAXED);
+				struct skv_client_resume ri;
+				if (skv_client_stream_resume_info(s, &ri) == 0) {
+					snprintf(conv->name, sizeof(conv->name), "%s", ri.name);
+					snprintf(conv->token, sizeof(conv->token), "%s", ri.token);
+				}
+				conv->set = (struct gw_conv_settings){
+					.policy = j->req.policy, .sinks = j->req.sinks,
+					.window = j->req.window, .temperature = j->req.temperature,
+					.top_p = j->req.top_p, .seed = b->last_seed };
+				b->state_dirty = 1;
 				__atomic_add_fetch(&gw->count.conversations_opened, 1,
 						   __ATOMIC_RELAXED);
+		if (!conv && !j->no_fetch && backend_pull(b, j))
+			return; /* backend_task_done starts it again */
 			}
 		}
 		if (!st || (j->req.conversation[0] && !conv)) {
@@ -763,6 +1713,14 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			gw_job_unref(gw, j);
 			return;
 		}
+			if (err == -EEXIST) {
+				status = 409, type = "invalid_request_error";
+				code = "conversation_exists";
+				snprintf(msg, sizeof(msg), "skv-cached already holds a stream %s of "
+					 "conversation '%s' that this gateway has no token for (another "
+					 "skv-http's, or one left detached by a skv-http that stopped "
+					 "without --state-dir)", name, j->req.conversation);
+			}
 	}
 	struct gw_buf text = { 0 };
 	int err = 0;
@@ -788,16 +1746,16 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			 skv_client_last_error(b->client));
 		job_fail(b, j, 503, msg, "server_error", "service_unavailable");
 		if (conv) {
-			backend_request_over(b, st);
-			backend_conv_free(b, conv);
-		} else {
-			backend_request_over(b, st);
+			/* The stream did not take these messages. */
+			conv->fed_messages = fed_messages;
+			conv->fed_hash = fed_hash;
 		}
 		if (err == -EPIPE)
 			backend_lost(b, skv_client_last_error(b->client));
 		return;
 	}
 	if (conv)
+	uint64_t fed_messages = conv ? conv->fed_messages : 0, fed_hash = conv ? conv->fed_hash : 0;
 		conv->last_used = backend_now();
 	job_started(b, j);
 }
@@ -819,6 +1777,7 @@ static int backend_take_queue(struct gw_backend *b)
 		gw->queue_tail = NULL;
 	more = gw->queue_head != NULL;
 	pthread_mutex_unlock(&gw->lock);
+		backend_request_over(b, st);
 	for (int i = 0; i < n; i++)
 		backend_start(b, taken[i]);
 	return more;
@@ -827,6 +1786,8 @@ static int backend_take_queue(struct gw_backend *b)
 /* Connections that went away: their generations stop now. */
 static void backend_take_cancels(struct gw_backend *b)
 {
+		else if (conv)
+			backend_conv_lose(b, conv, msg);
 	struct gw *gw = b->gw;
 	if (!__atomic_exchange_n(&gw->cancel_pending, 0, __ATOMIC_ACQUIRE))
 		return;
@@ -908,7 +1869,7 @@ static int backend_pump(struct gw_backend *b, size_t n_paused)
 				struct gw_conv *conv = st->conv;
 				backend_request_over(b, st);
 				if (conv)
-					backend_conv_free(b, conv);
+					backend_conv_lose(b, conv, msg);
 				break;
 			}
 			if (!st)
@@ -930,10 +1891,17 @@ static void backend_expire(struct gw_backend *b, double now)
 	b->next_expire = now + 1.0;
 	for (struct gw_conv *c = b->convs, *next; c; c = next) {
 		next = c->next;
-		if (!c->st->job && now - c->last_used >= b->gw->opts.conversation_idle) {
+		if (!c->task && !(c->st && (c->st->job || c->st->skip_ends)) &&
+		    now - c->last_used >= b->gw->opts.conversation_idle) {
 			backend_conv_free(b, c);
 			__atomic_add_fetch(&b->gw->count.conversations_expired, 1, __ATOMIC_RELAXED);
 		}
+				struct skv_client_stats stats;
+				if (st->conv && skv_client_stats(b->client, &stats) == -EPIPE) {
+					/* The daemon went: its conversations may come back. */
+					backend_lost(b, msg);
+					return 1;
+				}
 	}
 }
 
@@ -1013,6 +1981,8 @@ static void *backend_main(void *arg)
 	pthread_mutex_lock(&gw->lock);
 	struct gw_job *queued = gw->queue_head;
 	gw->queue_head = gw->queue_tail = NULL;
+		if (b->tasks_running)
+			backend_take_tasks(b);
 	pthread_mutex_unlock(&gw->lock);
 	while (queued) {
 		struct gw_job *next = queued->queue_next;
@@ -1020,6 +1990,8 @@ static void *backend_main(void *arg)
 			 "service_unavailable");
 		gw_job_unref(gw, queued);
 		queued = next;
+		backend_snapshot_all(b, now);
+		backend_state_flush(b);
 	}
 	while (b->streams) {
 		struct gw_stream *st = b->streams;
@@ -1028,7 +2000,11 @@ static void *backend_main(void *arg)
 				 "service_unavailable");
 		struct gw_conv *conv = st->conv;
 		backend_request_over(b, st);
-		if (conv)
+		if (conv && conv->token[0] && gw->opts.state_dir) {
+			/* Left detached: the next skv-http attaches it from --state-dir. */
+			backend_stream_unlink(b, st);
+			conv->st = NULL;
+		} else if (conv) {
 			backend_conv_free(b, conv);
 	}
 	skv_client_disconnect(b->client);
@@ -1053,6 +2029,12 @@ int gw_backend_start(struct gw *gw)
 }
 
 void gw_backend_stop(struct gw *gw)
+	/* Exports and pulls in progress end first (their transfers see gw->stopping). */
+	while (b->tasks_running) {
+		backend_take_tasks(b);
+		if (b->tasks_running)
+			usleep(10000);
+	}
 {
 	if (!gw->backend)
 		return;
@@ -1062,5 +2044,18 @@ void gw_backend_stop(struct gw *gw)
 	gw_buf_free(&gw->backend->scratch);
 	free(gw->backend);
 	gw->backend = NULL;
+		}
+	}
+	b->state_dirty |= gw->opts.state_dir != NULL;
+	backend_state_flush(b);
+	while (b->convs) {
+		struct gw_conv *conv = b->convs;
+		b->convs = conv->next;
+		free(conv);
 	close(gw->wake_fd);
 }
+	/* Before any thread: libcurl's global state (the peers' transfers). */
+	if (gw->opts.n_peers && curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		return -ENOMEM;
+	backend_state_load(b);
+	b->next_snapshot = backend_now() + gw->opts.snapshot_interval;

@@ -24,6 +24,8 @@
 #define GW_CONV_ID_MAX 128              /* bytes of a conversation id */
 #define GW_OUT_HIGH (256u * 1024)       /* SSE bytes a slow reader may leave unread */
 #define GW_MODEL_NAME_MAX 256
+#define GW_NODE_NAME_MAX 64             /* --node-name, X-Skv-Node */
+#define GW_CONV_MAX_BYTES (1ull << 30)  /* largest application/x-skv-conversation body */
 
 struct MHD_Connection;
 struct skv_chat_template;
@@ -36,6 +38,14 @@ struct gw_opts {
 	char **api_keys;                /* [n_api_keys]; none: no authentication */
 	size_t n_api_keys;
 	char *model_name;               /* NULL: the daemon's model file name */
+	/* Durable and movable conversations (http-backend.c, http-move.c). */
+	char node_name[GW_NODE_NAME_MAX];  /* X-Skv-Node; default: the host name */
+	const char *state_dir;          /* NULL: name -> token kept in memory only */
+	char **peers;                   /* [n_peers] base URLs asked for unknown conversations */
+	size_t n_peers;
+	const char *peer_key;           /* the key of peers' requests (and ours to them) */
+	const char *snapshot_dir;       /* NULL: no periodic export */
+	unsigned snapshot_interval;     /* seconds */
 	size_t max_body;
 	unsigned max_concurrent;
 	uint64_t max_tokens;
@@ -44,7 +54,7 @@ struct gw_opts {
 	const struct skv_chat_template *tmpl; /* engine/chat-template.h */
 };
 
-enum gw_kind { GW_COMPLETION = 1, GW_CHAT = 2, GW_DELETE = 3 };
+enum gw_kind { GW_COMPLETION = 1, GW_CHAT = 2, GW_DELETE = 3, GW_EXPORT = 4, GW_IMPORT = 5 };
 
 /* One chat message as the request gave it (strings owned by the request's JSON). */
 struct gw_message {
@@ -94,6 +104,10 @@ struct gw_job {
 	int64_t created;                /* Unix seconds */
 	int sock_fd;                    /* the client's socket, -1 unknown (for POLLRDHUP) */
 	/* gw->lock */
+	int by_peer;                    /* authorized by --peer-key: any key's conversation */
+	int release;                    /* export: close the conversation here once exported;
+					 * import: X-Skv-Give-Back (taken while draining) */
+	struct gw_buf upload;           /* import: the body */
 	int refs;
 	struct MHD_Connection *conn;    /* NULL once the connection is gone */
 	int status;                     /* HTTP status; 0 until the backend decided */
@@ -105,7 +119,12 @@ struct gw_job {
 	size_t out_off;
 	struct gw_job *queue_next;
 	/* backend */
+	const char *content_type;       /* NULL: application/json */
+	char moved_from[GW_NODE_NAME_MAX]; /* X-Skv-Conversation-Moved: from=NODE */
+	int restored;                   /* X-Skv-Conversation-Restored: snapshot; age-s= */
+	int64_t restored_age_s;
 	struct gw_stream *st;
+	int no_fetch;                   /* peers and --snapshot-dir were asked already */
 	struct gw_buf gen;              /* the generated text so far (bytes as the engine sent) */
 	size_t emitted;                 /* bytes of gen sent on */
 	struct gw_buf content;          /* non-streaming: the emitted text, valid UTF-8 */
@@ -134,6 +153,11 @@ struct gw_counters {
 	uint64_t daemon_up;                  /* 1 while connected */
 	uint64_t engines_ready;              /* as the daemon said at the last look */
 };
+	uint64_t conversations_moved_in;     /* imported: PUT, or pulled from a peer */
+	uint64_t conversations_moved_out;    /* exported with release=1 */
+	uint64_t conversations_restored;     /* from --snapshot-dir */
+	uint64_t conversations_lost;         /* their stream was gone: 410 */
+	uint64_t conversations_reattached;   /* after a restart of skv-cached or of skv-http */
 extern const int gw_status_codes[GW_STATUS_CODES];
 int gw_status_index(int status);
 
@@ -148,6 +172,8 @@ struct gw {
 	int stopping;
 	int cancel_pending;                  /* a connection left: the backend looks */
 	pthread_t backend_thread;
+	int draining;                        /* atomic: POST /admin/drain, SIGUSR1 */
+	struct gw_task *tasks_done;          /* workers' results for the backend (gw->lock) */
 	struct gw_backend *backend;
 };
 
@@ -216,5 +242,47 @@ int gw_server_start(struct gw *gw, struct MHD_Daemon **out, char *msg, size_t ms
 /* Wake a connection that waits for output of j (called by the backend after appending, or
  * finishing, without gw->lock: the caller took j->suspended under the lock). */
 void gw_server_resume(struct MHD_Connection *conn);
+
+/* ---- http-move.c: what moves a conversation ---------------------------------------------
+ * application/x-skv-conversation: a 40-byte header (magic "SKVCONV\0", format major and minor
+ * as little-endian u32, the JSON state's bytes and the snapshot's as u64, FNV-1a 64 of the JSON
+ * state as u64), the gateway's JSON state of the conversation, then the daemon's snapshot file
+ * (shm/snapshot.h) of its stream. */
+#define GW_CONV_HEADER_BYTES 40
+#define GW_CONV_MAJOR 1
+#define GW_CONV_MINOR 0
+#define GW_FNV_SEED 14695981039346656037ull
+#define GW_STATE_FILE "conversations.json"
+struct gw_task;
+
+uint64_t gw_fnv64(uint64_t h, const void *data, size_t len);
+/* out = header + json + the bytes of snap_fd (from offset 0 to its size). 0 or -errno. */
+int gw_conv_pack(struct gw_buf *out, const char *json, size_t json_len, int snap_fd);
+/* Split and check a body: 0 with *state (to json_decref) and the snapshot bytes inside body,
+ * or the HTTP status (400 malformed, truncated, corrupted; 422 another format version) with
+ * msg saying why. */
+int gw_conv_unpack(const char *body, size_t len, json_t **state, const char **snap,
+		   size_t *snap_len, char *msg, size_t msg_len);
+/* The daemon's snapshot of stream_id into a new memfd (*fd_out), over an admin connection.
+ * Blocks until the stream's request in progress ends. 0 or -errno with msg. */
+int gw_move_snapshot(const char *socket_path, uint64_t stream_id, int *fd_out, char *msg,
+		     size_t msg_len);
+/* Restore a snapshot's bytes (handed over in a memfd): the stream comes back detached; name
+ * and token are what to attach with. 0 or -errno with the daemon's reason in msg. */
+int gw_move_restore(const char *socket_path, const void *snap, size_t len, char *name,
+		    size_t name_len, char *token, size_t token_len, char *msg, size_t msg_len);
+/* GET base/v1/conversations/ID/export?release=1 (Authorization: Bearer key unless NULL) into
+ * body, the peer's X-Skv-Node into node. Returns the HTTP status (msg: the error's message
+ * when not 200), or -EHOSTUNREACH when there was no answer. *stop non-zero aborts. */
+int gw_peer_fetch(const char *base, const char *id, const char *key, const int *stop,
+		  struct gw_buf *body, char *node, size_t node_len, char *msg, size_t msg_len);
+/* PUT base/v1/conversations/ID with body: give a conversation back to the peer it came from
+ * when it cannot be taken here. Returns the HTTP status or -EHOSTUNREACH, msg as above. */
+int gw_peer_put(const char *base, const char *id, const char *key, const char *body, size_t len,
+		char *msg, size_t msg_len);
+/* DIR/conversations.json written whole (0600, through a .tmp and rename), and read back (NULL:
+ * no file, or msg says what is wrong with it). */
+int gw_state_save(const char *dir, const char *text, size_t len, char *msg, size_t msg_len);
+json_t *gw_state_load(const char *dir, char *msg, size_t msg_len);
 
 #endif

@@ -46,6 +46,10 @@ enum srv_route {
 	SRV_COMPLETIONS,
 	SRV_CHAT,
 	SRV_CONVERSATION,
+	SRV_CONV_EXPORT,        /* GET /v1/conversations/ID/export[?release=1] */
+	SRV_CONV_IMPORT,        /* PUT /v1/conversations/ID */
+	SRV_DRAIN,              /* POST /admin/drain */
+	SRV_UNDRAIN,            /* POST /admin/undrain */
 };
 
 struct srv_metrics {
@@ -66,7 +70,27 @@ struct srv_conn {
 	struct gw_job *job;
 	int sse;                      /* an SSE response is queued (counted as active) */
 	struct srv_metrics *metrics;
+	int by_peer;                  /* authorized by --peer-key */
+	char conv_id[GW_CONV_ID_MAX + 2]; /* /v1/conversations/ID/export: ID */
 };
+
+/* Who answered, and where a conversation came from. */
+static void srv_headers(struct srv_conn *sc, struct MHD_Response *r)
+{
+	MHD_add_response_header(r, "X-Skv-Node", sc->gw->opts.node_name);
+	const struct gw_job *j = sc->job;
+	if (!j)
+		return;
+	char v[GW_NODE_NAME_MAX + 32];
+	if (j->moved_from[0]) {
+		snprintf(v, sizeof(v), "from=%s", j->moved_from);
+		MHD_add_response_header(r, "X-Skv-Conversation-Moved", v);
+	}
+	if (j->restored) {
+		snprintf(v, sizeof(v), "snapshot; age-s=%lld", (long long)j->restored_age_s);
+		MHD_add_response_header(r, "X-Skv-Conversation-Restored", v);
+	}
+}
 
 static enum MHD_Result srv_queue(struct srv_conn *sc, struct MHD_Connection *conn, int status,
 				 const char *body, size_t len, const char *type)
@@ -78,6 +102,7 @@ static enum MHD_Result srv_queue(struct srv_conn *sc, struct MHD_Connection *con
 	MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
 	if (sc->job && sc->job->req.conversation[0])
 		MHD_add_response_header(r, "X-Conversation-Id", sc->job->req.conversation);
+	srv_headers(sc, r);
 	enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
 	MHD_destroy_response(r);
 	__atomic_add_fetch(&sc->gw->count.requests[gw_status_index(status)], 1, __ATOMIC_RELAXED);
@@ -111,6 +136,38 @@ static uint64_t srv_key_hash(const char *key)
 		h *= 1099511628211ull;
 	}
 	return h;
+}
+
+/* Compare in full: the time taken says nothing about the key. */
+static int srv_key_equal(const char *given, const char *want)
+{
+	size_t gl = strlen(given), wl = strlen(want);
+	unsigned char diff = gl != wl;
+	for (size_t i = 0; i < wl; i++)
+		diff |= (unsigned char)(want[i] ^ (i < gl ? given[i] : 0));
+	return !diff;
+}
+
+static int srv_authorized(struct gw *gw, struct MHD_Connection *conn, uint64_t *key_hash);
+
+/* Moving and draining: an API key or --peer-key (*by_peer: the latter, which may export any
+ * key's conversation). Open when neither is configured. */
+static int srv_peer_authorized(struct gw *gw, struct MHD_Connection *conn, uint64_t *key_hash,
+			       int *by_peer)
+{
+	*by_peer = 0;
+	*key_hash = 0;
+	if (!gw->opts.peer_key)
+		return srv_authorized(gw, conn, key_hash);
+	const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+						       MHD_HTTP_HEADER_AUTHORIZATION);
+	if (!auth || strncasecmp(auth, "Bearer ", 7))
+		return 0;
+	const char *given = auth + 7;
+	while (*given == ' ')
+		given++;
+	*by_peer = srv_key_equal(given, gw->opts.peer_key);
+	return *by_peer || (gw->opts.n_api_keys && srv_authorized(gw, conn, key_hash));
 }
 
 /* 1 if the request carries the key (or none is needed); *key_hash: whose it is. */
@@ -189,9 +246,16 @@ static enum MHD_Result srv_health(struct srv_conn *sc, struct MHD_Connection *co
 	uint64_t up = __atomic_load_n(&gw->count.daemon_up, __ATOMIC_RELAXED);
 	uint64_t ready = __atomic_load_n(&gw->count.engines_ready, __ATOMIC_RELAXED);
 	struct gw_buf b = { 0 };
-	int ok = up && ready;
-	gw_buf_printf(&b, "{\"status\":\"%s\",\"daemon\":%s,\"engines_ready\":%llu}\n",
-		      ok ? "ok" : "unavailable", up ? "true" : "false", (unsigned long long)ready);
+	int draining = __atomic_load_n(&gw->draining, __ATOMIC_ACQUIRE);
+	int ok = up && ready && !draining;
+	gw_buf_printf(&b, "{\"status\":\"%s\",\"daemon\":%s,\"engines_ready\":%llu,"
+		      "\"conversations\":%llu,\"node\":",
+		      draining ? "draining" : ok ? "ok" : "unavailable", up ? "true" : "false",
+		      (unsigned long long)ready,
+		      (unsigned long long)__atomic_load_n(&gw->count.conversations,
+							  __ATOMIC_RELAXED));
+	gw_json_string(&b, gw->opts.node_name, strlen(gw->opts.node_name));
+	gw_buf_puts(&b, "}\n");
 	enum MHD_Result r = srv_json(sc, conn, ok ? 200 : 503, &b);
 	gw_buf_free(&b);
 	return r;
@@ -241,6 +305,21 @@ static void srv_own_metrics(struct gw *gw, FILE *f)
 		  offsetof(struct gw_counters, reconnects) },
 		{ "skv_http_daemon_up", "gauge", "1 while skv-http is connected to skv-cached.",
 		  offsetof(struct gw_counters, daemon_up) },
+		{ "skv_http_conversations_moved_in_total", "counter",
+		  "Conversations imported (PUT) or pulled from a peer.",
+		  offsetof(struct gw_counters, conversations_moved_in) },
+		{ "skv_http_conversations_moved_out_total", "counter",
+		  "Conversations exported with release=1.",
+		  offsetof(struct gw_counters, conversations_moved_out) },
+		{ "skv_http_conversations_restored_total", "counter",
+		  "Conversations restored from --snapshot-dir.",
+		  offsetof(struct gw_counters, conversations_restored) },
+		{ "skv_http_conversations_lost_total", "counter",
+		  "Conversations whose stream was gone (410 conversation_lost).",
+		  offsetof(struct gw_counters, conversations_lost) },
+		{ "skv_http_conversations_reattached_total", "counter",
+		  "Conversations attached again after a restart of skv-cached or skv-http.",
+		  offsetof(struct gw_counters, conversations_reattached) },
 		{ "skv_http_paused_streams", "gauge",
 		  "Streams not read because their client reads slowly (backpressure).",
 		  offsetof(struct gw_counters, paused_streams) },
@@ -374,8 +453,9 @@ static enum MHD_Result srv_job_resumed(struct srv_conn *sc, struct MHD_Connectio
 		/* The whole body is there. */
 		struct gw_buf body = { 0 };
 		gw_buf_put(&body, j->out.data ? j->out.data : "", j->out.len);
+		const char *type = j->content_type ? j->content_type : "application/json";
 		pthread_mutex_unlock(&gw->lock);
-		enum MHD_Result r = srv_json(sc, conn, status, &body);
+		enum MHD_Result r = srv_queue(sc, conn, status, body.data, body.len, type);
 		gw_buf_free(&body);
 		return r;
 	}
@@ -391,6 +471,7 @@ static enum MHD_Result srv_job_resumed(struct srv_conn *sc, struct MHD_Connectio
 	MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
 	if (j->req.conversation[0])
 		MHD_add_response_header(r, "X-Conversation-Id", j->req.conversation);
+	srv_headers(sc, r);
 	enum MHD_Result ret = MHD_queue_response(conn, 200, r);
 	MHD_destroy_response(r);
 	sc->sse = 1;
@@ -487,9 +568,62 @@ static enum MHD_Result srv_delete(struct srv_conn *sc, struct MHD_Connection *co
 	return MHD_YES;
 }
 
+/* GET /v1/conversations/ID/export[?release=1] and PUT /v1/conversations/ID: the backend does
+ * the work (a worker thread the blocking part). */
+static enum MHD_Result srv_move(struct srv_conn *sc, struct MHD_Connection *conn,
+				uint64_t key_hash)
+{
+	int import = sc->route == SRV_CONV_IMPORT;
+	const char *id = import ? sc->path_arg : sc->conv_id;
+	if (!gw_conv_id_valid(id))
+		return srv_error(sc, conn, 404, "no such conversation", "invalid_request_error", NULL,
+				 "conversation_not_found");
+	struct gw_job *j = srv_job_new(sc->gw, key_hash, conn);
+	if (!j)
+		return srv_error(sc, conn, 500, "out of memory", "server_error", NULL, NULL);
+	j->req.kind = import ? GW_IMPORT : GW_EXPORT;
+	j->by_peer = sc->by_peer;
+	snprintf(j->req.conversation, sizeof(j->req.conversation), "%.*s", GW_CONV_ID_MAX, id);
+	if (import) {
+		j->upload = sc->body;
+		memset(&sc->body, 0, sizeof(sc->body));
+		/* A pull that failed here gives it back: a draining node takes that. */
+		j->release = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+							 "X-Skv-Give-Back") != NULL;
+	} else {
+		const char *rel = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND,
+							      "release");
+		j->release = rel && (!strcmp(rel, "1") || !strcmp(rel, "true"));
+	}
+	srv_job_hand_over(sc, conn, j);
+	return MHD_YES;
+}
+
+/* POST /admin/drain, /admin/undrain (SIGUSR1 drains too): while draining, /health answers 503
+ * and new conversations are refused; the ones here go on and may be exported. */
+static enum MHD_Result srv_drain(struct srv_conn *sc, struct MHD_Connection *conn)
+{
+	struct gw *gw = sc->gw;
+	int on = sc->route == SRV_DRAIN;
+	__atomic_store_n(&gw->draining, on, __ATOMIC_RELEASE);
+	fprintf(stderr, "skv-http: %s (POST /admin/%s)\n", on ? "draining" : "no longer draining",
+		on ? "drain" : "undrain");
+	struct gw_buf b = { 0 };
+	gw_buf_printf(&b, "{\"status\":\"%s\",\"conversations\":%llu,\"node\":",
+		      on ? "draining" : "ok",
+		      (unsigned long long)__atomic_load_n(&gw->count.conversations,
+							  __ATOMIC_RELAXED));
+	gw_json_string(&b, gw->opts.node_name, strlen(gw->opts.node_name));
+	gw_buf_puts(&b, "}\n");
+	enum MHD_Result r = srv_json(sc, conn, 200, &b);
+	gw_buf_free(&b);
+	return r;
+}
+
 /* ---- routing --------------------------------------------------------------------------- */
 
-static enum srv_route srv_route_of(const char *url, const char **arg, const char **method_needed)
+static enum srv_route srv_route_of(const char *url, const char *method, const char **arg,
+				   const char **method_needed)
 {
 	static const struct {
 		const char *path, *method;
@@ -500,6 +634,8 @@ static enum srv_route srv_route_of(const char *url, const char **arg, const char
 		{ "/v1/models", "GET", SRV_MODELS },
 		{ "/v1/completions", "POST", SRV_COMPLETIONS },
 		{ "/v1/chat/completions", "POST", SRV_CHAT },
+		{ "/admin/drain", "POST", SRV_DRAIN },
+		{ "/admin/undrain", "POST", SRV_UNDRAIN },
 	};
 	for (size_t i = 0; i < sizeof(fixed) / sizeof(fixed[0]); i++) {
 		if (!strcmp(url, fixed[i].path)) {
@@ -514,10 +650,23 @@ static enum srv_route srv_route_of(const char *url, const char **arg, const char
 	}
 	if (!strncmp(url, "/v1/conversations/", 18) && url[18]) {
 		*arg = url + 18;
-		*method_needed = "DELETE";
-		return SRV_CONVERSATION;
+		const char *slash = strchr(*arg, '/');
+		if (slash && !strcmp(slash, "/export")) {
+			*method_needed = "GET";
+			return SRV_CONV_EXPORT;
+		}
+		if (slash)
+			return SRV_UNKNOWN;
+		int put = !strcmp(method, "PUT");
+		*method_needed = put ? "PUT" : "DELETE";
+		return put ? SRV_CONV_IMPORT : SRV_CONVERSATION;
 	}
 	return SRV_UNKNOWN;
+}
+
+static size_t srv_body_limit(const struct srv_conn *sc)
+{
+	return sc->route == SRV_CONV_IMPORT ? (size_t)GW_CONV_MAX_BYTES : sc->gw->opts.max_body;
 }
 
 static enum MHD_Result srv_access(void *cls, struct MHD_Connection *conn, const char *url,
@@ -535,7 +684,10 @@ static enum MHD_Result srv_access(void *cls, struct MHD_Connection *conn, const 
 		sc->gw = gw;
 		*con_cls = sc;
 		const char *needed = NULL;
-		sc->route = srv_route_of(url, &sc->path_arg, &needed);
+		sc->route = srv_route_of(url, method, &sc->path_arg, &needed);
+		if (sc->route == SRV_CONV_EXPORT)
+			snprintf(sc->conv_id, sizeof(sc->conv_id), "%.*s",
+				 (int)(strchr(sc->path_arg, '/') - sc->path_arg), sc->path_arg);
 		if (sc->route == SRV_UNKNOWN) {
 			char msg[300];
 			snprintf(msg, sizeof(msg), "Unknown request URL: %s %.200s", method, url);
@@ -549,19 +701,22 @@ static enum MHD_Result srv_access(void *cls, struct MHD_Connection *conn, const 
 					 "method_not_allowed");
 		}
 		uint64_t key_hash;
-		if (sc->route != SRV_HEALTH && !srv_authorized(gw, conn, &key_hash))
+		int moving = sc->route == SRV_CONV_EXPORT || sc->route == SRV_CONV_IMPORT ||
+			     sc->route == SRV_DRAIN || sc->route == SRV_UNDRAIN;
+		if (moving ? !srv_peer_authorized(gw, conn, &key_hash, &sc->by_peer)
+			   : sc->route != SRV_HEALTH && !srv_authorized(gw, conn, &key_hash))
 			return srv_error(sc, conn, 401,
 					 "Incorrect API key provided: send Authorization: Bearer "
 					 "KEY",
 					 "invalid_request_error", NULL, "invalid_api_key");
 		const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
 							     MHD_HTTP_HEADER_CONTENT_LENGTH);
-		if (cl && strtoull(cl, NULL, 10) > gw->opts.max_body)
+		if (cl && strtoull(cl, NULL, 10) > srv_body_limit(sc))
 			sc->too_big = 1;
 		return MHD_YES;
 	}
 	if (*upload_data_size) {
-		if (!sc->too_big && sc->body.len + *upload_data_size > gw->opts.max_body)
+		if (!sc->too_big && sc->body.len + *upload_data_size > srv_body_limit(sc))
 			sc->too_big = 1;
 		if (!sc->too_big && gw_buf_put(&sc->body, upload_data, *upload_data_size) < 0)
 			return MHD_NO;
@@ -574,13 +729,17 @@ static enum MHD_Result srv_access(void *cls, struct MHD_Connection *conn, const 
 		return srv_metrics_resumed(sc, conn);
 	if (sc->too_big) {
 		char msg[128];
-		snprintf(msg, sizeof(msg), "the body is larger than %zu bytes (--max-body)",
-			 gw->opts.max_body);
+		snprintf(msg, sizeof(msg), "the body is larger than %zu bytes (%s)",
+			 srv_body_limit(sc),
+			 sc->route == SRV_CONV_IMPORT ? "a conversation's limit" : "--max-body");
 		return srv_error(sc, conn, 413, msg, "invalid_request_error", NULL,
 				 "request_too_large");
 	}
 	uint64_t key_hash;
-	srv_authorized(gw, conn, &key_hash);
+	if (sc->route == SRV_CONV_EXPORT || sc->route == SRV_CONV_IMPORT)
+		srv_peer_authorized(gw, conn, &key_hash, &sc->by_peer);
+	else
+		srv_authorized(gw, conn, &key_hash);
 	switch (sc->route) {
 	case SRV_HEALTH: return srv_health(sc, conn);
 	case SRV_MODELS:
@@ -589,6 +748,10 @@ static enum MHD_Result srv_access(void *cls, struct MHD_Connection *conn, const 
 	case SRV_COMPLETIONS:
 	case SRV_CHAT: return srv_generate(sc, conn, key_hash);
 	case SRV_CONVERSATION: return srv_delete(sc, conn, key_hash);
+	case SRV_CONV_EXPORT:
+	case SRV_CONV_IMPORT: return srv_move(sc, conn, key_hash);
+	case SRV_DRAIN:
+	case SRV_UNDRAIN: return srv_drain(sc, conn);
 	default: return MHD_NO;
 	}
 }

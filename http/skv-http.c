@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <microhttpd.h>
@@ -49,6 +50,19 @@ static void http_usage(FILE *out)
 		"                           (repeat for several keys; a conversation belongs to the\n"
 		"                           key that opened it)\n"
 		"  --api-key-file FILE      keys, one per line (# comments)\n"
+		"  --node-name NAME         this node's name: X-Skv-Node on every response, \"node\"\n"
+		"                           in /health (default: the host name)\n"
+		"  --state-dir DIR          keep each conversation's stream name and token in\n"
+		"                           DIR/conversations.json (0600): a restarted skv-http\n"
+		"                           attaches them again\n"
+		"  --peers URL,URL          other nodes' skv-http: a conversation unknown here is\n"
+		"                           pulled from them (export?release=1) before a new one\n"
+		"  --peer-key KEY           the key of requests between nodes (export, import,\n"
+		"                           drain); sent to --peers\n"
+		"  --snapshot-dir DIR       export every conversation into DIR as ID.skvconv each\n"
+		"                           --snapshot-interval seconds; restore from it when no\n"
+		"                           peer has a conversation\n"
+		"  --snapshot-interval S    seconds between --snapshot-dir exports (default 60)\n"
 		"  --model-name NAME        the model's id (default: the daemon's model file name\n"
 		"                           without extension)\n"
 		"  --max-body BYTES         largest request body (default 1048576; larger: 413)\n"
@@ -94,6 +108,38 @@ static void http_parse_listen(struct gw_opts *o, const char *text)
 
 static void http_add_key(struct gw_opts *o, const char *key, const char *flag)
 {
+/* --peers: a comma-separated list of http:// or https:// base URLs. */
+static void http_parse_peers(struct gw_opts *o, const char *text)
+{
+	char *copy = strdup(text), *save = NULL;
+	if (!copy)
+		http_die(1, "out of memory");
+	for (char *p = strtok_r(copy, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
+		if (strncmp(p, "http://", 7) && strncmp(p, "https://", 8))
+			http_die(HTTP_EXIT_USAGE, "--peers: '%s' is not an http:// or https:// URL", p);
+		if (strlen(p) > 512)
+			http_die(HTTP_EXIT_USAGE, "--peers: '%.40s...' is longer than 512 bytes", p);
+		char **peers = realloc(o->peers, (o->n_peers + 1) * sizeof(*peers));
+		if (!peers || !(peers[o->n_peers] = strdup(p)))
+			http_die(1, "out of memory");
+		o->peers = peers;
+		o->n_peers++;
+	}
+	free(copy);
+	if (!o->n_peers)
+		http_die(HTTP_EXIT_USAGE, "--peers: no URL in '%s'", text);
+}
+
+/* A directory skv-http writes into (--state-dir, --snapshot-dir). */
+static void http_check_dir(const char *flag, const char *dir)
+{
+	struct stat st;
+	if (stat(dir, &st) < 0 || !S_ISDIR(st.st_mode) || access(dir, W_OK | X_OK) < 0)
+		http_die(1, "%s: %s is not a directory skv-http can write", flag, dir);
+	if (strlen(dir) > 3800)
+		http_die(HTTP_EXIT_USAGE, "%s: the path is too long", flag);
+}
+
 	if (!key[0])
 		http_die(HTTP_EXIT_USAGE, "%s: an empty key", flag);
 	char **keys = realloc(o->api_keys, (o->n_api_keys + 1) * sizeof(*keys));
@@ -136,6 +182,12 @@ enum {
 	OPT_CHAT_TEMPLATE,
 	OPT_HELP,
 };
+	OPT_NODE_NAME,
+	OPT_STATE_DIR,
+	OPT_PEERS,
+	OPT_PEER_KEY,
+	OPT_SNAPSHOT_DIR,
+	OPT_SNAPSHOT_INTERVAL,
 
 static const struct option http_long_opts[] = {
 	{ "socket", required_argument, NULL, OPT_SOCKET },
@@ -152,6 +204,12 @@ static const struct option http_long_opts[] = {
 	{ "chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
+	{ "node-name", required_argument, NULL, OPT_NODE_NAME },
+	{ "state-dir", required_argument, NULL, OPT_STATE_DIR },
+	{ "peers", required_argument, NULL, OPT_PEERS },
+	{ "peer-key", required_argument, NULL, OPT_PEER_KEY },
+	{ "snapshot-dir", required_argument, NULL, OPT_SNAPSHOT_DIR },
+	{ "snapshot-interval", required_argument, NULL, OPT_SNAPSHOT_INTERVAL },
 };
 
 static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
@@ -182,6 +240,26 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 			break;
 		case OPT_MAX_BODY:
 			o->max_body = (size_t)http_parse_int("--max-body", optarg, 1, 1ll << 30);
+		case OPT_NODE_NAME:
+			if (!optarg[0] || strlen(optarg) >= GW_NODE_NAME_MAX ||
+			    strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+					   "0123456789._-") != strlen(optarg))
+				http_die(HTTP_EXIT_USAGE, "--node-name: give 1 to %d of A-Z a-z 0-9 . _ -",
+					 GW_NODE_NAME_MAX - 1);
+			snprintf(o->node_name, sizeof(o->node_name), "%s", optarg);
+			break;
+		case OPT_STATE_DIR: o->state_dir = optarg; break;
+		case OPT_PEERS: http_parse_peers(o, optarg); break;
+		case OPT_PEER_KEY:
+			if (!optarg[0])
+				http_die(HTTP_EXIT_USAGE, "--peer-key: an empty key");
+			o->peer_key = optarg;
+			break;
+		case OPT_SNAPSHOT_DIR: o->snapshot_dir = optarg; break;
+		case OPT_SNAPSHOT_INTERVAL:
+			o->snapshot_interval =
+				(unsigned)http_parse_int("--snapshot-interval", optarg, 1, 1ll << 31);
+			break;
 			break;
 		case OPT_MAX_CONCURRENT:
 			o->max_concurrent =
@@ -225,6 +303,18 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 
 /* Every client holds a socket: take as many descriptors as the hard limit allows. */
 static void http_raise_nofile(void)
+	if (o->snapshot_interval && !o->snapshot_dir)
+		http_die(HTTP_EXIT_USAGE, "--snapshot-interval needs --snapshot-dir DIR");
+	if (!o->snapshot_interval)
+		o->snapshot_interval = 60;
+	if (o->state_dir)
+		http_check_dir("--state-dir", o->state_dir);
+	if (o->snapshot_dir)
+		http_check_dir("--snapshot-dir", o->snapshot_dir);
+	if (!o->node_name[0] && (gethostname(o->node_name, sizeof(o->node_name)) < 0 ||
+				 !o->node_name[0]))
+		snprintf(o->node_name, sizeof(o->node_name), "skv-http");
+	o->node_name[sizeof(o->node_name) - 1] = '\0';
 {
 	struct rlimit rl;
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -253,6 +343,7 @@ int main(int argc, char **argv)
 
 	int err = gw_backend_start(&gw);
 	if (err < 0)
+	sigaddset(&stop, SIGUSR1); /* drain */
 		http_die(1, "cannot start: %s", strerror(-err));
 	struct MHD_Daemon *d;
 	char msg[256];
@@ -266,7 +357,10 @@ int main(int argc, char **argv)
 		strchr(gw.opts.listen_host, ':') ? "]" : "",
 		info ? info->port : gw.opts.listen_port, gw.model_name, gw.opts.socket_path);
 	int sig;
-	sigwait(&stop, &sig);
+	while (sigwait(&stop, &sig) == 0 && sig == SIGUSR1) {
+		__atomic_store_n(&gw.draining, 1, __ATOMIC_RELEASE);
+		fprintf(stderr, "skv-http: SIGUSR1: draining (POST /admin/undrain ends it)\n");
+	}
 	fprintf(stderr, "skv-http: %s: stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
 	/* The backend ends every job first, resuming their connections: libmicrohttpd stops only
 	 * a daemon without suspended connections. */
