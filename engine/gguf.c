@@ -56,6 +56,8 @@ struct gguf_kv {
 	uint64_t count;            /* arrays only: elements */
 	const uint8_t *value;      /* scalar bytes, string bytes, or an array's first element */
 	uint64_t value_len;        /* strings only: bytes */
+	const uint8_t *encoded;    /* the entry after its key: u32 type, then the value */
+	uint64_t encoded_len;
 };
 
 struct skv_gguf {
@@ -328,6 +330,7 @@ static int gguf_parse_kv(struct gguf_cursor *c, uint64_t index, struct gguf_kv *
 		return err;
 	/* The key is in bounds now; name it in later messages (capped, it is untrusted). */
 	snprintf(c->what, sizeof(c->what), "metadata '%s'", gguf_printable(&kv->key).text);
+	const uint64_t start = c->pos;
 	err = gguf_read_u32(c, &kv->type);
 	if (err)
 		return err;
@@ -337,12 +340,15 @@ static int gguf_parse_kv(struct gguf_cursor *c, uint64_t index, struct gguf_kv *
 		err = gguf_read_str(c, &s);
 		kv->value = (const uint8_t *)s.ptr;
 		kv->value_len = s.len;
-		return err;
+	} else if (kv->type == SKV_GGUF_ARRAY) {
+		err = gguf_parse_array(c, 0, kv);
+	} else {
+		kv->value = c->base + c->pos;
+		err = gguf_skip_value(c, kv->type, 0);
 	}
-	if (kv->type == SKV_GGUF_ARRAY)
-		return gguf_parse_array(c, 0, kv);
-	kv->value = c->base + c->pos;
-	return gguf_skip_value(c, kv->type, 0);
+	kv->encoded = c->base + start;
+	kv->encoded_len = c->pos - start;
+	return err;
 }
 
 static const struct gguf_kv *gguf_find_kv(const struct skv_gguf *g, const char *key)
@@ -811,4 +817,22 @@ const struct skv_gguf_tensor *skv_gguf_tensor_at(const struct skv_gguf *g, uint6
 	if (index >= g->tensor_count)
 		return NULL;
 	return &g->tensors[index];
+}
+
+uint64_t skv_gguf_kv_count(const struct skv_gguf *g)
+{
+	return g->kv_count;
+}
+
+int skv_gguf_kv_at(const struct skv_gguf *g, uint64_t index, struct skv_gguf_str *key,
+		   uint32_t *type, const void **encoded, uint64_t *encoded_len)
+{
+	if (index >= g->kv_count)
+		return -ENOENT;
+	const struct gguf_kv *kv = &g->kvs[index];
+	*key = kv->key;
+	*type = kv->type;
+	*encoded = kv->encoded;
+	*encoded_len = kv->encoded_len;
+	return 0;
 }

@@ -88,4 +88,11 @@ const struct skv_gguf_tensor *skv_gguf_find_tensor(const struct skv_gguf *g, con
 uint64_t skv_gguf_tensor_count(const struct skv_gguf *g);
 const struct skv_gguf_tensor *skv_gguf_tensor_at(const struct skv_gguf *g, uint64_t index);
 
+/* Metadata enumeration for tools that copy a file's metadata (skv-quantize): entry index (in
+ * key order) as its key, its type and its encoding after the key as the file holds it (the
+ * u32 type, then the value, validated at open). 0, or -ENOENT past the last entry. */
+uint64_t skv_gguf_kv_count(const struct skv_gguf *g);
+int skv_gguf_kv_at(const struct skv_gguf *g, uint64_t index, struct skv_gguf_str *key,
+		   uint32_t *type, const void **encoded, uint64_t *encoded_len);
+
 #endif

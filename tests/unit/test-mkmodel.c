@@ -76,9 +76,17 @@ static void suite_fini(void)
 
 TestSuite(mkmodel, .fini = suite_fini);
 
+/* The program mk_spawn runs: skv-mkmodel, or skv-quantize for the tests at the end. */
+static const char *mk_program_env = "SKV_MKMODEL_BIN";
+
 static const char *mk_bin(void)
 {
-	const char *bin = getenv("SKV_MKMODEL_BIN");
+	const char *bin = getenv(mk_program_env);
+	if (strcmp(mk_program_env, "SKV_MKMODEL_BIN")) {
+		cr_assert(bin != NULL && *bin, "%s is not set: run the tests through `meson test`",
+			  mk_program_env);
+		return bin;
+	}
 	cr_assert(bin != NULL && *bin, "SKV_MKMODEL_BIN is not set: run the tests through `meson test`");
 	return bin;
 }
@@ -1154,4 +1162,273 @@ Test(mkmodel, mixes_equal_llama_quantize_files)
 	}
 	if (!compared)
 		cr_skip_test("no llama-quantize files in %s (random-d256-*.gguf)", dir);
+}
+
+/* ---- skv-quantize (tools/skv-quantize.c, $SKV_QUANTIZE_BIN) ---- */
+
+static void qz_run(struct mk_run *r, const char *const *args)
+{
+	mk_program_env = "SKV_QUANTIZE_BIN";
+	mk_runv(r, args);
+	mk_program_env = "SKV_MKMODEL_BIN";
+}
+
+#define QZ_RUN(r, ...) qz_run((r), (const char *const[]){ __VA_ARGS__, NULL })
+
+static void qz_assert_refused(const struct mk_run *r, int code, const char *part, const char *what)
+{
+	cr_assert_eq(r->exit_code, code, "%s: exit %d, expected %d (stderr: %s)", what,
+		     r->exit_code, code, r->err);
+	cr_assert_str_eq(r->out, "", "%s: stdout %s", what, r->out);
+	cr_assert(!strncmp(r->err, "skv-quantize: ", 14), "%s: stderr %s", what, r->err);
+	char *nl = strchr(r->err, '\n');
+	cr_assert(nl && nl[1] == '\0', "%s: not exactly one line: %s", what, r->err);
+	cr_assert(strstr(r->err, part), "%s: \"%s\" lacks \"%s\"", what, r->err, part);
+}
+
+/* Tensor t of type `want` holds exactly what the ggml rules make of src's values. */
+static void qz_assert_converted(const struct skv_gguf_tensor *src, const struct skv_gguf_tensor *t,
+				uint32_t want, const char *name)
+{
+	cr_assert_eq(t->type, want, "%s: %s, expected %s", name, skv_wtype_name(t->type),
+		     skv_wtype_name(want));
+	cr_assert(t->n_dims == src->n_dims && !memcmp(t->dims, src->dims, sizeof(t->dims)),
+		  "%s: shape", name);
+	uint64_t cols = src->dims[0], rows = 1;
+	for (uint32_t d = 1; d < src->n_dims; d++)
+		rows *= src->dims[d];
+	uint64_t src_rb = skv_wtype_row_bytes(src->type, cols), rb = skv_wtype_row_bytes(want, cols);
+	cr_assert_eq(t->n_bytes, rb * rows, "%s: bytes", name);
+	float *x = malloc(sizeof(float) * cols);
+	uint8_t *q = malloc(rb);
+	cr_assert(x && q);
+	for (uint64_t r = 0; r < rows; r++) {
+		cr_assert_eq(skv_dequant_row(src->type, (const uint8_t *)src->data + r * src_rb, x,
+					     cols), 0);
+		if (want == SKV_WTYPE_F32)
+			memcpy(q, x, rb);
+		else
+			cr_assert_eq(skv_quant_row(want, x, q, cols), 0);
+		cr_assert(!memcmp(q, (const uint8_t *)t->data + r * rb, rb), "%s: row %llu differs",
+			  name, (unsigned long long)r);
+	}
+	free(x);
+	free(q);
+}
+
+/* n greedy tokens from BOS. */
+static void greedy_tokens(const char *path, int32_t *out, int n)
+{
+	char msg[MSG_LEN] = "";
+	struct skv_model *m = open_model(path);
+	struct skv_runner *runner = NULL;
+	struct skv_stream *s = NULL;
+	struct skv_policy policy;
+	int32_t vocab = m->cfg.vocab_size, tok = SKV_TOKEN_BOS;
+	float *logits = malloc((size_t)vocab * sizeof(float));
+	cr_assert_not_null(logits);
+	cr_assert_eq(skv_runner_new(m, 64, 1, &runner, msg, sizeof(msg)), 0, "%s", msg);
+	skv_policy_default(&policy);
+	cr_assert_eq(skv_policy_resolve(&policy, m->cfg.seq_len, msg, sizeof(msg)), 0, "%s", msg);
+	cr_assert_eq(skv_stream_new(runner, &policy, &s, msg, sizeof(msg)), 0, "%s", msg);
+	for (int i = 0; i < n; i++) {
+		cr_assert_eq(skv_stream_feed(s, &tok, 1, logits, NULL), 0);
+		out[i] = tok = skv_argmax(logits, vocab);
+	}
+	skv_stream_free(s);
+	skv_runner_free(runner);
+	skv_model_close(m);
+	free(logits);
+}
+
+/* The shipped stories260K in Q8_0 and Q4_0: every matrix quantized by the ggml rules, the
+ * 172-wide ffn_down (not whole 32-blocks) F16 with one line each on stderr, norms copied;
+ * every metadata entry copied byte for byte but the three rewritten; the file loads and its
+ * greedy text begins as the F32 model's. */
+Test(mkmodel, quantize_stories260k_to_block_types)
+{
+	const char *src_path = tu_model_path("stories260K.gguf");
+	struct skv_gguf *src = open_gguf(src_path);
+	static const char *const types[] = { "Q8_0", "q4_0" };
+	static const uint32_t wtypes[] = { SKV_WTYPE_Q8_0, SKV_WTYPE_Q4_0 };
+	for (int k = 0; k < 2; k++) {
+		const char *out = scratch_path(k ? "s-q4_0.gguf" : "s-q8_0.gguf");
+		struct mk_run r;
+		QZ_RUN(&r, "--type", types[k], "--threads", "2", src_path, out);
+		cr_assert_eq(r.exit_code, 0, "%s: %s", types[k], r.err);
+		cr_assert(!strncmp(r.out, "wrote ", 6), "%s", r.out);
+		int fallbacks = 0;
+		for (const char *p = r.err; (p = strstr(p, "ffn_down.weight: rows of 172 weights"));
+		     p++)
+			fallbacks++;
+		cr_assert_eq(fallbacks, 5, "%s: stderr %s", types[k], r.err);
+		mk_run_free(&r);
+
+		struct skv_gguf *g = open_gguf(out);
+		cr_assert_eq(gguf_u32(g, "general.file_type"), k ? 2u : 7u);
+		cr_assert_eq(gguf_u32(g, "general.quantization_version"), 2u);
+		uint64_t copied = 0;
+		for (uint64_t i = 0; i < skv_gguf_kv_count(src); i++) {
+			struct skv_gguf_str key, key2;
+			uint32_t type, type2;
+			const void *enc, *enc2;
+			uint64_t len, len2;
+			cr_assert_eq(skv_gguf_kv_at(src, i, &key, &type, &enc, &len), 0);
+			if (key.len > 8 && !memcmp(key.ptr, "general.", 8) &&
+			    (strstr(key.ptr, "file_type") == key.ptr + 8 ||
+			     strstr(key.ptr, "alignment") == key.ptr + 8 ||
+			     strstr(key.ptr, "quantization_version") == key.ptr + 8))
+				continue;
+			int found = 0;
+			for (uint64_t j = 0; j < skv_gguf_kv_count(g) && !found; j++) {
+				cr_assert_eq(skv_gguf_kv_at(g, j, &key2, &type2, &enc2, &len2), 0);
+				found = key2.len == key.len && !memcmp(key2.ptr, key.ptr, key.len);
+			}
+			cr_assert(found, "%.*s missing", (int)key.len, key.ptr);
+			cr_assert(type2 == type && len2 == len && !memcmp(enc2, enc, len),
+				  "%.*s differs", (int)key.len, key.ptr);
+			copied++;
+		}
+		cr_assert_gt(copied, 10);
+		cr_assert_eq(skv_gguf_kv_at(g, skv_gguf_kv_count(g), NULL, NULL, NULL, NULL),
+			     -ENOENT);
+
+		cr_assert_eq(skv_gguf_tensor_count(g), skv_gguf_tensor_count(src));
+		char name[80];
+		for (uint64_t i = 0; i < skv_gguf_tensor_count(src); i++) {
+			const struct skv_gguf_tensor *ts = skv_gguf_tensor_at(src, i);
+			tensor_name(ts, name);
+			const struct skv_gguf_tensor *t = skv_gguf_find_tensor(g, name);
+			cr_assert_not_null(t, "%s missing", name);
+			uint32_t want = ts->n_dims < 2     ? ts->type
+					: ts->dims[0] % 32 ? SKV_WTYPE_F16
+							   : wtypes[k];
+			qz_assert_converted(ts, t, want, name);
+		}
+		skv_gguf_close(g);
+
+		/* It serves: greedy from BOS, the first 24 tokens of the F32 model's story
+		 * ("Once upon a time, there was a little girl named Lily. She loved to play
+		 * outside in the"), which both types keep on these weights. */
+		int32_t ours[24], f32[24];
+		greedy_tokens(out, ours, 24);
+		greedy_tokens(src_path, f32, 24);
+		cr_assert(!memcmp(ours, f32, sizeof(ours)), "%s: the greedy story differs",
+			  types[k]);
+	}
+	skv_gguf_close(src);
+}
+
+/* Against llama.cpp's llama-quantize: its Q8_0 and Q4_0 files of random-d256-f32.gguf hold,
+ * in every tensor of the type asked for, the same bytes as skv-quantize's. */
+Test(mkmodel, quantize_equals_llama_quantize)
+{
+	const char *dir = getenv("SKV_QUANT_DIR");
+	cr_assert(dir && *dir, "SKV_QUANT_DIR is not set: run the tests through `meson test`");
+	char f32[PATH_MAX], theirs[PATH_MAX];
+	snprintf(f32, sizeof(f32), "%s/random-d256-f32.gguf", dir);
+	static const char *const types[] = { "Q8_0", "Q4_0" };
+	int compared = 0;
+	for (int k = 0; k < 2; k++) {
+		snprintf(theirs, sizeof(theirs), "%s/random-d256-%s.gguf", dir, types[k]);
+		const char *ours = scratch_path(k ? "d256-q4.gguf" : "d256-q8.gguf");
+		struct mk_run r;
+		QZ_RUN(&r, "--type", types[k], f32, ours);
+		cr_assert_eq(r.exit_code, 0, "%s: %s", types[k], r.err);
+		cr_assert_str_eq(r.err, "");
+		mk_run_free(&r);
+		struct skv_gguf *a = open_gguf(ours), *b = open_gguf(theirs);
+		char name[80];
+		for (uint64_t i = 0; i < skv_gguf_tensor_count(b); i++) {
+			const struct skv_gguf_tensor *tb = skv_gguf_tensor_at(b, i);
+			tensor_name(tb, name);
+			const struct skv_gguf_tensor *ta = skv_gguf_find_tensor(a, name);
+			cr_assert_not_null(ta, "%s missing", name);
+			if (ta->type != tb->type)
+				continue; /* llama.cpp's mix gives the classifier more bits */
+			cr_assert(ta->n_bytes == tb->n_bytes && !memcmp(ta->data, tb->data, ta->n_bytes),
+				  "%s %s: bytes differ from llama-quantize's", types[k], name);
+			compared += tb->n_dims >= 2;
+		}
+		skv_gguf_close(a);
+		skv_gguf_close(b);
+	}
+	cr_assert_geq(compared, 2 * 14, "only %d matrices compared", compared);
+}
+
+/* A quantized file quantized to its own type again is the same file's tensors, copied. */
+Test(mkmodel, quantize_to_the_same_type_copies)
+{
+	const char *dir = getenv("SKV_QUANT_DIR");
+	cr_assert(dir && *dir);
+	char src_path[PATH_MAX];
+	snprintf(src_path, sizeof(src_path), "%s/random-d256-Q4_K_M.gguf", dir);
+	const char *out = scratch_path("again.gguf");
+	struct mk_run r;
+	QZ_RUN(&r, "--type", "Q4_K", src_path, out);
+	cr_assert_eq(r.exit_code, 0, "%s", r.err);
+	mk_run_free(&r);
+	struct skv_gguf *a = open_gguf(src_path), *b = open_gguf(out);
+	char name[80];
+	int same = 0;
+	for (uint64_t i = 0; i < skv_gguf_tensor_count(a); i++) {
+		const struct skv_gguf_tensor *ta = skv_gguf_tensor_at(a, i);
+		tensor_name(ta, name);
+		const struct skv_gguf_tensor *tb = skv_gguf_find_tensor(b, name);
+		cr_assert_not_null(tb);
+		if (ta->type == SKV_WTYPE_Q4_K) {
+			cr_assert(tb->type == ta->type && tb->n_bytes == ta->n_bytes &&
+				  !memcmp(ta->data, tb->data, ta->n_bytes), "%s", name);
+			same++;
+		} else if (ta->n_dims >= 2) {
+			/* Q6_K rows re-quantized to Q4_K from their dequantized values */
+			qz_assert_converted(ta, tb, SKV_WTYPE_Q4_K, name);
+		}
+	}
+	cr_assert_gt(same, 0);
+	skv_gguf_close(a);
+	skv_gguf_close(b);
+}
+
+Test(mkmodel, quantize_bad_input_is_refused)
+{
+	const char *model = tu_model_path("stories260K.gguf");
+	const char *out = scratch_path("bad.gguf");
+	const char *junk = tu_write_scratch("junk.gguf", "not a model\n", 12);
+	struct mk_run r;
+	QZ_RUN(&r, model, out);
+	qz_assert_refused(&r, 2, "--type is required", "no type");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q3_K", model, out);
+	qz_assert_refused(&r, 2, "'Q3_K' is not", "unknown type");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_K", model, out);
+	qz_assert_refused(&r, 2, "'Q8_K' is not", "activation type");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_0", "--threads", "0", model, out);
+	qz_assert_refused(&r, 2, "--threads", "zero threads");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_0", model);
+	qz_assert_refused(&r, 2, "got 1 names", "one name");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_0", scratch_path("absent.gguf"), out);
+	qz_assert_refused(&r, 1, "absent.gguf", "missing input");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_0", junk, out);
+	qz_assert_refused(&r, 1, "junk.gguf", "not a GGUF");
+	mk_run_free(&r);
+	cr_assert(!file_exists(out), "a refused run left %s", out);
+	QZ_RUN(&r, "--type", "Q8_0", model, model);
+	qz_assert_refused(&r, 2, "is the input file", "in place");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_0", model, out);
+	cr_assert_eq(r.exit_code, 0, "%s", r.err);
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q8_0", model, out);
+	qz_assert_refused(&r, 1, "give --force", "existing output");
+	mk_run_free(&r);
+	QZ_RUN(&r, "--type", "Q4_0", "--force", model, out);
+	cr_assert_eq(r.exit_code, 0, "%s", r.err);
+	mk_run_free(&r);
+	cr_assert(!file_exists(scratch_path("bad.gguf.tmp")));
 }
