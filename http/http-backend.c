@@ -102,6 +102,7 @@ struct gw_backend {
 	uint64_t last_seed;              /* backend_open's */
 	struct pollfd watch_fds[BACKEND_WATCH_MAX];         /* backend_watch's */
 	struct gw_stream *watch_streams[BACKEND_WATCH_MAX];
+	char tmpl_why[512];              /* --chat-template auto found no format: why */
 };
 
 static double backend_now(void)
@@ -638,6 +639,31 @@ static void backend_model_name(struct gw_backend *b)
 	admin_disconnect(&ac);
 }
 
+/* --chat-template auto: the format the daemon's model names, looked up at each connection (a
+ * restarted daemon may serve another model). Only this thread reads opts.tmpl. */
+static void backend_pick_template(struct gw_backend *b)
+{
+	struct gw *gw = b->gw;
+	if (!gw->opts.tmpl_auto)
+		return;
+	struct admin_conn ac = { .sock = -1 };
+	char path[sizeof(ac.model_path) + 32];
+	gw->opts.tmpl = NULL;
+	if (admin_connect(&ac, gw->opts.socket_path, b->tmpl_why, sizeof(b->tmpl_why)) < 0)
+		return;
+	/* The daemon's paths are relative to its own working directory. */
+	if (ac.model_path[0] != '/' && ac.daemon_pid > 0)
+		snprintf(path, sizeof(path), "/proc/%d/cwd/%s", (int)ac.daemon_pid, ac.model_path);
+	else
+		snprintf(path, sizeof(path), "%s", ac.model_path);
+	admin_disconnect(&ac);
+	if (gw_template_auto(path, &gw->opts.tmpl, b->tmpl_why, sizeof(b->tmpl_why)) < 0)
+		backend_log("%s", b->tmpl_why);
+	else
+		backend_log("chat template %s (--chat-template auto)",
+			    gw_template_name(gw->opts.tmpl));
+}
+
 static void backend_connect(struct gw_backend *b)
 {
 	char why[512] = "";
@@ -667,6 +693,7 @@ static void backend_connect(struct gw_backend *b)
 	b->backoff = 0;
 	__atomic_store_n(&b->gw->count.daemon_up, 1, __ATOMIC_RELAXED);
 	backend_model_name(b);
+	backend_pick_template(b);
 	b->next_stats = 0;
 }
 
@@ -1609,6 +1636,11 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		char msg[600];
 		snprintf(msg, sizeof(msg), "skv-cached is not reachable at %s", gw->opts.socket_path);
 		job_fail(b, j, 503, msg, "server_error", "service_unavailable");
+		gw_job_unref(gw, j);
+		return;
+	}
+	if (j->req.kind == GW_CHAT && !gw->opts.tmpl) {
+		job_fail(b, j, 500, b->tmpl_why, "server_error", NULL);
 		gw_job_unref(gw, j);
 		return;
 	}

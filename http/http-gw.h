@@ -51,7 +51,8 @@ struct gw_opts {
 	uint64_t max_tokens;
 	unsigned conversation_idle;     /* seconds */
 	int64_t max_window, max_sink;
-	const struct skv_chat_template *tmpl; /* engine/chat-template.h */
+	const struct skv_chat_template *tmpl; /* engine/chat-template.h; NULL: not known (auto) */
+	int tmpl_auto;                  /* --chat-template auto: tmpl from the daemon's model */
 };
 
 enum gw_kind { GW_COMPLETION = 1, GW_CHAT = 2, GW_DELETE = 3, GW_EXPORT = 4, GW_IMPORT = 5 };
@@ -221,6 +222,13 @@ int gw_template_render(const struct skv_chat_template *t, const struct gw_messag
 int gw_template_trims(const struct skv_chat_template *t);
 /* Whether the text holds special tokens (generate with SKV_CLIENT_SPECIAL). */
 int gw_template_special(const struct skv_chat_template *t);
+/* --chat-template auto: the format the model file at path names in its GGUF
+ * tokenizer.chat_template (engine/chat-template.c recognizes it, as skv chat --template auto).
+ * 0 with *out set; 1 with *out = story when the model names none (a llama2.c file, a GGUF
+ * without the key); -ENOENT for a template none of the formats match, or the file's -errno,
+ * with msg one line saying so (*out NULL). */
+int gw_template_auto(const char *path, const struct skv_chat_template **out, char *msg,
+		     size_t msg_len);
 
 /* ---- http-backend.c ------------------------------------------------------------------------ */
 

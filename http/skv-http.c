@@ -72,7 +72,9 @@ static void http_usage(FILE *out)
 		"  --conversation-idle S    close a conversation idle this many seconds (default 600)\n"
 		"  --max-window N           largest \"window\" a request may ask for (default 4096)\n"
 		"  --max-sink N             largest \"sink\" a request may ask for (default 64)\n"
-		"  --chat-template NAME     how chat messages become text: %s (default story)\n"
+		"  --chat-template NAME     how chat messages become text: %s, or auto (the\n"
+		"                           default: the one the model's tokenizer.chat_template\n"
+		"                           names; story when it names none)\n"
 		"  --help                   this text\n",
 		gw_template_names());
 }
@@ -223,7 +225,7 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 	o->conversation_idle = 600;
 	o->max_window = 4096;
 	o->max_sink = 64;
-	o->tmpl = gw_template_find("story");
+	o->tmpl_auto = 1;
 	int c;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":h", http_long_opts, NULL)) != -1) {
@@ -279,10 +281,12 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 			o->max_sink = http_parse_int("--max-sink", optarg, 0, 1ll << 20);
 			break;
 		case OPT_CHAT_TEMPLATE:
-			o->tmpl = gw_template_find(optarg);
-			if (!o->tmpl)
-				http_die(HTTP_EXIT_USAGE, "--chat-template: unknown template '%s' (%s)",
-					 optarg, gw_template_names());
+			o->tmpl_auto = !strcmp(optarg, "auto");
+			o->tmpl = o->tmpl_auto ? NULL : gw_template_find(optarg);
+			if (!o->tmpl_auto && !o->tmpl)
+				http_die(HTTP_EXIT_USAGE,
+					 "--chat-template: unknown template '%s' (%s, auto)", optarg,
+					 gw_template_names());
 			break;
 		case 'h':
 		case OPT_HELP: http_usage(stdout); exit(0);

@@ -2,7 +2,10 @@
  * the operator's limits, JSON strings (invalid UTF-8 as U+FFFD), where a UTF-8 sequence may
  * still be completed, error bodies, SSE chunks and whole bodies, the chat templates. */
 #include <criterion/criterion.h>
+#include <errno.h>
 #include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "http-gw.h"
@@ -114,6 +117,32 @@ Test(http_api, chat_messages)
 	gw_buf_free(&text);
 	gw_request_free(&r);
 	gw_buf_free(&err);
+}
+
+/* --chat-template auto: the format the model file names; story for one that names none (a
+ * llama2.c file, a GGUF without tokenizer.chat_template); a template none of the formats match
+ * (Phi-3's <|user|>) and a missing file refused in one line. */
+Test(http_api, template_auto)
+{
+	const char *models = getenv("SKV_MODEL_DIR"), *vocab = getenv("SKV_VOCAB_DIR");
+	cr_assert(models && vocab, "SKV_MODEL_DIR, SKV_VOCAB_DIR: run the tests through meson");
+	char path[4096], msg[512];
+	const struct skv_chat_template *t = NULL;
+	snprintf(path, sizeof(path), "%s/stories260K.bin", models);
+	cr_assert_eq(gw_template_auto(path, &t, msg, sizeof(msg)), 1);
+	cr_assert_str_eq(gw_template_name(t), "story");
+	snprintf(path, sizeof(path), "%s/stories260K.gguf", models);
+	t = NULL;
+	cr_assert_eq(gw_template_auto(path, &t, msg, sizeof(msg)), 1);
+	cr_assert_eq(t, gw_template_find("story"));
+	snprintf(path, sizeof(path), "%s/ggml-vocab-phi-3.gguf", vocab);
+	cr_assert_eq(gw_template_auto(path, &t, msg, sizeof(msg)), -ENOENT);
+	cr_assert_null(t);
+	cr_assert(strstr(msg, "none of the formats") && strstr(msg, "--chat-template NAME") &&
+		  !strchr(msg, '\n'), "%s", msg);
+	snprintf(path, sizeof(path), "%s/no-such-model.gguf", models);
+	cr_assert_eq(gw_template_auto(path, &t, msg, sizeof(msg)), -ENOENT);
+	cr_assert(strstr(msg, "no-such-model.gguf"), "%s", msg);
 }
 
 Test(http_api, refusals)
