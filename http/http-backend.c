@@ -129,8 +129,8 @@ static void job_free(struct gw *gw, struct gw_job *j)
 {
 	if (j->req.kind == GW_COMPLETION || j->req.kind == GW_CHAT)
 		__atomic_sub_fetch(&gw->count.active_jobs, 1, __ATOMIC_RELAXED);
-	gw_request_free(&j->req);
 	gw_buf_free(&j->upload);
+	gw_request_free(&j->req);
 	gw_buf_free(&j->out);
 	gw_buf_free(&j->gen);
 	gw_buf_free(&j->content);
@@ -380,7 +380,6 @@ static void backend_stream_unlink(struct gw_backend *b, struct gw_stream *st)
 	free(st);
 }
 
-static struct gw_conv *backend_conv_find(struct gw_backend *b, const char *id)
 /* Close the stream (the daemon frees its KV) and forget it. */
 static void backend_stream_close(struct gw_backend *b, struct gw_stream *st)
 {
@@ -389,6 +388,7 @@ static void backend_stream_close(struct gw_backend *b, struct gw_stream *st)
 	skv_client_stream_close(s);
 }
 
+static struct gw_conv *backend_conv_find(struct gw_backend *b, const char *id)
 {
 	for (struct gw_conv *c = b->convs; c; c = c->next)
 		if (!strcmp(c->id, id))
@@ -408,11 +408,21 @@ static void backend_conv_free(struct gw_backend *b, struct gw_conv *conv)
 	}
 	free(conv);
 	b->n_convs--;
-	__atomic_store_n(&b->gw->count.conversations, b->n_convs, __ATOMIC_RELAXED);
 	b->state_dirty = 1;
+	__atomic_store_n(&b->gw->count.conversations, b->n_convs, __ATOMIC_RELAXED);
 }
 
-static uint64_t backend_hash(uint64_t h, const char *s, size_t len)
+/* --snapshot-dir: a conversation that ends for good takes its file with it (else a later
+ * request under its id would bring it back). */
+static void backend_conv_unlink_file(struct gw_backend *b, const char *id)
+{
+	char path[4200];
+	if (b->gw->opts.snapshot_dir &&
+	    snprintf(path, sizeof(path), "%s/%s.skvconv", b->gw->opts.snapshot_dir, id) <
+		    (int)sizeof(path))
+		unlink(path);
+}
+
 static struct gw_conv *backend_conv_new(struct gw_backend *b, const char *id, uint64_t key_hash)
 {
 	struct gw_conv *conv = calloc(1, sizeof(*conv));
@@ -448,6 +458,7 @@ static void backend_conv_lose(struct gw_backend *b, struct gw_conv *conv, const 
 	backend_log("conversation %s is lost: %s", conv->id, why);
 }
 
+static uint64_t backend_hash(uint64_t h, const char *s, size_t len)
 {
 	for (size_t i = 0; i < len; i++) {
 		h ^= (unsigned char)s[i];
@@ -480,8 +491,8 @@ static void backend_request_over(struct gw_backend *b, struct gw_stream *st)
 				j->content.data ? j->content.data : "", j->content.len);
 		if (st->conv)
 			st->conv->fed_messages += j->req.kind == GW_CHAT;
-		j->st = NULL;
 		b->state_dirty |= st->conv != NULL;
+		j->st = NULL;
 		gw_job_unref(b->gw, j);
 	}
 	if (st->conv)
@@ -500,28 +511,28 @@ static void backend_cut_short(struct gw_backend *b, struct gw_stream *st)
 	}
 	if (skv_client_stream_cancel(st->s) < 0) {
 		struct gw_conv *conv = st->conv;
-		backend_request_over(b, st);
 		char why[300];
 		snprintf(why, sizeof(why), "cannot cancel on its stream: %s",
 			 skv_client_last_error(b->client));
+		backend_request_over(b, st);
 		backend_conv_lose(b, conv, why);
 	}
 }
 
-static void backend_event(struct gw_backend *b, struct gw_stream *st,
 static void backend_state_flush(struct gw_backend *b);
 
+static void backend_event(struct gw_backend *b, struct gw_stream *st,
 			  const struct skv_client_event *ev)
 {
 	struct gw_job *j = st->job;
 	struct gw *gw = b->gw;
-	switch (ev->type) {
 	if (st->skip_ends) {
 		/* A request of the stream's previous connection: read to its end, unseen. */
 		st->skip_ends -= ev->type == SKV_CLIENT_EV_DONE || ev->type == SKV_CLIENT_EV_ERROR ||
 				 ev->type == SKV_CLIENT_EV_SCORED;
 		return;
 	}
+	switch (ev->type) {
 	case SKV_CLIENT_EV_PROMPT:
 		if (!j)
 			break;
@@ -582,9 +593,9 @@ static void backend_state_flush(struct gw_backend *b);
 
 /* ---- the connection to the daemon -------------------------------------------------------- */
 
-/* Everything on the lost connection fails; conversations end with it. */
 static void backend_reattach(struct gw_backend *b);
 
+/* Everything on the lost connection fails; conversations end with it. */
 static void backend_lost(struct gw_backend *b, const char *why)
 {
 	backend_log("lost skv-cached at %s: %s; reconnecting", b->gw->opts.socket_path, why);
@@ -606,8 +617,8 @@ static void backend_lost(struct gw_backend *b, const char *why)
 	}
 	skv_client_disconnect(b->client);
 	b->client = NULL;
-	b->lost_before = 1;
 	b->reattach_due = 0;
+	b->lost_before = 1;
 	b->backoff = BACKEND_BACKOFF_MIN_S;
 	b->next_connect = backend_now() + b->backoff;
 	__atomic_store_n(&b->gw->count.daemon_up, 0, __ATOMIC_RELAXED);
@@ -691,6 +702,7 @@ static void backend_connect(struct gw_backend *b)
 	if (b->lost_before)
 		__atomic_add_fetch(&b->gw->count.reconnects, 1, __ATOMIC_RELAXED);
 	b->backoff = 0;
+	b->reattach_due = 1;
 	__atomic_store_n(&b->gw->count.daemon_up, 1, __ATOMIC_RELAXED);
 	backend_model_name(b);
 	backend_pick_template(b);
@@ -713,35 +725,6 @@ static void backend_stats(struct gw_backend *b)
 		__atomic_store_n(&b->gw->count.engines_ready, st.engines_ready, __ATOMIC_RELAXED);
 }
 
-/* ---- starting a job ---------------------------------------------------------------------- */
-
-static int backend_open_status(int err, const char **type, const char **code)
-{
-	*type = "server_error";
-	*code = "service_unavailable";
-	if (err == -EINVAL || err == -SKV_EINVAL_POLICY) {
-		*type = "invalid_request_error";
-	b->reattach_due = 1;
-		*code = NULL;
-		return 400;
-	}
-	if (err == -ENOSPC || err == -ETIMEDOUT) {
-		*type = "rate_limit_error";
-		*code = "daemon_full";
-		return 429;
-	}
-	return 503;
-}
-
-static int backend_open(struct gw_backend *b, struct gw_job *j, const char *name,
-			skv_client_stream **out)
-{
-	const struct gw_request *r = &j->req;
-	skv_client_opts *o;
-	if (skv_client_opts_new(&o) < 0)
-		return -ENOMEM;
-	uint64_t seed = r->have_seed ? r->seed
-				     : (uint64_t)time(NULL) * 1000003u + ++b->seed_counter;
 static void backend_start(struct gw_backend *b, struct gw_job *j);
 
 /* ---- durable conversations: name -> token, re-attached after restarts ------------------- */
@@ -964,6 +947,7 @@ struct gw_task {
 	json_t *state;                  /* import, pull */
 	char name[SKV_CLIENT_NAME_MAX], token[SKV_CLIENT_TOKEN_MAX];
 	char from[GW_NODE_NAME_MAX];
+	char lost_why[256];             /* pull: of a conversation lost here */
 	int from_file;                  /* pull: restored from --snapshot-dir */
 	int64_t age_s;                  /* its age */
 	struct gw_task *next;
@@ -1086,6 +1070,8 @@ static void task_pull(struct gw_task *t)
 		int status = gw_peer_fetch(gw->opts.peers[i], t->id, gw->opts.peer_key,
 					   &gw->stopping, &body, node, sizeof(node), msg,
 					   sizeof(msg));
+		if (!strcmp(node, gw->opts.node_name))
+			continue; /* ourselves, listed among the peers */
 		if (status == 200) {
 			snprintf(t->from, sizeof(t->from), "%s", node);
 			t->status = task_restore(t, body.data, body.len);
@@ -1254,7 +1240,10 @@ static void backend_export(struct gw_backend *b, struct gw_job *j)
 	const char *id = j->req.conversation;
 	int status = 0;
 	const char *code = NULL;
-	if (!conv || (!j->by_peer && conv->key_hash != j->key_hash)) {
+	/* A conversation this node is itself pulling from its peers is not here (and a node
+	 * listed among its own --peers must not make itself wait). */
+	if (!conv || (!j->by_peer && conv->key_hash != j->key_hash) ||
+	    (conv->task && conv->task->kind == TASK_PULL)) {
 		status = 404, code = "conversation_not_found";
 		snprintf(msg, sizeof(msg), "no conversation '%s'", id);
 	} else if (conv->lost) {
@@ -1349,7 +1338,7 @@ static void backend_import(struct gw_backend *b, struct gw_job *j)
 
 /* A request names a conversation this node does not have: ask the peers (and --snapshot-dir)
  * on a worker before opening a new one. Returns 1 if the job waits for that. */
-static int backend_pull(struct gw_backend *b, struct gw_job *j)
+static int backend_pull(struct gw_backend *b, struct gw_job *j, const char *lost_why)
 {
 	struct gw *gw = b->gw;
 	if (!gw->opts.n_peers && !gw->opts.snapshot_dir)
@@ -1357,6 +1346,7 @@ static int backend_pull(struct gw_backend *b, struct gw_job *j)
 	struct gw_task *t = backend_task_new(b, TASK_PULL, j, NULL, j->req.conversation);
 	if (!t)
 		return 0;
+	snprintf(t->lost_why, sizeof(t->lost_why), "%s", lost_why ? lost_why : "");
 	t->conv = backend_conv_new(b, j->req.conversation, j->key_hash);
 	if (!t->conv) {
 		task_free(t);
@@ -1429,11 +1419,6 @@ static void backend_task_done(struct gw_backend *b, struct gw_task *t)
 				backend_conv_free(b, conv);
 				__atomic_add_fetch(&gw->count.conversations_moved_out, 1,
 						   __ATOMIC_RELAXED);
-				if (gw->opts.snapshot_dir) {
-					char path[4200];
-					if (backend_snapshot_file(gw, t->id, path, sizeof(path), "") == 0)
-						unlink(path);
-				}
 			}
 			backend_job_done(b, j, 200, &t->body, "application/x-skv-conversation");
 		}
@@ -1448,7 +1433,15 @@ static void backend_task_done(struct gw_backend *b, struct gw_task *t)
 		status = backend_task_adopt(b, t, msg, sizeof(msg));
 		status = status ? status : 200;
 	}
-	if (status != 200) {
+	if (status == 404 && t->lost_why[0]) {
+		/* Lost here, and no copy anywhere: still lost. */
+		conv->lost = 1;
+		snprintf(conv->lost_why, sizeof(conv->lost_why), "%s", t->lost_why);
+		status = 410;
+		snprintf(msg, sizeof(msg), "conversation '%s' is lost: %.400s; no peer and no "
+			 "--snapshot-dir file has it; DELETE /v1/conversations/%s to start it anew",
+			 t->id, t->lost_why, t->id);
+	} else if (status != 200) {
 		backend_conv_free(b, conv);
 		conv = NULL;
 	}
@@ -1541,6 +1534,34 @@ static void backend_snapshot_all(struct gw_backend *b, double now)
 	}
 }
 
+/* ---- starting a job ---------------------------------------------------------------------- */
+
+static int backend_open_status(int err, const char **type, const char **code)
+{
+	*type = "server_error";
+	*code = "service_unavailable";
+	if (err == -EINVAL || err == -SKV_EINVAL_POLICY) {
+		*type = "invalid_request_error";
+		*code = NULL;
+		return 400;
+	}
+	if (err == -ENOSPC || err == -ETIMEDOUT) {
+		*type = "rate_limit_error";
+		*code = "daemon_full";
+		return 429;
+	}
+	return 503;
+}
+
+static int backend_open(struct gw_backend *b, struct gw_job *j, const char *name,
+			skv_client_stream **out)
+{
+	const struct gw_request *r = &j->req;
+	skv_client_opts *o;
+	if (skv_client_opts_new(&o) < 0)
+		return -ENOMEM;
+	uint64_t seed = r->have_seed ? r->seed
+				     : (uint64_t)time(NULL) * 1000003u + ++b->seed_counter;
 	int err = 0;
 	if (r->policy >= 0)
 		err = skv_client_opts_policy(o, (enum skv_client_policy)r->policy);
@@ -1550,8 +1571,11 @@ static void backend_snapshot_all(struct gw_backend *b, double now)
 		err = skv_client_opts_window(o, r->window);
 	if (!err)
 		err = skv_client_opts_sampling(o, r->temperature, r->top_p, seed);
+	if (!err && name)
+		err = skv_client_opts_resumable(o, name);
 	if (!err)
 		err = skv_client_stream_open(b->client, o, out);
+	b->last_seed = seed;
 	skv_client_opts_free(o);
 	return err;
 }
@@ -1568,6 +1592,11 @@ static void backend_delete(struct gw_backend *b, struct gw_job *j)
 			 j->req.conversation);
 		job_fail(b, j, 409, msg, "invalid_request_error", "conversation_busy");
 	} else {
+		int err;
+		/* Detached (the daemon restarted and it is not attached yet): end it there too. */
+		if (!conv->st && !conv->lost && conv->token[0] && b->client && !b->reattach_due)
+			backend_conv_attach(b, conv, &err);
+		backend_conv_unlink_file(b, conv->id);
 		backend_conv_free(b, conv);
 		struct gw_buf body = { 0 };
 		gw_buf_puts(&body, "{\"id\":");
@@ -1577,11 +1606,8 @@ static void backend_delete(struct gw_backend *b, struct gw_job *j)
 		j->status = 200;
 		pthread_mutex_unlock(&b->gw->lock);
 		job_output(b, j, body.data, body.len, 1);
-	if (!err && name)
-		err = skv_client_opts_resumable(o, name);
 		gw_buf_free(&body);
 	}
-	b->last_seed = seed;
 	gw_job_unref(b->gw, j);
 }
 
@@ -1598,10 +1624,6 @@ static int backend_chat_text(struct gw_backend *b, struct gw_job *j, struct gw_c
 		for (size_t i = 0; i < conv->fed_messages; i++)
 			h = backend_hash_message(h, r->messages[i].role, r->messages[i].content,
 						 r->messages[i].content_len);
-		int err;
-		/* Detached (the daemon restarted and it is not attached yet): end it there too. */
-		if (!conv->st && !conv->lost && conv->token[0] && b->client && !b->reattach_due)
-			backend_conv_attach(b, conv, &err);
 		if (h == conv->fed_hash)
 			skip = conv->fed_messages;
 	}
@@ -1632,6 +1654,10 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		backend_delete(b, j);
 		return;
 	}
+	if (j->req.kind == GW_EXPORT || j->req.kind == GW_IMPORT) {
+		(j->req.kind == GW_EXPORT ? backend_export : backend_import)(b, j);
+		return;
+	}
 	if (!b->client) {
 		char msg[600];
 		snprintf(msg, sizeof(msg), "skv-cached is not reachable at %s", gw->opts.socket_path);
@@ -1659,6 +1685,19 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			j->queue_next = conv->parked; /* goes on when the copy is made */
 			conv->parked = j;
 			return;
+		}
+		if (conv && conv->lost && gw->opts.snapshot_dir && !j->no_fetch) {
+			/* Its last --snapshot-dir export may bring it back. */
+			char why[sizeof(conv->lost_why)];
+			snprintf(why, sizeof(why), "%s", conv->lost_why);
+			backend_conv_free(b, conv);
+			if (backend_pull(b, j, why))
+				return;
+			conv = backend_conv_new(b, j->req.conversation, j->key_hash);
+			if (conv) {
+				conv->lost = 1;
+				snprintf(conv->lost_why, sizeof(conv->lost_why), "%s", why);
+			}
 		}
 		int status = 0;
 		const char *code = "conversation_busy";
@@ -1690,11 +1729,9 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			gw_job_unref(gw, j);
 			return;
 		}
+		if (!conv && !j->no_fetch && backend_pull(b, j, NULL))
+			return; /* backend_task_done starts it again */
 		if (conv)
-	if (j->req.kind == GW_EXPORT || j->req.kind == GW_IMPORT) {
-		(j->req.kind == GW_EXPORT ? backend_export : backend_import)(b, j);
-		return;
-	}
 			st = conv->st;
 	}
 	if (!st) {
@@ -1708,6 +1745,14 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			int status = backend_open_status(err, &type, &code);
 			snprintf(msg, sizeof(msg), "cannot open a stream: %s",
 				 skv_client_last_error(b->client));
+			if (err == -EEXIST) {
+				status = 409, type = "invalid_request_error";
+				code = "conversation_exists";
+				snprintf(msg, sizeof(msg), "skv-cached already holds a stream %s of "
+					 "conversation '%s' that this gateway has no token for (another "
+					 "skv-http's, or one left detached by a skv-http that stopped "
+					 "without --state-dir)", name, j->req.conversation);
+			}
 			job_fail(b, j, status, msg, type, code);
 			gw_job_unref(gw, j);
 			if (err == -EPIPE)
@@ -1732,8 +1777,6 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 				b->state_dirty = 1;
 				__atomic_add_fetch(&gw->count.conversations_opened, 1,
 						   __ATOMIC_RELAXED);
-		if (!conv && !j->no_fetch && backend_pull(b, j))
-			return; /* backend_task_done starts it again */
 			}
 		}
 		if (!st || (j->req.conversation[0] && !conv)) {
@@ -1745,17 +1788,10 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			gw_job_unref(gw, j);
 			return;
 		}
-			if (err == -EEXIST) {
-				status = 409, type = "invalid_request_error";
-				code = "conversation_exists";
-				snprintf(msg, sizeof(msg), "skv-cached already holds a stream %s of "
-					 "conversation '%s' that this gateway has no token for (another "
-					 "skv-http's, or one left detached by a skv-http that stopped "
-					 "without --state-dir)", name, j->req.conversation);
-			}
 	}
 	struct gw_buf text = { 0 };
 	int err = 0;
+	uint64_t fed_messages = conv ? conv->fed_messages : 0, fed_hash = conv ? conv->fed_hash : 0;
 	if (j->req.kind == GW_CHAT) {
 		err = backend_chat_text(b, j, conv, &text);
 		j->trim = gw_template_trims(gw->opts.tmpl);
@@ -1777,6 +1813,7 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		snprintf(msg, sizeof(msg), "cannot send the request: %s",
 			 skv_client_last_error(b->client));
 		job_fail(b, j, 503, msg, "server_error", "service_unavailable");
+		backend_request_over(b, st);
 		if (conv) {
 			/* The stream did not take these messages. */
 			conv->fed_messages = fed_messages;
@@ -1784,10 +1821,11 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		}
 		if (err == -EPIPE)
 			backend_lost(b, skv_client_last_error(b->client));
+		else if (conv)
+			backend_conv_lose(b, conv, msg);
 		return;
 	}
 	if (conv)
-	uint64_t fed_messages = conv ? conv->fed_messages : 0, fed_hash = conv ? conv->fed_hash : 0;
 		conv->last_used = backend_now();
 	job_started(b, j);
 }
@@ -1809,7 +1847,6 @@ static int backend_take_queue(struct gw_backend *b)
 		gw->queue_tail = NULL;
 	more = gw->queue_head != NULL;
 	pthread_mutex_unlock(&gw->lock);
-		backend_request_over(b, st);
 	for (int i = 0; i < n; i++)
 		backend_start(b, taken[i]);
 	return more;
@@ -1818,8 +1855,6 @@ static int backend_take_queue(struct gw_backend *b)
 /* Connections that went away: their generations stop now. */
 static void backend_take_cancels(struct gw_backend *b)
 {
-		else if (conv)
-			backend_conv_lose(b, conv, msg);
 	struct gw *gw = b->gw;
 	if (!__atomic_exchange_n(&gw->cancel_pending, 0, __ATOMIC_ACQUIRE))
 		return;
@@ -1895,6 +1930,12 @@ static int backend_pump(struct gw_backend *b, size_t n_paused)
 				char msg[600];
 				snprintf(msg, sizeof(msg), "the stream failed: %s",
 					 skv_client_last_error(b->client));
+				struct skv_client_stats stats;
+				if (st->conv && skv_client_stats(b->client, &stats) == -EPIPE) {
+					/* The daemon went: its conversations may come back. */
+					backend_lost(b, msg);
+					return 1;
+				}
 				if (st->job && !st->job->done)
 					job_fail(b, st->job, 503, msg, "server_error",
 						 "service_unavailable");
@@ -1925,15 +1966,10 @@ static void backend_expire(struct gw_backend *b, double now)
 		next = c->next;
 		if (!c->task && !(c->st && (c->st->job || c->st->skip_ends)) &&
 		    now - c->last_used >= b->gw->opts.conversation_idle) {
+			backend_conv_unlink_file(b, c->id);
 			backend_conv_free(b, c);
 			__atomic_add_fetch(&b->gw->count.conversations_expired, 1, __ATOMIC_RELAXED);
 		}
-				struct skv_client_stats stats;
-				if (st->conv && skv_client_stats(b->client, &stats) == -EPIPE) {
-					/* The daemon went: its conversations may come back. */
-					backend_lost(b, msg);
-					return 1;
-				}
 	}
 }
 
@@ -1981,6 +2017,8 @@ static void *backend_main(void *arg)
 			backend_connect(b);
 		if (b->client && now >= b->next_stats)
 			backend_stats(b);
+		if (b->tasks_running)
+			backend_take_tasks(b);
 		int queued = backend_take_queue(b);
 		backend_take_cancels(b);
 		size_t n_paused = backend_unpause(b);
@@ -1988,6 +2026,8 @@ static void *backend_main(void *arg)
 		int progressed = b->client ? backend_pump(b, n_paused) : 0;
 		backend_expire(b, now);
 		backend_watch(b, now);
+		backend_snapshot_all(b, now);
+		backend_state_flush(b);
 		if (progressed || queued)
 			continue;
 		struct pollfd pfd[2] = { { .fd = gw->wake_fd, .events = POLLIN },
@@ -2013,8 +2053,6 @@ static void *backend_main(void *arg)
 	pthread_mutex_lock(&gw->lock);
 	struct gw_job *queued = gw->queue_head;
 	gw->queue_head = gw->queue_tail = NULL;
-		if (b->tasks_running)
-			backend_take_tasks(b);
 	pthread_mutex_unlock(&gw->lock);
 	while (queued) {
 		struct gw_job *next = queued->queue_next;
@@ -2022,8 +2060,12 @@ static void *backend_main(void *arg)
 			 "service_unavailable");
 		gw_job_unref(gw, queued);
 		queued = next;
-		backend_snapshot_all(b, now);
-		backend_state_flush(b);
+	}
+	/* Exports and pulls in progress end first (their transfers see gw->stopping). */
+	while (b->tasks_running) {
+		backend_take_tasks(b);
+		if (b->tasks_running)
+			usleep(10000);
 	}
 	while (b->streams) {
 		struct gw_stream *st = b->streams;
@@ -2038,6 +2080,14 @@ static void *backend_main(void *arg)
 			conv->st = NULL;
 		} else if (conv) {
 			backend_conv_free(b, conv);
+		}
+	}
+	b->state_dirty |= gw->opts.state_dir != NULL;
+	backend_state_flush(b);
+	while (b->convs) {
+		struct gw_conv *conv = b->convs;
+		b->convs = conv->next;
+		free(conv);
 	}
 	skv_client_disconnect(b->client);
 	return NULL;
@@ -2054,6 +2104,11 @@ int gw_backend_start(struct gw *gw)
 	gw->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (gw->wake_fd < 0)
 		return -errno;
+	/* Before any thread: libcurl's global state (the peers' transfers). */
+	if (gw->opts.n_peers && curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		return -ENOMEM;
+	backend_state_load(b);
+	b->next_snapshot = backend_now() + gw->opts.snapshot_interval;
 	/* The first attempt here, so that the model's name is known before the first request. */
 	backend_connect(b);
 	int err = pthread_create(&gw->backend_thread, NULL, backend_main, b);
@@ -2061,12 +2116,6 @@ int gw_backend_start(struct gw *gw)
 }
 
 void gw_backend_stop(struct gw *gw)
-	/* Exports and pulls in progress end first (their transfers see gw->stopping). */
-	while (b->tasks_running) {
-		backend_take_tasks(b);
-		if (b->tasks_running)
-			usleep(10000);
-	}
 {
 	if (!gw->backend)
 		return;
@@ -2076,18 +2125,5 @@ void gw_backend_stop(struct gw *gw)
 	gw_buf_free(&gw->backend->scratch);
 	free(gw->backend);
 	gw->backend = NULL;
-		}
-	}
-	b->state_dirty |= gw->opts.state_dir != NULL;
-	backend_state_flush(b);
-	while (b->convs) {
-		struct gw_conv *conv = b->convs;
-		b->convs = conv->next;
-		free(conv);
 	close(gw->wake_fd);
 }
-	/* Before any thread: libcurl's global state (the peers' transfers). */
-	if (gw->opts.n_peers && curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-		return -ENOMEM;
-	backend_state_load(b);
-	b->next_snapshot = backend_now() + gw->opts.snapshot_interval;

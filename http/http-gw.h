@@ -104,11 +104,11 @@ struct gw_job {
 	char id[48];                    /* "cmpl-..." / "chatcmpl-..." */
 	int64_t created;                /* Unix seconds */
 	int sock_fd;                    /* the client's socket, -1 unknown (for POLLRDHUP) */
-	/* gw->lock */
 	int by_peer;                    /* authorized by --peer-key: any key's conversation */
 	int release;                    /* export: close the conversation here once exported;
 					 * import: X-Skv-Give-Back (taken while draining) */
 	struct gw_buf upload;           /* import: the body */
+	/* gw->lock */
 	int refs;
 	struct MHD_Connection *conn;    /* NULL once the connection is gone */
 	int status;                     /* HTTP status; 0 until the backend decided */
@@ -119,13 +119,13 @@ struct gw_job {
 	struct gw_buf out;              /* the body (SSE: the bytes not yet sent from out_off) */
 	size_t out_off;
 	struct gw_job *queue_next;
-	/* backend */
 	const char *content_type;       /* NULL: application/json */
 	char moved_from[GW_NODE_NAME_MAX]; /* X-Skv-Conversation-Moved: from=NODE */
 	int restored;                   /* X-Skv-Conversation-Restored: snapshot; age-s= */
 	int64_t restored_age_s;
-	struct gw_stream *st;
+	/* backend */
 	int no_fetch;                   /* peers and --snapshot-dir were asked already */
+	struct gw_stream *st;
 	struct gw_buf gen;              /* the generated text so far (bytes as the engine sent) */
 	size_t emitted;                 /* bytes of gen sent on */
 	struct gw_buf content;          /* non-streaming: the emitted text, valid UTF-8 */
@@ -153,12 +153,12 @@ struct gw_counters {
 	uint64_t reconnects;
 	uint64_t daemon_up;                  /* 1 while connected */
 	uint64_t engines_ready;              /* as the daemon said at the last look */
-};
 	uint64_t conversations_moved_in;     /* imported: PUT, or pulled from a peer */
 	uint64_t conversations_moved_out;    /* exported with release=1 */
 	uint64_t conversations_restored;     /* from --snapshot-dir */
 	uint64_t conversations_lost;         /* their stream was gone: 410 */
 	uint64_t conversations_reattached;   /* after a restart of skv-cached or of skv-http */
+};
 extern const int gw_status_codes[GW_STATUS_CODES];
 int gw_status_index(int status);
 
@@ -172,9 +172,9 @@ struct gw {
 	int wake_fd;                         /* eventfd: the backend has something to do */
 	int stopping;
 	int cancel_pending;                  /* a connection left: the backend looks */
-	pthread_t backend_thread;
 	int draining;                        /* atomic: POST /admin/drain, SIGUSR1 */
 	struct gw_task *tasks_done;          /* workers' results for the backend (gw->lock) */
+	pthread_t backend_thread;
 	struct gw_backend *backend;
 };
 
@@ -243,14 +243,6 @@ void gw_backend_kick(struct gw *gw);
 /* Drop one reference (takes gw->lock). */
 void gw_job_unref(struct gw *gw, struct gw_job *j);
 
-/* ---- http-server.c ------------------------------------------------------------------------- */
-
-struct MHD_Daemon;
-int gw_server_start(struct gw *gw, struct MHD_Daemon **out, char *msg, size_t msg_len);
-/* Wake a connection that waits for output of j (called by the backend after appending, or
- * finishing, without gw->lock: the caller took j->suspended under the lock). */
-void gw_server_resume(struct MHD_Connection *conn);
-
 /* ---- http-move.c: what moves a conversation ---------------------------------------------
  * application/x-skv-conversation: a 40-byte header (magic "SKVCONV\0", format major and minor
  * as little-endian u32, the JSON state's bytes and the snapshot's as u64, FNV-1a 64 of the JSON
@@ -292,5 +284,13 @@ int gw_peer_put(const char *base, const char *id, const char *key, const char *b
  * no file, or msg says what is wrong with it). */
 int gw_state_save(const char *dir, const char *text, size_t len, char *msg, size_t msg_len);
 json_t *gw_state_load(const char *dir, char *msg, size_t msg_len);
+
+/* ---- http-server.c ------------------------------------------------------------------------- */
+
+struct MHD_Daemon;
+int gw_server_start(struct gw *gw, struct MHD_Daemon **out, char *msg, size_t msg_len);
+/* Wake a connection that waits for output of j (called by the backend after appending, or
+ * finishing, without gw->lock: the caller took j->suspended under the lock). */
+void gw_server_resume(struct MHD_Connection *conn);
 
 #endif

@@ -108,8 +108,6 @@ static void http_parse_listen(struct gw_opts *o, const char *text)
 	o->listen_port = (uint16_t)http_parse_int("--listen (port)", colon + 1, 0, 65535);
 }
 
-static void http_add_key(struct gw_opts *o, const char *key, const char *flag)
-{
 /* --peers: a comma-separated list of http:// or https:// base URLs. */
 static void http_parse_peers(struct gw_opts *o, const char *text)
 {
@@ -142,6 +140,8 @@ static void http_check_dir(const char *flag, const char *dir)
 		http_die(HTTP_EXIT_USAGE, "%s: the path is too long", flag);
 }
 
+static void http_add_key(struct gw_opts *o, const char *key, const char *flag)
+{
 	if (!key[0])
 		http_die(HTTP_EXIT_USAGE, "%s: an empty key", flag);
 	char **keys = realloc(o->api_keys, (o->n_api_keys + 1) * sizeof(*keys));
@@ -182,14 +182,14 @@ enum {
 	OPT_MAX_WINDOW,
 	OPT_MAX_SINK,
 	OPT_CHAT_TEMPLATE,
-	OPT_HELP,
-};
 	OPT_NODE_NAME,
 	OPT_STATE_DIR,
 	OPT_PEERS,
 	OPT_PEER_KEY,
 	OPT_SNAPSHOT_DIR,
 	OPT_SNAPSHOT_INTERVAL,
+	OPT_HELP,
+};
 
 static const struct option http_long_opts[] = {
 	{ "socket", required_argument, NULL, OPT_SOCKET },
@@ -204,14 +204,14 @@ static const struct option http_long_opts[] = {
 	{ "max-window", required_argument, NULL, OPT_MAX_WINDOW },
 	{ "max-sink", required_argument, NULL, OPT_MAX_SINK },
 	{ "chat-template", required_argument, NULL, OPT_CHAT_TEMPLATE },
-	{ "help", no_argument, NULL, OPT_HELP },
-	{ NULL, 0, NULL, 0 },
 	{ "node-name", required_argument, NULL, OPT_NODE_NAME },
 	{ "state-dir", required_argument, NULL, OPT_STATE_DIR },
 	{ "peers", required_argument, NULL, OPT_PEERS },
 	{ "peer-key", required_argument, NULL, OPT_PEER_KEY },
 	{ "snapshot-dir", required_argument, NULL, OPT_SNAPSHOT_DIR },
 	{ "snapshot-interval", required_argument, NULL, OPT_SNAPSHOT_INTERVAL },
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ NULL, 0, NULL, 0 },
 };
 
 static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
@@ -240,8 +240,6 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 					 GW_MODEL_NAME_MAX - 1);
 			o->model_name = optarg;
 			break;
-		case OPT_MAX_BODY:
-			o->max_body = (size_t)http_parse_int("--max-body", optarg, 1, 1ll << 30);
 		case OPT_NODE_NAME:
 			if (!optarg[0] || strlen(optarg) >= GW_NODE_NAME_MAX ||
 			    strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -262,6 +260,8 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 			o->snapshot_interval =
 				(unsigned)http_parse_int("--snapshot-interval", optarg, 1, 1ll << 31);
 			break;
+		case OPT_MAX_BODY:
+			o->max_body = (size_t)http_parse_int("--max-body", optarg, 1, 1ll << 30);
 			break;
 		case OPT_MAX_CONCURRENT:
 			o->max_concurrent =
@@ -303,10 +303,6 @@ static void http_parse_opts(int argc, char **argv, struct gw_opts *o)
 		http_die(HTTP_EXIT_USAGE, "--socket PATH is required (skv-cached's socket)");
 	if (strlen(o->socket_path) >= 108)
 		http_die(HTTP_EXIT_USAGE, "--socket: the path is longer than a Unix socket allows");
-}
-
-/* Every client holds a socket: take as many descriptors as the hard limit allows. */
-static void http_raise_nofile(void)
 	if (o->snapshot_interval && !o->snapshot_dir)
 		http_die(HTTP_EXIT_USAGE, "--snapshot-interval needs --snapshot-dir DIR");
 	if (!o->snapshot_interval)
@@ -319,6 +315,10 @@ static void http_raise_nofile(void)
 				 !o->node_name[0]))
 		snprintf(o->node_name, sizeof(o->node_name), "skv-http");
 	o->node_name[sizeof(o->node_name) - 1] = '\0';
+}
+
+/* Every client holds a socket: take as many descriptors as the hard limit allows. */
+static void http_raise_nofile(void)
 {
 	struct rlimit rl;
 	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -343,11 +343,11 @@ int main(int argc, char **argv)
 	sigemptyset(&stop);
 	sigaddset(&stop, SIGINT);
 	sigaddset(&stop, SIGTERM);
+	sigaddset(&stop, SIGUSR1); /* drain */
 	pthread_sigmask(SIG_BLOCK, &stop, NULL);
 
 	int err = gw_backend_start(&gw);
 	if (err < 0)
-	sigaddset(&stop, SIGUSR1); /* drain */
 		http_die(1, "cannot start: %s", strerror(-err));
 	struct MHD_Daemon *d;
 	char msg[256];

@@ -571,7 +571,8 @@ Test(http_durable, export_import_between_nodes)
 }
 
 /* Two nodes that know each other (--peers, --peer-key): n1 drains (POST /admin/drain), the
- * conversation's next request lands on n2, which pulls it from n1 and says so. */
+ * conversation's next request lands on n2, which pulls it from n1 and says so; a conversation
+ * nobody has is a new one. */
 Test(http_durable, drain_and_pull_from_peer)
 {
 	const char *test = "httpd-peers";
@@ -583,8 +584,10 @@ Test(http_durable, drain_and_pull_from_peer)
 	do
 		p2 = free_port();
 	while (p2 == p1);
-	char peer1[64], peer2[64];
-	snprintf(peer1, sizeof(peer1), "http://127.0.0.1:%u", p1);
+	char peer1[128], peer2[64];
+	/* n2 lists itself first, as a balancer's script that gives every node the same list
+	 * would. */
+	snprintf(peer1, sizeof(peer1), "http://127.0.0.1:%u,http://127.0.0.1:%u", p2, p1);
 	snprintf(peer2, sizeof(peer2), "http://127.0.0.1:%u/", p2);
 	gw_start_on(&g1, d1.sock, test, "n1", p1,
 		    (const char *const[]){ "--api-key", "user", "--peer-key", "between", "--peers",
@@ -637,6 +640,13 @@ Test(http_durable, drain_and_pull_from_peer)
 	free(node);
 	answer_free(&first);
 	expect_turn(g2.port, user, &c, 3, ref, "on n2");
+	http_do(g2.port, "POST", "/v1/completions",
+		"Authorization: Bearer user\r\nX-Conversation-Id: fresh\r\n", small, strlen(small),
+		&a);
+	cr_assert_eq(a.status, 200, "a conversation no peer has: %s", a.body);
+	char *none = header(&a, "X-Skv-Conversation-Moved");
+	cr_assert_null(none, "a new conversation did not move");
+	answer_free(&a);
 	http_do(g1.port, "GET", "/v1/conversations/wander/export", peer, NULL, 0, &a);
 	expect_error(&a, 404, "conversation_not_found", NULL, "n1 let it go");
 	answer_free(&a);
@@ -651,6 +661,85 @@ Test(http_durable, drain_and_pull_from_peer)
 	free_turns(ref);
 	gw_signal_wait(&g2, SIGTERM);
 	gw_signal_wait(&g1, SIGTERM);
+}
+
+/* The message count in the JSON state of an exported conversation file (-1: none yet). */
+static long file_messages(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	if (!f)
+		return -1;
+	char head[40];
+	long n = -1;
+	uint64_t json_len = 0;
+	if (fread(head, 1, 40, f) == 40 && !memcmp(head, "SKVCONV", 8)) {
+		memcpy(&json_len, head + 16, 8);
+		char *json = json_len < (1u << 20) ? malloc(json_len) : NULL;
+		if (json && fread(json, 1, json_len, f) == json_len) {
+			json_t *v = json_loadb(json, json_len, 0, NULL);
+			n = v ? (long)json_integer_value(json_object_get(v, "messages")) : -1;
+			json_decref(v);
+		}
+		free(json);
+	}
+	fclose(f);
+	return n;
+}
+
+/* --snapshot-dir: a node dies (its daemon and skv-http killed -9); the other node, whose peer
+ * does not answer, restores the conversation from its last periodic export and says how old it
+ * is. DELETE takes the file with it. */
+Test(http_durable, snapshot_dir_outlives_a_dead_node)
+{
+	const char *test = "httpd-snapdir";
+	struct mp_daemon d1, d2;
+	node_daemon(&d1, test, "n1", NULL);
+	node_daemon(&d2, test, "n2", NULL);
+	char snaps[PATH_MAX], file[PATH_MAX + 32], peer1[64];
+	snprintf(snaps, sizeof(snaps), "%s/snapshots", tu_scratch_dir(test));
+	cr_assert(mkdir(snaps, 0700) == 0);
+	snprintf(file, sizeof(file), "%s/saved.skvconv", snaps);
+	uint16_t p1 = free_port();
+	snprintf(peer1, sizeof(peer1), "http://127.0.0.1:%u", p1);
+	struct gw_proc g1, g2;
+	gw_start_on(&g1, d1.sock, test, "n1", p1,
+		    (const char *const[]){ "--snapshot-dir", snaps, "--snapshot-interval", "1",
+					   NULL });
+	gw_start(&g2, d2.sock, test, "n2",
+		 (const char *const[]){ "--snapshot-dir", snaps, "--peers", peer1, NULL });
+	char *ref[N_TURNS];
+	reference(g2.port, NULL, "ref", ref);
+	struct conv_run c = { .id = "saved" };
+	expect_turn(g1.port, NULL, &c, 0, ref, "on n1");
+	expect_turn(g1.port, NULL, &c, 1, ref, "on n1");
+	double deadline = mp_now() + 15.0;
+	while (file_messages(file) != 4) {
+		cr_assert(mp_now() < deadline, "no export of both turns in %s", file);
+		mp_sleep_ms(100);
+	}
+	gw_signal_wait(&g1, SIGKILL);
+	cr_assert(kill(d1.pid, SIGKILL) == 0);
+	cr_assert(mp_daemon_reap(&d1, 10.0));
+
+	struct http_answer first;
+	char *got = turn(g2.port, NULL, &c, 2, &first);
+	cr_assert_str_eq(got, ref[2], "restored: turn 2 differs from the uninterrupted run");
+	free(got);
+	char *restored = header(&first, "X-Skv-Conversation-Restored");
+	long age = -1;
+	cr_assert(restored && sscanf(restored, "snapshot; age-s=%ld", &age) == 1 && age >= 0 &&
+		  age < 60, "X-Skv-Conversation-Restored: %s", restored);
+	free(restored);
+	answer_free(&first);
+	expect_turn(g2.port, NULL, &c, 3, ref, "on n2");
+	struct http_answer a;
+	http_do(g2.port, "DELETE", "/v1/conversations/saved", NULL, NULL, 0, &a);
+	cr_assert_eq(a.status, 200, "%s", a.body);
+	answer_free(&a);
+	cr_assert(access(file, F_OK) < 0, "DELETE leaves %s", file);
+	json_decref(c.messages);
+	free_turns(ref);
+	gw_signal_wait(&g2, SIGTERM);
 }
 
 /* Strict flags: one line, exit status 2 (1 for a directory that cannot be written). */
