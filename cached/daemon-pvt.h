@@ -26,6 +26,7 @@ enum cached_tag_kind {
 	CACHED_TAG_CONN,
 	CACHED_TAG_PIDFD,
 	CACHED_TAG_SIGNAL,
+	CACHED_TAG_SNAP_WRITER,    /* the snapshot writer thread's eventfd (cached/snapshot.c) */
 };
 
 /* What an epoll event's fd is; indexed by fd. */
@@ -45,6 +46,8 @@ enum cached_engine_state {
 };
 
 struct cached_conn;
+struct cached_snap_job;
+struct cached_snap_writer;
 struct cached_stream;
 
 struct cached_engine {
@@ -161,12 +164,10 @@ struct cached_stream {
 	char token[SKV_TOKEN_HEX];   /* the secret a peer presents to ATTACH */
 	int chan_fd;                 /* the daemon's copy of the channel, for the next client */
 	double detached_at;          /* 0 while a client holds it */
-	/* A snapshot in progress (cached/snapshot.c): the engine copies the region into the
-	 * staging memfd; then the daemon writes the file. */
-	int snap_staging_fd;         /* -1: none in progress */
-	int snap_out_fd;
-	uint64_t snap_admin_id;      /* the admin connection that asked (0: the daemon itself) */
-	char *snap_path;             /* --state-dir: the file to rename the written one to */
+	/* A snapshot in progress (cached/snapshot.c): the engine holds the stream at a
+	 * boundary, the daemon copies the region, resumes it, and its writer thread writes the
+	 * file. NULL: none in progress. */
+	struct cached_snap_job *snap;
 	struct cached_stream *next;
 };
 
@@ -241,6 +242,7 @@ struct cached {
 	uint8_t model_id[32];
 	int have_model_id;
 	const struct cached_restore *restoring; /* while cached_place_stream places a restore */
+	struct cached_snap_writer *snap_writer; /* the thread that writes files (NULL: none yet) */
 	uint32_t snaps_in_flight;
 	int saving;                /* SIGTERM with --state-dir: snapshots first, then stop */
 	double save_deadline;
@@ -326,9 +328,12 @@ struct cached_restore {
  * Returns 0, or -errno with why filled. */
 int cached_snapshot_start(struct cached *d, struct cached_stream *s, int out_fd, char *path,
 			  uint64_t admin_id, uint32_t flags, char *why, size_t why_len);
-/* SNAPSHOTTED from an engine. */
+/* SNAPSHOTTED from an engine: copy the held region, resume the stream, hand the file to the
+ * writer thread. */
 void cached_snapshot_done(struct cached *d, struct cached_conn *c,
 			  const struct skv_msg_snapshotted *m);
+/* The writer thread's eventfd is readable: rename the files it wrote, answer the admins. */
+void cached_snapshot_written(struct cached *d);
 /* The stream is going away: forget its snapshot in progress. */
 void cached_snapshot_abort(struct cached *d, struct cached_stream *s, const char *why);
 /* Restore the snapshot file fd as a detached resumable stream. 0 (*id set) or -errno / -SKV_E*

@@ -282,7 +282,7 @@ static void stream_unqueue_drop(struct cached_stream *s)
  * table entry may stay (a failed stream waits for its client's CLOSE). */
 static void stream_release(struct cached *d, struct cached_stream *s)
 {
-	if (s->snap_staging_fd >= 0)
+	if (s->snap)
 		cached_snapshot_abort(d, s, "the stream ended before its snapshot was taken");
 	if (s->region_bytes) {
 		struct skv_kv_ring ring;
@@ -649,7 +649,6 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	if (s) {
 		s->id = d->next_stream_id;
 		s->chan_fd = -1;
-		s->snap_staging_fd = s->snap_out_fd = -1;
 		s->idle_timeout_s = in->idle_timeout_s ? in->idle_timeout_s : d->idle_timeout_s;
 		if (s->idle_timeout_s > CACHED_IDLE_MAX_S)
 			s->idle_timeout_s = CACHED_IDLE_MAX_S;
@@ -1423,6 +1422,9 @@ int cached_run(struct cached *d)
 			}
 			case CACHED_TAG_PIDFD:
 				cached_reap(d, t->ptr);
+				break;
+			case CACHED_TAG_SNAP_WRITER:
+				cached_snapshot_written(d);
 				break;
 			case CACHED_TAG_SIGNAL: {
 				struct signalfd_siginfo si;

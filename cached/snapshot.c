@@ -1,11 +1,13 @@
 /* Snapshots of streams (file format: shm/snapshot.h) and --state-dir.
  *
- * Taking one never stalls the other streams' steps on a lock: the daemon hands the stream's
- * engine a staging memfd (SNAPSHOT); the engine copies the region into it at the stream's next
- * request boundary, between two steps of its loop (the only writer of the region is that loop,
- * so the copy is consistent without any lock), and answers SNAPSHOTTED with the sampler state
- * and how long the copy took. The daemon then writes the file from the staging copy, in its
- * own loop, while the engine goes on.
+ * Taking one never stalls the other streams' steps: the daemon asks the stream's engine
+ * (SNAPSHOT) to hold the stream at its next request boundary; the engine answers SNAPSHOTTED
+ * with the sampler state and from then on does not step that stream (the only writer of the
+ * region is the engine's loop, so the region stands still without any lock) while its other
+ * streams go on. The daemon copies the region out of the arena it maps into private memory
+ * (populated beforehand, so the copy takes no page faults) and sends SNAPSHOT_RESUME: the held
+ * stream waits for that copy alone. A writer thread at a low CPU priority then hashes and
+ * writes the file, so that neither the daemon's loop nor the engines wait for it.
  *
  * Restoring validates everything before any engine sees it: magic, version, sizes against the
  * file's real size, the sha256 over the whole file, the model's identity, the KV type, the
@@ -17,12 +19,16 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <nettle/sha2.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -37,6 +43,7 @@
 
 #define SNAP_MODEL_PREFIX_BYTES (1u << 20) /* GGUF metadata + tensor infos, .bin header */
 #define SNAP_SAVE_TIMEOUT_S 20.0
+#define SNAP_WRITER_NICE 10 /* about a tenth of a nice-0 thread's share of a busy core */
 
 /* The model's identity: sha256 over its shape and the first MiB of its file. */
 static int snap_model_id(struct cached *d, uint8_t out[32])
@@ -101,80 +108,39 @@ static void snap_fail_result(struct cached *d, uint64_t admin_id, uint64_t id, i
 	snap_result(d, admin_id, &r);
 }
 
-int cached_snapshot_start(struct cached *d, struct cached_stream *s, int out_fd, char *path,
-			  uint64_t admin_id, uint32_t flags, char *why, size_t why_len)
-{
-	int err = 0;
-	if (s->snap_staging_fd >= 0)
-		err = -EBUSY, snprintf(why, why_len, "a snapshot of stream %llu is in progress",
-				       (unsigned long long)s->id);
-	else if (s->state != CACHED_STREAM_OPEN || s->dropping || !s->region_bytes || !s->engine ||
-		 s->engine->state != CACHED_ENGINE_READY || !s->engine->conn)
-		err = -EPIPE, snprintf(why, why_len, "stream %llu is not running",
-				       (unsigned long long)s->id);
-	else if (s->params.policy == SKV_POLICY_RECOMPUTE)
-		err = -ENOTSUP, snprintf(why, why_len, "recompute streams keep their window outside "
-					 "the KV region: they have no snapshot");
-	int staging = -1;
-	if (!err) {
-		staging = memfd_create("skv-snapshot", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		/* Its pages allocated here, so that the engine's copy does not fault them in
-		 * while its other streams wait. */
-		if (staging < 0 || ftruncate(staging, (off_t)s->region_bytes) < 0 ||
-		    fallocate(staging, 0, 0, (off_t)s->region_bytes) < 0 ||
-		    fcntl(staging, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-			err = -errno;
-			snprintf(why, why_len, "cannot make the staging memory: %s", strerror(errno));
-		}
-	}
-	if (!err) {
-		struct skv_msg_snapshot m = { .stream_id = s->id, .flags = flags,
-					      .region_bytes = s->region_bytes };
-		err = cached_conn_send(d, s->engine->conn, SKV_MSG_SNAPSHOT, &m, &staging, 1);
-		if (err)
-			snprintf(why, why_len, "the stream's engine is going away");
-	}
-	if (err) {
-		if (staging >= 0)
-			close(staging);
-		close(out_fd);
-		free(path);
-		return err;
-	}
-	s->snap_staging_fd = staging;
-	s->snap_out_fd = out_fd;
-	s->snap_path = path;
-	s->snap_admin_id = admin_id;
-	d->snaps_in_flight++;
-	return 0;
-}
+/* ---- taking one ----------------------------------------------------------------------------- */
 
-static void snap_clear(struct cached *d, struct cached_stream *s)
-{
-	if (s->snap_staging_fd >= 0)
-		close(s->snap_staging_fd);
-	if (s->snap_out_fd >= 0)
-		close(s->snap_out_fd);
-	if (s->snap_path) {
-		char tmp[PATH_MAX];
-		snprintf(tmp, sizeof(tmp), "%s.tmp", s->snap_path);
-		unlink(tmp); /* a half-written file never takes the place of a whole one */
-	}
-	free(s->snap_path);
-	s->snap_path = NULL;
-	s->snap_staging_fd = s->snap_out_fd = -1;
-	if (d->snaps_in_flight)
-		d->snaps_in_flight--;
-}
+/* One snapshot in progress. The loop owns it until it is handed to the writer thread
+ * (writing = 1); the thread then touches only h, copy, bytes, fd and code, and gives it back
+ * through the done list. Everything else is the loop's. */
+struct cached_snap_job {
+	struct skv_snap_header h;    /* the thread fills in sha256 */
+	void *copy;                  /* [bytes], populated at the start: the region, copied */
+	uint64_t bytes;
+	int fd;                      /* the file (the admin's, or --state-dir's .tmp) */
+	int code;                    /* the thread's result: 0 or -errno */
+	/* the loop's */
+	uint64_t stream_id;
+	uint64_t admin_id;           /* who gets ADMIN_RESULT (0: nobody) */
+	char *path;                  /* --state-dir: rename path.tmp to it (NULL: in place) */
+	char name[SKV_STREAM_NAME_MAX];
+	uint64_t copy_ns;            /* how long the stream was held for the copy */
+	int writing;                 /* with the thread */
+	int abandoned;               /* its stream ended meanwhile: no file comes of it */
+	struct cached_snap_job *next;
+};
 
-void cached_snapshot_abort(struct cached *d, struct cached_stream *s, const char *why)
-{
-	snap_fail_result(d, s->snap_admin_id, s->id, -EPIPE, why);
-	if (s->snap_path)
-		cached_log("stream %llu (%s): no snapshot: %s", (unsigned long long)s->id, s->name,
-			   why);
-	snap_clear(d, s);
-}
+/* Hashing and writing 10 MB takes tens of milliseconds of CPU: a thread of its own, at a low
+ * priority, so that it neither holds up the daemon's loop nor takes much of a core from the
+ * engines the daemon shares the machine with. */
+struct cached_snap_writer {
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t wake;
+	struct cached_snap_job *todo_head, *todo_tail; /* under lock */
+	struct cached_snap_job *done;                  /* under lock */
+	int efd;                                       /* the thread -> the loop: done moved */
+};
 
 static int snap_write_all(int fd, const void *buf, size_t len, off_t off)
 {
@@ -192,96 +158,304 @@ static int snap_write_all(int fd, const void *buf, size_t len, off_t off)
 	return 0;
 }
 
-/* Header + page padding + region into fd, the sha256 over all of it in the header. */
-static int snap_write(struct cached *d, struct cached_stream *s, const void *region,
-		      const struct skv_stream_state *state, uint64_t *bytes)
+/* Header + page padding + region into the job's fd, the sha256 over all of it in the header.
+ * The writer thread's: it touches the job and nothing else. */
+static int snap_write(struct cached_snap_job *job)
 {
-	struct skv_snap_header h = {
-		.magic = SKV_SNAP_MAGIC, .major = SKV_SNAP_MAJOR, .minor = SKV_SNAP_MINOR,
-		.header_bytes = sizeof(h), .region_offset = SKV_SNAP_ALIGN,
-		.region_bytes = s->region_bytes,
-		.file_bytes = SKV_SNAP_ALIGN + s->region_bytes,
-		.created_unix = (uint64_t)time(NULL), .params = s->params, .state = *state,
-		.owner_uid = s->owner_uid,
-	};
-	struct skv_kv_desc desc;
-	memcpy(&desc, region, sizeof(desc));
-	h.kv_dtype = desc.dtype;
-	struct skv_kv_ring ring;
-	memcpy(&ring, (const char *)region + SKV_KV_RING_OFFSET, sizeof(ring));
-	h.tokens_seen = ring.tokens_seen;
-	if (s->resumable) {
-		memcpy(h.name, s->name, sizeof(h.name));
-		memcpy(h.token, s->token, sizeof(h.token));
-	}
-	int err = snap_model_id(d, h.model_id);
-	if (err)
-		return err;
 	static const uint8_t zeros[SKV_SNAP_ALIGN];
+	struct skv_snap_header *h = &job->h;
 	struct sha256_ctx ctx;
 	sha256_init(&ctx);
-	sha256_update(&ctx, sizeof(h), (const uint8_t *)&h);
-	sha256_update(&ctx, SKV_SNAP_ALIGN - sizeof(h), zeros);
-	sha256_update(&ctx, s->region_bytes, region);
-	sha256_digest(&ctx, 32, h.sha256);
-	int fd = s->snap_out_fd;
+	sha256_update(&ctx, sizeof(*h), (const uint8_t *)h);
+	sha256_update(&ctx, SKV_SNAP_ALIGN - sizeof(*h), zeros);
+	sha256_update(&ctx, job->bytes, job->copy);
+	sha256_digest(&ctx, 32, h->sha256);
+	int fd = job->fd;
 	if (ftruncate(fd, 0) < 0 && errno != EINVAL)
 		return -errno;
-	err = snap_write_all(fd, &h, sizeof(h), 0);
+	int err = snap_write_all(fd, h, sizeof(*h), 0);
 	if (!err)
-		err = snap_write_all(fd, zeros, SKV_SNAP_ALIGN - sizeof(h), sizeof(h));
+		err = snap_write_all(fd, zeros, SKV_SNAP_ALIGN - sizeof(*h), sizeof(*h));
 	if (!err)
-		err = snap_write_all(fd, region, s->region_bytes, SKV_SNAP_ALIGN);
+		err = snap_write_all(fd, job->copy, job->bytes, SKV_SNAP_ALIGN);
 	if (!err && fsync(fd) < 0 && errno != EINVAL)
 		err = -errno;
-	*bytes = h.file_bytes;
 	return err;
+}
+
+static void *snap_writer_main(void *arg)
+{
+	struct cached_snap_writer *w = arg;
+	/* Below the engines (and below a daemon run under a real-time policy), not so far below
+	 * that a busy machine starves it: periodic snapshots that are never written bound
+	 * nothing. */
+	struct sched_param normal = { 0 };
+	pthread_setschedparam(pthread_self(), SCHED_OTHER, &normal);
+	setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SNAP_WRITER_NICE);
+	for (;;) {
+		pthread_mutex_lock(&w->lock);
+		while (!w->todo_head)
+			pthread_cond_wait(&w->wake, &w->lock);
+		struct cached_snap_job *job = w->todo_head;
+		w->todo_head = job->next;
+		if (!w->todo_head)
+			w->todo_tail = NULL;
+		pthread_mutex_unlock(&w->lock);
+		job->code = snap_write(job);
+		pthread_mutex_lock(&w->lock);
+		job->next = w->done;
+		w->done = job;
+		pthread_mutex_unlock(&w->lock);
+		uint64_t one = 1;
+		while (write(w->efd, &one, sizeof(one)) < 0 && errno == EINTR)
+			;
+	}
+	return NULL;
+}
+
+/* Started at the first snapshot; it lives as long as the daemon. */
+static int snap_writer_get(struct cached *d, struct cached_snap_writer **out)
+{
+	if (d->snap_writer) {
+		*out = d->snap_writer;
+		return 0;
+	}
+	struct cached_snap_writer *w = calloc(1, sizeof(*w));
+	if (!w)
+		return -ENOMEM;
+	w->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	int err = w->efd < 0 ? -errno : cached_watch_fd(d, w->efd, CACHED_TAG_SNAP_WRITER, w);
+	if (!err) {
+		pthread_mutex_init(&w->lock, NULL);
+		pthread_cond_init(&w->wake, NULL);
+		err = -pthread_create(&w->thread, NULL, snap_writer_main, w);
+	}
+	if (err) {
+		if (w->efd >= 0)
+			close(w->efd);
+		free(w);
+		return err;
+	}
+	d->snap_writer = *out = w;
+	return 0;
+}
+
+static void snap_job_free(struct cached *d, struct cached_snap_job *job, int unlink_tmp)
+{
+	if (job->copy)
+		munmap(job->copy, job->bytes);
+	if (job->fd >= 0)
+		close(job->fd);
+	if (job->path && unlink_tmp) {
+		char tmp[PATH_MAX];
+		snprintf(tmp, sizeof(tmp), "%s.tmp", job->path);
+		unlink(tmp); /* a half-written file never takes the place of a whole one */
+	}
+	free(job->path);
+	free(job);
+	if (d->snaps_in_flight)
+		d->snaps_in_flight--;
+}
+
+int cached_snapshot_start(struct cached *d, struct cached_stream *s, int out_fd, char *path,
+			  uint64_t admin_id, uint32_t flags, char *why, size_t why_len)
+{
+	int err = 0;
+	struct cached_snap_writer *w = NULL;
+	if (s->snap)
+		err = -EBUSY, snprintf(why, why_len, "a snapshot of stream %llu is in progress",
+				       (unsigned long long)s->id);
+	else if (s->state != CACHED_STREAM_OPEN || s->dropping || !s->region_bytes || !s->engine ||
+		 s->engine->state != CACHED_ENGINE_READY || !s->engine->conn)
+		err = -EPIPE, snprintf(why, why_len, "stream %llu is not running",
+				       (unsigned long long)s->id);
+	else if (s->params.policy == SKV_POLICY_RECOMPUTE)
+		err = -ENOTSUP, snprintf(why, why_len, "recompute streams keep their window outside "
+					 "the KV region: they have no snapshot");
+	else if ((err = snap_writer_get(d, &w)) < 0)
+		snprintf(why, why_len, "cannot start the snapshot writer: %s", skv_strerror(err));
+	struct cached_snap_job *job = NULL;
+	if (!err) {
+		job = calloc(1, sizeof(*job));
+		/* Its pages faulted in here, before the stream is held, not during the copy. */
+		void *copy = job ? mmap(NULL, s->region_bytes, PROT_READ | PROT_WRITE,
+					MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
+				 : MAP_FAILED;
+		if (copy == MAP_FAILED) {
+			err = -ENOMEM;
+			snprintf(why, why_len, "no memory for a %llu-byte copy",
+				 (unsigned long long)s->region_bytes);
+		} else {
+			job->copy = copy;
+			job->bytes = s->region_bytes;
+		}
+	}
+	if (!err) {
+		struct skv_msg_snapshot m = { .stream_id = s->id, .flags = flags,
+					      .region_bytes = s->region_bytes };
+		err = cached_conn_send(d, s->engine->conn, SKV_MSG_SNAPSHOT, &m, NULL, 0);
+		if (err)
+			snprintf(why, why_len, "the stream's engine is going away");
+	}
+	if (err) {
+		if (job && job->copy)
+			munmap(job->copy, job->bytes);
+		free(job);
+		close(out_fd);
+		free(path);
+		return err;
+	}
+	job->fd = out_fd;
+	job->path = path;
+	job->admin_id = admin_id;
+	job->stream_id = s->id;
+	memcpy(job->name, s->name, sizeof(job->name));
+	s->snap = job;
+	d->snaps_in_flight++;
+	return 0;
+}
+
+void cached_snapshot_abort(struct cached *d, struct cached_stream *s, const char *why)
+{
+	struct cached_snap_job *job = s->snap;
+	if (!job)
+		return;
+	s->snap = NULL;
+	if (job->path)
+		cached_log("stream %llu (%s): no snapshot: %s", (unsigned long long)s->id, s->name,
+			   why);
+	if (job->writing) {
+		/* The thread has it: it comes back through cached_snapshot_written, and goes. */
+		job->abandoned = 1;
+		return;
+	}
+	snap_fail_result(d, job->admin_id, s->id, -EPIPE, why);
+	snap_job_free(d, job, 1);
 }
 
 void cached_snapshot_done(struct cached *d, struct cached_conn *c,
 			  const struct skv_msg_snapshotted *m)
 {
 	struct cached_stream *s = cached_stream_find(d, m->stream_id);
-	if (!s || s->engine != c->engine || s->snap_staging_fd < 0)
-		return; /* not one we asked for (any more) */
-	struct skv_admin_result r = { .code = m->code, .stream_id = s->id, .copy_ns = m->copy_ns };
-	memcpy(r.name, s->name, sizeof(r.name));
+	if (!s || s->engine != c->engine || !s->region_bytes)
+		return; /* not one of this engine's (any more) */
+	struct skv_msg_stream resume = { .stream_id = s->id };
+	struct cached_snap_job *job = s->snap;
+	if (!job || job->writing) {
+		/* Not one we wait for (any more): never leave the stream held. */
+		if (!m->code)
+			cached_conn_send(d, c, SKV_MSG_SNAPSHOT_RESUME, &resume, NULL, 0);
+		return;
+	}
 	if (m->code < 0) {
-		snprintf(r.text, sizeof(r.text), "the engine could not copy stream %llu: %s",
+		char text[SKV_MSG_TEXT];
+		snprintf(text, sizeof(text), "the engine could not hold stream %llu: %s",
 			 (unsigned long long)s->id, skv_strerror(m->code));
-	} else {
-		void *region = mmap(NULL, s->region_bytes, PROT_READ, MAP_SHARED, s->snap_staging_fd,
-				    0);
-		if (region == MAP_FAILED) {
-			r.code = -errno;
-		} else {
-			r.code = snap_write(d, s, region, &m->state, &r.bytes);
-			struct skv_kv_ring ring;
-			memcpy(&ring, (const char *)region + SKV_KV_RING_OFFSET, sizeof(ring));
-			r.tokens_seen = ring.tokens_seen;
-			munmap(region, s->region_bytes);
-		}
-		if (r.code < 0)
+		if (job->path)
+			cached_log("stream %llu (%s): %s", (unsigned long long)s->id, s->name, text);
+		snap_fail_result(d, job->admin_id, s->id, m->code, text);
+		s->snap = NULL;
+		snap_job_free(d, job, 1);
+		return;
+	}
+	/* Held: nothing writes the region until SNAPSHOT_RESUME. The engine's writes came before
+	 * its sendmsg, our read after our recvmsg. */
+	const char *region = (const char *)skv_arena_base(d->arenas[s->arena]) + s->region_offset;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	memcpy(job->copy, region, job->bytes);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	cached_conn_send(d, c, SKV_MSG_SNAPSHOT_RESUME, &resume, NULL, 0);
+	job->copy_ns = (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000ll + (t1.tv_nsec - t0.tv_nsec));
+
+	struct skv_snap_header *h = &job->h;
+	*h = (struct skv_snap_header){
+		.magic = SKV_SNAP_MAGIC, .major = SKV_SNAP_MAJOR, .minor = SKV_SNAP_MINOR,
+		.header_bytes = sizeof(*h), .region_offset = SKV_SNAP_ALIGN,
+		.region_bytes = job->bytes, .file_bytes = SKV_SNAP_ALIGN + job->bytes,
+		.created_unix = (uint64_t)time(NULL), .params = s->params, .state = m->state,
+		.owner_uid = s->owner_uid,
+	};
+	struct skv_kv_desc desc;
+	memcpy(&desc, job->copy, sizeof(desc));
+	h->kv_dtype = desc.dtype;
+	struct skv_kv_ring ring;
+	memcpy(&ring, (const char *)job->copy + SKV_KV_RING_OFFSET, sizeof(ring));
+	h->tokens_seen = ring.tokens_seen;
+	if (s->resumable) {
+		memcpy(h->name, s->name, sizeof(h->name));
+		memcpy(h->token, s->token, sizeof(h->token));
+	}
+	int err = snap_model_id(d, h->model_id);
+	if (err < 0) {
+		char text[SKV_MSG_TEXT];
+		snprintf(text, sizeof(text), "cannot identify the model: %s", skv_strerror(err));
+		snap_fail_result(d, job->admin_id, s->id, err, text);
+		s->snap = NULL;
+		snap_job_free(d, job, 1);
+		return;
+	}
+	struct cached_snap_writer *w = d->snap_writer;
+	job->writing = 1;
+	job->next = NULL;
+	pthread_mutex_lock(&w->lock);
+	if (w->todo_tail)
+		w->todo_tail->next = job;
+	else
+		w->todo_head = job;
+	w->todo_tail = job;
+	pthread_cond_signal(&w->wake);
+	pthread_mutex_unlock(&w->lock);
+}
+
+void cached_snapshot_written(struct cached *d)
+{
+	struct cached_snap_writer *w = d->snap_writer;
+	uint64_t n;
+	while (read(w->efd, &n, sizeof(n)) > 0)
+		;
+	pthread_mutex_lock(&w->lock);
+	struct cached_snap_job *done = w->done;
+	w->done = NULL;
+	pthread_mutex_unlock(&w->lock);
+	for (struct cached_snap_job *job = done, *next; job; job = next) {
+		next = job->next;
+		struct cached_stream *s = cached_stream_find(d, job->stream_id);
+		if (s && s->snap == job)
+			s->snap = NULL;
+		struct skv_admin_result r = { .code = job->code, .stream_id = job->stream_id,
+					      .copy_ns = job->copy_ns, .bytes = job->h.file_bytes,
+					      .tokens_seen = job->h.tokens_seen };
+		memcpy(r.name, job->name, sizeof(r.name));
+		if (job->abandoned) {
+			/* Its stream ended for good: a file renamed into place now would bring it
+			 * back at the next start. */
+			r.code = -EPIPE;
+			snprintf(r.text, sizeof(r.text), "the stream ended before its snapshot was "
+				 "written");
+		} else if (r.code < 0) {
 			snprintf(r.text, sizeof(r.text), "cannot write the snapshot: %s",
 				 skv_strerror(r.code));
-	}
-	if (!r.code && s->snap_path) {
-		char tmp[PATH_MAX];
-		snprintf(tmp, sizeof(tmp), "%s.tmp", s->snap_path);
-		if (rename(tmp, s->snap_path) < 0) {
-			r.code = -errno;
-			snprintf(r.text, sizeof(r.text), "cannot rename %.120s: %s", tmp, strerror(errno));
-		} else if (d->saving || d->verbose) {
-			cached_log("stream %llu (%s): %llu tokens snapshotted into %s (engine copy %.3f "
-				   "ms)", (unsigned long long)s->id, s->name,
-				   (unsigned long long)r.tokens_seen, s->snap_path,
-				   (double)m->copy_ns * 1e-6);
+		} else if (job->path) {
+			char tmp[PATH_MAX];
+			snprintf(tmp, sizeof(tmp), "%s.tmp", job->path);
+			if (rename(tmp, job->path) < 0) {
+				r.code = -errno;
+				snprintf(r.text, sizeof(r.text), "cannot rename %.120s: %s", tmp,
+					 strerror(errno));
+			} else if (d->saving || d->verbose) {
+				cached_log("stream %llu (%s): %llu tokens snapshotted into %s (held "
+					   "%.3f ms for the copy)", (unsigned long long)job->stream_id,
+					   job->name, (unsigned long long)r.tokens_seen, job->path,
+					   (double)r.copy_ns * 1e-6);
+			}
 		}
+		if (r.code && job->path && !job->abandoned)
+			cached_log("stream %llu (%s): %s", (unsigned long long)job->stream_id,
+				   job->name, r.text);
+		snap_result(d, job->admin_id, &r);
+		snap_job_free(d, job, r.code != 0);
 	}
-	if (r.code && s->snap_path)
-		cached_log("stream %llu (%s): %s", (unsigned long long)s->id, s->name, r.text);
-	snap_result(d, s->snap_admin_id, &r);
-	snap_clear(d, s);
 }
 
 /* ---- restoring ---------------------------------------------------------------------------- */
@@ -472,7 +646,7 @@ static unsigned state_snapshot_all(struct cached *d, uint32_t flags)
 	unsigned asked = 0;
 	for (struct cached_stream *s = d->streams; s; s = s->next) {
 		if (!s->resumable || s->state != CACHED_STREAM_OPEN || s->dropping ||
-		    s->snap_staging_fd >= 0)
+		    s->snap)
 			continue;
 		char *path = NULL, tmp[PATH_MAX], why[SKV_MSG_TEXT];
 		if (asprintf(&path, "%s/%u-%s.snap", d->state_dir, s->owner_uid, s->name) < 0) {

@@ -85,9 +85,10 @@ struct eng_stream {
 	int in_batch;             /* rows this stream has in the step being built */
 	int emitted;              /* output went out since the client was last rung */
 	int broken;               /* its client corrupted the channel: served no more */
-	int snap_fd;              /* a SNAPSHOT waits for the request in progress to end */
-	uint64_t snap_bytes;
+	int snap_wanted;          /* a SNAPSHOT waits for the request in progress to end */
 	uint32_t snap_flags;      /* SKV_SNAP_* */
+	int held;                 /* SNAPSHOTTED sent: not stepped (its region written by nobody)
+				   * while the daemon copies the region, until SNAPSHOT_RESUME */
 	void *region;             /* its KV region in the arena */
 	uint64_t region_bytes;
 	struct eng_stream *next;
@@ -269,8 +270,6 @@ static void stream_free(struct eng_stream *st)
 		munmap(st->chan_map, st->chan_bytes);
 	if (st->client_efd >= 0)
 		close(st->client_efd);
-	if (st->snap_fd >= 0)
-		close(st->snap_fd);
 	if (st->client_word)
 		munmap(st->client_word, SKV_CLIENT_DOORBELL_BYTES);
 	free(st->out_pending);
@@ -314,7 +313,6 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 		return -ENOMEM;
 	st->id = a->stream_id;
 	st->client_efd = -1;
-	st->snap_fd = -1;
 	st->region = (char *)e->arena + a->region_offset;
 	st->region_bytes = a->region_bytes;
 	st->chan_bytes = a->channel_bytes;
@@ -617,32 +615,26 @@ static void engine_rotate(struct engine *e, struct eng_stream *st)
 	e->streams = st;
 }
 
-/* Copy a stream's region into the daemon's staging memfd, at a request boundary (nothing
- * writes the region meanwhile: this loop is its only writer), and say so. The copy is the
- * only time the other streams of this engine wait for it: copy_ns tells the daemon. */
+/* At a request boundary (or a step boundary with SKV_SNAP_STEP): hold the stream and hand the
+ * daemon its engine state. From here until SNAPSHOT_RESUME this loop does not step it, so
+ * nothing writes its region (this loop is its only writer) while the daemon copies it from the
+ * arena, and no lock is needed; the other streams go on stepping meanwhile. */
 static void stream_snapshot(struct engine *e, struct eng_stream *st)
 {
 	struct skv_msg_snapshotted m = { .stream_id = st->id };
-	int fd = st->snap_fd;
-	st->snap_fd = -1;
-	uint64_t t0 = engine_now_ns();
-	void *staging = st->snap_bytes == st->region_bytes
-				? mmap(NULL, st->snap_bytes, PROT_READ | PROT_WRITE,
-				       MAP_SHARED | MAP_POPULATE, fd, 0)
-				: MAP_FAILED;
-	if (staging == MAP_FAILED) {
-		m.code = st->snap_bytes == st->region_bytes ? -errno : -SKV_ESHAPE;
-	} else {
-		memcpy(staging, st->region, st->region_bytes);
-		m.copy_ns = engine_now_ns() - t0;
-		munmap(staging, st->snap_bytes);
-		m.state.rng = st->sampler.rng;
-		m.state.prev_token = st->prev_token;
-		m.state.next_token = st->next_token;
-		m.state.tokens_generated = st->generated;
-	}
-	close(fd);
+	st->snap_wanted = 0;
+	st->held = 1;
+	m.state.rng = st->sampler.rng;
+	m.state.prev_token = st->prev_token;
+	m.state.next_token = st->next_token;
+	m.state.tokens_generated = st->generated;
 	engine_send(e, SKV_MSG_SNAPSHOTTED, &m);
+}
+
+static int stream_snapshot_due(const struct eng_stream *st)
+{
+	return st->snap_wanted && !st->held &&
+	       (st->state == ENG_IDLE || (st->state == ENG_DECODE && (st->snap_flags & SKV_SNAP_STEP)));
 }
 
 /* Gather every runnable stream's work into one forward pass. Returns rows run (0: idle). */
@@ -655,10 +647,13 @@ static int engine_step(struct engine *e)
 		/* Read the cancel word before the input: a request sent before a cancel is then
 		 * visible to stream_take_input (the client bumps it with release order). */
 		st->cancel_now = __atomic_load_n(&st->chan.hdr->cancel, __ATOMIC_ACQUIRE);
-		/* A snapshot waits for the request in progress to end, and goes before the next. */
-		if (st->snap_fd >= 0 && (st->state == ENG_IDLE ||
-					 (st->state == ENG_DECODE && (st->snap_flags & SKV_SNAP_STEP))))
+		/* A snapshot waits for the request in progress to end, and goes before the next;
+		 * a held stream takes no input (a new request would write its ring) and no step. */
+		if (stream_snapshot_due(st))
 			stream_snapshot(e, st);
+		st->in_batch = 0;
+		if (st->held)
+			continue;
 		stream_take_input(e, st);
 		if (st->state != ENG_IDLE && (int32_t)(st->cancel_now - st->epoch) > 0) {
 			struct skv_chan_msg done = { .type = SKV_CHAN_DONE, .arg = st->generated,
@@ -846,19 +841,20 @@ static int engine_control(struct engine *e)
 		}
 		case SKV_MSG_SNAPSHOT: {
 			struct eng_stream *st = engine_find(e, body.snapshot.stream_id, NULL);
-			if (!st || n_fds != 1 || st->snap_fd >= 0 ||
-			    st->policy.kind == SKV_POLICY_RECOMPUTE) {
-				struct skv_msg_snapshotted m = {
-					.stream_id = body.snapshot.stream_id,
-					.code = !st ? -ENOENT : n_fds != 1 ? -SKV_EFORMAT
-						: st->snap_fd >= 0 ? -EBUSY : -ENOTSUP };
+			int code = !st ? -ENOENT
+				   : n_fds != 0 || body.snapshot.region_bytes != st->region_bytes
+					   ? -SKV_EFORMAT
+				   : st->snap_wanted || st->held ? -EBUSY
+				   : st->policy.kind == SKV_POLICY_RECOMPUTE ? -ENOTSUP : 0;
+			if (code) {
+				struct skv_msg_snapshotted m = { .stream_id = body.snapshot.stream_id,
+								 .code = code };
 				for (int i = 0; i < n_fds; i++)
 					close(fds[i]);
 				engine_send(e, SKV_MSG_SNAPSHOTTED, &m);
 				break;
 			}
-			st->snap_fd = fds[0];
-			st->snap_bytes = body.snapshot.region_bytes;
+			st->snap_wanted = 1;
 			st->snap_flags = body.snapshot.flags;
 			if (st->state != ENG_IDLE && (body.snapshot.flags & SKV_SNAP_NOW)) {
 				/* Shutting down: the request ends here, at a step boundary. */
@@ -867,9 +863,19 @@ static int engine_control(struct engine *e)
 				stream_emit(e, st, &done);
 				st->state = ENG_IDLE;
 			}
-			if (st->state == ENG_IDLE ||
-			    (st->state == ENG_DECODE && (st->snap_flags & SKV_SNAP_STEP)))
+			if (stream_snapshot_due(st))
 				stream_snapshot(e, st);
+			break;
+		}
+		case SKV_MSG_SNAPSHOT_RESUME: {
+			/* The daemon has its copy: the stream steps again. */
+			struct eng_stream *st = engine_find(e, body.stream.stream_id, NULL);
+			for (int i = 0; i < n_fds; i++)
+				close(fds[i]);
+			if (st && st->held) {
+				st->held = 0;
+				st->emitted = 1; /* its client may wait for room we left unread */
+			}
 			break;
 		}
 		case SKV_MSG_REATTACH: {
@@ -916,7 +922,7 @@ static int engine_has_input(void *arg)
 {
 	struct engine *e = arg;
 	for (struct eng_stream *st = e->streams; st; st = st->next) {
-		if (st->broken)
+		if (st->broken || st->held)
 			continue;
 		/* A corrupt count (SKV_RING_CORRUPT) is non-zero too: the step finds it and
 		 * marks the stream broken. */

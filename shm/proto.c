@@ -50,6 +50,7 @@ static const struct {
 	[SKV_MSG_ADMIN_SNAPSHOT] = { "ADMIN_SNAPSHOT", sizeof(struct skv_msg_admin_req) },
 	[SKV_MSG_ADMIN_RESTORE] = { "ADMIN_RESTORE", sizeof(struct skv_msg_admin_req) },
 	[SKV_MSG_ADMIN_RESULT] = { "ADMIN_RESULT", sizeof(struct skv_admin_result) },
+	[SKV_MSG_SNAPSHOT_RESUME] = { "SNAPSHOT_RESUME", sizeof(struct skv_msg_stream) },
 };
 
 size_t skv_msg_body_size(uint16_t type)

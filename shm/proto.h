@@ -22,7 +22,8 @@
 
 #define SKV_PROTO_MAGIC 0x50564b53u /* "SKVP" */
 #define SKV_PROTO_MAJOR 2
-#define SKV_PROTO_MINOR 2 /* 2.1: resumable streams (OPEN_NAMED, ATTACH, DETACH); 2.2: snapshots */
+#define SKV_PROTO_MINOR 3 /* 2.1: resumable streams (OPEN_NAMED, ATTACH, DETACH); 2.2: snapshots;
+			   * 2.3: the daemon copies a held stream's region (SNAPSHOT_RESUME) */
 #define SKV_MSG_MAX_FDS 4
 #define SKV_MSG_TEXT 192
 
@@ -71,15 +72,19 @@ enum skv_msg_type {
 	SKV_MSG_REATTACH = 30,      /* daemon -> engine: struct skv_msg_stream + fds: the new
 				     * client's eventfd and doorbell page */
 	/* 2.2: snapshots (shm/snapshot.h is the file format). */
-	SKV_MSG_SNAPSHOT = 31,      /* daemon -> engine: struct skv_msg_snapshot + fd: a staging
-				     * memfd of region_bytes the engine copies the region into */
-	SKV_MSG_SNAPSHOTTED = 32,   /* engine -> daemon: struct skv_msg_snapshotted */
+	SKV_MSG_SNAPSHOT = 31,      /* daemon -> engine: struct skv_msg_snapshot (no fd, 2.3):
+				     * hold the stream at its next request boundary */
+	SKV_MSG_SNAPSHOTTED = 32,   /* engine -> daemon: struct skv_msg_snapshotted; code 0: the
+				     * stream is held (not stepped, its region written by nobody)
+				     * until SNAPSHOT_RESUME */
 	SKV_MSG_ASSIGN_RESTORED = 33, /* daemon -> engine: struct skv_msg_assign_restored + the
 				     * fds of ASSIGN: a stream whose region holds restored KV */
 	SKV_MSG_ADMIN_SNAPSHOT = 34, /* admin -> daemon: struct skv_msg_admin_req (stream_id) +
 				     * fd: the file to write (the admin's own, opened for writing) */
 	SKV_MSG_ADMIN_RESTORE = 35, /* admin -> daemon: struct skv_msg_admin_req + fd: the file */
 	SKV_MSG_ADMIN_RESULT = 36,  /* daemon -> admin: struct skv_admin_result */
+	SKV_MSG_SNAPSHOT_RESUME = 37, /* daemon -> engine: struct skv_msg_stream: the daemon has
+				     * copied the held stream's region; step it again (2.3) */
 	SKV_MSG_TYPE_END
 };
 
@@ -241,15 +246,15 @@ struct skv_msg_snapshot {
 	uint64_t stream_id;
 	uint32_t flags;            /* SKV_SNAP_* */
 	uint32_t reserved;
-	uint64_t region_bytes;     /* the staging memfd's size */
+	uint64_t region_bytes;     /* the stream's region, as the daemon knows it */
 };
 _Static_assert(sizeof(struct skv_msg_snapshot) == 24, "ABI");
 
 struct skv_msg_snapshotted {
 	uint64_t stream_id;
-	int32_t code;              /* 0, or why not: -ENOENT, -ENOTSUP (recompute), -errno */
+	int32_t code;              /* 0 (the stream is held), or why not: -ENOENT, -errno */
 	uint32_t reserved;
-	uint64_t copy_ns;          /* how long the copy held the engine's loop */
+	uint64_t copy_ns;          /* zero: the daemon copies (2.3) */
 	struct skv_stream_state state;
 };
 _Static_assert(sizeof(struct skv_msg_snapshotted) == 88, "ABI");
@@ -265,7 +270,8 @@ struct skv_admin_result {
 	uint32_t reserved;
 	uint64_t stream_id;        /* snapshot: the stream; restore: the restored stream */
 	uint64_t bytes;            /* of the file */
-	uint64_t copy_ns;          /* snapshot: the engine's copy */
+	uint64_t copy_ns;          /* snapshot: the daemon's copy of the region, for which the
+				    * stream (and no other) was held */
 	uint64_t tokens_seen;
 	char name[SKV_STREAM_NAME_MAX]; /* restore: its name (attach with the snapshot's token) */
 	char text[SKV_MSG_TEXT];   /* failure: one line */

@@ -482,13 +482,13 @@ static int cmd_snapshot_restore(const struct admin_opts *o, struct admin_conn *c
 		json_object_set_new(j, "tokens_seen", json_integer((json_int_t)r->tokens_seen));
 		json_object_set_new(j, "bytes", json_integer((json_int_t)r->bytes));
 		if (snap)
-			json_object_set_new(j, "engine_copy_ms", json_real((double)r->copy_ns * 1e-6));
+			json_object_set_new(j, "held_ms", json_real((double)r->copy_ns * 1e-6));
 		else
 			json_object_set_new(j, "token", json_string(r->text));
 		json_out(j);
 	} else if (snap) {
-		printf("stream %llu: %llu tokens, %llu bytes written to %s (the engine's copy took "
-		       "%.3f ms)\n", (unsigned long long)r->stream_id,
+		printf("stream %llu: %llu tokens, %llu bytes written to %s (the stream was held "
+		       "%.3f ms for its copy)\n", (unsigned long long)r->stream_id,
 		       (unsigned long long)r->tokens_seen, (unsigned long long)r->bytes, file,
 		       (double)r->copy_ns * 1e-6);
 	} else {

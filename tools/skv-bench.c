@@ -748,16 +748,19 @@ static long long series_last_full(const struct bench_series *ser)
 static void report_json(const struct bench_opts *o, const struct bench_result *r)
 {
 	double rate = r->rates[o->repeats / 2];
-	char itl50[32] = "null", itl99[32] = "null"; /* --series keeps no per-token gaps */
+	/* --series keeps no per-token gaps */
+	char itl50[32] = "null", itl99[32] = "null", itlmax[32] = "null";
 	if (r->n_gaps) {
 		snprintf(itl50, sizeof(itl50), "%.6f", bench_pct(r->gaps, r->n_gaps, 50));
 		snprintf(itl99, sizeof(itl99), "%.6f", bench_pct(r->gaps, r->n_gaps, 99));
+		snprintf(itlmax, sizeof(itlmax), "%.6f", bench_pct(r->gaps, r->n_gaps, 100));
 	}
 	printf("{\"streams\": %lld, \"tokens\": %lld, \"warmup_tokens\": %lld, \"connections\": %d, "
 	       "\"repeats\": %d, \"policy\": \"%s\", \"sinks\": %lld, \"window\": %lld, "
 	       "\"tokens_per_s\": %.1f, \"tokens_per_s_min\": %.1f, \"tokens_per_s_max\": %.1f, "
 	       "\"ttft_p50_s\": %.6f, \"ttft_p99_s\": %.6f, \"itl_p50_s\": %s, "
-	       "\"itl_p99_s\": %s, \"engine_itl_mean_s\": %.6f, \"rows_per_step\": %.2f, "
+	       "\"itl_p99_s\": %s, \"itl_max_s\": %s, \"engine_itl_mean_s\": %.6f, "
+	       "\"rows_per_step\": %.2f, "
 	       "\"engine_cpu_cores\": %.3f, \"daemon_cpu_cores\": %.3f, \"bench_cpu_cores\": %.3f, "
 	       "\"tokens_per_engine_cpu_s\": %.1f, \"arena_used_bytes\": %llu, "
 	       "\"arena_bytes\": %llu, \"rss_bytes\": %lld, \"rss_daemon_bytes\": %lld, "
@@ -766,6 +769,7 @@ static void report_json(const struct bench_opts *o, const struct bench_result *r
 	       skv_policy_name((enum skv_policy_kind)o->policy), (long long)r->sinks,
 	       (long long)r->window, rate, r->rates[0], r->rates[o->repeats - 1],
 	       bench_pct(r->ttft, r->n_ttft, 50), bench_pct(r->ttft, r->n_ttft, 99), itl50, itl99,
+	       itlmax,
 	       engine_itl_s(r), r->rows_per_step, cores(r, r->cpu_engines_s),
 	       cores(r, r->cpu_daemon_s), cores(r, r->cpu_self_s), tokens_per_cpu_s(r),
 	       (unsigned long long)r->arena_used,
