@@ -16,7 +16,8 @@
  * A one-shot request's stream is closed when its answer is complete or its client leaves
  * (the daemon drops it at once). A conversation's stream stays open; a client leaving it
  * mid-answer cancels the answer (skv_client_stream_cancel), and the stream takes the next
- * request once the engine confirmed the cancel (DONE). */
+ * request once the engine confirmed the cancel (DONE). Conversations are resumable streams:
+ * http-conv.c attaches them again after a restart and moves them between nodes. */
 #include <errno.h>
 #include <poll.h>
 #include <stdarg.h>
@@ -31,11 +32,11 @@
 #include <curl/curl.h>
 
 #include "admin-conn.h"
+#include "http-backend-pvt.h"
 #include "http-gw.h"
 #include "skv-client.h"
 #include "skv-error.h"
 
-#define BACKEND_BUCKETS 4096
 #define BACKEND_EVENTS_PER_TURN 64      /* events of one stream before the next one's */
 #define BACKEND_PAUSED_POLL_MS 1
 #define BACKEND_STATS_S 1.0
@@ -43,77 +44,15 @@
 #define BACKEND_BACKOFF_MAX_S 2.0
 #define BACKEND_STARTS_PER_PASS 16      /* new requests started between reads */
 #define BACKEND_WATCH_S 0.05            /* how often suspended clients are checked */
-#define BACKEND_WATCH_MAX 4096          /* of them at once */
 
-struct gw_conv;
-
-struct gw_stream {
-	skv_client_stream *s;
-	struct gw_job *job;              /* the request being answered; NULL between requests */
-	struct gw_conv *conv;            /* NULL: one-shot */
-	int paused;
-	uint64_t skip_ends;              /* requests from before an attach to read to their end */
-	struct gw_stream *hash_next;
-	struct gw_stream *prev, *next;   /* every stream */
-};
-
-/* A conversation's stream settings: those of its first request. */
-struct gw_conv_settings {
-	int policy;                      /* -1: the default */
-	int64_t sinks, window;           /* -1: the default */
-	double temperature, top_p;
-	uint64_t seed;
-};
-
-struct gw_conv {
-	char id[GW_CONV_ID_MAX + 1];
-	uint64_t key_hash;
-	struct gw_stream *st;
-	double last_used;
-	uint64_t fed_messages, fed_hash; /* chat: the messages the stream holds */
-	struct gw_conv *next;
-	/* Durable: the daemon's resumable stream, re-attached after a restart of either side. */
-	char name[SKV_CLIENT_NAME_MAX];
-	char token[SKV_CLIENT_TOKEN_MAX]; /* "": none yet (being moved in) */
-	int lost;                        /* its stream is gone: 410 until DELETE or idle */
-	char lost_why[256];
-	struct gw_task *task;            /* an export, import or pull in progress: busy */
-	struct gw_job *parked;           /* requests waiting for a --snapshot-dir copy */
-	struct gw_conv_settings set;
-};
-
-struct gw_backend {
-	struct gw *gw;
-	skv_client *client;
-	int client_fd;
-	int lost_before;                 /* a connection was lost: count the next as reconnect */
-	double next_connect, backoff, next_stats, next_expire, next_watch;
-	struct gw_stream *buckets[BACKEND_BUCKETS];
-	struct gw_stream *streams;
-	struct gw_conv *convs;
-	size_t n_convs;
-	int paused_ready;                /* the last pass left paused streams with events */
-	struct gw_buf scratch;
-	uint64_t seed_counter;
-	int reattach_due;                /* connected: attach conversations once engines run */
-	int state_dirty;                 /* --state-dir: conversations.json is behind */
-	unsigned tasks_running;          /* worker threads not taken back yet */
-	double next_snapshot;            /* --snapshot-dir */
-	uint64_t last_seed;              /* backend_open's */
-	struct pollfd watch_fds[BACKEND_WATCH_MAX];         /* backend_watch's */
-	struct gw_stream *watch_streams[BACKEND_WATCH_MAX];
-	char tmpl_why[512];              /* --chat-template auto found no format: why */
-};
-
-static double backend_now(void)
+double backend_now(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void backend_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void backend_log(const char *fmt, ...)
+void backend_log(const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -146,7 +85,7 @@ void gw_job_unref(struct gw *gw, struct gw_job *j)
 		job_free(gw, j);
 }
 
-static void backend_wake(struct gw *gw)
+void backend_wake(struct gw *gw)
 {
 	uint64_t one = 1;
 	if (write(gw->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
@@ -182,7 +121,7 @@ void gw_backend_kick(struct gw *gw)
 
 /* Append bytes to the job's output and wake its connection if it waits. With pause, a reader
  * that left too much unread pauses the stream. */
-static void job_output(struct gw_backend *b, struct gw_job *j, const char *data, size_t len,
+void job_output(struct gw_backend *b, struct gw_job *j, const char *data, size_t len,
 		       int finished)
 {
 	struct gw *gw = b->gw;
@@ -209,7 +148,7 @@ static void job_output(struct gw_backend *b, struct gw_job *j, const char *data,
 
 /* Decide the status of a job that has not answered yet (or end a stream already under way with
  * an error event) and hand the body over. */
-static void job_fail(struct gw_backend *b, struct gw_job *j, int status, const char *message,
+void job_fail(struct gw_backend *b, struct gw_job *j, int status, const char *message,
 		     const char *type, const char *code)
 {
 	struct gw *gw = b->gw;
@@ -348,7 +287,7 @@ static struct gw_stream *backend_lookup(struct gw_backend *b, const skv_client_s
 	return NULL;
 }
 
-static struct gw_stream *backend_stream_add(struct gw_backend *b, skv_client_stream *s)
+struct gw_stream *backend_stream_add(struct gw_backend *b, skv_client_stream *s)
 {
 	struct gw_stream *st = calloc(1, sizeof(*st));
 	if (!st)
@@ -388,7 +327,7 @@ static void backend_stream_close(struct gw_backend *b, struct gw_stream *st)
 	skv_client_stream_close(s);
 }
 
-static struct gw_conv *backend_conv_find(struct gw_backend *b, const char *id)
+struct gw_conv *backend_conv_find(struct gw_backend *b, const char *id)
 {
 	for (struct gw_conv *c = b->convs; c; c = c->next)
 		if (!strcmp(c->id, id))
@@ -396,7 +335,7 @@ static struct gw_conv *backend_conv_find(struct gw_backend *b, const char *id)
 	return NULL;
 }
 
-static void backend_conv_free(struct gw_backend *b, struct gw_conv *conv)
+void backend_conv_free(struct gw_backend *b, struct gw_conv *conv)
 {
 	struct gw_conv **pp = &b->convs;
 	while (*pp != conv)
@@ -414,7 +353,7 @@ static void backend_conv_free(struct gw_backend *b, struct gw_conv *conv)
 
 /* --snapshot-dir: a conversation that ends for good takes its file with it (else a later
  * request under its id would bring it back). */
-static void backend_conv_unlink_file(struct gw_backend *b, const char *id)
+void backend_conv_unlink_file(struct gw_backend *b, const char *id)
 {
 	char path[4200];
 	if (b->gw->opts.snapshot_dir &&
@@ -423,7 +362,7 @@ static void backend_conv_unlink_file(struct gw_backend *b, const char *id)
 		unlink(path);
 }
 
-static struct gw_conv *backend_conv_new(struct gw_backend *b, const char *id, uint64_t key_hash)
+struct gw_conv *backend_conv_new(struct gw_backend *b, const char *id, uint64_t key_hash)
 {
 	struct gw_conv *conv = calloc(1, sizeof(*conv));
 	if (!conv)
@@ -443,7 +382,7 @@ static struct gw_conv *backend_conv_new(struct gw_backend *b, const char *id, ui
 
 /* Its stream is gone (the daemon lost it, its engine died): the conversation answers 410 from
  * now on instead of starting a new stream under the client's feet. */
-static void backend_conv_lose(struct gw_backend *b, struct gw_conv *conv, const char *why)
+void backend_conv_lose(struct gw_backend *b, struct gw_conv *conv, const char *why)
 {
 	if (conv->st) {
 		conv->st->conv = NULL;
@@ -519,8 +458,6 @@ static void backend_cut_short(struct gw_backend *b, struct gw_stream *st)
 	}
 }
 
-static void backend_state_flush(struct gw_backend *b);
-
 static void backend_event(struct gw_backend *b, struct gw_stream *st,
 			  const struct skv_client_event *ev)
 {
@@ -568,7 +505,7 @@ static void backend_event(struct gw_backend *b, struct gw_stream *st,
 				j->refs++;
 				pthread_mutex_unlock(&gw->lock);
 				backend_request_over(b, st);
-				backend_state_flush(b);
+				conv_state_flush(b);
 				job_complete(b, j, reason);
 				gw_job_unref(gw, j);
 				break;
@@ -593,10 +530,8 @@ static void backend_event(struct gw_backend *b, struct gw_stream *st,
 
 /* ---- the connection to the daemon -------------------------------------------------------- */
 
-static void backend_reattach(struct gw_backend *b);
-
 /* Everything on the lost connection fails; conversations end with it. */
-static void backend_lost(struct gw_backend *b, const char *why)
+void backend_lost(struct gw_backend *b, const char *why)
 {
 	backend_log("lost skv-cached at %s: %s; reconnecting", b->gw->opts.socket_path, why);
 	while (b->streams) {
@@ -719,819 +654,10 @@ static void backend_stats(struct gw_backend *b)
 		return;
 	}
 	if (err == 0 && b->reattach_due && st.engines_ready)
-		backend_reattach(b);
+		conv_reattach(b);
 	/* /health says ok only once the conversations are back. */
 	if (err == 0 && b->client && !b->reattach_due)
 		__atomic_store_n(&b->gw->count.engines_ready, st.engines_ready, __ATOMIC_RELAXED);
-}
-
-static void backend_start(struct gw_backend *b, struct gw_job *j);
-
-/* ---- durable conversations: name -> token, re-attached after restarts ------------------- */
-
-/* The daemon's name of a conversation's stream: "conv-ID" when the id fits a stream name (at
- * most 63 of A-Z a-z 0-9 . _ -), else "conv_" and 32 hexadecimal digits of a 128-bit hash of
- * the id (two FNV-1a passes). The prefixes differ, so the two forms never meet. */
-static void backend_stream_name(const char *id, char *out, size_t len)
-{
-	size_t n = strlen(id);
-	if (n + 5 < SKV_CLIENT_NAME_MAX && !strchr(id, ':')) {
-		snprintf(out, len, "conv-%s", id);
-		return;
-	}
-	uint64_t h1 = gw_fnv64(GW_FNV_SEED, id, n);
-	uint64_t h2 = gw_fnv64(h1 ^ 0x9e3779b97f4a7c15ull, id, n);
-	snprintf(out, len, "conv_%016llx%016llx", (unsigned long long)h1, (unsigned long long)h2);
-}
-
-static struct gw_stream *backend_conv_attach(struct gw_backend *b, struct gw_conv *conv,
-					     int *err_out)
-{
-	skv_client_stream *s;
-	int err = skv_client_stream_attach(b->client, conv->name, conv->token, &s);
-	*err_out = err;
-	if (err < 0)
-		return NULL;
-	struct gw_stream *st = backend_stream_add(b, s);
-	if (!st) {
-		skv_client_stream_detach(s);
-		*err_out = -ENOMEM;
-		return NULL;
-	}
-	st->conv = conv;
-	conv->st = st;
-	/* A request the previous connection left running: cancel it and read it to its end. */
-	uint64_t pending = skv_client_stream_pending(s);
-	if (pending && skv_client_stream_cancel(s) == 0)
-		st->skip_ends = pending;
-	conv->last_used = backend_now();
-	return st;
-}
-
-/* Connected, and the daemon has engines (so it restored its --state-dir): every conversation
- * without a stream is attached again by name and token, or lost with the reason. */
-static void backend_reattach(struct gw_backend *b)
-{
-	b->reattach_due = 0;
-	unsigned back = 0, lost = 0;
-	for (struct gw_conv *conv = b->convs; conv && b->client; conv = conv->next) {
-		if (conv->st || conv->lost || conv->task || !conv->token[0])
-			continue;
-		int err;
-		if (backend_conv_attach(b, conv, &err)) {
-			back++;
-			continue;
-		}
-		if (err == -EPIPE) {
-			backend_lost(b, skv_client_last_error(b->client));
-			return;
-		}
-		char why[400];
-		if (err == -ENOENT)
-			snprintf(why, sizeof(why), "skv-cached no longer holds its stream %s (it "
-				 "restarted without --state-dir, or the stream timed out detached)",
-				 conv->name);
-		else
-			snprintf(why, sizeof(why), "cannot attach its stream %s again: %s",
-				 conv->name, skv_client_last_error(b->client));
-		backend_conv_lose(b, conv, why);
-		lost++;
-	}
-	if (back || lost)
-		backend_log("re-attached %u conversation(s)%s", back, lost ? "; some lost" : "");
-	__atomic_add_fetch(&b->gw->count.conversations_reattached, back, __ATOMIC_RELAXED);
-	b->state_dirty |= back > 0;
-}
-
-static void backend_conv_json_common(struct gw_backend *b, const struct gw_conv *c, json_t *o)
-{
-	char hex[24];
-	(void)b;
-	json_object_set_new(o, "id", json_string(c->id));
-	json_object_set_new(o, "messages", json_integer((json_int_t)c->fed_messages));
-	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->fed_hash);
-	json_object_set_new(o, "fed_hash", json_string(hex));
-	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->key_hash);
-	json_object_set_new(o, "key_hash", json_string(hex));
-	json_object_set_new(o, "settings",
-			    json_pack("{s:i,s:I,s:I,s:f,s:f,s:I}", "policy", c->set.policy, "sinks",
-				      (json_int_t)c->set.sinks, "window", (json_int_t)c->set.window,
-				      "temperature", c->set.temperature, "top_p", c->set.top_p,
-				      "seed", (json_int_t)c->set.seed));
-}
-
-static int backend_hex64(json_t *v, uint64_t *out)
-{
-	const char *s = json_string_value(v);
-	char *end;
-	if (!s || strlen(s) != 16)
-		return -1;
-	*out = strtoull(s, &end, 16);
-	return *end ? -1 : 0;
-}
-
-/* The conversation fields of a JSON state (export or --state-dir) into c. -1: malformed. */
-static int backend_conv_from_json(struct gw_conv *c, json_t *o)
-{
-	json_t *m = json_object_get(o, "messages"), *set = json_object_get(o, "settings");
-	if (!json_is_integer(m) || json_integer_value(m) < 0 ||
-	    backend_hex64(json_object_get(o, "fed_hash"), &c->fed_hash) < 0 ||
-	    backend_hex64(json_object_get(o, "key_hash"), &c->key_hash) < 0 ||
-	    !json_is_object(set))
-		return -1;
-	c->fed_messages = (uint64_t)json_integer_value(m);
-	c->set.policy = (int)json_integer_value(json_object_get(set, "policy"));
-	c->set.sinks = json_integer_value(json_object_get(set, "sinks"));
-	c->set.window = json_integer_value(json_object_get(set, "window"));
-	c->set.temperature = json_number_value(json_object_get(set, "temperature"));
-	c->set.top_p = json_number_value(json_object_get(set, "top_p"));
-	c->set.seed = (uint64_t)json_integer_value(json_object_get(set, "seed"));
-	return 0;
-}
-
-/* --state-dir: conversations.json holds every conversation's name and token (0600), written
- * after each pass of the loop that changed one, so a restarted skv-http attaches them again. */
-static void backend_state_flush(struct gw_backend *b)
-{
-	if (!b->state_dirty || !b->gw->opts.state_dir)
-		return;
-	b->state_dirty = 0;
-	json_t *list = json_array();
-	for (const struct gw_conv *c = b->convs; c; c = c->next) {
-		if (!c->token[0] && !c->lost)
-			continue; /* being moved in */
-		json_t *o = json_object();
-		backend_conv_json_common(b, c, o);
-		json_object_set_new(o, "name", json_string(c->name));
-		json_object_set_new(o, "token", json_string(c->token));
-		if (c->lost)
-			json_object_set_new(o, "lost", json_string(c->lost_why));
-		json_array_append_new(list, o);
-	}
-	json_t *root = json_pack("{s:s,s:i,s:o}", "format", "skv-http-conversations", "version", 1,
-				 "conversations", list);
-	char *text = json_dumps(root, JSON_COMPACT);
-	json_decref(root);
-	char msg[600];
-	if (!text || gw_state_save(b->gw->opts.state_dir, text, strlen(text), msg,
-				   sizeof(msg)) < 0) {
-		backend_log("--state-dir: %s", text ? msg : "out of memory");
-		b->state_dirty = 1;
-	}
-	free(text);
-}
-
-static void backend_state_load(struct gw_backend *b)
-{
-	const char *dir = b->gw->opts.state_dir;
-	if (!dir)
-		return;
-	char msg[600];
-	json_t *root = gw_state_load(dir, msg, sizeof(msg));
-	if (!root) {
-		if (msg[0])
-			backend_log("--state-dir: %s; starting without its conversations", msg);
-		return;
-	}
-	size_t i, n = 0;
-	json_t *o;
-	json_array_foreach(json_object_get(root, "conversations"), i, o) {
-		const char *id = json_string_value(json_object_get(o, "id"));
-		const char *name = json_string_value(json_object_get(o, "name"));
-		const char *token = json_string_value(json_object_get(o, "token"));
-		const char *lost = json_string_value(json_object_get(o, "lost"));
-		if (!id || !gw_conv_id_valid(id) || !name || !token || backend_conv_find(b, id) ||
-		    strlen(name) >= SKV_CLIENT_NAME_MAX || strlen(token) >= SKV_CLIENT_TOKEN_MAX)
-			continue;
-		struct gw_conv *c = backend_conv_new(b, id, 0);
-		if (!c)
-			break;
-		snprintf(c->name, sizeof(c->name), "%s", name);
-		snprintf(c->token, sizeof(c->token), "%s", token);
-		if (backend_conv_from_json(c, o) < 0 || (!lost && !c->token[0]))
-			lost = "its entry in --state-dir is malformed";
-		if (lost) {
-			c->lost = 1;
-			snprintf(c->lost_why, sizeof(c->lost_why), "%s", lost);
-		}
-		n++;
-	}
-	json_decref(root);
-	backend_log("--state-dir %s: %zu conversation(s) to attach again", dir, n);
-}
-
-/* ---- moving conversations: export, import, pull from a peer ------------------------------ */
-
-enum task_kind { TASK_EXPORT = 1, TASK_IMPORT, TASK_PULL, TASK_SNAPSHOT };
-
-/* One blocking piece of work (an admin round trip, a peer's HTTP transfer) on a thread of its
- * own; the backend keeps the conversation busy (conv->task) until it takes the result back
- * from gw->tasks_done. The worker reads only what is copied into the task. */
-struct gw_task {
-	enum task_kind kind;
-	struct gw *gw;
-	struct gw_job *job;             /* NULL for --snapshot-dir exports */
-	struct gw_conv *conv;           /* the backend's; not touched by the worker */
-	char id[GW_CONV_ID_MAX + 1];
-	char model[GW_MODEL_NAME_MAX], tmpl[64];
-	uint64_t key_hash;
-	int check_key;
-	uint64_t stream_id;             /* export */
-	struct gw_buf state_text;       /* export: the JSON state */
-	const char *snap;               /* import: the whole body (job->upload) */
-	size_t snap_len;
-	/* results */
-	int status;
-	char msg[768];
-	struct gw_buf body;             /* export: the whole body */
-	json_t *state;                  /* import, pull */
-	char name[SKV_CLIENT_NAME_MAX], token[SKV_CLIENT_TOKEN_MAX];
-	char from[GW_NODE_NAME_MAX];
-	char lost_why[256];             /* pull: of a conversation lost here */
-	int from_file;                  /* pull: restored from --snapshot-dir */
-	int64_t age_s;                  /* its age */
-	struct gw_task *next;
-};
-
-static void task_free(struct gw_task *t)
-{
-	gw_buf_free(&t->state_text);
-	gw_buf_free(&t->body);
-	json_decref(t->state);
-	free(t);
-}
-
-/* The state of another node is ours to take: the same conversation, model and template. */
-static int task_check_state(struct gw_task *t, json_t *state)
-{
-	const char *id = json_string_value(json_object_get(state, "id"));
-	const char *model = json_string_value(json_object_get(state, "model"));
-	const char *tmpl = json_string_value(json_object_get(state, "template"));
-	struct gw_conv probe;
-	memset(&probe, 0, sizeof(probe));
-	if (!id || !model || !tmpl || backend_conv_from_json(&probe, state) < 0) {
-		snprintf(t->msg, sizeof(t->msg), "corrupted conversation: its state lacks id, model, "
-			 "template, messages, fed_hash, key_hash or settings");
-		return 400;
-	}
-	if (strcmp(id, t->id)) {
-		snprintf(t->msg, sizeof(t->msg), "the body holds conversation '%.128s', not '%s'", id,
-			 t->id);
-		return 400;
-	}
-	if (strcmp(model, t->model)) {
-		snprintf(t->msg, sizeof(t->msg), "a conversation of model '%.128s': this gateway "
-			 "serves '%s'", model, t->model);
-		return 422;
-	}
-	if (strcmp(tmpl, t->tmpl)) {
-		snprintf(t->msg, sizeof(t->msg), "a conversation rendered with chat template "
-			 "'%.60s': this gateway uses '%s'", tmpl, t->tmpl);
-		return 422;
-	}
-	if (t->check_key && probe.key_hash != t->key_hash) {
-		snprintf(t->msg, sizeof(t->msg), "conversation '%s' belongs to another API key",
-			 t->id);
-		return 422;
-	}
-	return 0;
-}
-
-/* Unpack, check and restore a body into the daemon: 200, or the status with t->msg. */
-static int task_restore(struct gw_task *t, const char *body, size_t len)
-{
-	const char *snap;
-	size_t snap_len;
-	json_t *state;
-	int status = gw_conv_unpack(body, len, &state, &snap, &snap_len, t->msg, sizeof(t->msg));
-	if (status)
-		return status;
-	status = task_check_state(t, state);
-	if (status) {
-		json_decref(state);
-		return status;
-	}
-	char why[512];
-	int err = gw_move_restore(t->gw->opts.socket_path, snap, snap_len, t->name,
-				  sizeof(t->name), t->token, sizeof(t->token), why, sizeof(why));
-	if (err < 0) {
-		json_decref(state);
-		snprintf(t->msg, sizeof(t->msg), "skv-cached refused the conversation's snapshot: %s",
-			 why);
-		return err == -EEXIST   ? 409
-		       : err == -EACCES ? 500
-		       : err == -ENOENT || err == -ECONNREFUSED || err == -EPIPE ||
-				 err == -ETIMEDOUT
-			       ? 503
-			       : 422;
-	}
-	const char *from = json_string_value(json_object_get(state, "node"));
-	if (!t->from[0])
-		snprintf(t->from, sizeof(t->from), "%s", from ? from : "");
-	t->state = state;
-	return 200;
-}
-
-static void task_export(struct gw_task *t)
-{
-	int fd;
-	char why[512];
-	int err = gw_move_snapshot(t->gw->opts.socket_path, t->stream_id, &fd, why, sizeof(why));
-	if (err < 0) {
-		t->status = 503;
-		snprintf(t->msg, sizeof(t->msg), "skv-cached could not snapshot the conversation's "
-			 "stream: %s", why);
-		return;
-	}
-	err = gw_conv_pack(&t->body, t->state_text.data, t->state_text.len, fd);
-	close(fd);
-	t->status = err < 0 ? 500 : 200;
-	if (err < 0)
-		snprintf(t->msg, sizeof(t->msg), "cannot read the snapshot: %s", strerror(-err));
-}
-
-static int backend_snapshot_file(const struct gw *gw, const char *id, char *path, size_t len,
-				 const char *suffix)
-{
-	return snprintf(path, len, "%s/%s.skvconv%s", gw->opts.snapshot_dir, id, suffix) <
-	       (int)len ? 0 : -ENAMETOOLONG;
-}
-
-/* Ask every peer for the conversation (export?release=1), then --snapshot-dir. status 200:
- * restored here; 404: nobody has it (a new conversation); else why not. */
-static void task_pull(struct gw_task *t)
-{
-	struct gw *gw = t->gw;
-	int busy = 0, gone = 0;
-	char other[768] = "";
-	struct gw_buf body = { 0 };
-	for (size_t i = 0; i < gw->opts.n_peers; i++) {
-		char node[GW_NODE_NAME_MAX], msg[768] = "";
-		int status = gw_peer_fetch(gw->opts.peers[i], t->id, gw->opts.peer_key,
-					   &gw->stopping, &body, node, sizeof(node), msg,
-					   sizeof(msg));
-		if (!strcmp(node, gw->opts.node_name))
-			continue; /* ourselves, listed among the peers */
-		if (status == 200) {
-			snprintf(t->from, sizeof(t->from), "%s", node);
-			t->status = task_restore(t, body.data, body.len);
-			if (t->status != 200) {
-				/* The peer let it go: give it back, and say where it went wrong. */
-				char inner[768], back[768] = "";
-				snprintf(inner, sizeof(inner), "%s", t->msg);
-				int put = gw_peer_put(gw->opts.peers[i], t->id, gw->opts.peer_key,
-						      body.data, body.len, back, sizeof(back));
-				snprintf(t->msg, sizeof(t->msg), "conversation '%s' came from %.100s "
-					 "but could not be taken here: %.300s (%s%.200s)", t->id,
-					 node[0] ? node : gw->opts.peers[i], inner,
-					 put == 200 ? "given back to it" : "not given back: ",
-					 put == 200 ? "" : back);
-				json_decref(t->state);
-				t->state = NULL;
-				if (t->status != 409)
-					t->status = 502;
-			}
-			gw_buf_free(&body);
-			return;
-		}
-		if (status == 404)
-			continue;
-		if (status == 409)
-			busy = 1;
-		if (status == 410)
-			gone = 1;
-		snprintf(other, sizeof(other), "%s", msg);
-		if (status != 409 && status != 410)
-			fprintf(stderr, "skv-http: peer %s: %s\n", gw->opts.peers[i], msg);
-	}
-	gw_buf_free(&body);
-	if (gw->opts.snapshot_dir) {
-		char path[4200];
-		struct stat st;
-		if (backend_snapshot_file(gw, t->id, path, sizeof(path), "") == 0 &&
-		    stat(path, &st) == 0) {
-			FILE *f = fopen(path, "rb");
-			char *data = f && st.st_size > 0 ? malloc((size_t)st.st_size) : NULL;
-			size_t got = data ? fread(data, 1, (size_t)st.st_size, f) : 0;
-			if (f)
-				fclose(f);
-			if (data && got == (size_t)st.st_size) {
-				t->status = task_restore(t, data, got);
-				t->age_s = (int64_t)time(NULL) - (int64_t)st.st_mtime;
-				t->age_s = t->age_s < 0 ? 0 : t->age_s;
-				t->from_file = 1;
-				if (t->status == 200) {
-					free(data);
-					return;
-				}
-				fprintf(stderr, "skv-http: %s: not restored: %s\n", path, t->msg);
-				t->from_file = 0;
-			}
-			free(data);
-			t->from[0] = '\0';
-		}
-	}
-	t->status = busy ? 409 : gone ? 410 : 404;
-	if (busy || gone)
-		snprintf(t->msg, sizeof(t->msg), "%s", other);
-}
-
-static void *task_main(void *arg)
-{
-	struct gw_task *t = arg;
-	switch (t->kind) {
-	case TASK_EXPORT:
-	case TASK_SNAPSHOT: task_export(t); break;
-	case TASK_IMPORT: t->status = task_restore(t, t->snap, t->snap_len); break;
-	case TASK_PULL: task_pull(t); break;
-	}
-	struct gw *gw = t->gw;
-	pthread_mutex_lock(&gw->lock);
-	t->next = gw->tasks_done;
-	gw->tasks_done = t;
-	pthread_mutex_unlock(&gw->lock);
-	backend_wake(gw);
-	return NULL;
-}
-
-static void backend_task_done(struct gw_backend *b, struct gw_task *t);
-
-static struct gw_task *backend_task_new(struct gw_backend *b, enum task_kind kind,
-					struct gw_job *j, struct gw_conv *conv, const char *id)
-{
-	struct gw_task *t = calloc(1, sizeof(*t));
-	if (!t)
-		return NULL;
-	t->kind = kind;
-	t->gw = b->gw;
-	t->job = j;
-	t->conv = conv;
-	snprintf(t->id, sizeof(t->id), "%s", id);
-	pthread_mutex_lock(&b->gw->lock);
-	snprintf(t->model, sizeof(t->model), "%s", b->gw->model_name);
-	pthread_mutex_unlock(&b->gw->lock);
-	snprintf(t->tmpl, sizeof(t->tmpl), "%s",
-		 b->gw->opts.tmpl ? gw_template_name(b->gw->opts.tmpl) : "");
-	return t;
-}
-
-static void backend_task_start(struct gw_backend *b, struct gw_task *t)
-{
-	if (t->conv)
-		t->conv->task = t;
-	b->tasks_running++;
-	pthread_t thread;
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	int err = pthread_create(&thread, &attr, task_main, t);
-	pthread_attr_destroy(&attr);
-	if (err) {
-		t->status = 500;
-		snprintf(t->msg, sizeof(t->msg), "cannot start a thread: %s", strerror(err));
-		b->tasks_running--;
-		backend_task_done(b, t);
-	}
-}
-
-/* The JSON state an export carries. */
-static char *backend_export_state(struct gw_backend *b, const struct gw_conv *c, size_t *len)
-{
-	struct gw *gw = b->gw;
-	json_t *o = json_object();
-	json_object_set_new(o, "format", json_string("skv-conversation"));
-	backend_conv_json_common(b, c, o);
-	pthread_mutex_lock(&gw->lock);
-	json_object_set_new(o, "model", json_string(gw->model_name));
-	pthread_mutex_unlock(&gw->lock);
-	json_object_set_new(o, "template",
-			    json_string(gw->opts.tmpl ? gw_template_name(gw->opts.tmpl) : ""));
-	json_object_set_new(o, "node", json_string(gw->opts.node_name));
-	json_object_set_new(o, "stream_name", json_string(c->name));
-	json_object_set_new(o, "exported_at", json_integer((json_int_t)time(NULL)));
-	char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
-	json_decref(o);
-	*len = text ? strlen(text) : 0;
-	return text;
-}
-
-static void backend_job_done(struct gw_backend *b, struct gw_job *j, int status,
-			     const struct gw_buf *body, const char *type)
-{
-	pthread_mutex_lock(&b->gw->lock);
-	j->status = status;
-	j->content_type = type;
-	pthread_mutex_unlock(&b->gw->lock);
-	j->done = 1;
-	job_output(b, j, body->data ? body->data : "", body->len, 1);
-}
-
-static const char *backend_status_type(int status)
-{
-	return status >= 500 ? "server_error" : "invalid_request_error";
-}
-
-/* GET /v1/conversations/ID/export: the snapshot is taken on a worker (the conversation is busy
- * meanwhile, so nothing changes between the copy and a release). */
-static void backend_export(struct gw_backend *b, struct gw_job *j)
-{
-	struct gw_conv *conv = backend_conv_find(b, j->req.conversation);
-	char msg[GW_CONV_ID_MAX + 400];
-	const char *id = j->req.conversation;
-	int status = 0;
-	const char *code = NULL;
-	/* A conversation this node is itself pulling from its peers is not here (and a node
-	 * listed among its own --peers must not make itself wait). */
-	if (!conv || (!j->by_peer && conv->key_hash != j->key_hash) ||
-	    (conv->task && conv->task->kind == TASK_PULL)) {
-		status = 404, code = "conversation_not_found";
-		snprintf(msg, sizeof(msg), "no conversation '%s'", id);
-	} else if (conv->lost) {
-		status = 410, code = "conversation_lost";
-		snprintf(msg, sizeof(msg), "conversation '%s' is lost: %s", id, conv->lost_why);
-	} else if (conv->task || (conv->st && (conv->st->job || conv->st->skip_ends))) {
-		status = 409, code = "conversation_busy";
-		snprintf(msg, sizeof(msg), "conversation '%s' is answering a request or being "
-			 "moved: retry when it is done", id);
-	} else if (!conv->st || !b->client) {
-		status = 503, code = "service_unavailable";
-		snprintf(msg, sizeof(msg), "conversation '%s' waits for skv-cached to come back", id);
-	}
-	struct gw_task *t = status ? NULL : backend_task_new(b, TASK_EXPORT, j, conv, id);
-	if (!status && t) {
-		struct skv_client_stream_info info;
-		skv_client_stream_info(conv->st->s, &info);
-		t->stream_id = info.id;
-		size_t len;
-		char *text = backend_export_state(b, conv, &len);
-		if (text && gw_buf_put(&t->state_text, text, len) == 0) {
-			free(text);
-			backend_task_start(b, t);
-			return;
-		}
-		free(text);
-		task_free(t);
-		t = NULL;
-	}
-	if (!status)
-		status = 500, snprintf(msg, sizeof(msg), "out of memory");
-	job_fail(b, j, status, msg, backend_status_type(status), code);
-	gw_job_unref(b->gw, j);
-}
-
-/* PUT /v1/conversations/ID: the body is checked here, restored on a worker, attached when it
- * comes back. */
-static void backend_import(struct gw_backend *b, struct gw_job *j)
-{
-	struct gw *gw = b->gw;
-	const char *id = j->req.conversation;
-	char msg[GW_CONV_ID_MAX + 600];
-	int status = 0;
-	const char *code = NULL;
-	struct gw_task *t = NULL;
-	if (backend_conv_find(b, id)) {
-		status = 409, code = "conversation_exists";
-		snprintf(msg, sizeof(msg), "conversation '%s' exists here: DELETE it first", id);
-	} else if (__atomic_load_n(&gw->draining, __ATOMIC_ACQUIRE) && !j->release) {
-		status = 503, code = "draining";
-		snprintf(msg, sizeof(msg), "node %s is draining: it takes no conversation",
-			 gw->opts.node_name);
-	} else if (!b->client) {
-		status = 503, code = "service_unavailable";
-		snprintf(msg, sizeof(msg), "skv-cached is not reachable at %s", gw->opts.socket_path);
-	} else if (!(t = backend_task_new(b, TASK_IMPORT, j, NULL, id))) {
-		status = 500, snprintf(msg, sizeof(msg), "out of memory");
-	} else {
-		json_t *state;
-		const char *snap;
-		size_t snap_len;
-		t->snap = j->upload.data ? j->upload.data : "";
-		t->snap_len = j->upload.len;
-		status = gw_conv_unpack(t->snap, t->snap_len, &state, &snap, &snap_len, msg,
-					sizeof(msg));
-		if (!status) {
-			t->key_hash = j->key_hash;
-			t->check_key = !j->by_peer && gw->opts.n_api_keys;
-			status = task_check_state(t, state);
-			if (status)
-				snprintf(msg, sizeof(msg), "%.700s", t->msg);
-			json_decref(state);
-		}
-		code = status == 422 ? "conversation_refused" : "invalid_conversation";
-	}
-	if (status) {
-		if (t)
-			task_free(t);
-		job_fail(b, j, status, msg, backend_status_type(status), code);
-		gw_job_unref(gw, j);
-		return;
-	}
-	t->conv = backend_conv_new(b, id, j->key_hash);
-	if (!t->conv) {
-		task_free(t);
-		job_fail(b, j, 500, "out of memory", "server_error", NULL);
-		gw_job_unref(gw, j);
-		return;
-	}
-	backend_task_start(b, t);
-}
-
-/* A request names a conversation this node does not have: ask the peers (and --snapshot-dir)
- * on a worker before opening a new one. Returns 1 if the job waits for that. */
-static int backend_pull(struct gw_backend *b, struct gw_job *j, const char *lost_why)
-{
-	struct gw *gw = b->gw;
-	if (!gw->opts.n_peers && !gw->opts.snapshot_dir)
-		return 0;
-	struct gw_task *t = backend_task_new(b, TASK_PULL, j, NULL, j->req.conversation);
-	if (!t)
-		return 0;
-	snprintf(t->lost_why, sizeof(t->lost_why), "%s", lost_why ? lost_why : "");
-	t->conv = backend_conv_new(b, j->req.conversation, j->key_hash);
-	if (!t->conv) {
-		task_free(t);
-		return 0;
-	}
-	backend_task_start(b, t);
-	return 1;
-}
-
-/* A restored stream is attached and becomes the conversation. 0, or the status with msg. */
-static int backend_task_adopt(struct gw_backend *b, struct gw_task *t, char *msg, size_t len)
-{
-	struct gw_conv *conv = t->conv;
-	snprintf(conv->name, sizeof(conv->name), "%s", t->name);
-	snprintf(conv->token, sizeof(conv->token), "%s", t->token);
-	backend_conv_from_json(conv, t->state);
-	conv->last_used = backend_now();
-	b->state_dirty = 1;
-	if (!b->client)
-		return 0; /* attached at the next connection */
-	int err;
-	if (!backend_conv_attach(b, conv, &err)) {
-		snprintf(msg, len, "skv-cached restored the conversation but it cannot be attached: "
-			 "%s", skv_client_last_error(b->client));
-		return err == -EPIPE ? 503 : 500;
-	}
-	return 0;
-}
-
-static void backend_task_done(struct gw_backend *b, struct gw_task *t)
-{
-	struct gw *gw = b->gw;
-	struct gw_conv *conv = t->conv;
-	struct gw_job *j = t->job;
-	char msg[1024];
-	if (conv)
-		conv->task = NULL;
-	if (t->kind == TASK_SNAPSHOT) {
-		/* Requests that came while the copy was made go on now. */
-		struct gw_job *parked = conv->parked;
-		conv->parked = NULL;
-		while (parked) {
-			struct gw_job *next = parked->queue_next;
-			backend_start(b, parked);
-			parked = next;
-		}
-		char path[4200], tmp[4200];
-		if (t->status == 200 &&
-		    backend_snapshot_file(gw, t->id, path, sizeof(path), "") == 0 &&
-		    backend_snapshot_file(gw, t->id, tmp, sizeof(tmp), ".tmp") == 0) {
-			FILE *f = fopen(tmp, "wb");
-			int ok = f && fwrite(t->body.data, 1, t->body.len, f) == t->body.len;
-			if (f && fclose(f) != 0)
-				ok = 0;
-			if (!ok || rename(tmp, path) < 0) {
-				backend_log("--snapshot-dir: cannot write %s: %s", path, strerror(errno));
-				unlink(tmp);
-			}
-		} else if (t->status != 200) {
-			backend_log("--snapshot-dir: conversation %s: %s", t->id, t->msg);
-		}
-		task_free(t);
-		return;
-	}
-	if (t->kind == TASK_EXPORT) {
-		if (t->status != 200) {
-			job_fail(b, j, t->status, t->msg, backend_status_type(t->status), NULL);
-		} else {
-			if (j->release) {
-				backend_conv_free(b, conv);
-				__atomic_add_fetch(&gw->count.conversations_moved_out, 1,
-						   __ATOMIC_RELAXED);
-			}
-			backend_job_done(b, j, 200, &t->body, "application/x-skv-conversation");
-		}
-		gw_job_unref(gw, j);
-		task_free(t);
-		return;
-	}
-	/* Import or pull: t->conv is the placeholder made when it started. */
-	int status = t->status;
-	snprintf(msg, sizeof(msg), "%s", t->msg);
-	if (status == 200) {
-		status = backend_task_adopt(b, t, msg, sizeof(msg));
-		status = status ? status : 200;
-	}
-	if (status == 404 && t->lost_why[0]) {
-		/* Lost here, and no copy anywhere: still lost. */
-		conv->lost = 1;
-		snprintf(conv->lost_why, sizeof(conv->lost_why), "%s", t->lost_why);
-		status = 410;
-		snprintf(msg, sizeof(msg), "conversation '%s' is lost: %.400s; no peer and no "
-			 "--snapshot-dir file has it; DELETE /v1/conversations/%s to start it anew",
-			 t->id, t->lost_why, t->id);
-	} else if (status != 200) {
-		backend_conv_free(b, conv);
-		conv = NULL;
-	}
-	if (t->kind == TASK_IMPORT) {
-		if (status == 200) {
-			__atomic_add_fetch(&gw->count.conversations_moved_in, 1, __ATOMIC_RELAXED);
-			struct gw_buf body = { 0 };
-			gw_buf_puts(&body, "{\"id\":");
-			gw_json_string(&body, t->id, strlen(t->id));
-			gw_buf_printf(&body, ",\"object\":\"conversation\",\"imported\":true,"
-				      "\"messages\":%llu,\"from\":",
-				      (unsigned long long)conv->fed_messages);
-			gw_json_string(&body, t->from, strlen(t->from));
-			gw_buf_puts(&body, "}\n");
-			backend_job_done(b, j, 200, &body, NULL);
-			gw_buf_free(&body);
-		} else {
-			job_fail(b, j, status, msg, backend_status_type(status),
-				 status == 409 ? "conversation_exists"
-				 : status == 422 ? "conversation_refused" : NULL);
-		}
-		gw_job_unref(gw, j);
-		task_free(t);
-		return;
-	}
-	/* Pull: the request goes on, on the conversation moved here or on a new one. */
-	j->no_fetch = 1;
-	if (status == 200) {
-		if (t->from_file) {
-			j->restored = 1;
-			j->restored_age_s = t->age_s;
-			__atomic_add_fetch(&gw->count.conversations_restored, 1, __ATOMIC_RELAXED);
-		} else {
-			snprintf(j->moved_from, sizeof(j->moved_from), "%s", t->from);
-			__atomic_add_fetch(&gw->count.conversations_moved_in, 1, __ATOMIC_RELAXED);
-		}
-		backend_start(b, j);
-	} else if (status == 404) {
-		backend_start(b, j);
-	} else {
-		job_fail(b, j, status, msg, backend_status_type(status),
-			 status == 410 ? "conversation_lost"
-			 : status == 409 ? "conversation_busy" : "conversation_move_failed");
-		gw_job_unref(gw, j);
-	}
-	task_free(t);
-}
-
-static void backend_take_tasks(struct gw_backend *b)
-{
-	struct gw *gw = b->gw;
-	pthread_mutex_lock(&gw->lock);
-	struct gw_task *done = gw->tasks_done;
-	gw->tasks_done = NULL;
-	pthread_mutex_unlock(&gw->lock);
-	while (done) {
-		struct gw_task *next = done->next;
-		b->tasks_running--;
-		backend_task_done(b, done);
-		done = next;
-	}
-}
-
-/* --snapshot-dir: every idle conversation exported into the shared directory as ID.skvconv
- * (through ID.skvconv.tmp and a rename), each --snapshot-interval seconds. */
-static void backend_snapshot_all(struct gw_backend *b, double now)
-{
-	struct gw *gw = b->gw;
-	if (!gw->opts.snapshot_dir || !b->client || now < b->next_snapshot)
-		return;
-	b->next_snapshot = now + gw->opts.snapshot_interval;
-	for (struct gw_conv *c = b->convs; c; c = c->next) {
-		if (c->lost || c->task || !c->st || c->st->job || c->st->skip_ends)
-			continue;
-		struct gw_task *t = backend_task_new(b, TASK_SNAPSHOT, NULL, c, c->id);
-		if (!t)
-			return;
-		struct skv_client_stream_info info;
-		skv_client_stream_info(c->st->s, &info);
-		t->stream_id = info.id;
-		size_t len;
-		char *text = backend_export_state(b, c, &len);
-		if (!text || gw_buf_put(&t->state_text, text, len) < 0) {
-			free(text);
-			task_free(t);
-			return;
-		}
-		free(text);
-		backend_task_start(b, t);
-	}
 }
 
 /* ---- starting a job ---------------------------------------------------------------------- */
@@ -1595,7 +721,7 @@ static void backend_delete(struct gw_backend *b, struct gw_job *j)
 		int err;
 		/* Detached (the daemon restarted and it is not attached yet): end it there too. */
 		if (!conv->st && !conv->lost && conv->token[0] && b->client && !b->reattach_due)
-			backend_conv_attach(b, conv, &err);
+			conv_attach(b, conv, &err);
 		backend_conv_unlink_file(b, conv->id);
 		backend_conv_free(b, conv);
 		struct gw_buf body = { 0 };
@@ -1640,7 +766,7 @@ static int backend_chat_text(struct gw_backend *b, struct gw_job *j, struct gw_c
 	return 0;
 }
 
-static void backend_start(struct gw_backend *b, struct gw_job *j)
+void backend_start(struct gw_backend *b, struct gw_job *j)
 {
 	struct gw *gw = b->gw;
 	pthread_mutex_lock(&gw->lock);
@@ -1655,7 +781,7 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		return;
 	}
 	if (j->req.kind == GW_EXPORT || j->req.kind == GW_IMPORT) {
-		(j->req.kind == GW_EXPORT ? backend_export : backend_import)(b, j);
+		(j->req.kind == GW_EXPORT ? conv_export : conv_import)(b, j);
 		return;
 	}
 	if (!b->client) {
@@ -1691,7 +817,7 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 			char why[sizeof(conv->lost_why)];
 			snprintf(why, sizeof(why), "%s", conv->lost_why);
 			backend_conv_free(b, conv);
-			if (backend_pull(b, j, why))
+			if (conv_pull(b, j, why))
 				return;
 			conv = backend_conv_new(b, j->req.conversation, j->key_hash);
 			if (conv) {
@@ -1725,12 +851,12 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 				 "conversation", gw->opts.node_name);
 		}
 		if (status) {
-			job_fail(b, j, status, msg, backend_status_type(status), code);
+			job_fail(b, j, status, msg, conv_status_type(status), code);
 			gw_job_unref(gw, j);
 			return;
 		}
-		if (!conv && !j->no_fetch && backend_pull(b, j, NULL))
-			return; /* backend_task_done starts it again */
+		if (!conv && !j->no_fetch && conv_pull(b, j, NULL))
+			return; /* conv_task_done starts it again */
 		if (conv)
 			st = conv->st;
 	}
@@ -1738,7 +864,7 @@ static void backend_start(struct gw_backend *b, struct gw_job *j)
 		skv_client_stream *s;
 		char name[SKV_CLIENT_NAME_MAX];
 		if (j->req.conversation[0])
-			backend_stream_name(j->req.conversation, name, sizeof(name));
+			conv_stream_name(j->req.conversation, name, sizeof(name));
 		int err = backend_open(b, j, j->req.conversation[0] ? name : NULL, &s);
 		if (err < 0) {
 			const char *type, *code;
@@ -2018,7 +1144,7 @@ static void *backend_main(void *arg)
 		if (b->client && now >= b->next_stats)
 			backend_stats(b);
 		if (b->tasks_running)
-			backend_take_tasks(b);
+			conv_take_tasks(b);
 		int queued = backend_take_queue(b);
 		backend_take_cancels(b);
 		size_t n_paused = backend_unpause(b);
@@ -2026,8 +1152,8 @@ static void *backend_main(void *arg)
 		int progressed = b->client ? backend_pump(b, n_paused) : 0;
 		backend_expire(b, now);
 		backend_watch(b, now);
-		backend_snapshot_all(b, now);
-		backend_state_flush(b);
+		conv_snapshot_all(b, now);
+		conv_state_flush(b);
 		if (progressed || queued)
 			continue;
 		struct pollfd pfd[2] = { { .fd = gw->wake_fd, .events = POLLIN },
@@ -2063,7 +1189,7 @@ static void *backend_main(void *arg)
 	}
 	/* Exports and pulls in progress end first (their transfers see gw->stopping). */
 	while (b->tasks_running) {
-		backend_take_tasks(b);
+		conv_take_tasks(b);
 		if (b->tasks_running)
 			usleep(10000);
 	}
@@ -2083,7 +1209,7 @@ static void *backend_main(void *arg)
 		}
 	}
 	b->state_dirty |= gw->opts.state_dir != NULL;
-	backend_state_flush(b);
+	conv_state_flush(b);
 	while (b->convs) {
 		struct gw_conv *conv = b->convs;
 		b->convs = conv->next;
@@ -2107,7 +1233,7 @@ int gw_backend_start(struct gw *gw)
 	/* Before any thread: libcurl's global state (the peers' transfers). */
 	if (gw->opts.n_peers && curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		return -ENOMEM;
-	backend_state_load(b);
+	conv_state_load(b);
 	b->next_snapshot = backend_now() + gw->opts.snapshot_interval;
 	/* The first attempt here, so that the model's name is known before the first request. */
 	backend_connect(b);
