@@ -168,6 +168,12 @@ ATTN_INLINE int attn_full(uint32_t block, uint32_t lo, uint32_t hi)
 	return block >= lo && block + ATTN_LANES <= hi;
 }
 
+/* ALiBi's bias of one or two heads over one range of slots (NULL: no ALiBi). */
+struct attn_alibi {
+	float slope0, slope1; /* the heads' slopes */
+	int64_t origin;       /* slot t lies at distance origin - t from the query */
+};
+
 /* One block of scores; masked != 0 (a constant at each call) handles a partial block. For q8
  * the dot runs over the integer codes and the slot's scale multiplies the sum once: the score
  * is that of the dequantized key, without dequantizing each component. */
@@ -176,8 +182,8 @@ ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, uint32_t b, u
 				   const void *restrict k_rows, const float *restrict k_scale,
 				   const void *next_k, const float *next_k_scale, size_t stride,
 				   uint32_t head_size,
-				   float scale, float *restrict s0, float *restrict s1,
-				   attn_vf *vmax0, attn_vf *vmax1)
+				   float scale, const struct attn_alibi *alibi, float *restrict s0,
+				   float *restrict s1, attn_vf *vmax0, attn_vf *vmax1)
 {
 	const attn_vf neg_inf = attn_splat(-INFINITY);
 	attn_vf k = attn_load_kv(k_rows, b, kind);
@@ -201,6 +207,15 @@ ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, uint32_t b, u
 	} else {
 		acc0 *= scale;
 		acc1 *= scale;
+	}
+	if (alibi) {
+		/* In-cache distances are whole numbers below 2^24 (SKV_KV_MAX_SLOTS): exact in
+		 * float. (--positions abs gives the sinks larger ones, whose weights vanish.) */
+		const attn_vf lanes = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
+		attn_vf dist = attn_splat((float)(alibi->origin - (int64_t)b)) - lanes;
+		acc0 -= attn_splat(alibi->slope0) * dist;
+		if (pair)
+			acc1 -= attn_splat(alibi->slope1) * dist;
 	}
 	if (masked) {
 		attn_vi mask = attn_mask(b, lo, hi);
@@ -228,7 +243,8 @@ ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 			     const float *restrict k_scale, const void *next_k,
 			     const float *next_k_scale, size_t stride,
 			     uint32_t head_size,
-			     uint32_t lo, uint32_t hi, float scale, float *restrict s0,
+			     uint32_t lo, uint32_t hi, float scale,
+			     const struct attn_alibi *alibi, float *restrict s0,
 			     float *restrict s1, float *max0, float *max1)
 {
 	attn_vf vmax0 = attn_splat(-INFINITY), vmax1 = vmax0;
@@ -237,12 +253,12 @@ ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 			attn_scores_block(kind, pair, 0, b, lo, hi, q0, q1, k_rows, k_scale, next_k,
 					  next_k_scale, stride,
 					  head_size,
-					  scale, s0, s1, &vmax0, &vmax1);
+					  scale, alibi, s0, s1, &vmax0, &vmax1);
 		else
 			attn_scores_block(kind, pair, 1, b, lo, hi, q0, q1, k_rows, k_scale, next_k,
 					  next_k_scale, stride,
 					  head_size,
-					  scale, s0, s1, &vmax0, &vmax1);
+					  scale, alibi, s0, s1, &vmax0, &vmax1);
 	}
 	float m0 = attn_hmax(vmax0);
 	*max0 = m0 > *max0 ? m0 : *max0;
@@ -388,11 +404,17 @@ ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args
 	float *out0 = args->out + (size_t)h * hs, *out1 = out0 + hs;
 	float max0 = -INFINITY, max1 = -INFINITY;
 
-	for (uint32_t r = 0; r < n_ranges; r++)
+	for (uint32_t r = 0; r < n_ranges; r++) {
+		struct attn_alibi alibi;
+		if (args->alibi_slopes)
+			alibi = (struct attn_alibi){ args->alibi_slopes[h],
+						     pair ? args->alibi_slopes[h + 1] : 0.0f,
+						     ranges[r].alibi_origin };
 		attn_scores(kind, pair, ranges[r].q + (size_t)h * hs,
 			    ranges[r].q + (size_t)(h + 1) * hs, kv->k, kv->k_scale, kv->next_k,
-			    kv->next_k_scale, stride, hs, ranges[r].lo, ranges[r].hi, scale, s0, s1,
-			    &max0, &max1);
+			    kv->next_k_scale, stride, hs, ranges[r].lo, ranges[r].hi, scale,
+			    args->alibi_slopes ? &alibi : NULL, s0, s1, &max0, &max1);
+	}
 	float sum0 = 0.0f, sum1 = 0.0f;
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		sum0 += attn_exp_sum(s0, ranges[r].lo, ranges[r].hi, max0);
@@ -470,27 +492,35 @@ void ATTN_FN(attn_attend)(const struct skv_attn_args *args)
 	float inv_sqrt = 1.0f / sqrtf((float)hs);
 
 	/* Valid slots of this step: the sinks, then the window from its head, wrapping once. */
+	/* ALiBi origins: sink j lies at alibi_sink_pos - j; the newest window token (the row's
+	 * own, order window_fill - 1) at distance 0, the oldest (at window_head) at
+	 * window_fill - 1, the wrapped part continuing from desc->sink_slots. */
 	struct attn_range ranges[3];
 	uint32_t n_ranges = 0;
+	int64_t newest = (int64_t)step->window_head + step->window_fill - 1;
 	if (step->sink_count)
-		ranges[n_ranges++] = (struct attn_range){ 0, step->sink_count, args->q_sink };
+		ranges[n_ranges++] = (struct attn_range){ 0, step->sink_count, args->q_sink,
+							  (int64_t)args->alibi_sink_pos };
 	if (step->window_fill) {
 		uint32_t end = step->window_head + step->window_fill;
 		uint32_t first_end = end < ring_end ? end : ring_end;
 		ranges[n_ranges++] =
-			(struct attn_range){ step->window_head, first_end, args->q_window };
+			(struct attn_range){ step->window_head, first_end, args->q_window, newest };
 		if (end > ring_end)
 			ranges[n_ranges++] = (struct attn_range){
-				desc->sink_slots, desc->sink_slots + (end - ring_end), args->q_window
+				desc->sink_slots, desc->sink_slots + (end - ring_end), args->q_window,
+				newest - (ring_end - desc->sink_slots)
 			};
 	}
-	/* Adjacent ranges scored with the same query are one run of slots: merging them makes
-	 * the arithmetic (and so the result) identical to a cache without sinks, e.g. sink with
-	 * a window not yet full against dense. */
+	/* Adjacent ranges scored with the same query (and, for ALiBi, the same origin) are one
+	 * run of slots: merging them makes the arithmetic (and so the result) identical to a
+	 * cache without sinks, e.g. sink with a window not yet full against dense. */
 	uint32_t merged = 0;
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		if (merged && ranges[merged - 1].hi == ranges[r].lo &&
-		    ranges[merged - 1].q == ranges[r].q)
+		    ranges[merged - 1].q == ranges[r].q &&
+		    (!args->alibi_slopes ||
+		     ranges[merged - 1].alibi_origin == ranges[r].alibi_origin))
 			ranges[merged - 1].hi = ranges[r].hi;
 		else
 			ranges[merged++] = ranges[r];

@@ -19,6 +19,7 @@ typedef float attn_vf_u __attribute__((vector_size(64), aligned(4))); /* unalign
 struct attn_range {
 	uint32_t lo, hi;
 	const float *q;
+	int64_t alibi_origin; /* ALiBi: slot t of the range lies at distance alibi_origin - t */
 };
 
 

@@ -94,6 +94,18 @@ void skv_rope_rotate(const struct skv_rope *rope, float *vec, uint32_t n_heads,
 	}
 }
 
+void skv_alibi_slopes(float *slopes, uint32_t n_heads, float max_bias)
+{
+	uint32_t n_pow2 = 1;
+	while (n_pow2 * 2 <= n_heads)
+		n_pow2 *= 2;
+	float m0 = powf(2.0f, -max_bias / (float)n_pow2);
+	float m1 = powf(2.0f, -(max_bias / 2.0f) / (float)n_pow2);
+	for (uint32_t h = 0; h < n_heads; h++)
+		slopes[h] = h < n_pow2 ? powf(m0, (float)(h + 1))
+				       : powf(m1, (float)(2 * (h - n_pow2) + 1));
+}
+
 float skv_expf(float x)
 {
 	x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;

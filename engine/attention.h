@@ -79,6 +79,14 @@ struct skv_attn_args {
 	 * prefetches into L2 each line of them that matches a line it reads here, so that the
 	 * next row's KV streams in from memory while this row computes. */
 	const void *next_k_plane, *next_v_plane;
+	/* ALiBi (mpt; NULL: none): head h's score of a key gets -alibi_slopes[h] * distance, the
+	 * query's in-cache position minus the key's. Window keys lie in text order, so their
+	 * distance is the text distance, from step's window_head and window_fill; the sinks'
+	 * is alibi_sink_pos - j for sink j, alibi_sink_pos being the position the sinks see
+	 * the query at (step->cache_pos, or the absolute position for --positions abs). One
+	 * offset per slot range: nothing is stored per key, nothing re-biased per step. */
+	const float *alibi_slopes;  /* [n_heads] */
+	uint64_t alibi_sink_pos;
 };
 
 void skv_attend(const struct skv_attn_args *args);
@@ -98,6 +106,12 @@ int skv_attend_isa(const char *isa, const struct skv_attn_args *args);
  * its KV); touches nothing else. */
 void skv_kv_store_row(const struct skv_kv_desc *desc, void *base, uint32_t layer, uint32_t slot,
 		      const float *k, const float *v);
+
+/* ALiBi's slope of every head as ggml computes them (llama.cpp's MPT): with n' the largest
+ * power of two <= n_heads, m0 = 2^(-max_bias / n') and m1 = 2^(-max_bias / 2 / n'), head h < n'
+ * gets m0^(h + 1), head h >= n' gets m1^(2 (h - n') + 1) (the ALiBi paper's slopes for n', then
+ * the odd ones of 2 n' for the rest). slopes[n_heads]. */
+void skv_alibi_slopes(float *slopes, uint32_t n_heads, float max_bias);
 
 /* expf for the softmax, vectorisable; max relative error below 2e-7 on [-87, 0]. */
 float skv_expf(float x);

@@ -82,6 +82,7 @@ struct skv_runner {
 	uint32_t scores_cap;
 	size_t scores_ld;
 	uint32_t *run_start; /* [max_rows + 1] first row of each stream's run (threaded attention) */
+	float *alibi_slopes; /* [n_heads] ALiBi's per-head slopes (mpt), NULL: RoPE */
 };
 
 /* Describe group g (0..3) of layer l, or the classifier (l == n_layers). */
@@ -271,6 +272,7 @@ void skv_runner_free(struct skv_runner *r)
 	free(r->ring_after);
 	free(r->scores);
 	free(r->run_start);
+	free(r->alibi_slopes);
 	free(r->cls_out);
 	free(r);
 }
@@ -310,6 +312,12 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 		err = skv_errorf(msg, msg_len, -SKV_EFORMAT, "%s: bad llama3 rope scaling factors",
 				 model->path);
 		goto fail;
+	}
+	if (c->alibi_max_bias > 0.0f) {
+		r->alibi_slopes = calloc((size_t)c->n_heads, sizeof(float));
+		if (!r->alibi_slopes)
+			goto fail;
+		skv_alibi_slopes(r->alibi_slopes, (uint32_t)c->n_heads, c->alibi_max_bias);
 	}
 	err = skv_backend_new(max_rows, threads, &r->be, msg, msg_len);
 	if (err < 0)
@@ -583,8 +591,20 @@ static void forward_qkv_bias(struct skv_runner *r, const struct skv_layer_weight
 	}
 }
 
+/* mpt's clamp_kqv: every q, k and v component into [-c, c], after the biases (llama.cpp's
+ * order). */
+static void forward_qkv_clamp(struct skv_runner *r, uint32_t n_rows)
+{
+	float c = r->cfg.clamp_kqv;
+	if (!(c > 0.0f))
+		return;
+	for (size_t i = 0; i < (size_t)n_rows * r->qkv_dim; i++)
+		r->qkv[i] = r->qkv[i] < -c ? -c : r->qkv[i] > c ? c : r->qkv[i];
+}
+
 /* One row: rotate and store its key and value, rotate its query, attend over its stream's
- * slots. q_sink and scores are the calling thread's scratch. */
+ * slots (ALiBi: nothing rotates; the kernel biases each range by its distances). q_sink and
+ * scores are the calling thread's scratch. */
 static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t row,
 			       uint32_t n_rows, float *q_sink_buf, float *scores)
 {
@@ -597,18 +617,21 @@ static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t ro
 	const float *ca = r->cos_abs + row * pairs, *sa = r->sin_abs + row * pairs;
 	const float *cs = r->cos_sink + row * pairs, *ss = r->sin_sink + row * pairs;
 
-	forward_rope(r, k, (uint32_t)c->n_kv_heads, ca, sa);
+	const int alibi = r->alibi_slopes != NULL;
+	if (!alibi)
+		forward_rope(r, k, (uint32_t)c->n_kv_heads, ca, sa);
 	skv_kv_store_row(&fr->seq->desc, fr->seq->kv_base, layer, fr->step.slot, k, v);
 	if (layer == 0)
 		skv_kv_region_tokens(fr->seq->kv_base, &fr->seq->desc)[fr->step.slot] = fr->token;
 
 	const float *q_sink = q;
-	if (fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
+	if (!alibi && fr->step.sink_count && fr->sink_pos != fr->step.abs_pos) {
 		memcpy(q_sink_buf, q, dim * sizeof(float));
 		forward_rope(r, q_sink_buf, (uint32_t)c->n_heads, cs, ss);
 		q_sink = q_sink_buf;
 	}
-	forward_rope(r, q, (uint32_t)c->n_heads, ca, sa);
+	if (!alibi)
+		forward_rope(r, q, (uint32_t)c->n_heads, ca, sa);
 
 	struct skv_attn_args args = {
 		.q_window = q,
@@ -620,6 +643,8 @@ static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t ro
 		.n_heads = (uint32_t)c->n_heads,
 		.scores = scores,
 		.out = r->att + (size_t)row * dim,
+		.alibi_slopes = r->alibi_slopes,
+		.alibi_sink_pos = fr->sink_pos,
 	};
 	if (row + 1 < n_rows) {
 		const struct skv_seq *nx = r->rows[row + 1].seq;
@@ -688,6 +713,7 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 		if ((err = forward_group_run(r, &fl->qkv, n_rows, r->xb, r->qkv)) < 0)
 			return err;
 		forward_qkv_bias(r, w, n_rows);
+		forward_qkv_clamp(r, n_rows);
 		/* Parallel residual: the FFN reads the same x as attention (xb is free now). */
 		if (c->parallel_residual)
 			forward_norm(r, r->xb, r->x, w->ffn_norm, w->ffn_norm_b, n_rows);

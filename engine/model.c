@@ -477,6 +477,7 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		{ "qwen2", SKV_ARCH_QWEN2, SKV_ROPE_NEOX },
 		{ "gptneox", SKV_ARCH_GPTNEOX, SKV_ROPE_NEOX },
 		{ "falcon", SKV_ARCH_FALCON, SKV_ROPE_NEOX },
+		{ "mpt", SKV_ARCH_MPT, SKV_ROPE_NEOX }, /* no rotary: the order is never used */
 	};
 	const char *prefix = NULL;
 	for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++) {
@@ -494,7 +495,7 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		shown[n] = '\0';
 		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
 				  "%s: GGUF architecture '%s' is not supported (llama, qwen2,"
-				  " gptneox, falcon)",
+				  " gptneox, falcon, mpt)",
 				  m->path, shown);
 	}
 	char key[GGUF_NAME_MAX];
@@ -520,6 +521,26 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		cfg->layer_norm = 1;
 		cfg->gelu_ffn = 1;
 		cfg->parallel_residual = 1;
+	}
+	if (cfg->arch == SKV_ARCH_MPT) {
+		cfg->layer_norm = 1;
+		cfg->gelu_ffn = 1;
+		/* llama.cpp requires max_alibi_bias; its converter writes 0 for an MPT with learned
+		 * positions instead of ALiBi, which streamkv does not run. */
+		if ((err = model_gguf_float(m, MODEL_KEY("attention.max_alibi_bias"), 0.0f, true,
+					    &cfg->alibi_max_bias, msg, msg_len)) ||
+		    (err = model_gguf_float(m, MODEL_KEY("attention.clamp_kqv"), 0.0f, false,
+					    &cfg->clamp_kqv, msg, msg_len)))
+			return err;
+		if (!(cfg->alibi_max_bias > 0.0f) || !isfinite(cfg->alibi_max_bias))
+			return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					  "%s: GGUF mpt.attention.max_alibi_bias %g: only MPT with"
+					  " ALiBi (a positive maximum bias) is supported", m->path,
+					  (double)cfg->alibi_max_bias);
+		if (!(cfg->clamp_kqv >= 0.0f) || isinf(cfg->clamp_kqv))
+			return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					  "%s: GGUF mpt.attention.clamp_kqv %g must be a finite,"
+					  " non-negative bound", m->path, (double)cfg->clamp_kqv);
 	}
 	if (cfg->arch == SKV_ARCH_GPTNEOX) {
 		int parallel = 1; /* llama.cpp's default when the key is absent */
@@ -581,6 +602,9 @@ static int model_gguf_config(struct skv_model *m, char *msg, size_t msg_len)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
 				  "%s: GGUF %s %" PRIu32 " must be even, positive and at most the"
 				  " head size %" PRId32, m->path, key, rope_dims, cfg->head_size);
+	if (!err && cfg->arch == SKV_ARCH_MPT)
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF %s: mpt has no rotary embedding (ALiBi)", m->path, key);
 	if (!err && cfg->arch != SKV_ARCH_GPTNEOX && rope_dims != (uint32_t)cfg->head_size)
 		return skv_errorf(msg, msg_len, -SKV_ESHAPE,
 				  "%s: GGUF %s %" PRIu32 " differs from the head size %" PRId32,
@@ -631,6 +655,48 @@ static int model_open_falcon_layer(const struct skv_model *m, int32_t l,
 	return 0;
 }
 
+/* mpt as llama.cpp reads it: LayerNorms (biases optional: MPT-7B has none), the fused attn_qkv,
+ * attn_output, ffn_up, GELU, ffn_down, each with an optional bias; sequential residual. What
+ * llama.cpp also accepts but streamkv does not run is refused by name: learned positions
+ * (position_embd, MPT without ALiBi), the q/k LayerNorms of qk_ln models and AWQ's activation
+ * scales. */
+static int model_open_mpt_layer(const struct skv_model *m, int32_t l,
+				struct skv_layer_weights *lw, struct skv_qmat *qkv,
+				const float **bqkv, char *msg, size_t msg_len)
+{
+	const int64_t dim = m->cfg.dim, hidden = m->cfg.hidden_dim, kv_dim = m->cfg.kv_dim;
+	static const char *const unsupported[] = { "attn_q_norm.weight", "attn_k_norm.weight",
+						   "ffn.act.scales" };
+	char name[GGUF_NAME_MAX];
+	int err;
+
+	for (size_t i = 0; i < sizeof(unsupported) / sizeof(unsupported[0]); i++) {
+		snprintf(name, sizeof(name), "blk.%" PRId32 ".%s", l, unsupported[i]);
+		if (skv_gguf_find_tensor(m->gguf, name))
+			return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					  "%s: GGUF tensor %s: this mpt layout is not supported",
+					  m->path, name);
+	}
+	if ((err = model_gguf_layer_vector(m, l, "attn_norm", dim, &lw->attn_norm, msg,
+					   msg_len)) ||
+	    (err = model_gguf_bias(m, l, "attn_norm", dim, &lw->attn_norm_b, msg, msg_len)) ||
+	    (err = model_gguf_layer_matrix(m, l, "attn_qkv", dim + 2 * kv_dim, dim, qkv, msg,
+					   msg_len)) ||
+	    (err = model_gguf_bias(m, l, "attn_qkv", dim + 2 * kv_dim, bqkv, msg, msg_len)) ||
+	    (err = model_gguf_layer_matrix(m, l, "attn_output", dim, dim, &lw->wo, msg,
+					   msg_len)) ||
+	    (err = model_gguf_bias(m, l, "attn_output", dim, &lw->bo, msg, msg_len)) ||
+	    (err = model_gguf_layer_vector(m, l, "ffn_norm", dim, &lw->ffn_norm, msg, msg_len)) ||
+	    (err = model_gguf_bias(m, l, "ffn_norm", dim, &lw->ffn_norm_b, msg, msg_len)) ||
+	    (err = model_gguf_layer_matrix(m, l, "ffn_up", hidden, dim, &lw->w3, msg, msg_len)) ||
+	    (err = model_gguf_bias(m, l, "ffn_up", hidden, &lw->b_up, msg, msg_len)) ||
+	    (err = model_gguf_layer_matrix(m, l, "ffn_down", dim, hidden, &lw->w2, msg,
+					   msg_len)) ||
+	    (err = model_gguf_bias(m, l, "ffn_down", dim, &lw->b_down, msg, msg_len)))
+		return err;
+	return 0;
+}
+
 static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
 {
 	const struct skv_model_config *cfg = &m->cfg;
@@ -639,15 +705,27 @@ static int model_open_gptneox(struct skv_model *m, char *msg, size_t msg_len)
 	const float *bqkv;
 	int err;
 
+	bool mpt = cfg->arch == SKV_ARCH_MPT;
+	if (mpt && skv_gguf_find_tensor(m->gguf, "position_embd.weight"))
+		return skv_errorf(msg, msg_len, -SKV_EFORMAT,
+				  "%s: GGUF tensor position_embd.weight: mpt with learned positions"
+				  " instead of ALiBi is not supported", m->path);
 	if ((err = model_gguf_matrix(m, "token_embd.weight", cfg->vocab_size, dim,
 				     &m->token_embedding, msg, msg_len)) ||
-	    (err = model_gguf_vector(m, "output_norm.weight", dim, &m->final_norm, msg, msg_len)) ||
+	    (err = model_gguf_vector(m, "output_norm.weight", dim, &m->final_norm, msg, msg_len)))
+		return err;
+	if ((!mpt || skv_gguf_find_tensor(m->gguf, "output_norm.bias")) &&
 	    (err = model_gguf_req_bias(m, -1, "output_norm.bias", dim, &m->final_norm_b, msg,
 				       msg_len)))
 		return err;
 	for (int32_t l = 0; l < cfg->n_layers; l++) {
 		struct skv_layer_weights *lw = &m->layers[l];
 		bqkv = NULL;
+		if (mpt) {
+			if ((err = model_open_mpt_layer(m, l, lw, &qkv, &bqkv, msg, msg_len)))
+				return err;
+			goto views;
+		}
 		if (cfg->arch == SKV_ARCH_FALCON) {
 			if ((err = model_gguf_layer_vector(m, l, "attn_norm", dim, &lw->attn_norm,
 							   msg, msg_len)) ||
@@ -719,7 +797,8 @@ static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
 		return err;
 
 	const int64_t dim = cfg->dim, hidden = cfg->hidden_dim, kv_dim = cfg->kv_dim;
-	if (cfg->arch == SKV_ARCH_GPTNEOX || cfg->arch == SKV_ARCH_FALCON) {
+	if (cfg->arch == SKV_ARCH_GPTNEOX || cfg->arch == SKV_ARCH_FALCON ||
+	    cfg->arch == SKV_ARCH_MPT) {
 		err = model_open_gptneox(m, msg, msg_len);
 		if (err)
 			return err;

@@ -25,6 +25,7 @@ enum skv_model_arch {
 	SKV_ARCH_QWEN2 = 1,  /* llama with biases on q, k, v and NEOX-order RoPE */
 	SKV_ARCH_GPTNEOX = 2, /* Pythia: partial NEOX RoPE, LayerNorm, GELU, biases, parallel */
 	SKV_ARCH_FALCON = 3,  /* parallel attention and MLP on one LayerNorm, multi-query, GELU */
+	SKV_ARCH_MPT = 4,     /* ALiBi (no rotary), LayerNorm, GELU, fused qkv, biases optional */
 };
 
 enum skv_rope_scaling {
@@ -60,6 +61,10 @@ struct skv_model_config {
 	int32_t layer_norm;  /* 1: LayerNorm (mean and variance, weight and bias), else RMSNorm */
 	int32_t gelu_ffn;    /* 1: up -> GELU -> down (no gate), else SwiGLU */
 	int32_t parallel_residual; /* 1: x + attn(norm1(x)) + ffn(norm2(x)) */
+	float alibi_max_bias; /* mpt: ALiBi's maximum bias (8 for MPT-7B): scores get
+			       * -slope_h * distance (skv_alibi_slopes), keys are not rotated;
+			       * 0: no ALiBi (RoPE) */
+	float clamp_kqv;      /* mpt: q, k, v clamped to [-clamp_kqv, clamp_kqv] when > 0 */
 };
 
 /* Every matrix is [out][in] row-major as the file stores it (llama2.c's layout), in the file's

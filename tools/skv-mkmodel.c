@@ -9,7 +9,7 @@
  *               -o OUT.gguf
  *
  * The file is what engine/gguf.c reads: GGUF v3, general.alignment 32, architecture llama
- * (--arch: qwen2, gptneox or falcon, each with its metadata prefix and tensor layout as
+ * (--arch: qwen2, gptneox, falcon or mpt, each with its metadata prefix and tensor layout as
  * llama.cpp's converter writes it), tensors under llama.cpp's names, and a vocabulary in
  * tokenizer.ggml.{tokens,scores,token_type} converted from a llama2.c tokenizer file (the
  * inverse of what engine/tokenizer.c does when it reads a GGUF vocabulary), generated
@@ -112,8 +112,15 @@ struct mk_shape {
 };
 
 /* The architectures written: general.architecture and the metadata prefix. */
-enum { MK_ARCH_LLAMA = 0, MK_ARCH_QWEN2 = 1, MK_ARCH_GPTNEOX = 2, MK_ARCH_FALCON = 3 };
-static const char *const mk_arch_names[] = { "llama", "qwen2", "gptneox", "falcon" };
+enum {
+	MK_ARCH_LLAMA = 0,
+	MK_ARCH_QWEN2 = 1,
+	MK_ARCH_GPTNEOX = 2,
+	MK_ARCH_FALCON = 3,
+	MK_ARCH_MPT = 4,
+};
+static const char *const mk_arch_names[] = { "llama", "qwen2", "gptneox", "falcon", "mpt" };
+#define MK_MPT_ALIBI_MAX_BIAS 8.0f /* MPT-7B's attn_config.alibi_bias_max */
 
 static const struct mk_shape mk_presets[] = {
 	/* TinyLlama-1.1B (Llama 2 architecture, grouped-query attention: 4 KV heads of 32). */
@@ -140,6 +147,9 @@ static const struct mk_shape mk_presets[] = {
 	  0 },
 	/* Falcon-7B: multi-query attention (one KV head of 64 for 71 query heads). */
 	{ "falcon-7b", 4544, 18176, 32, 71, 1, 65024, 2048, 0, MK_ROPE_THETA, MK_ARCH_FALCON, 0 },
+	/* MPT-7B: ALiBi (max bias 8), LayerNorm and linears without biases, tied classifier,
+	 * vocabulary padded to 50432. */
+	{ "mpt-7b", 4096, 16384, 32, 32, 32, 50432, 2048, 1, MK_ROPE_THETA, MK_ARCH_MPT, 0 },
 };
 
 /* The --type choices: a ggml type for every 2-D weight, or one of llama.cpp's mixes, and the
@@ -181,6 +191,7 @@ struct mk_opts {
 	int arch;                 /* -1 until given */
 	const char *vocab_file;   /* a GGUF whose tokenizer.* keys the model gets */
 	int rope_llama3;          /* -1 until given */
+	float clamp_kqv;          /* mpt: attention.clamp_kqv, 0: none */
 };
 
 /* The vocabulary as GGUF stores it: pieces with U+2581 for spaces, <s>/</s> bare. */
@@ -230,6 +241,7 @@ struct mk_plan {
 	struct mk_shape shape;
 	const struct mk_type *type;
 	uint64_t seed;
+	float clamp_kqv;        /* mpt: written when > 0 */
 	const struct mk_vocab *vocab;
 	struct mk_tensor *tensors;
 	uint64_t n_tensors;
@@ -291,7 +303,7 @@ static void mk_usage(FILE *out)
 	      "                      base 500000, but Llama 2's vocabulary of 32000 tokens: streamkv\n"
 	      "                      has no byte-level BPE tokenizer for Llama 3's yet), stories260k,\n"
 	      "                      llama-3-8b (Llama-3.1-8B, llama3 rope scaling), qwen2-0.5b,\n"
-	      "                      pythia-160m (gptneox), falcon-7b\n"
+	      "                      pythia-160m (gptneox), falcon-7b, mpt-7b\n"
 	      "  --dim, --hidden, --layers, --heads, --kv-heads (default: heads), --vocab,\n"
 	      "  --seq-len           the shape; with --shape, each one given overrides the preset\n"
 	      "  --type TYPE         weight type (default F32): F32, F16, BF16, Q8_0, Q4_0, Q4_K,\n"
@@ -307,7 +319,9 @@ static void mk_usage(FILE *out)
 	      "                      for 32000, models/stories260K/tok512.bin for 512, else bytes)\n"
 	      "  --arch ARCH         llama (default; the presets' own), qwen2 (biases on q, k, v) or\n"
 	      "                      gptneox (Pythia: LayerNorm, GELU, fused qkv, rotary on 1/4) or\n"
-	      "                      falcon (parallel attention and MLP on one LayerNorm)\n"
+	      "                      falcon (parallel attention and MLP on one LayerNorm) or mpt\n"
+	      "                      (ALiBi with max bias 8, LayerNorm, GELU, fused qkv, no biases)\n"
+	      "  --clamp-kqv C       mpt: q, k and v clamped to [-C, C] (MPT's clip_qkv)\n"
 	      "  --rope-scaling S    llama3 (Llama 3.1: factor 8, low 1, high 4, context 8192) or\n"
 	      "                      none (default; llama-3-8b: llama3)\n"
 	      "  --vocab-file FILE   a GGUF vocabulary (models/vocab/ggml-vocab-*.gguf): its\n"
@@ -350,6 +364,7 @@ enum {
 	OPT_ARCH,
 	OPT_ROPE_SCALING,
 	OPT_VOCAB_FILE,
+	OPT_CLAMP_KQV,
 	OPT_HELP,
 };
 
@@ -375,6 +390,7 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 		{ "dry-run", no_argument, NULL, OPT_DRY_RUN },
 		{ "arch", required_argument, NULL, OPT_ARCH },
 		{ "rope-scaling", required_argument, NULL, OPT_ROPE_SCALING },
+		{ "clamp-kqv", required_argument, NULL, OPT_CLAMP_KQV },
 		{ "vocab-file", required_argument, NULL, OPT_VOCAB_FILE },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
@@ -448,10 +464,22 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 				o->arch = MK_ARCH_GPTNEOX;
 			else if (!strcmp(optarg, "falcon"))
 				o->arch = MK_ARCH_FALCON;
+			else if (!strcmp(optarg, "mpt"))
+				o->arch = MK_ARCH_MPT;
 			else
-				mk_die(MK_EXIT_USAGE, "--arch: '%s' is not llama, qwen2, gptneox or"
-				       " falcon (mpt is not written yet)", optarg);
+				mk_die(MK_EXIT_USAGE, "--arch: '%s' is not llama, qwen2, gptneox, falcon"
+				       " or mpt", optarg);
 			break;
+		case OPT_CLAMP_KQV: {
+			char *end;
+			errno = 0;
+			double bound = strtod(optarg, &end);
+			if (errno || end == optarg || *end || !(bound > 0.0) || bound > 1e30)
+				mk_die(MK_EXIT_USAGE, "--clamp-kqv: '%s' is not a positive number",
+				       optarg);
+			o->clamp_kqv = (float)bound;
+			break;
+		}
 		case OPT_VOCAB_FILE:
 			if (!*optarg)
 				mk_die(MK_EXIT_USAGE, "--vocab-file needs a GGUF file name");
@@ -496,7 +524,7 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 		if (i == sizeof(mk_presets) / sizeof(mk_presets[0]))
 			mk_die(MK_EXIT_USAGE,
 			       "--shape: '%s' is not llama-1b, llama-7b, llama-8b, stories260k,"
-			       " llama-3-8b, qwen2-0.5b, pythia-160m or falcon-7b",
+			       " llama-3-8b, qwen2-0.5b, pythia-160m, falcon-7b or mpt-7b",
 			       o->preset);
 		s = mk_presets[i];
 	}
@@ -552,6 +580,8 @@ static void mk_parse(int argc, char **argv, struct mk_opts *o)
 		       " must equal --heads");
 	if (s.rope_llama3 && s.arch != MK_ARCH_LLAMA)
 		mk_die(MK_EXIT_USAGE, "--rope-scaling llama3 is for --arch llama");
+	if (o->clamp_kqv > 0.0f && s.arch != MK_ARCH_MPT)
+		mk_die(MK_EXIT_USAGE, "--clamp-kqv is for --arch mpt");
 	o->shape = s;
 	if (!o->out)
 		mk_die(MK_EXIT_USAGE, "no output file: give -o OUT.gguf");
@@ -850,8 +880,28 @@ static void mk_plan_build(struct mk_plan *p, const struct mk_shape *s)
 				      neox_sizes[falcon_tensors[i].rows], falcon_tensors[i].role, l);
 		}
 	}
+	/* mpt as llama.cpp's converter writes MPT-7B (no_bias): two LayerNorms without biases,
+	 * fused q|k|v, no biases on the linears, no gate; no position embedding (ALiBi). */
+	static const struct {
+		const char *name;
+		int rows, cols;
+		enum mk_role role;
+	} mpt_tensors[] = {
+		{ "attn_norm.weight", 0, 1, MK_ROLE_NORM },
+		{ "attn_qkv.weight", 4, 1, MK_ROLE_ATTN_Q },
+		{ "attn_output.weight", 1, 1, MK_ROLE_ATTN_OUTPUT },
+		{ "ffn_norm.weight", 0, 1, MK_ROLE_NORM },
+		{ "ffn_up.weight", 3, 1, MK_ROLE_FFN_UP }, { "ffn_down.weight", 1, 3, MK_ROLE_FFN_DOWN },
+	};
+	for (int64_t l = 0; s->arch == MK_ARCH_MPT && l < s->layers; l++) {
+		for (size_t i = 0; i < sizeof(mpt_tensors) / sizeof(mpt_tensors[0]); i++) {
+			snprintf(name, sizeof(name), "blk.%" PRId64 ".%s", l, mpt_tensors[i].name);
+			mk_add_tensor(p, name, neox_sizes[mpt_tensors[i].cols],
+				      neox_sizes[mpt_tensors[i].rows], mpt_tensors[i].role, l);
+		}
+	}
 	for (int64_t l = 0; s->arch != MK_ARCH_GPTNEOX && s->arch != MK_ARCH_FALCON &&
-			    l < s->layers; l++) {
+			    s->arch != MK_ARCH_MPT && l < s->layers; l++) {
 		for (uint64_t i = 0; i < per_layer; i++) {
 			snprintf(name, sizeof(name), "blk.%" PRId64 ".%s.weight", l,
 				 layer_tensors[i].suffix);
@@ -1118,12 +1168,18 @@ static void mk_emit_header(struct mk_writer *w, const struct mk_plan *p)
 	mk_kv_u32(w, MK_KEY("feed_forward_length"), (uint32_t)s->hidden);
 	/* Pythia's rotary_pct 0.25: a quarter of each head rotates (kept even). */
 	uint32_t head_size = (uint32_t)(s->dim / s->heads);
-	mk_kv_u32(w, MK_KEY("rope.dimension_count"),
-		  s->arch == MK_ARCH_GPTNEOX ? (head_size / 4 + 1) / 2 * 2 : head_size);
+	if (s->arch != MK_ARCH_MPT)
+		mk_kv_u32(w, MK_KEY("rope.dimension_count"),
+			  s->arch == MK_ARCH_GPTNEOX ? (head_size / 4 + 1) / 2 * 2 : head_size);
 	mk_kv_u32(w, MK_KEY("attention.head_count"), (uint32_t)s->heads);
 	mk_kv_u32(w, MK_KEY("attention.head_count_kv"), (uint32_t)s->kv_heads);
 	if (s->arch == MK_ARCH_FALCON) {
 		mk_kv_f32(w, MK_KEY("attention.layer_norm_epsilon"), MK_NORM_EPS);
+	} else if (s->arch == MK_ARCH_MPT) {
+		mk_kv_f32(w, MK_KEY("attention.layer_norm_epsilon"), MK_NORM_EPS);
+		mk_kv_f32(w, MK_KEY("attention.max_alibi_bias"), MK_MPT_ALIBI_MAX_BIAS);
+		if (p->clamp_kqv > 0.0f)
+			mk_kv_f32(w, MK_KEY("attention.clamp_kqv"), p->clamp_kqv);
 	} else if (s->arch == MK_ARCH_GPTNEOX) {
 		mk_kv_f32(w, MK_KEY("attention.layer_norm_epsilon"), MK_NORM_EPS);
 		mk_key(w, MK_KEY("use_parallel_residual"), SKV_GGUF_BOOL);
@@ -1132,7 +1188,8 @@ static void mk_emit_header(struct mk_writer *w, const struct mk_plan *p)
 	} else {
 		mk_kv_f32(w, MK_KEY("attention.layer_norm_rms_epsilon"), MK_NORM_EPS);
 	}
-	mk_kv_f32(w, MK_KEY("rope.freq_base"), s->rope_theta);
+	if (s->arch != MK_ARCH_MPT)
+		mk_kv_f32(w, MK_KEY("rope.freq_base"), s->rope_theta);
 	mk_kv_u32(w, MK_KEY("vocab_size"), (uint32_t)s->vocab);
 	if (s->rope_llama3) {
 		/* Llama 3.1's rope_scaling, under the names of its Hugging Face config. */
@@ -1387,6 +1444,7 @@ int main(int argc, char **argv)
 	plan.shape = o.shape;
 	plan.type = o.type;
 	plan.seed = o.seed;
+	plan.clamp_kqv = o.clamp_kqv;
 	mk_plan_build(&plan, &o.shape);
 
 	/* The output before the slow parts: an existing file is refused at once. */
@@ -1412,10 +1470,11 @@ int main(int argc, char **argv)
 	snprintf(summary, sizeof(summary),
 		 "%s shape (dim %" PRId64 ", hidden %" PRId64 ", %" PRId64 " layers, %" PRId64
 		 " heads, %" PRId64 " kv heads, vocab %" PRId64 ", seq %" PRId64 ", classifier %s,"
-		 " rope base %g%s), architecture %s, %s weights, %" PRIu64 " parameters, %" PRIu64 " bytes, seed %"
+		 " %s %g%s), architecture %s, %s weights, %" PRIu64 " parameters, %" PRIu64 " bytes, seed %"
 		 PRIu64 ", vocabulary: %s",
 		 s->name, s->dim, s->hidden, s->layers, s->heads, s->kv_heads, s->vocab, s->seq_len,
-		 s->tied ? "tied" : "separate", (double)s->rope_theta,
+		 s->tied ? "tied" : "separate", s->arch == MK_ARCH_MPT ? "ALiBi max bias" : "rope base",
+		 s->arch == MK_ARCH_MPT ? (double)MK_MPT_ALIBI_MAX_BIAS : (double)s->rope_theta,
 		 s->rope_llama3 ? ", llama3 scaling" : "", mk_arch_names[s->arch], o.type->name,
 		 plan.params,
 		 plan.file_bytes, o.seed, vocab.source);

@@ -96,6 +96,27 @@ static void ref_norm(double *out, const double *x, const float *w, const float *
 		out[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0);
 }
 
+/* ALiBi's slope of head h, in double, as MPT's Hugging Face code (gen_slopes) states it: with
+ * n' the power of two >= n_heads, slope_i = 2^(-max_bias (i + 1) / n') for i < n'; when n' >
+ * n_heads, the odd-numbered slopes then the even-numbered ones, cut to n_heads. */
+static double ref_alibi_slope(const struct skv_model_config *c, int h)
+{
+	int n = 1;
+	while (n < c->n_heads)
+		n *= 2;
+	int i = h;
+	if (n != c->n_heads)
+		i = h < n / 2 ? 2 * h + 1 : 2 * (h - n / 2);
+	return pow(2.0, -(double)c->alibi_max_bias * (i + 1) / n);
+}
+
+/* mpt's clamp_kqv on one vector, when the model has one. */
+static void ref_clamp(double *v, int n, const struct skv_model_config *c)
+{
+	for (int i = 0; c->clamp_kqv > 0.0f && i < n; i++)
+		v[i] = fmax(-c->clamp_kqv, fmin(c->clamp_kqv, v[i]));
+}
+
 /* out[i] += bias[i] when the model has that bias. */
 static void ref_bias(double *out, const float *bias, int n)
 {
@@ -184,13 +205,19 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 		ref_bias(q, w->bq, dim);
 		ref_bias(k, w->bk, kv_dim);
 		ref_bias(v, w->bv, kv_dim);
+		ref_clamp(q, dim, c);
+		ref_clamp(k, kv_dim, c);
+		ref_clamp(v, kv_dim, c);
 		for (int i = 0; i < kv_dim; i++) {
 			kc[(size_t)slot * kv_dim + i] = (float)k[i];
 			vc[(size_t)slot * kv_dim + i] = (float)v[i];
 		}
-		/* Re-rotate everything at this step's positions. */
+		/* Re-rotate (or, for ALiBi, re-bias) everything at this step's positions. */
+		int alibi = c->alibi_max_bias > 0.0f;
+		uint64_t q_pos = r->abs_positions ? q_abs : n_cache - 1;
 		memcpy(qr, q, dim * sizeof(double));
-		ref_rope(qr, dim, c, r->abs_positions ? q_abs : n_cache - 1);
+		if (!alibi)
+			ref_rope(qr, dim, c, q_pos);
 		int kv_mul = c->n_heads / c->n_kv_heads;
 		for (int h = 0; h < c->n_heads; h++) {
 			int g = h / kv_mul;
@@ -199,11 +226,15 @@ int ref_step(struct ref_model *r, int32_t token, float *logits)
 				uint32_t s = order[i];
 				for (int j = 0; j < kv_dim; j++)
 					kr[j] = kc[(size_t)s * kv_dim + j];
-				ref_rope(kr, kv_dim, c, r->abs_positions ? r->abs_pos[s] : i);
+				uint64_t k_pos = r->abs_positions ? r->abs_pos[s] : i;
+				if (!alibi)
+					ref_rope(kr, kv_dim, c, k_pos);
 				double dot = 0.0;
 				for (int d = 0; d < hs; d++)
 					dot += qr[h * hs + d] * kr[g * hs + d];
 				scores[i] = dot / sqrt((double)hs);
+				if (alibi)
+					scores[i] -= ref_alibi_slope(c, h) * (double)(q_pos - k_pos);
 				max = scores[i] > max ? scores[i] : max;
 			}
 			double sum = 0.0;

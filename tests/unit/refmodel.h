@@ -2,8 +2,9 @@
  *
  * It follows the paper's code literally: the cache keeps pre-RoPE keys in logical order (sinks,
  * then the window oldest first); at every step all cached keys are rotated again at their
- * position inside the cache, the query at its own, and attention is computed in double
- * precision. Nothing is shared with the engine's code but the model's weights. */
+ * position inside the cache, the query at its own (ALiBi, mpt: every key's bias is computed
+ * again from the two in-cache positions, -slope * (query's - key's)), and attention is computed
+ * in double precision. Nothing is shared with the engine's code but the model's weights. */
 #ifndef SKV_REFMODEL_H
 #define SKV_REFMODEL_H
 

@@ -367,3 +367,145 @@ Test(families, falcon_matches_reference, .fini = fam_teardown, .timeout = 300)
 	cr_assert_null(w->w1.data);
 	fam_all_policies();
 }
+
+/* MPT: ALiBi instead of rotary (max bias 8, slopes 2^-2, 2^-4, 2^-6, 2^-8 for 4 heads), the
+ * bias distance of a sink the in-cache one; LayerNorm, GELU, fused qkv, no biases (MPT-7B's
+ * layout), sequential residual, grouped-query attention too. */
+Test(families, mpt_alibi_matches_reference, .fini = fam_teardown, .timeout = 300)
+{
+	static const char *const flags[] = { "--arch", "mpt", NULL };
+	fam_load("mpt", flags);
+	const struct skv_model_config *c = &model->cfg;
+	cr_assert_eq(c->arch, SKV_ARCH_MPT);
+	cr_assert_eq(c->alibi_max_bias, 8.0f);
+	cr_assert_eq(c->clamp_kqv, 0.0f);
+	cr_assert_eq(c->n_kv_heads, 2);
+	cr_assert(c->layer_norm && c->gelu_ffn && !c->parallel_residual);
+	const struct skv_layer_weights *w = &model->layers[1];
+	cr_assert_null(w->w1.data);
+	cr_assert_null(w->bq);
+	cr_assert_null(w->bo);
+	cr_assert_null(w->attn_norm_b);
+	cr_assert_null(model->final_norm_b);
+	cr_assert_neq(w->ffn_norm, w->attn_norm);
+	fam_all_policies();
+}
+
+/* clamp_kqv (MPT's clip_qkv) after the fused projection, and a head count that is not a power
+ * of two (6: slopes of 4 heads, then the odd ones of 8). */
+Test(families, mpt_clamp_and_six_heads_match_reference, .fini = fam_teardown, .timeout = 300)
+{
+	static const char *const flags[] = { "--arch", "mpt", "--dim", "48", "--heads", "6",
+					     "--kv-heads", "6", "--clamp-kqv", "0.75", NULL };
+	fam_load("mpt6", flags);
+	cr_assert_eq(model->cfg.clamp_kqv, 0.75f);
+	cr_assert_eq(model->cfg.n_heads, 6);
+	fam_all_policies();
+}
+
+/* ggml's slopes (llama.cpp's MPT and BLOOM): m0^(h + 1) for the first power of two of heads,
+ * m1^(2 (h - n') + 1) for the rest; the ALiBi paper's geometric sequence. */
+Test(families, alibi_slopes)
+{
+	float s[12];
+	skv_alibi_slopes(s, 8, 8.0f);
+	for (int h = 0; h < 8; h++)
+		cr_assert_float_eq(s[h], ldexp(1.0, -(h + 1)), 1e-7, "head %d", h);
+	skv_alibi_slopes(s, 12, 8.0f);
+	for (int h = 0; h < 8; h++)
+		cr_assert_float_eq(s[h], ldexp(1.0, -(h + 1)), 1e-7, "head %d", h);
+	for (int h = 8; h < 12; h++)
+		cr_assert_float_eq(s[h], pow(2.0, -0.5 - (h - 8)), 1e-7, "head %d", h);
+	skv_alibi_slopes(s, 4, 8.0f);
+	cr_assert_float_eq(s[0], 0.25, 1e-8);
+	cr_assert_float_eq(s[3], 1.0 / 256, 1e-9);
+}
+
+/* The engine's ALiBi kernels, every ISA copy, against scores computed here: a stream of 3
+ * sinks and a wrapped window of 5, the sinks' distance taken from alibi_sink_pos. */
+Test(families, alibi_kernel_ranges_every_isa)
+{
+	struct skv_kv_desc desc;
+	const uint32_t hs = 8, heads = 2, sinks = 3, window = 5;
+	cr_assert_eq(skv_kv_layout_init(&desc, 1, 1, hs, sinks, window), 0);
+	void *region = calloc(1, desc.region_bytes);
+	float k[8], v[8];
+	uint32_t state = 7;
+	for (uint32_t slot = 0; slot < sinks + window; slot++) {
+		for (uint32_t d = 0; d < hs; d++) {
+			state = state * 1103515245u + 12345u;
+			k[d] = (float)((state >> 8) % 1000) / 500.0f - 1.0f;
+			v[d] = (float)((state >> 12) % 1000) / 500.0f - 1.0f;
+		}
+		skv_kv_store_row(&desc, region, 0, slot, k, v);
+	}
+	float q[16], slopes[2] = { 0.5f, 0.125f };
+	for (uint32_t i = 0; i < 16; i++)
+		q[i] = (float)i / 8.0f - 1.0f;
+	/* Window head at slot 5 (order: slots 5, 6, 7, 3, 4), the newest at slot 4. */
+	struct skv_kv_step step = { .abs_pos = 1000, .slot = 4, .cache_pos = 7, .sink_count = 3,
+				    .window_head = 5, .window_fill = 5 };
+	static const uint32_t order[8] = { 0, 1, 2, 5, 6, 7, 3, 4 };
+	float want[16];
+	const float *kp = skv_kv_k_plane(region, &desc, 0), *vp = skv_kv_v_plane(region, &desc, 0);
+	for (uint32_t h = 0; h < heads; h++) {
+		double sc[8], max = -INFINITY, sum = 0.0;
+		for (uint32_t i = 0; i < 8; i++) {
+			double dot = 0.0;
+			for (uint32_t d = 0; d < hs; d++)
+				dot += q[h * hs + d] * kp[d * desc.slot_stride + order[i]];
+			sc[i] = dot / sqrt((double)hs) - slopes[h] * (7.0 - i);
+			max = fmax(max, sc[i]);
+		}
+		for (uint32_t i = 0; i < 8; i++)
+			sum += sc[i] = exp(sc[i] - max);
+		for (uint32_t d = 0; d < hs; d++) {
+			double acc = 0.0;
+			for (uint32_t i = 0; i < 8; i++)
+				acc += sc[i] / sum * vp[d * desc.slot_stride + order[i]];
+			want[h * hs + d] = (float)acc;
+		}
+	}
+	float *scores = aligned_alloc(64, 2 * desc.slot_stride * sizeof(float) + 64);
+	static const char *const isas[] = { "v4", "v3", "base" };
+	int ran = 0;
+	for (size_t i = 0; i < 3; i++) {
+		float out[16];
+		struct skv_attn_args args = { .q_window = q, .q_sink = q, .k_plane = kp,
+					      .v_plane = vp, .desc = &desc, .step = &step,
+					      .n_heads = heads, .scores = scores, .out = out,
+					      .alibi_slopes = slopes, .alibi_sink_pos = 7 };
+		if (skv_attend_isa(isas[i], &args) == -ENOTSUP)
+			continue;
+		ran++;
+		for (uint32_t j = 0; j < 16; j++)
+			cr_assert_float_eq(out[j], want[j], 1e-5, "%s: component %u", isas[i], j);
+	}
+	cr_assert_gt(ran, 0);
+	free(scores);
+	free(region);
+}
+
+/* MPT layouts streamkv does not run are refused by name: a missing or mis-sized fused qkv, a
+ * q/k LayerNorm (qk_ln), a missing max_alibi_bias, learned positions (max_alibi_bias 0). */
+Test(families, mpt_unknown_layout_is_refused, .fini = tu_scratch_cleanup)
+{
+	static const char *const flags[] = { "--arch", "mpt", NULL };
+	char keep[4096];
+	snprintf(keep, sizeof(keep), "%s", fam_make("refuse-mpt", flags));
+	fam_refused(fam_patched(keep, "blk.0.attn_qkv.weight", "blk.0.attn_qkv.weighx", 21),
+		    "blk.0.attn_qkv.weight is missing");
+	fam_refused(fam_patched(keep, "blk.1.attn_output.weight", "blk.1.attn_q_norm.weight", 24),
+		    "blk.1.attn_q_norm.weight: this mpt layout is not supported");
+	fam_refused(fam_patched(keep, "mpt.attention.max_alibi_bias",
+				"mpt.attention.max_alibi_biax", 28),
+		    "mpt.attention.max_alibi_bias is missing");
+	/* max_alibi_bias 8.0f -> 0.0f: MPT with learned positions. */
+	fam_refused(fam_patched(keep, "max_alibi_bias\x06\x00\x00\x00\x00\x00\x00\x41",
+				"max_alibi_bias\x06\x00\x00\x00\x00\x00\x00\x00", 22),
+		    "only MPT with ALiBi");
+	/* A fused qkv of the wrong size: mkmodel's 4 heads of 16 read as if kv_dim were 32. */
+	fam_refused(fam_patched(keep, "mpt.attention.head_count_kv", "mpt.attention.head_count_kx",
+				27),
+		    "blk.0.attn_qkv.weight has shape");
+}

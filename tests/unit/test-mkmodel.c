@@ -563,6 +563,19 @@ Test(mkmodel, dry_run_writes_nothing_and_tells_the_size)
 	cr_assert_eq((unsigned long long)st.st_size, said);
 }
 
+/* MPT-7B's shape: 32 layers of dim 4096 with a fused qkv, GELU FFN of 16384, no biases, tied
+ * classifier over 50432 tokens: 32 x 201,334,784 + 50432 x 4096 + 4096 = 6,649,286,656
+ * parameters (the model card's 6.7B). */
+Test(mkmodel, mpt_7b_preset_has_the_real_shape)
+{
+	struct mk_run r;
+	MK_RUN(&r, "--shape", "mpt-7b", "--dry-run", "-o", scratch_path("mpt.gguf"));
+	assert_ok(&r);
+	cr_assert(strstr(r.out, "architecture mpt") && strstr(r.out, "6649286656 parameters") &&
+		  strstr(r.out, "classifier tied"), "%s", r.out);
+	mk_run_free(&r);
+}
+
 Test(mkmodel, bad_flags_are_refused)
 {
 	char out[PATH_MAX], out_tmp[PATH_MAX], no_dir[PATH_MAX], tok512[PATH_MAX];
@@ -649,6 +662,12 @@ Test(mkmodel, bad_flags_are_refused)
 		  "--threads: '0' is not a whole number in [1, 1024]" },
 		{ { "--shape", "stories260k", "--threads", "two", "-o", out, NULL }, MK_EXIT_USAGE,
 		  "--threads: 'two'" },
+		{ { "--shape", "stories260k", "--arch", "bloom", "-o", out, NULL }, MK_EXIT_USAGE,
+		  "--arch: 'bloom' is not llama, qwen2, gptneox, falcon or mpt" },
+		{ { "--shape", "stories260k", "--clamp-kqv", "6", "-o", out, NULL }, MK_EXIT_USAGE,
+		  "--clamp-kqv is for --arch mpt" },
+		{ { "--shape", "mpt-7b", "--clamp-kqv", "-1", "-o", out, NULL }, MK_EXIT_USAGE,
+		  "--clamp-kqv: '-1' is not a positive number" },
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		struct mk_run r;
