@@ -269,9 +269,6 @@ int cached_snapshot_start(struct cached *d, struct cached_stream *s, int out_fd,
 		 s->engine->state != CACHED_ENGINE_READY || !s->engine->conn)
 		err = -EPIPE, snprintf(why, why_len, "stream %llu is not running",
 				       (unsigned long long)s->id);
-	else if (s->params.policy == SKV_POLICY_RECOMPUTE)
-		err = -ENOTSUP, snprintf(why, why_len, "recompute streams keep their window outside "
-					 "the KV region: they have no snapshot");
 	else if ((err = snap_writer_get(d, &w)) < 0)
 		snprintf(why, why_len, "cannot start the snapshot writer: %s", skv_strerror(err));
 	struct cached_snap_job *job = NULL;
@@ -381,7 +378,9 @@ void cached_snapshot_done(struct cached *d, struct cached_conn *c,
 	h->kv_dtype = desc.dtype;
 	struct skv_kv_ring ring;
 	memcpy(&ring, (const char *)job->copy + SKV_KV_RING_OFFSET, sizeof(ring));
-	h->tokens_seen = ring.tokens_seen;
+	/* A recompute stream's ring counts its window only. */
+	h->tokens_seen = s->params.policy == SKV_POLICY_RECOMPUTE ? m->state.tokens_seen
+								    : ring.tokens_seen;
 	if (s->resumable) {
 		memcpy(h->name, s->name, sizeof(h->name));
 		memcpy(h->token, s->token, sizeof(h->token));

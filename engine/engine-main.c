@@ -371,6 +371,12 @@ static int engine_assign(struct engine *e, const struct skv_msg_assign *a, int c
 		st->sampler.rng = restore->rng;
 		st->prev_token = restore->prev_token;
 		st->next_token = restore->next_token;
+		if (skv_stream_restore_count(st->s, restore->tokens_seen) < 0) {
+			err = skv_errorf(msg, msg_len, -SKV_EFORMAT,
+					 "stream %llu: restored count below its window",
+					 (unsigned long long)a->stream_id);
+			goto fail;
+		}
 	}
 	st->logits = malloc((size_t)e->vocab * sizeof(float));
 	if (!st->logits) {
@@ -624,6 +630,9 @@ static void stream_snapshot(struct engine *e, struct eng_stream *st)
 	struct skv_msg_snapshotted m = { .stream_id = st->id };
 	st->snap_wanted = 0;
 	st->held = 1;
+	/* A recompute stream's window lives in the stream: into the region with it. */
+	skv_stream_save_window(st->s);
+	m.state.tokens_seen = skv_stream_tokens_seen(st->s);
 	m.state.rng = st->sampler.rng;
 	m.state.prev_token = st->prev_token;
 	m.state.next_token = st->next_token;
@@ -844,8 +853,7 @@ static int engine_control(struct engine *e)
 			int code = !st ? -ENOENT
 				   : n_fds != 0 || body.snapshot.region_bytes != st->region_bytes
 					   ? -SKV_EFORMAT
-				   : st->snap_wanted || st->held ? -EBUSY
-				   : st->policy.kind == SKV_POLICY_RECOMPUTE ? -ENOTSUP : 0;
+				   : st->snap_wanted || st->held ? -EBUSY : 0;
 			if (code) {
 				struct skv_msg_snapshotted m = { .stream_id = body.snapshot.stream_id,
 								 .code = code };

@@ -118,6 +118,26 @@ void skv_stream_free(struct skv_stream *s)
 	free(s);
 }
 
+/* A restored recompute stream: its window's token ids as skv_stream_save_window left them in
+ * the region (written by another process: the ring copied once, every id checked). */
+static int stream_load_window(struct skv_stream *s)
+{
+	struct skv_kv_ring ring = *s->seq.ring;
+	uint64_t L = (uint64_t)s->policy.window_slots;
+	int32_t vocab = skv_runner_config(s->runner)->vocab_size;
+	if (ring.tokens_seen > L || ring.window_start || ring.tokens_evicted || (ring.seq & 1))
+		return -SKV_EFORMAT;
+	const int32_t *ids = skv_kv_region_tokens(s->region, &s->seq.desc);
+	for (uint64_t i = 0; i < ring.tokens_seen; i++) {
+		int32_t id = ids[i];
+		if (id < 0 || id >= vocab)
+			return -SKV_EFORMAT;
+		s->history[i] = id;
+	}
+	s->history_len = s->tokens_seen = ring.tokens_seen;
+	return 0;
+}
+
 /* Common to both constructors: s->region holds a validated descriptor. */
 static int stream_setup(struct skv_stream *s, int reset_ring)
 {
@@ -133,6 +153,8 @@ static int stream_setup(struct skv_stream *s, int reset_ring)
 		s->history = calloc((size_t)policy->window_slots, sizeof(*s->history));
 		if (!s->history)
 			return -ENOMEM;
+		if (!reset_ring)
+			return stream_load_window(s);
 	}
 	return 0;
 }
@@ -320,6 +342,29 @@ int skv_stream_feed(struct skv_stream *s, const int32_t *tokens, size_t n, float
 		if (all_logits && logits && i == n - 1)
 			memcpy(logits, out, (size_t)vocab * sizeof(float));
 	}
+	return 0;
+}
+
+void skv_stream_save_window(struct skv_stream *s)
+{
+	if (s->policy.kind != SKV_POLICY_RECOMPUTE)
+		return;
+	uint64_t L = (uint64_t)s->policy.window_slots;
+	uint64_t n = s->history_len < L ? s->history_len : L;
+	int32_t *ids = skv_kv_region_tokens(s->region, &s->seq.desc);
+	for (uint64_t i = 0; i < n; i++)
+		ids[i] = s->history[(s->history_len - n + i) % L];
+	struct skv_kv_ring ring = { .tokens_seen = n };
+	skv_kv_ring_publish(s->seq.ring, &ring);
+}
+
+int skv_stream_restore_count(struct skv_stream *s, uint64_t tokens_seen)
+{
+	if (s->policy.kind != SKV_POLICY_RECOMPUTE)
+		return 0;
+	if (tokens_seen < s->history_len)
+		return -EINVAL;
+	s->tokens_seen = tokens_seen;
 	return 0;
 }
 

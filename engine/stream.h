@@ -94,6 +94,19 @@ int skv_stream_item(struct skv_stream *s, const int32_t *tokens, uint32_t n, flo
 int skv_stream_feed(struct skv_stream *s, const int32_t *tokens, size_t n, float *logits,
 		    float *all_logits);
 
+/* Recompute streams keep the token ids of their window (the last L fed) in the stream, not in
+ * the KV region, whose planes are scratch that every token re-runs from them. So that a copy of
+ * the region is the whole stream (a snapshot), skv_stream_save_window writes them into the
+ * region as a window region holds its tokens: token ids of slots 0..n-1, ring state n tokens
+ * seen, none evicted (n = min(tokens seen, L)), which is what the planes hold after the last
+ * re-run anyway. A stream made with skv_stream_new_at(fresh = 0) reads them back; its total
+ * count (the region says n) comes from skv_stream_restore_count. Only at a request or step
+ * boundary (nothing fed half-way). Both do nothing for other policies (restore_count returns
+ * 0); restoring a count below the region's n is -EINVAL. A region whose ring or ids are out of
+ * range makes skv_stream_new_at fail with -SKV_EFORMAT. */
+void skv_stream_save_window(struct skv_stream *s);
+int skv_stream_restore_count(struct skv_stream *s, uint64_t tokens_seen);
+
 /* Per-prompt eviction: evict the oldest window tokens so that n more fit without per-token
  * eviction (all of the window if n exceeds it). A no-op for dense, recompute, and
  * per-token mode. Returns the number of tokens evicted. */

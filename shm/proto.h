@@ -232,7 +232,9 @@ struct skv_stream_state {
 	int32_t next_token;        /* the last token sampled, not fed yet (a continuation
 				    * with no new text starts from it) */
 	uint64_t tokens_generated; /* informational */
-	uint32_t reserved[10];
+	uint64_t tokens_seen;      /* the stream's tokens in all: a recompute stream's region
+				    * holds only its window's last L (snapshot format 1.1) */
+	uint32_t reserved[8];
 };
 _Static_assert(sizeof(struct skv_stream_state) == 64, "ABI");
 

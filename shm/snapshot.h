@@ -8,6 +8,10 @@
  * state, last tokens) and, for a resumable stream, its name, owner and resume token (so the
  * file is a secret: mode 0600). sha256 covers the whole file with the sha256 field zeroed.
  *
+ * A recompute stream's region is scratch its engine re-runs at every token; for a snapshot the
+ * engine writes its window's token ids (the last L fed) into the region's token row and ring
+ * state, as a window region holds its tokens, and its whole count into state.tokens_seen.
+ *
  * Versions: major changes refuse (a newer major is "newer than this daemon"); a newer minor of
  * the same major only adds meaning to reserved words, which older readers ignore.
  *
@@ -21,7 +25,8 @@
 
 #define SKV_SNAP_MAGIC 0x53564b53u /* "SKVS" */
 #define SKV_SNAP_MAJOR 1u
-#define SKV_SNAP_MINOR 0u
+#define SKV_SNAP_MINOR 1u /* 1.1: recompute streams (their window's token ids in the region's
+			   * token row, state.tokens_seen their count) */
 #define SKV_SNAP_ALIGN 4096u       /* the region starts at a page boundary of the file */
 
 struct skv_snap_header {
