@@ -571,7 +571,11 @@ void conv_import(struct gw_backend *b, struct gw_job *j)
 	int status = 0;
 	const char *code = NULL;
 	struct gw_task *t = NULL;
-	if (backend_conv_find(b, id)) {
+	/* A copy of a conversation lost here may take its place (once it is in). */
+	struct gw_conv *old = backend_conv_find(b, id);
+	if (old && old->lost && !old->task && (j->by_peer || old->key_hash == j->key_hash))
+		old = NULL;
+	if (old) {
 		status = 409, code = "conversation_exists";
 		snprintf(msg, sizeof(msg), "conversation '%s' exists here: DELETE it first", id);
 	} else if (__atomic_load_n(&gw->draining, __ATOMIC_ACQUIRE) && !j->release) {
@@ -735,6 +739,13 @@ static void conv_task_done(struct gw_backend *b, struct gw_task *t)
 	}
 	if (t->kind == TASK_IMPORT) {
 		if (status == 200) {
+			/* The lost one it replaces (the placeholder was found first meanwhile). */
+			for (struct gw_conv *c = b->convs; c; c = c->next) {
+				if (c != conv && c->lost && !strcmp(c->id, conv->id)) {
+					backend_conv_free(b, c);
+					break;
+				}
+			}
 			__atomic_add_fetch(&gw->count.conversations_moved_in, 1, __ATOMIC_RELAXED);
 			struct gw_buf body = { 0 };
 			gw_buf_puts(&body, "{\"id\":");

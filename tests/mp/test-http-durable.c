@@ -417,9 +417,13 @@ Test(http_durable, lost_stream_answers_410)
 	mp_daemon_start(&d, test, 1, NULL, NULL);
 	struct gw_proc g;
 	gw_start(&g, d.sock, test, "n1", NULL);
+	char *ref[N_TURNS];
+	reference(g.port, NULL, "ref", ref);
 	struct conv_run c = { .id = "gone" };
-	free(turn(g.port, NULL, &c, 0, NULL));
-	json_decref(c.messages);
+	expect_turn(g.port, NULL, &c, 0, ref, "before");
+	struct http_answer ex;
+	http_do(g.port, "GET", "/v1/conversations/gone/export", NULL, NULL, 0, &ex);
+	cr_assert_eq(ex.status, 200, "%s", ex.body);
 	cr_assert(kill(d.pid, SIGKILL) == 0);
 	cr_assert(mp_daemon_reap(&d, 10.0));
 	mp_sleep_ms(300);
@@ -437,6 +441,21 @@ Test(http_durable, lost_stream_answers_410)
 	struct skv_msg_stats st;
 	mp_stats(&d, &st);
 	cr_assert_eq(st.streams, 0, "no stream was opened for the lost conversation");
+	/* A lost conversation's id takes an import: 409 only for a live one. */
+	http_do(g.port, "PUT", "/v1/conversations/gone", NULL, "SKVCONV", 8, &a);
+	expect_error(&a, 400, NULL, "truncated", "an import over a lost conversation is checked");
+	answer_free(&a);
+	http_do(g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
+	expect_error(&a, 410, "conversation_lost", NULL, "a refused import leaves it lost");
+	answer_free(&a);
+	/* Its export from before the kill brings it back where it was then. */
+	http_do(g.port, "PUT", "/v1/conversations/gone", NULL, ex.body, ex.len, &a);
+	cr_assert_eq(a.status, 200, "import over a lost conversation: %s", a.body);
+	answer_free(&a);
+	answer_free(&ex);
+	expect_turn(g.port, NULL, &c, 1, ref, "imported over the lost one");
+	json_decref(c.messages);
+	free_turns(ref);
 	http_do(g.port, "DELETE", "/v1/conversations/gone", NULL, NULL, 0, &a);
 	cr_assert_eq(a.status, 200, "%s", a.body);
 	answer_free(&a);
