@@ -47,6 +47,7 @@
 #define RETRIES 4              /* attempts of one round after a failure (the kill test) */
 #define ALL_ROUNDS (ROUNDS + EXTRA_ROUNDS)
 #define KILL_GATE 3            /* the kill test: rounds before the pause that snapshots see */
+#define KILL_END (ROUNDS + 1)  /* the kill test: one round after the node is back */
 
 static const char *const first_prompt[SCRIPTS] = {
 	"Once upon a time", "The little dog", "Tom had a red ball", "One day, Lily",
@@ -707,6 +708,27 @@ static unsigned busiest_node(const struct conv *convs, unsigned per_node[NODES +
 	return best;
 }
 
+/* Wait until HAProxy sees the node UP (tools/cluster status), asserted within 30 s. */
+static void wait_node_up(const struct cluster *cl, const char *node)
+{
+	double deadline = mp_now() + 30;
+	for (;;) {
+		char *out;
+		cr_assert_eq(CLUSTER(cl, &out, "status"), 0, "%s", out);
+		char want[64];
+		snprintf(want, sizeof(want), "\n%s ", node);
+		char *line = strstr(out, want);
+		char *end = line ? strchr(line + 1, '\n') : NULL;
+		char *up = line ? strstr(line, " UP ") : NULL;
+		int is_up = up && (!end || up < end);
+		free(out);
+		if (is_up)
+			return;
+		cr_assert(mp_now() < deadline, "HAProxy does not see %s UP", node);
+		mp_sleep_ms(200);
+	}
+}
+
 TestSuite(cluster, .init = cluster_suite_init, .fini = cluster_suite_fini, .timeout = 600);
 
 /* dist/haproxy/streamkv-3-nodes.cfg is what tools/cluster-haproxy-cfg writes for 3 nodes, and
@@ -846,20 +868,7 @@ Test(cluster, spread_stay_drain)
 
 	/* Undrained: the ring is as before, and the moved conversations go back home. */
 	CLUSTER_OK(&cl, "undrain", drained_name);
-	char *out;
-	double deadline = mp_now() + 30;
-	for (;;) {
-		cr_assert_eq(CLUSTER(&cl, &out, "status"), 0, "%s", out);
-		char want[64];
-		snprintf(want, sizeof(want), "%s ", drained_name);
-		char *line = strstr(out, want);
-		int up = line && strstr(line, " UP ") && strstr(line, " UP ") < strchr(line, '\n');
-		free(out);
-		if (up)
-			break;
-		cr_assert(mp_now() < deadline, "HAProxy does not see %s UP again", drained_name);
-		mp_sleep_ms(200);
-	}
+	wait_node_up(&cl, drained_name);
 	load_start(&l, w, &cl, convs, ROUNDS, ALL_ROUNDS, ALL_ROUNDS, 0);
 	load_join(&l, w);
 	unsigned moved_back = 0;
@@ -883,6 +892,16 @@ Test(cluster, spread_stay_drain)
 	cluster_passed = 1;
 	cluster_down(&cl);
 	cluster_live = NULL;
+}
+
+/* The round after the killed node was started again: back on it, pulled from where it was. */
+static void expect_back_home(const struct conv *c, const char *home, const char *interim)
+{
+	char want[64];
+	snprintf(want, sizeof(want), "from=%s", interim);
+	cr_assert_eq(c->status[ROUNDS], 200, "%s after the restart: %s", c->id, c->err[ROUNDS]);
+	cr_assert_str_eq(c->node[ROUNDS], home, "%s after the restart:%s", c->id, conv_story(c));
+	cr_assert_str_eq(c->moved[ROUNDS], want, "%s after the restart:%s", c->id, conv_story(c));
 }
 
 /* Replay on node: the script's rounds [0, held) then the prompts of rounds [from, to); 1 if the
@@ -953,6 +972,11 @@ Test(cluster, kill9_of_a_node)
 	}
 	CLUSTER_OK(&cl, "kill", killed_name);
 	load_join(&l, w);
+	/* Started again (empty), the node takes its conversations back from where they went. */
+	CLUSTER_OK(&cl, "start", killed_name);
+	wait_node_up(&cl, killed_name);
+	load_start(&l, w, &cl, convs, ROUNDS, KILL_END, KILL_END, 1);
+	load_join(&l, w);
 
 	unsigned resumed = 0, lost = 0, retried = 0, exact = 0, anew = 0;
 	unsigned survivor = killed % NODES + 1;
@@ -960,13 +984,13 @@ Test(cluster, kill9_of_a_node)
 		struct conv *c = &convs[i];
 		int on_killed = !strcmp(c->node[0], killed_name);
 		unsigned restored_round = ROUNDS;
-		for (unsigned r = 0; r < ROUNDS; r++) {
+		for (unsigned r = 0; r < KILL_END; r++)
 			retried += c->attempts[r] > 1 ? c->attempts[r] - 1 : 0;
+		for (unsigned r = 0; r < ROUNDS; r++)
 			if (c->restored[r][0] && restored_round == ROUNDS)
 				restored_round = r;
-		}
 		if (!on_killed) {
-			for (unsigned r = 0; r < ROUNDS; r++) {
+			for (unsigned r = 0; r < KILL_END; r++) {
 				cr_assert_eq(c->status[r], 200, "%s (on %s) round %u: %s", c->id,
 					     c->node[0], r, c->err[r]);
 				cr_assert_str_eq(c->text[r], ref[c->script][r], "%s round %u", c->id, r);
@@ -995,6 +1019,7 @@ Test(cluster, kill9_of_a_node)
 			for (unsigned k = r; k < ROUNDS; k++)
 				cr_assert_str_eq(c->node[k], c->node[r], "%s round %u:%s", c->id, k,
 						 conv_story(c));
+			expect_back_home(c, killed_name, c->node[r]);
 			anew++;
 			fprintf(stderr, "kill: %s had no snapshot: started anew on %s at round %u\n",
 				c->id, c->node[r], r);
@@ -1010,11 +1035,12 @@ Test(cluster, kill9_of_a_node)
 			cr_assert_eq(c->status[r], 200, "%s round %u: %s", c->id, r, c->err[r]);
 			cr_assert_str_eq(c->node[r], c->node[restored_round], "%s round %u", c->id, r);
 		}
+		expect_back_home(c, killed_name, c->node[restored_round]);
 		/* The snapshot held rounds [0, held) for some held <= restored_round, with the
 		 * ones before the pause at least. */
 		unsigned held = restored_round;
 		while (held >= 1 &&
-		       !replay_matches(&cl, survivor, c, held, restored_round, ROUNDS))
+		       !replay_matches(&cl, survivor, c, held, restored_round, KILL_END))
 			held--;
 		cr_assert_geq(held, 1u, "%s: restored at round %u, its answers match no replay from "
 			      "a snapshot of rounds 1..%u:%s", c->id, restored_round, restored_round,
@@ -1027,9 +1053,10 @@ Test(cluster, kill9_of_a_node)
 	cr_assert_eq(resumed + lost + anew, per_node[killed]);
 	fprintf(stderr, "kill: %s held %u conversations (%u of all %u had a snapshot file): %u "
 		"resumed elsewhere (%u with nothing lost), %u lost with an error, %u without a "
-		"snapshot started anew; %u requests retried; the other %u went on untouched\n",
+		"snapshot started anew, every one of them back on %s once it was started again; "
+		"%u requests retried; the other %u went on untouched\n",
 		killed_name, per_node[killed], snapshotted, CONVS, resumed, exact, lost, anew,
-		retried, CONVS - per_node[killed]);
+		killed_name, retried, CONVS - per_node[killed]);
 	convs_free(convs);
 	reference_free(ref);
 	cluster_passed = 1;
