@@ -1238,6 +1238,9 @@ int gw_backend_start(struct gw *gw)
 	/* Before any thread: libcurl's global state (the peers' transfers). */
 	if (gw->opts.n_peers && curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		return -ENOMEM;
+	if (gw->opts.n_peers &&
+	    !(gw->peer_skip_until = calloc(gw->opts.n_peers, sizeof(*gw->peer_skip_until))))
+		return -ENOMEM;
 	conv_state_load(b);
 	b->next_snapshot = backend_now() + gw->opts.snapshot_interval;
 	/* The first attempt here, so that the model's name is known before the first request. */

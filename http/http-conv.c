@@ -16,6 +16,8 @@
 #include "http-gw.h"
 #include "skv-client.h"
 
+#define CONV_PEER_RETRY_S 5 /* a peer that did not answer is not asked again before this */
+
 /* ---- durable conversations: name -> token, re-attached after restarts ------------------- */
 
 /* The daemon's name of a conversation's stream: "conv-ID" when the id fits a stream name (at
@@ -349,11 +351,26 @@ static void conv_task_pull(struct gw_task *t)
 	struct gw_buf body = { 0 };
 	for (size_t i = 0; i < gw->opts.n_peers; i++) {
 		char node[GW_NODE_NAME_MAX], msg[768] = "";
+		pthread_mutex_lock(&gw->lock);
+		int skip = backend_now() < gw->peer_skip_until[i];
+		pthread_mutex_unlock(&gw->lock);
+		if (skip)
+			continue;
 		int status = gw_peer_fetch(gw->opts.peers[i], t->id, gw->opts.peer_key,
 					   &gw->stopping, &body, node, sizeof(node), msg,
 					   sizeof(msg));
-		if (!strcmp(node, gw->opts.node_name))
-			continue; /* ourselves, listed among the peers */
+		if (status < 0 || !strcmp(node, gw->opts.node_name)) {
+			/* A peer down costs a new conversation its connect time-out once per
+			 * CONV_PEER_RETRY_S, not every time; ourselves, listed among the peers,
+			 * never again. */
+			pthread_mutex_lock(&gw->lock);
+			gw->peer_skip_until[i] = backend_now() + (status < 0 ? CONV_PEER_RETRY_S : 1e18);
+			pthread_mutex_unlock(&gw->lock);
+			if (status < 0)
+				fprintf(stderr, "skv-http: peer %s: %s (not asked for %d s)\n",
+					gw->opts.peers[i], msg, CONV_PEER_RETRY_S);
+			continue;
+		}
 		if (status == 200) {
 			snprintf(t->from, sizeof(t->from), "%s", node);
 			t->status = conv_task_restore(t, body.data, body.len);

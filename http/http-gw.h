@@ -174,6 +174,9 @@ struct gw {
 	int cancel_pending;                  /* a connection left: the backend looks */
 	int draining;                        /* atomic: POST /admin/drain, SIGUSR1 */
 	struct gw_task *tasks_done;          /* workers' results for the backend (gw->lock) */
+	double *peer_skip_until;             /* [n_peers] monotonic s: a peer that did not answer
+					      * (or is this node) is not asked until then
+					      * (gw->lock) */
 	pthread_t backend_thread;
 	struct gw_backend *backend;
 };
