@@ -46,6 +46,7 @@ enum cached_engine_state {
 };
 
 struct cached_conn;
+struct cached_revive;
 struct cached_snap_job;
 struct cached_snap_writer;
 struct cached_stream;
@@ -168,6 +169,8 @@ struct cached_stream {
 	 * boundary, the daemon copies the region, resumes it, and its writer thread writes the
 	 * file. NULL: none in progress. */
 	struct cached_snap_job *snap;
+	int reviving;                /* its engine died; it comes back from its --state-dir
+				      * snapshot (a cached_revive) and its client is told then */
 	struct cached_stream *next;
 };
 
@@ -243,6 +246,7 @@ struct cached {
 	int have_model_id;
 	const struct cached_restore *restoring; /* while cached_place_stream places a restore */
 	struct cached_snap_writer *snap_writer; /* the thread that writes files (NULL: none yet) */
+	struct cached_revive *revive_head; /* streams of dead engines to restore (snapshot.c) */
 	uint32_t snaps_in_flight;
 	int saving;                /* SIGTERM with --state-dir: snapshots first, then stop */
 	double save_deadline;
@@ -336,9 +340,11 @@ void cached_snapshot_done(struct cached *d, struct cached_conn *c,
 void cached_snapshot_written(struct cached *d);
 /* The stream is going away: forget its snapshot in progress. */
 void cached_snapshot_abort(struct cached *d, struct cached_stream *s, const char *why);
-/* Restore the snapshot file fd as a detached resumable stream. 0 (*id set) or -errno / -SKV_E*
- * with a one-line why. */
-int cached_restore_fd(struct cached *d, int fd, uint64_t *id, char *why, size_t why_len);
+/* Restore the snapshot file fd as a detached resumable stream. 0 (*id set, and *tokens_seen
+ * unless NULL: the stream's tokens) or -errno / -SKV_E* with a one-line why; -EAGAIN when no
+ * engine is ready, -ENOSPC when there is no room now. */
+int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_seen, char *why,
+		      size_t why_len);
 /* ADMIN_SNAPSHOT / ADMIN_RESTORE (take fd). */
 void cached_admin_snapshot(struct cached *d, struct cached_conn *c, uint64_t stream_id, int fd);
 void cached_admin_restore(struct cached *d, struct cached_conn *c, int fd);
@@ -349,6 +355,18 @@ void cached_state_restore(struct cached *d);
 void cached_state_checkpoint(struct cached *d);
 /* A resumable stream ended for good: its --state-dir file goes. */
 void cached_state_forget(struct cached *d, const struct cached_stream *s);
+/* Its engine died: if s is resumable and --state-dir holds a snapshot of it, take it for a
+ * restore (s gives up its name and file, s->reviving set; its client hears the outcome later)
+ * and return 1; else 0 (the caller fails it). */
+int cached_revive_take(struct cached *d, struct cached_stream *s);
+/* Restore what cached_revive_take took, once an engine is ready; tell each old stream's
+ * client where the stream is now (or why it is gone) through cached_stream_revived. */
+void cached_revive_pump(struct cached *d, double now);
+/* Free what is left of them (shutdown). */
+void cached_revive_forget(struct cached *d);
+/* The outcome of a revive for the stream entry old_id (daemon.c): FAILED with code and text to
+ * its client; an entry no engine and no client holds goes. */
+void cached_stream_revived(struct cached *d, uint64_t old_id, int code, const char *text);
 
 /* Helpers of daemon.c for the files beside it. */
 struct cached_stream *cached_stream_find(struct cached *d, uint64_t id);

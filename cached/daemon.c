@@ -873,7 +873,8 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 			stream_destroy(d, s);
 			continue;
 		}
-		stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
+		if (!cached_revive_take(d, s))
+			stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
 		if (!s->client)
 			stream_destroy(d, s);
 		else
@@ -922,8 +923,20 @@ static void cached_engine_exited(struct cached *d, struct cached_engine *e, int 
 		cached_log("cannot restart engine %u: %s", e->id, strerror(-err));
 }
 
-/* Its control connection dropped: stop sending it streams, tell their clients at once. The
- * regions stay reserved until the process has exited (pidfd). */
+void cached_stream_revived(struct cached *d, uint64_t old_id, int code, const char *text)
+{
+	struct cached_stream *s = stream_find(d, old_id);
+	if (!s || !s->reviving)
+		return; /* its client closed it, or went away, meanwhile */
+	s->reviving = 0;
+	stream_fail(d, s, code, text);
+	if (!s->client && (!s->engine || s->engine->state == CACHED_ENGINE_EXITED))
+		stream_destroy(d, s);
+}
+
+/* Its control connection dropped: stop sending it streams, tell their clients at once (those
+ * restored from their snapshots once they are). The regions stay reserved until the process
+ * has exited (pidfd). */
 static void cached_engine_lost(struct cached *d, struct cached_engine *e)
 {
 	if (e->state == CACHED_ENGINE_READY || e->state == CACHED_ENGINE_STARTING)
@@ -933,7 +946,8 @@ static void cached_engine_lost(struct cached *d, struct cached_engine *e)
 	/* Streams being closed get CLOSED once the process has exited (their regions are only
 	 * safe then); the others fail now. */
 	for (struct cached_stream *s = d->streams; s; s = s->next)
-		if (s->engine == e && s->state != CACHED_STREAM_CLOSING)
+		if (s->engine == e && s->state != CACHED_STREAM_CLOSING &&
+		    !cached_revive_take(d, s)) /* with a snapshot: restored, told later */
 			stream_fail(d, s, -EPIPE, "its engine died; open a new stream");
 	if (e->pidfd < 0 && e->state != CACHED_ENGINE_EXITED) {
 		/* No pidfd (it could not be opened): nothing will tell us more. */
@@ -1394,7 +1408,7 @@ int cached_run(struct cached *d)
 		/* Sleep until a peer speaks, or until the next queue deadline or once-a-second
 		 * look (idle streams, evictions for watchers) is due. */
 		int ms = cached_timer_ms(d, cached_now());
-		if ((d->saving || d->restore_due) && (ms < 0 || ms > 200))
+		if ((d->saving || d->restore_due || d->revive_head) && (ms < 0 || ms > 200))
 			ms = 200; /* a deadline of the shutdown's snapshots, a restore to start */
 		int n = epoll_wait(d->epfd, evs, CACHED_MAX_EVENTS, ms);
 		if (n < 0 && errno != EINTR) {
@@ -1461,6 +1475,8 @@ int cached_run(struct cached *d)
 					break;
 				}
 		}
+		if (d->revive_head)
+			cached_revive_pump(d, now);
 		if (now >= d->next_tick) {
 			d->next_tick = now + 1.0;
 			if (d->watchers)
@@ -1480,5 +1496,6 @@ int cached_run(struct cached *d)
 		cached_admission_expire(d, now);
 		cached_free_dead(d);
 	}
+	cached_revive_forget(d);
 	return 0;
 }

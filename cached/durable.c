@@ -196,7 +196,8 @@ void cached_detach_tick(struct cached *d, double now)
 {
 	for (struct cached_stream *s = d->streams; s; s = s->next) {
 		if (s->detached_at <= 0.0 || s->client || s->state != CACHED_STREAM_OPEN ||
-		    s->dropping)
+		    s->dropping || s->reviving || !s->engine ||
+		    s->engine->state != CACHED_ENGINE_READY)
 			continue;
 		/* A stream with an idle time-out of its own is closed by that (admission.c). */
 		if (s->idle_timeout_s || now - s->detached_at < (double)d->detach_timeout_s)

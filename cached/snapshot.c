@@ -471,7 +471,8 @@ static int snap_ring_valid(const struct skv_kv_desc *desc, const struct skv_kv_r
 	return r->tokens_evicted == r->window_start - S;
 }
 
-int cached_restore_fd(struct cached *d, int fd, uint64_t *id, char *why, size_t why_len)
+int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_seen, char *why,
+		      size_t why_len)
 {
 	struct skv_snap_header h;
 	struct stat st;
@@ -585,8 +586,11 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, char *why, size_t 
 			err = placed == CACHED_WAIT_ENGINE ? -EAGAIN : -ENOSPC;
 		else
 			err = placed;
-		if (!err)
+		if (!err) {
 			*id = before;
+			if (tokens_seen)
+				*tokens_seen = h.tokens_seen;
+		}
 	}
 	if (efd >= 0)
 		close(efd);
@@ -622,7 +626,7 @@ void cached_admin_restore(struct cached *d, struct cached_conn *c, int fd)
 		snprintf(r.text, sizeof(r.text), "permission denied: only uid %u, root and "
 			 "--admin-group may restore snapshots", (unsigned)d->uid);
 	} else {
-		r.code = cached_restore_fd(d, fd, &r.stream_id, why, sizeof(why));
+		r.code = cached_restore_fd(d, fd, &r.stream_id, NULL, why, sizeof(why));
 		if (r.code < 0) {
 			snprintf(r.text, sizeof(r.text), "%s", why);
 		} else {
@@ -709,7 +713,7 @@ void cached_state_restore(struct cached *d)
 		snprintf(path, sizeof(path), "%s/%s", d->state_dir, de->d_name);
 		int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		uint64_t id = 0;
-		int err = fd < 0 ? -errno : cached_restore_fd(d, fd, &id, why, sizeof(why));
+		int err = fd < 0 ? -errno : cached_restore_fd(d, fd, &id, NULL, why, sizeof(why));
 		if (fd >= 0)
 			close(fd);
 		if (!err) {
@@ -729,4 +733,112 @@ void cached_state_restore(struct cached *d)
 	closedir(dir);
 	cached_log("restored %u stream(s) from %s%s", restored, d->state_dir,
 		   refused ? " (some refused: see above)" : "");
+}
+
+/* ---- an engine that died ------------------------------------------------------------------ */
+
+#define SNAP_REVIVE_TIMEOUT_S 30.0 /* for an engine to be ready, and room for the stream */
+
+/* A stream of a dead engine, to come back from its --state-dir file. */
+struct cached_revive {
+	char *path;
+	uint64_t old_id;             /* the entry its client holds until told the outcome */
+	char name[SKV_STREAM_NAME_MAX];
+	double deadline;
+	struct cached_revive *next;
+};
+
+int cached_revive_take(struct cached *d, struct cached_stream *s)
+{
+	if (s->reviving)
+		return 1;
+	if (!d->state_dir || !s->resumable || s->state != CACHED_STREAM_OPEN || s->dropping)
+		return 0;
+	char *path = NULL;
+	struct stat st;
+	if (asprintf(&path, "%s/%u-%s.snap", d->state_dir, s->owner_uid, s->name) < 0)
+		return 0;
+	struct cached_revive *r = stat(path, &st) == 0 ? calloc(1, sizeof(*r)) : NULL;
+	if (!r) {
+		free(path); /* never snapshotted yet: it ends with its engine */
+		return 0;
+	}
+	r->path = path;
+	r->old_id = s->id;
+	memcpy(r->name, s->name, sizeof(r->name));
+	r->deadline = cached_now() + SNAP_REVIVE_TIMEOUT_S;
+	struct cached_revive **tail = &d->revive_head;
+	while (*tail)
+		tail = &(*tail)->next;
+	*tail = r;
+	/* Its name and its file belong to the restored stream from now on: the old entry is
+	 * no longer found by name, nor snapshotted, and its end does not unlink the file. */
+	s->reviving = 1;
+	s->resumable = 0;
+	/* A snapshot it had in progress would rename a file into that place later: no more. */
+	if (s->snap)
+		cached_snapshot_abort(d, s, "its engine died");
+	cached_log("stream %llu (%s): its engine died; restoring it from %s",
+		   (unsigned long long)s->id, s->name, path);
+	return 1;
+}
+
+void cached_revive_pump(struct cached *d, double now)
+{
+	int ready = 0;
+	for (unsigned i = 0; i < d->n_engines && !ready; i++)
+		ready = d->engines[i].state == CACHED_ENGINE_READY;
+	for (struct cached_revive **l = &d->revive_head; *l;) {
+		struct cached_revive *r = *l;
+		char why[SKV_MSG_TEXT] = "", text[SKV_MSG_TEXT];
+		uint64_t id = 0, seen = 0;
+		int err = -EAGAIN;
+		if (ready) {
+			int fd = open(r->path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+			err = fd < 0 ? -errno : cached_restore_fd(d, fd, &id, &seen, why, sizeof(why));
+			if (fd >= 0)
+				close(fd);
+		}
+		int waiting = err == -EAGAIN || err == -ENOSPC;
+		if (waiting && now < r->deadline) {
+			l = &r->next;
+			continue;
+		}
+		int code = -EPIPE;
+		if (!err) {
+			code = -SKV_ERESTORED;
+			snprintf(text, sizeof(text), "its engine died; stream %s was restored from its "
+				 "snapshot at token %llu: attach again to continue", r->name,
+				 (unsigned long long)seen);
+			cached_log("stream %llu (%s): restored from its snapshot as stream %llu at "
+				   "token %llu", (unsigned long long)r->old_id, r->name,
+				   (unsigned long long)id, (unsigned long long)seen);
+		} else {
+			snprintf(text, sizeof(text), "its engine died and its snapshot could not be "
+				 "restored: %s", why[0] ? why : skv_strerror(err));
+			cached_log("stream %llu (%s): %s", (unsigned long long)r->old_id, r->name, text);
+			if (waiting) {
+				unlink(r->path); /* ended for good, as its client is told */
+			} else {
+				char aside[PATH_MAX + 16];
+				snprintf(aside, sizeof(aside), "%s.refused", r->path);
+				rename(r->path, aside);
+			}
+		}
+		cached_stream_revived(d, r->old_id, code, text);
+		*l = r->next;
+		free(r->path);
+		free(r);
+	}
+}
+
+void cached_revive_forget(struct cached *d)
+{
+	/* Their files stay: the next start restores them. */
+	while (d->revive_head) {
+		struct cached_revive *r = d->revive_head;
+		d->revive_head = r->next;
+		free(r->path);
+		free(r);
+	}
 }

@@ -15,7 +15,10 @@
  * Errors: every call that can fail returns a negative errno-style code (-errno or -SKV_E*);
  * skv_strerror() names it, and skv_client_last_error() gives the one-line reason of the latest
  * failure on that client. A dead daemon gives -ECONNREFUSED or -ENOENT at connect and -EPIPE
- * after, never a hang; a stream whose engine died gives -EPIPE on that stream only.
+ * after, never a hang; a stream whose engine died gives -EPIPE on that stream only, or, for
+ * a resumable stream the daemon restored from its snapshot (skv-cached --state-dir with
+ * --snapshot-interval), -SKV_ERESTORED: skv_client_last_error() names the token it was
+ * restored at; close the handle and attach to it again to continue from there.
  *
  * Thread safety: a client and its streams belong to one thread at a time. Use one client per
  * thread to read from several threads.

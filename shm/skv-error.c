@@ -14,6 +14,7 @@ static const char *const skv_error_text[SKV_ERRNO_END - SKV_ERRNO_BASE] = {
 	[SKV_ECACHEFULL - SKV_ERRNO_BASE] = "KV cache is full",
 	[SKV_EINVAL_POLICY - SKV_ERRNO_BASE] = "invalid cache policy parameters",
 	[SKV_EBACKEND - SKV_ERRNO_BASE] = "compute backend failure",
+	[SKV_ERESTORED - SKV_ERRNO_BASE] = "stream restored from its snapshot: attach again",
 };
 
 const char *skv_strerror(int err)

@@ -26,6 +26,8 @@ enum skv_errno {
 	SKV_ECACHEFULL,               /* a stream's KV cache has no room (dense limit reached) */
 	SKV_EINVAL_POLICY,            /* policy parameters are inconsistent */
 	SKV_EBACKEND,                 /* the compute backend (oneDNN) failed */
+	SKV_ERESTORED,                /* a stream's engine died and the stream was restored from
+				       * its snapshot: attach to it again to continue */
 	SKV_ERRNO_END
 };
 

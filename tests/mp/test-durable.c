@@ -695,3 +695,131 @@ Test(durable, kill9_of_the_daemon_under_load)
 	mp_wait_streams_freed(&d, 10.0);
 }
 
+/* ==== kill -9 of an engine ============================================================== */
+
+/* Read a request's token ids until its DONE; no error allowed. */
+static size_t read_ids(skv_client_stream *s, int32_t *ids, size_t cap)
+{
+	size_t n = 0;
+	struct skv_client_event ev;
+	for (;;) {
+		int rc = skv_client_stream_read(s, &ev, 20000);
+		cr_assert_eq(rc, 1, "read: %d (%s)", rc, skv_client_last_error(mp_client_of(s)));
+		cr_assert_neq(ev.type, SKV_CLIENT_EV_ERROR, "%.*s", (int)ev.len, ev.text);
+		if (ev.type == SKV_CLIENT_EV_TOKEN && n < cap)
+			ids[n++] = ev.token;
+		if (ev.type == SKV_CLIENT_EV_DONE)
+			return n;
+	}
+}
+
+/* Streams under load, periodic snapshots, kill -9 of their one engine: instead of ending with
+ * it, each resumable stream is restored from its last snapshot onto the restarted engine; its
+ * client is told so, with the token it was restored at (-SKV_ERESTORED), attaches again and
+ * continues exactly as the uninterrupted stream does from that token. */
+Test(durable, kill9_of_an_engine_restores_its_streams_from_their_snapshots)
+{
+	struct mp_daemon d;
+	const char *dir = tu_scratch_dir("durable-engine9");
+	char state[PATH_MAX];
+	snprintf(state, sizeof(state), "%s/state", dir);
+	cr_assert_eq(mkdir(state, 0700), 0);
+	const char *const flags[] = { "--state-dir", state, "--snapshot-interval", "1", NULL };
+	mp_daemon_start(&d, "durable-engine9", 1, NULL, flags);
+	enum { N = 2, CONT = 40 };
+	const char *names[N] = { "engine9-0", "engine9-1" };
+	char tokens[N][33];
+	uint64_t read_before[N] = { 0 };
+	skv_client *c[N];
+	skv_client_stream *s[N];
+	char msg[256];
+	for (int i = 0; i < N; i++) {
+		c[i] = mp_connect(&d);
+		s[i] = open_resumable(c[i], names[i], NULL);
+		struct skv_client_resume res;
+		cr_assert_eq(skv_client_stream_resume_info(s[i], &res), 0);
+		memcpy(tokens[i], res.token, 33);
+		cr_assert_eq(mp_request_endless(s[i], msg, sizeof(msg)), 0, "%s", msg);
+	}
+	struct mp_result r[N];
+	memset(r, 0, sizeof(r));
+	double until = mp_now() + 2.5;
+	while (mp_now() < until)
+		for (int i = 0; i < N; i++)
+			cr_assert(mp_pump(s[i], &r[i], msg, sizeof(msg)) >= 0, "%s", msg);
+	struct skv_msg_stats stats;
+	mp_stats(&d, &stats);
+	pid_t victim = stats.engine_pid[0];
+	cr_assert_gt(victim, 0);
+	kill(victim, SIGKILL);
+	mp_wait_gone(victim, 10.0, "the engine");
+
+	uint64_t at[N];
+	for (int i = 0; i < N; i++) {
+		/* What is left in the ring, then the error that says where the stream is now. */
+		int rc = 0;
+		double by = mp_now() + 30.0;
+		while (rc >= 0) {
+			cr_assert(mp_now() < by, "%s: no error after its engine died", names[i]);
+			rc = mp_step(s[i], &r[i], NS_PER_S / 10, msg, sizeof(msg));
+			cr_assert(!r[i].error, "%s: %s", names[i], r[i].error_text);
+		}
+		const char *why = skv_client_last_error(c[i]);
+		cr_assert_eq(rc, -SKV_ERESTORED, "%s: %d (%s)", names[i], rc, why);
+		const char *tok = strstr(why, "at token ");
+		cr_assert(tok && strstr(why, "attach"), "%s: %s", names[i], why);
+		at[i] = strtoull(tok + strlen("at token "), NULL, 10);
+		read_before[i] = r[i].tokens;
+		cr_assert(at[i] > 1 && at[i] <= read_before[i] + SKV_CHAN_RING_CAPACITY + 1,
+			  "%s: restored at %llu, %llu read", names[i], (unsigned long long)at[i],
+			  (unsigned long long)read_before[i]);
+		skv_client_stream_close(s[i]);
+		skv_client_disconnect(c[i]);
+		mp_result_free(&r[i]);
+	}
+	cr_assert_eq(mp_log_count(&d, "restored from its snapshot as stream"), N);
+	skv_client *ref_c = mp_connect(&d);
+	for (int i = 0; i < N; i++) {
+		skv_client *a = mp_connect(&d);
+		skv_client_stream *t = NULL;
+		cr_assert_eq(attach_retry(a, names[i], tokens[i], &t), 0, "attach %s: %s", names[i],
+			     skv_client_last_error(a));
+		struct skv_client_resume res;
+		cr_assert_eq(skv_client_stream_resume_info(t, &res), 0);
+		cr_assert_eq(res.tokens_seen, at[i], "%s", names[i]);
+		cr_assert_eq(skv_client_stream_pending(t), 0);
+		int32_t cont[CONT];
+		cr_assert_eq(skv_client_stream_generate(t, "", 0, CONT, SKV_CLIENT_ENDLESS), 0);
+		cr_assert_eq(read_ids(t, cont, CONT), CONT);
+		skv_client_stream_close(t);
+		skv_client_disconnect(a);
+		/* The uninterrupted stream: BOS, then generated token k at index k; restored at
+		 * at[i] tokens seen, the continuation starts with generated token at[i]. */
+		skv_client_stream *ref = NULL;
+		cr_assert_eq(skv_client_stream_open(ref_c, NULL, &ref), 0);
+		size_t need = (size_t)at[i] + CONT;
+		int32_t *want = malloc(need * sizeof(*want));
+		cr_assert(want);
+		cr_assert_eq(skv_client_stream_generate(ref, "", 0, need, SKV_CLIENT_ENDLESS), 0);
+		cr_assert_eq(read_ids(ref, want, need), need);
+		skv_client_stream_close(ref);
+		for (int k = 0; k < CONT; k++)
+			cr_assert_eq(cont[k], want[at[i] + (uint64_t)k],
+				     "%s: token %llu after the restore is %d, uninterrupted %d",
+				     names[i], (unsigned long long)(at[i] + (uint64_t)k), cont[k],
+				     want[at[i] + (uint64_t)k]);
+		free(want);
+	}
+	skv_client_disconnect(ref_c);
+	mp_wait_streams_freed(&d, 10.0);
+	/* Closed for good: their files go too. */
+	double gone_by = mp_now() + 5.0;
+	char snap[PATH_MAX + 64];
+	struct stat st;
+	for (int i = 0; i < N; i++) {
+		snprintf(snap, sizeof(snap), "%s/%u-%s.snap", state, (unsigned)getuid(), names[i]);
+		while (stat(snap, &st) == 0 && mp_now() < gone_by)
+			mp_sleep_ms(10);
+		cr_assert_neq(stat(snap, &st), 0, "%s stays", snap);
+	}
+}

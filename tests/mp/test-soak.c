@@ -1,9 +1,10 @@
 /* Soak (issue 14, item 5): resumable greedy streams keep generating while engines, clients and
  * the daemon are killed at random, round after round. Every token every stream delivers must be
  * the uninterrupted stream's token at that position (a killed client's stream continues where
- * it was; a daemon killed with -9 comes back at each stream's last snapshot), or the stream ends
- * with a clear error (its engine died: -EPIPE; the daemon died before its first snapshot:
- * -ENOENT on attach) and a fresh one takes its place. No read may hang; at the end the arena is
+ * it was; a daemon killed with -9 comes back at each stream's last snapshot, and so does a
+ * stream whose engine was killed: -SKV_ERESTORED says at which token, and the client attaches
+ * again), or the stream ends with a clear error (its engine died before its first snapshot:
+ * -EPIPE; the daemon did: -ENOENT on attach) and a fresh one takes its place. No read may hang; at the end the arena is
  * empty, the daemon holds the fds it held at its start, this process holds the fds it held
  * before, the state directory is empty and /dev/shm holds what it held.
  *
@@ -194,12 +195,33 @@ static void soak_expect_failure(struct soak_stream *st, int want, const char *wh
 	cr_assert(strlen(skv_client_last_error(st->c)) > 10, "%s: no reason given", st->name);
 }
 
-/* A stream whose engine was killed ends with -EPIPE and says so: a fresh one takes its place.
- * Any other error fails the test. */
+enum soak_attach_after {
+	SOAK_AFTER_CLIENT_KILL,   /* the stream went on detached: its request is still ours */
+	SOAK_AFTER_DAEMON_KILL,   /* back at its last snapshot, if it had one (else -ENOENT) */
+	SOAK_AFTER_RESTORE,       /* its engine died, the daemon restored it: it is there */
+};
+
+static void soak_attach(const struct mp_daemon *d, struct soak_stream *st, unsigned i,
+			enum soak_attach_after after);
+
+/* A stream whose engine was killed comes back from its snapshot (-SKV_ERESTORED, at the token
+ * the message names: attach again) or, before its first snapshot, ends with -EPIPE and says so
+ * (a fresh one takes its place). Any other error fails the test. */
 static void soak_check(const struct mp_daemon *d, struct soak_stream *st, unsigned i, int rc)
 {
 	if (rc == 0)
 		return;
+	if (rc == -SKV_ERESTORED) {
+		const char *why = skv_client_last_error(st->c);
+		const char *at = strstr(why, "at token ");
+		cr_assert(at && strstr(why, "attach again"), "%s: %s", st->name, why);
+		uint64_t restored = strtoull(at + strlen("at token "), NULL, 10);
+		soak_close(st);
+		soak_attach(d, st, i, SOAK_AFTER_RESTORE);
+		cr_assert_eq(st->pos, restored, "%s: attached at %llu, restored at %llu", st->name,
+			     (unsigned long long)st->pos, (unsigned long long)restored);
+		return;
+	}
 	cr_assert_eq(rc, -EPIPE, "%s: %d (%s)", st->name, rc, skv_client_last_error(st->c));
 	cr_assert(strstr(skv_client_last_error(st->c), "engine died"), "%s",
 		  skv_client_last_error(st->c));
@@ -208,8 +230,9 @@ static void soak_check(const struct mp_daemon *d, struct soak_stream *st, unsign
 }
 
 static void soak_attach(const struct mp_daemon *d, struct soak_stream *st, unsigned i,
-			int after_daemon_restart)
+			enum soak_attach_after after)
 {
+	int after_daemon_restart = after == SOAK_AFTER_DAEMON_KILL;
 	st->c = mp_connect(d);
 	int err = -EBUSY;
 	for (int k = 0; k < 300 && (err == -EBUSY || (after_daemon_restart && err == -ENOENT));
@@ -225,12 +248,12 @@ static void soak_attach(const struct mp_daemon *d, struct soak_stream *st, unsig
 		return;
 	}
 	cr_assert_eq(err, 0, "attach %s: %s", st->name, skv_client_last_error(st->c));
-	if (!after_daemon_restart) {
+	if (after == SOAK_AFTER_CLIENT_KILL) {
 		cr_assert_eq(skv_client_stream_pending(st->s), 1);
 		return;
 	}
 	/* Back at its last snapshot, idle: BOS plus the tokens it fed, then the one it had
-	 * sampled; the request in progress ended with the daemon. */
+	 * sampled; the request in progress ended with the daemon (or the engine). */
 	struct skv_client_resume r;
 	cr_assert_eq(skv_client_stream_resume_info(st->s, &r), 0);
 	cr_assert(r.tokens_seen >= 1 && r.tokens_seen <= st->pos + SKV_CHAN_RING_CAPACITY + 1,
@@ -278,7 +301,8 @@ Test(soak, random_kills_of_engines_clients_and_the_daemon)
 		unsigned what = mp_fuzz_u32() % 4;
 		kills[what]++;
 		if (what == 1) {
-			/* An engine: its streams end with -EPIPE, the others go on. */
+			/* An engine: its streams come back from their snapshots (or, before the
+			 * first, end with -EPIPE); the others go on. */
 			mp_daemon_wait_ready(&d, 2, 30.0);
 			struct skv_msg_stats s;
 			mp_stats(&d, &s);
@@ -300,7 +324,7 @@ Test(soak, random_kills_of_engines_clients_and_the_daemon)
 			skv_client_disconnect(st[i].c);
 			st[i].c = NULL;
 			st[i].s = NULL;
-			soak_attach(&d, &st[i], i, 0);
+			soak_attach(&d, &st[i], i, SOAK_AFTER_CLIENT_KILL);
 		} else if (what == 3) {
 			/* The daemon, with -9: every client gets -EPIPE at once; after the restart
 			 * every stream is back at its last snapshot. */
@@ -315,7 +339,7 @@ Test(soak, random_kills_of_engines_clients_and_the_daemon)
 			daemon_fds = mp_fd_count(d.pid);
 			restarts++;
 			for (unsigned i = 0; i < SOAK_STREAMS; i++)
-				soak_attach(&d, &st[i], i, 1);
+				soak_attach(&d, &st[i], i, SOAK_AFTER_DAEMON_KILL);
 		}
 	}
 	for (unsigned i = 0; i < SOAK_STREAMS; i++)
