@@ -833,30 +833,6 @@ QM_INLINE void qm_tile_q(const struct qm_job *job, const uint8_t *row, uint32_t 
 		qm_put(job, m, r + (uint32_t)t, qm_hsum8v(f[t]));
 }
 
-/* Rows [r0, r1) of a Q4_0 (stride 18) or Q8_0 (34) matrix, QM_RT at a time. */
-QM_INLINE void qm_tiles_q(const struct qm_job *job, uint32_t r0, uint32_t r1, const int stride)
-{
-	const struct skv_qmat *w = job->w;
-	const uint8_t *base = w->data;
-	const size_t rb = w->row_bytes;
-	for (uint32_t r = r0; r < r1; r += QM_RT) {
-		uint32_t rt = r1 - r < QM_RT ? r1 - r : QM_RT;
-		const uint8_t *row = base + (size_t)r * rb;
-		/* the next tile, a slice per 16 blocks (none past r1: another thread's rows) */
-		uint32_t next = r + rt < r1 ? (r1 - r - rt < QM_RT ? r1 - r - rt : QM_RT) : 0;
-		const uint8_t *pf = row + rt * rb;
-		for (uint32_t m = 0; m < job->m_rows; m++) {
-			size_t pf_n = m == 0 ? next * rb : 0;
-			switch (rt) {
-			case 1: qm_tile_q(job, row, r, 1, m, pf, pf_n, stride); break;
-			case 2: qm_tile_q(job, row, r, 2, m, pf, pf_n, stride); break;
-			case 3: qm_tile_q(job, row, r, 3, m, pf, pf_n, stride); break;
-			default: qm_tile_q(job, row, r, QM_RT, m, pf, pf_n, stride); break;
-			}
-		}
-	}
-}
-
 /* F32, F16, BF16 rows as float32, QM_RT at a time against row m of x (x loaded once for all
  * of them); two 16-lane accumulators per row. */
 QM_INLINE __m512 qm_tile_wf(const void *row, uint32_t c, const enum qm_ftype ft)
@@ -870,8 +846,9 @@ QM_INLINE __m512 qm_tile_wf(const void *row, uint32_t c, const enum qm_ftype ft)
 }
 
 QM_INLINE void qm_tile_f(const struct qm_job *job, const uint8_t *row, uint32_t r, const int rt,
-			 uint32_t m, const uint8_t *pf, size_t pf_n, const enum qm_ftype ft)
+			 uint32_t m, const uint8_t *pf, size_t pf_n, const int kind)
 {
+	const enum qm_ftype ft = (enum qm_ftype)kind;
 	const size_t rb = job->w->row_bytes;
 	const uint32_t cols = job->w->cols;
 	const float *x = job->act->x + (size_t)m * job->act->ld_x;
@@ -908,8 +885,14 @@ QM_INLINE void qm_tile_f(const struct qm_job *job, const uint8_t *row, uint32_t 
 	}
 }
 
-QM_INLINE void qm_tiles_f(const struct qm_job *job, uint32_t r0, uint32_t r1,
-			  const enum qm_ftype ft)
+/* Rows [r0, r1) QM_RT at a time with a tile kernel (qm_tile_q: kind = the block stride, Q4_0
+ * 18 or Q8_0 34; qm_tile_f: kind = enum qm_ftype), each tile width its own instance; the next
+ * tile is prefetched during this one (none past r1: another thread's rows). */
+typedef void (*qm_tile_fn)(const struct qm_job *job, const uint8_t *row, uint32_t r, int rt,
+			   uint32_t m, const uint8_t *pf, size_t pf_n, int kind);
+
+QM_INLINE void qm_tiles(const struct qm_job *job, uint32_t r0, uint32_t r1, const qm_tile_fn tile,
+			const int kind)
 {
 	const struct skv_qmat *w = job->w;
 	const uint8_t *base = w->data;
@@ -922,10 +905,10 @@ QM_INLINE void qm_tiles_f(const struct qm_job *job, uint32_t r0, uint32_t r1,
 		for (uint32_t m = 0; m < job->m_rows; m++) {
 			size_t pf_n = m == 0 ? next * rb : 0;
 			switch (rt) {
-			case 1: qm_tile_f(job, row, r, 1, m, pf, pf_n, ft); break;
-			case 2: qm_tile_f(job, row, r, 2, m, pf, pf_n, ft); break;
-			case 3: qm_tile_f(job, row, r, 3, m, pf, pf_n, ft); break;
-			default: qm_tile_f(job, row, r, QM_RT, m, pf, pf_n, ft); break;
+			case 1: tile(job, row, r, 1, m, pf, pf_n, kind); break;
+			case 2: tile(job, row, r, 2, m, pf, pf_n, kind); break;
+			case 3: tile(job, row, r, 3, m, pf, pf_n, kind); break;
+			default: tile(job, row, r, QM_RT, m, pf, pf_n, kind); break;
 			}
 		}
 	}
@@ -941,7 +924,7 @@ QM_INLINE void qm_run_float(const struct qm_job *job, uint32_t r0, uint32_t r1, 
 	if (!job->interleaved) {
 #if defined(__AVX512VNNI__)
 		if (job->tiles) {
-			qm_tiles_f(job, r0, r1, ft);
+			qm_tiles(job, r0, r1, qm_tile_f, (int)ft);
 			return;
 		}
 #endif
@@ -1483,7 +1466,7 @@ static void qm_q8_0(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 {
 #if defined(__AVX512VNNI__)
 	if (!job->interleaved && job->tiles) {
-		qm_tiles_q(job, r0, r1, 34);
+		qm_tiles(job, r0, r1, qm_tile_q, 34);
 		return;
 	}
 #endif
@@ -1502,7 +1485,7 @@ static void qm_q4_0(const struct qm_job *job, uint32_t r0, uint32_t r1, void *sc
 {
 #if defined(__AVX512VNNI__)
 	if (!job->interleaved && job->tiles) {
-		qm_tiles_q(job, r0, r1, 18);
+		qm_tiles(job, r0, r1, qm_tile_q, 18);
 		return;
 	}
 #endif

@@ -179,17 +179,23 @@ static void assert_ok(const struct mk_run *r)
 		  r->out);
 }
 
-/* A refusal: the exit code, exactly one "skv-mkmodel: " line on stderr holding `part`, nothing
+/* A refusal: the exit code, exactly one line on stderr starting with prefix and holding `part`, nothing
  * on stdout. */
-static void assert_refused(const struct mk_run *r, int code, const char *part, const char *what)
+static void assert_refused_by(const char *prefix, const struct mk_run *r, int code,
+			      const char *part, const char *what)
 {
 	cr_assert_eq(r->exit_code, code, "%s: exit %d, expected %d (stderr: %s)", what,
 		     r->exit_code, code, r->err);
 	cr_assert_str_eq(r->out, "", "%s: stdout %s", what, r->out);
-	cr_assert(!strncmp(r->err, "skv-mkmodel: ", 13), "%s: stderr %s", what, r->err);
+	cr_assert(!strncmp(r->err, prefix, strlen(prefix)), "%s: stderr %s", what, r->err);
 	char *nl = strchr(r->err, '\n');
 	cr_assert(nl && nl[1] == '\0', "%s: not exactly one line: %s", what, r->err);
 	cr_assert(strstr(r->err, part), "%s: \"%s\" lacks \"%s\"", what, r->err, part);
+}
+
+static void assert_refused(const struct mk_run *r, int code, const char *part, const char *what)
+{
+	assert_refused_by("skv-mkmodel: ", r, code, part, what);
 }
 
 static struct skv_model *open_model(const char *path)
@@ -1196,13 +1202,7 @@ static void qz_run(struct mk_run *r, const char *const *args)
 
 static void qz_assert_refused(const struct mk_run *r, int code, const char *part, const char *what)
 {
-	cr_assert_eq(r->exit_code, code, "%s: exit %d, expected %d (stderr: %s)", what,
-		     r->exit_code, code, r->err);
-	cr_assert_str_eq(r->out, "", "%s: stdout %s", what, r->out);
-	cr_assert(!strncmp(r->err, "skv-quantize: ", 14), "%s: stderr %s", what, r->err);
-	char *nl = strchr(r->err, '\n');
-	cr_assert(nl && nl[1] == '\0', "%s: not exactly one line: %s", what, r->err);
-	cr_assert(strstr(r->err, part), "%s: \"%s\" lacks \"%s\"", what, r->err, part);
+	assert_refused_by("skv-quantize: ", r, code, part, what);
 }
 
 /* Tensor t of type `want` holds exactly what the ggml rules make of src's values. */
