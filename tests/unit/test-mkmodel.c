@@ -179,8 +179,8 @@ static void assert_ok(const struct mk_run *r)
 		  r->out);
 }
 
-/* A refusal: the exit code, exactly one line on stderr starting with prefix and holding `part`, nothing
- * on stdout. */
+/* A refusal: the exit code, exactly one line on stderr starting with prefix and holding
+ * `part`, nothing on stdout. */
 static void assert_refused_by(const char *prefix, const struct mk_run *r, int code,
 			      const char *part, const char *what)
 {
