@@ -49,9 +49,6 @@ struct gw_conv {
 	char lost_why[256];
 	struct gw_task *task;            /* an export, import or pull in progress: busy */
 	struct gw_job *parked;           /* requests waiting for a --snapshot-dir copy */
-	uint64_t tokens;                 /* the stream's tokens: prompt and generated, as read */
-	int tokens_known;                /* tokens holds the stream's count (opened, attached) */
-	uint64_t tokens_seen_back;       /* what an attach found instead (-ESTALE) */
 	struct gw_conv_settings set;
 };
 

@@ -463,10 +463,6 @@ static void backend_event(struct gw_backend *b, struct gw_stream *st,
 {
 	struct gw_job *j = st->job;
 	struct gw *gw = b->gw;
-	/* Every token the stream takes in, also of requests nobody reads any more: compared with
-	 * the daemon's count when it is attached again (conv_attach). */
-	if (st->conv && (ev->type == SKV_CLIENT_EV_PROMPT || ev->type == SKV_CLIENT_EV_TOKEN))
-		st->conv->tokens++;
 	if (st->skip_ends) {
 		/* A request of the stream's previous connection: read to its end, unseen. */
 		st->skip_ends -= ev->type == SKV_CLIENT_EV_DONE || ev->type == SKV_CLIENT_EV_ERROR ||
@@ -896,7 +892,6 @@ void backend_start(struct gw_backend *b, struct gw_job *j)
 				conv->st = st;
 				st->conv = conv;
 				struct skv_client_resume ri;
-				conv->tokens_known = 1;
 				if (skv_client_stream_resume_info(s, &ri) == 0) {
 					snprintf(conv->name, sizeof(conv->name), "%s", ri.name);
 					snprintf(conv->token, sizeof(conv->token), "%s", ri.token);

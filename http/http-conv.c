@@ -56,19 +56,6 @@ struct gw_stream *conv_attach(struct gw_backend *b, struct gw_conv *conv,
 	if (pending && skv_client_stream_cancel(s) == 0)
 		st->skip_ends = pending;
 	conv->last_used = backend_now();
-	struct skv_client_resume ri;
-	int have = skv_client_stream_resume_info(s, &ri) == 0;
-	if (have && !pending && conv->tokens_known && ri.tokens_seen != conv->tokens) {
-		/* An older copy (a daemon's periodic snapshot from before its kill -9): going on
-		 * would feed the client's next turn to a stream that lacks the last ones. */
-		*err_out = -ESTALE;
-		conv->tokens_seen_back = ri.tokens_seen;
-		return st;
-	}
-	if (have && !pending) {
-		conv->tokens = ri.tokens_seen;
-		conv->tokens_known = 1;
-	}
 	return st;
 }
 
@@ -81,8 +68,8 @@ void conv_reattach(struct gw_backend *b)
 	for (struct gw_conv *conv = b->convs; conv && b->client; conv = conv->next) {
 		if (conv->st || conv->lost || conv->task || !conv->token[0])
 			continue;
-		int err = 0;
-		if (conv_attach(b, conv, &err) && err != -ESTALE) {
+		int err;
+		if (conv_attach(b, conv, &err)) {
 			back++;
 			continue;
 		}
@@ -91,13 +78,7 @@ void conv_reattach(struct gw_backend *b)
 			return;
 		}
 		char why[400];
-		if (err == -ESTALE)
-			snprintf(why, sizeof(why), "skv-cached brought back an older copy of its stream "
-				 "%s (%llu of its %llu tokens: it restarted from a periodic snapshot), "
-				 "so the last turns are gone", conv->name,
-				 (unsigned long long)conv->tokens_seen_back,
-				 (unsigned long long)conv->tokens);
-		else if (err == -ENOENT)
+		if (err == -ENOENT)
 			snprintf(why, sizeof(why), "skv-cached no longer holds its stream %s (it "
 				 "restarted without --state-dir, or the stream timed out detached)",
 				 conv->name);
@@ -119,8 +100,6 @@ static void conv_json_common(struct gw_backend *b, const struct gw_conv *c, json
 	(void)b;
 	json_object_set_new(o, "id", json_string(c->id));
 	json_object_set_new(o, "messages", json_integer((json_int_t)c->fed_messages));
-	if (c->tokens_known)
-		json_object_set_new(o, "tokens", json_integer((json_int_t)c->tokens));
 	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->fed_hash);
 	json_object_set_new(o, "fed_hash", json_string(hex));
 	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->key_hash);
@@ -152,9 +131,6 @@ static int conv_from_json(struct gw_conv *c, json_t *o)
 	    !json_is_object(set))
 		return -1;
 	c->fed_messages = (uint64_t)json_integer_value(m);
-	json_t *tokens = json_object_get(o, "tokens");
-	c->tokens_known = json_is_integer(tokens) && json_integer_value(tokens) >= 0;
-	c->tokens = c->tokens_known ? (uint64_t)json_integer_value(tokens) : 0;
 	c->set.policy = (int)json_integer_value(json_object_get(set, "policy"));
 	c->set.sinks = json_integer_value(json_object_get(set, "sinks"));
 	c->set.window = json_integer_value(json_object_get(set, "window"));
@@ -670,17 +646,11 @@ static int conv_task_adopt(struct gw_backend *b, struct gw_task *t, char *msg, s
 	b->state_dirty = 1;
 	if (!b->client)
 		return 0; /* attached at the next connection */
-	int err = 0;
+	int err;
 	if (!conv_attach(b, conv, &err)) {
 		snprintf(msg, len, "skv-cached restored the conversation but it cannot be attached: "
 			 "%s", skv_client_last_error(b->client));
 		return err == -EPIPE ? 503 : 500;
-	}
-	if (err == -ESTALE) {
-		snprintf(msg, len, "the restored stream holds %llu tokens where the conversation's "
-			 "state says %llu: a corrupted or mismatched body",
-			 (unsigned long long)conv->tokens_seen_back, (unsigned long long)conv->tokens);
-		return 422;
 	}
 	return 0;
 }

@@ -11,7 +11,6 @@
  * (mp_daemon_start names every socket <scratch>/cached.sock). */
 #include <arpa/inet.h>
 #include <criterion/criterion.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
@@ -25,7 +24,6 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "mputil.h"
@@ -462,82 +460,6 @@ Test(http_durable, lost_stream_answers_410)
 	http_do(g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
 	cr_assert_eq(a.status, 200, "after DELETE it starts anew: %s", a.body);
 	answer_free(&a);
-	gw_signal_wait(&g, SIGTERM);
-}
-
-/* The newest mtime (ns) of a file in dir whose name contains needle, 0 if none. */
-static int64_t newest_mtime(const char *dir, const char *needle)
-{
-	char cmd[PATH_MAX + 300];
-	int64_t best = 0;
-	DIR *d = opendir(dir);
-	cr_assert(d, "%s", dir);
-	for (struct dirent *e; (e = readdir(d));) {
-		if (!strstr(e->d_name, needle) || strstr(e->d_name, ".tmp"))
-			continue;
-		snprintf(cmd, sizeof(cmd), "%s/%s", dir, e->d_name);
-		struct stat sb;
-		if (stat(cmd, &sb) == 0) {
-			int64_t t = (int64_t)sb.st_mtim.tv_sec * NS_PER_S + sb.st_mtim.tv_nsec;
-			best = t > best ? t : best;
-		}
-	}
-	closedir(d);
-	return best;
-}
-
-/* kill -9 of a daemon with --snapshot-interval: it comes back from its last periodic snapshot,
- * older than the conversation skv-http knows (the stream's token count says so). The
- * conversation is lost, with that reason, rather than fed the next turn without the last ones;
- * should a snapshot have caught the last turn after all, it goes on byte for byte. */
-Test(http_durable, daemon_kill9_from_an_older_snapshot)
-{
-	const char *test = "httpd-kill9";
-	char state[PATH_MAX];
-	snprintf(state, sizeof(state), "%s/state", tu_scratch_dir(test));
-	cr_assert(mkdir(state, 0700) == 0);
-	const char *const flags[] = { "--state-dir", state, "--snapshot-interval", "1", NULL };
-	struct mp_daemon d;
-	mp_daemon_start(&d, test, 1, NULL, flags);
-	struct gw_proc g;
-	gw_start(&g, d.sock, test, "n1", NULL);
-	char *ref[N_TURNS];
-	reference(g.port, NULL, "ref", ref);
-	struct conv_run c = { .id = "k9" };
-	expect_turn(g.port, NULL, &c, 0, ref, "before");
-	struct timespec now;
-	clock_gettime(CLOCK_REALTIME, &now);
-	int64_t after0 = (int64_t)now.tv_sec * NS_PER_S + now.tv_nsec;
-	double deadline = mp_now() + 10.0;
-	while (newest_mtime(state, "conv-k9") <= after0) {
-		cr_assert(mp_now() < deadline, "no periodic snapshot of conv-k9 in %s", state);
-		mp_sleep_ms(20);
-	}
-	expect_turn(g.port, NULL, &c, 1, ref, "before");
-	cr_assert(kill(d.pid, SIGKILL) == 0);
-	cr_assert(mp_daemon_reap(&d, 10.0));
-	mp_sleep_ms(300);
-	mp_daemon_start(&d, test, 1, NULL, flags);
-	wait_health(&g, 200, 20.0);
-	struct http_answer a;
-	char hdr[128], body[256];
-	snprintf(hdr, sizeof(hdr), "X-Conversation-Id: k9\r\n");
-	snprintf(body, sizeof(body), "{\"prompt\":\"%s\",\"max_tokens\":%d,\"temperature\":0}",
-		 turn_text[2], TURN_TOKENS);
-	http_do(g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
-	cr_log_info("kill -9 with --snapshot-interval: %s\n",
-		    a.status == 200 ? "a snapshot held the last turn" : "lost, and said so");
-	if (a.status == 200) {
-		char *text = answer_text(&a, 0);
-		cr_assert(!strncmp(ref[2], text, strlen(text)) && ref[2][strlen(text)] == '|',
-			  "a snapshot held turn 1, yet turn 2 differs: %s", text);
-		free(text);
-	} else {
-		expect_error(&a, 410, "conversation_lost", "older copy", "an older snapshot");
-	}
-	answer_free(&a);
-	json_decref(c.messages);
-	free_turns(ref);
 	gw_signal_wait(&g, SIGTERM);
 }
 
