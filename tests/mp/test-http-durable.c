@@ -682,6 +682,56 @@ Test(http_durable, drain_and_pull_from_peer)
 	gw_signal_wait(&g1, SIGTERM);
 }
 
+/* A conversation whose requests alternate between two nodes moves at each one (pulled by the
+ * node it lands on) and still equals the same conversation on one node; completions only, the
+ * first prompt starting with a space. */
+Test(http_durable, moves_back_and_forth)
+{
+	const char *test = "httpd-pingpong";
+	struct mp_daemon d1, d2;
+	node_daemon(&d1, test, "n1", NULL);
+	node_daemon(&d2, test, "n2", NULL);
+	uint16_t p1 = free_port(), p2;
+	do
+		p2 = free_port();
+	while (p2 == p1);
+	char peer1[64], peer2[64];
+	snprintf(peer1, sizeof(peer1), "http://127.0.0.1:%u", p1);
+	snprintf(peer2, sizeof(peer2), "http://127.0.0.1:%u", p2);
+	struct gw_proc g1, g2;
+	gw_start_on(&g1, d1.sock, test, "n1", p1, (const char *const[]){ "--peers", peer2, NULL });
+	gw_start_on(&g2, d2.sock, test, "n2", p2, (const char *const[]){ "--peers", peer1, NULL });
+	static const char *const prompts[] = { " and then", " the dog ran.", "  Two spaces",
+					       "\\n\\nNew lines.", " End", "" };
+	const int n = (int)(sizeof(prompts) / sizeof(prompts[0]));
+	for (int i = 0; i < n; i++) {
+		char body[256], *text[2];
+		snprintf(body, sizeof(body), "{\"prompt\":\"%s\",\"max_tokens\":16,\"temperature\":0}",
+			 prompts[i]);
+		for (int k = 0; k < 2; k++) {
+			/* k 0: always on n1; k 1: on n1 and n2 in turn. */
+			uint16_t port = k && i % 2 ? p2 : p1;
+			struct http_answer a;
+			http_do(port, "POST", "/v1/completions",
+				k ? "X-Conversation-Id: pingpong\r\n" : "X-Conversation-Id: still\r\n",
+				body, strlen(body), &a);
+			cr_assert_eq(a.status, 200, "turn %d (%s): %s", i, k ? "moving" : "still", a.body);
+			text[k] = answer_text(&a, 0);
+			char *moved = header(&a, "X-Skv-Conversation-Moved");
+			if (k && i)
+				cr_assert(moved && !strcmp(moved, i % 2 ? "from=n1" : "from=n2"),
+					  "turn %d: X-Skv-Conversation-Moved: %s", i, moved);
+			free(moved);
+			answer_free(&a);
+		}
+		cr_assert_str_eq(text[1], text[0], "turn %d differs after a move", i);
+		free(text[0]);
+		free(text[1]);
+	}
+	gw_signal_wait(&g2, SIGTERM);
+	gw_signal_wait(&g1, SIGTERM);
+}
+
 /* The message count in the JSON state of an exported conversation file (-1: none yet). */
 static long file_messages(const char *path)
 {
