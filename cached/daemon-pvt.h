@@ -364,6 +364,8 @@ int cached_revive_take(struct cached *d, struct cached_stream *s);
 void cached_revive_pump(struct cached *d, double now);
 /* Free what is left of them (shutdown). */
 void cached_revive_forget(struct cached *d);
+/* The client of a reviving stream closed it before it heard: no restore, and its file goes. */
+void cached_revive_cancel(struct cached *d, struct cached_stream *s);
 /* The outcome of a revive for the stream entry old_id (daemon.c): FAILED with code and text to
  * its client; an entry no engine and no client holds goes. */
 void cached_stream_revived(struct cached *d, uint64_t old_id, int code, const char *text);

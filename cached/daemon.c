@@ -785,6 +785,8 @@ static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_
 	struct skv_msg_stream m = { .stream_id = id };
 	if (s->state == CACHED_STREAM_CLOSING)
 		return;
+	if (s->reviving)
+		cached_revive_cancel(d, s); /* closed for good before its restore */
 	if (s->dropping) {
 		/* Already being dropped (its idle time-out): CLOSED goes out with DROPPED. */
 		s->state = CACHED_STREAM_CLOSING;

@@ -832,6 +832,23 @@ void cached_revive_pump(struct cached *d, double now)
 	}
 }
 
+void cached_revive_cancel(struct cached *d, struct cached_stream *s)
+{
+	for (struct cached_revive **l = &d->revive_head; *l; l = &(*l)->next) {
+		struct cached_revive *r = *l;
+		if (r->old_id != s->id)
+			continue;
+		cached_log("stream %llu (%s): closed by its client; not restoring it",
+			   (unsigned long long)s->id, r->name);
+		unlink(r->path);
+		*l = r->next;
+		free(r->path);
+		free(r);
+		break;
+	}
+	s->reviving = 0;
+}
+
 void cached_revive_forget(struct cached *d)
 {
 	/* Their files stay: the next start restores them. */

@@ -101,6 +101,21 @@ static unsigned count_dir(const char *path)
 	return n;
 }
 
+/* The names in path, for a failure's message. */
+static void list_dir(const char *path, char *buf, size_t len)
+{
+	buf[0] = '\0';
+	DIR *d = opendir(path);
+	if (!d)
+		return;
+	for (struct dirent *e; (e = readdir(d));) {
+		size_t used = strlen(buf);
+		if (e->d_name[0] != '.')
+			snprintf(buf + used, len - used, "%s ", e->d_name);
+	}
+	closedir(d);
+}
+
 static void reference(const struct mp_daemon *d)
 {
 	ref_ids = malloc(SOAK_REF_TOKENS * sizeof(*ref_ids));
@@ -253,10 +268,12 @@ static void soak_attach(const struct mp_daemon *d, struct soak_stream *st, unsig
 		return;
 	}
 	/* Back at its last snapshot, idle: BOS plus the tokens it fed, then the one it had
-	 * sampled; the request in progress ended with the daemon (or the engine). */
+	 * sampled; the request in progress ended with the daemon (or the engine). A snapshot
+	 * taken before its engine took the first request holds nothing (0): the stream then
+	 * starts again from BOS, as the uninterrupted one did. */
 	struct skv_client_resume r;
 	cr_assert_eq(skv_client_stream_resume_info(st->s, &r), 0);
-	cr_assert(r.tokens_seen >= 1 && r.tokens_seen <= st->pos + SKV_CHAN_RING_CAPACITY + 1,
+	cr_assert(r.tokens_seen <= st->pos + SKV_CHAN_RING_CAPACITY + 1,
 		  "%s: restored at %llu, had read %llu", st->name,
 		  (unsigned long long)r.tokens_seen, (unsigned long long)st->pos);
 	cr_assert_eq(skv_client_stream_pending(st->s), 0);
@@ -349,7 +366,9 @@ Test(soak, random_kills_of_engines_clients_and_the_daemon)
 	double until = mp_now() + 5.0;
 	while (count_dir(state) && mp_now() < until)
 		mp_sleep_ms(50);
-	cr_assert_eq(count_dir(state), 0, "snapshot files left in the state directory");
+	char left[1024];
+	list_dir(state, left, sizeof(left));
+	cr_assert_eq(count_dir(state), 0, "snapshot files left in the state directory: %s", left);
 	/* At most what it held when it started (it may hold fewer: start-up has extra). */
 	until = mp_now() + 10.0;
 	while (mp_fd_count(d.pid) > daemon_fds && mp_now() < until)
