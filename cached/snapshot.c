@@ -117,12 +117,12 @@ struct cached_snap_job {
 	struct skv_snap_header h;    /* the thread fills in sha256 */
 	void *copy;                  /* [bytes], populated at the start: the region, copied */
 	uint64_t bytes;
-	int fd;                      /* the file (the admin's, or --state-dir's .tmp) */
+	int fd;                      /* the file (the admin's, or --state-dir's temporary one) */
 	int code;                    /* the thread's result: 0 or -errno */
 	/* the loop's */
 	uint64_t stream_id;
 	uint64_t admin_id;           /* who gets ADMIN_RESULT (0: nobody) */
-	char *path;                  /* --state-dir: rename path.tmp to it (NULL: in place) */
+	char *path;                  /* --state-dir: rename its temporary to it (NULL: in place) */
 	char name[SKV_STREAM_NAME_MAX];
 	uint64_t copy_ns;            /* how long the stream was held for the copy */
 	int writing;                 /* with the thread */
@@ -141,6 +141,15 @@ struct cached_snap_writer {
 	struct cached_snap_job *done;                  /* under lock */
 	int efd;                                       /* the thread -> the loop: done moved */
 };
+
+/* Where --state-dir's file DIR/NAME is written before it is renamed into place: DIR/.NAME.tmp,
+ * hidden, so that whatever lists the directory sees whole snapshots only. */
+static void snap_tmp_path(const char *path, char *out, size_t len)
+{
+	const char *slash = strrchr(path, '/');
+	int dir = slash ? (int)(slash - path) + 1 : 0;
+	snprintf(out, len, "%.*s.%s.tmp", dir, path, path + dir);
+}
 
 static int snap_write_all(int fd, const void *buf, size_t len, off_t off)
 {
@@ -248,7 +257,7 @@ static void snap_job_free(struct cached *d, struct cached_snap_job *job, int unl
 		close(job->fd);
 	if (job->path && unlink_tmp) {
 		char tmp[PATH_MAX];
-		snprintf(tmp, sizeof(tmp), "%s.tmp", job->path);
+		snap_tmp_path(job->path, tmp, sizeof(tmp));
 		unlink(tmp); /* a half-written file never takes the place of a whole one */
 	}
 	free(job->path);
@@ -437,7 +446,7 @@ void cached_snapshot_written(struct cached *d)
 				 skv_strerror(r.code));
 		} else if (job->path) {
 			char tmp[PATH_MAX];
-			snprintf(tmp, sizeof(tmp), "%s.tmp", job->path);
+			snap_tmp_path(job->path, tmp, sizeof(tmp));
 			if (rename(tmp, job->path) < 0) {
 				r.code = -errno;
 				snprintf(r.text, sizeof(r.text), "cannot rename %.120s: %s", tmp,
@@ -656,7 +665,7 @@ static unsigned state_snapshot_all(struct cached *d, uint32_t flags)
 			path = NULL;
 			continue;
 		}
-		snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+		snap_tmp_path(path, tmp, sizeof(tmp));
 		int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 		if (fd < 0) {
 			cached_log("stream %llu (%s): cannot create %s: %s", (unsigned long long)s->id,
