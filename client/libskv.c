@@ -54,6 +54,8 @@ struct skv_client_stream {
 	char name[SKV_STREAM_NAME_MAX];
 	char token[SKV_TOKEN_HEX + 1];
 	uint64_t tokens_seen_at_attach;
+	uint64_t tokens;                /* the stream's tokens as of the last DONE or attach */
+	int tokens_known;
 	int resync;                     /* attached: skip the tail of an event the previous
 					 * client had begun to read */
 	int failed;                     /* -errno once the daemon said it failed */
@@ -553,6 +555,8 @@ static int client_stream_open_once(struct skv_client *c, const skv_client_opts *
 		memcpy(s->token, r.named.token, SKV_TOKEN_HEX);
 		s->token[SKV_TOKEN_HEX] = '\0';
 		s->tokens_seen_at_attach = r.named.tokens_seen;
+		s->tokens = r.named.tokens_seen;
+		s->tokens_known = 1;
 	}
 	s->id = r.opened.stream_id;
 	s->sink_slots = r.opened.sink_slots;
@@ -728,6 +732,16 @@ skv_client *libskv_stream_owner(const skv_client_stream *s)
 const struct skv_engine_stats *libskv_stream_engine_stats(const skv_client_stream *s)
 {
 	return skv_doorbell_stats(s->engine_word);
+}
+
+int skv_client_stream_tokens(const skv_client_stream *s, uint64_t *out)
+{
+	if (!s || !out)
+		return -EINVAL;
+	if (!s->tokens_known)
+		return -ENODATA;
+	*out = s->tokens;
+	return 0;
 }
 
 uint64_t skv_client_stream_pending(const skv_client_stream *s)
@@ -949,6 +963,10 @@ static int stream_take(struct skv_client_stream *s, struct skv_client_event *ev)
 		ev->type = SKV_CLIENT_EV_DONE;
 		ev->count = m->arg;
 		ev->reason = m->flags & SKV_CHAN_DONE_MASK;
+		if (s->buf_len >= sizeof(uint64_t)) {
+			memcpy(&s->tokens, s->buf, sizeof(uint64_t));
+			s->tokens_known = 1;
+		}
 		ev->len = 0;
 		break;
 	case SKV_CHAN_SCORED:

@@ -239,6 +239,13 @@ typedef int (*skv_client_event_fn)(skv_client_stream *s, const struct skv_client
 				   void *arg);
 int skv_client_stream_run(skv_client_stream *s, skv_client_event_fn fn, void *arg);
 
+/* libskv 1.2: the tokens in the stream's history (every prompt token fed and every token
+ * generated, evicted ones included) as of the last DONE event read on s, or of its attach.
+ * 0, -ENODATA before either (or from an engine that does not say), -EINVAL. A conversation
+ * that records it after each answer can tell, when it attaches again, whether the stream came
+ * back from an older snapshot (fewer tokens than it left). */
+int skv_client_stream_tokens(const skv_client_stream *s, uint64_t *out);
+
 /* Requests sent on s whose end event has not been read yet. */
 uint64_t skv_client_stream_pending(const skv_client_stream *s);
 

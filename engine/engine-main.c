@@ -179,6 +179,15 @@ static void engine_send(struct engine *e, uint16_t type, const void *body)
 static void stream_emit(struct engine *e, struct eng_stream *st, const struct skv_chan_msg *m)
 {
 	(void)e;
+	struct skv_chan_msg done;
+	if (m->type == SKV_CHAN_DONE && st->s) {
+		/* DONE carries the stream's token count (libskv's skv_client_stream_tokens). */
+		done = *m;
+		uint64_t seen = skv_stream_tokens_seen(st->s);
+		memcpy(done.data, &seen, sizeof(seen));
+		done.n = sizeof(seen);
+		m = &done;
+	}
 	st->emitted = 1;
 	if (st->broken)
 		return;

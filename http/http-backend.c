@@ -495,6 +495,8 @@ static void backend_event(struct gw_backend *b, struct gw_stream *st,
 		}
 		break;
 	case SKV_CLIENT_EV_DONE:
+		if (st->conv)
+			skv_client_stream_tokens(st->s, &st->conv->tokens);
 		if (j && !j->done) {
 			job_progress(b, j, j->gen.len, 1);
 			const char *reason = ev->reason == SKV_CLIENT_DONE_LENGTH ? "length" : "stop";

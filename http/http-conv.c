@@ -69,7 +69,21 @@ void conv_reattach(struct gw_backend *b)
 		if (conv->st || conv->lost || conv->task || !conv->token[0])
 			continue;
 		int err;
-		if (conv_attach(b, conv, &err)) {
+		struct gw_stream *st = conv_attach(b, conv, &err);
+		uint64_t seen;
+		if (st && conv->tokens && !skv_client_stream_tokens(st->s, &seen) &&
+		    seen < conv->tokens) {
+			/* skv-cached was killed and restored the stream from a snapshot older than
+			 * the last answer: going on would silently forget the latest messages. */
+			char why[256];
+			snprintf(why, sizeof(why), "skv-cached restarted after a crash and restored its "
+				 "stream %s from a snapshot %llu tokens older than the last answer",
+				 conv->name, (unsigned long long)(conv->tokens - seen));
+			backend_conv_lose(b, conv, why);
+			lost++;
+			continue;
+		}
+		if (st) {
 			back++;
 			continue;
 		}
@@ -100,6 +114,7 @@ static void conv_json_common(struct gw_backend *b, const struct gw_conv *c, json
 	(void)b;
 	json_object_set_new(o, "id", json_string(c->id));
 	json_object_set_new(o, "messages", json_integer((json_int_t)c->fed_messages));
+	json_object_set_new(o, "tokens", json_integer((json_int_t)c->tokens));
 	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->fed_hash);
 	json_object_set_new(o, "fed_hash", json_string(hex));
 	snprintf(hex, sizeof(hex), "%016llx", (unsigned long long)c->key_hash);
@@ -131,6 +146,10 @@ static int conv_from_json(struct gw_conv *c, json_t *o)
 	    !json_is_object(set))
 		return -1;
 	c->fed_messages = (uint64_t)json_integer_value(m);
+	json_t *tokens = json_object_get(o, "tokens"); /* absent in files of before 2026-12-03 */
+	c->tokens = json_is_integer(tokens) && json_integer_value(tokens) > 0
+			    ? (uint64_t)json_integer_value(tokens)
+			    : 0;
 	c->set.policy = (int)json_integer_value(json_object_get(set, "policy"));
 	c->set.sinks = json_integer_value(json_object_get(set, "sinks"));
 	c->set.window = json_integer_value(json_object_get(set, "window"));

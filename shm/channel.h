@@ -59,7 +59,8 @@ enum skv_chan_type {
 				   * the previous one may have died in the middle of a prompt */
 	/* engine -> client */
 	SKV_CHAN_TOKEN = 16,      /* arg = token id; data[0..n): its decoded bytes */
-	SKV_CHAN_DONE = 17,       /* a GENERATE finished: arg = tokens generated, flags = reason */
+	SKV_CHAN_DONE = 17,       /* a GENERATE finished: arg = tokens generated, flags = reason,
+				   * data[0..8) = the stream's tokens so far (u64; n = 8) */
 	SKV_CHAN_SCORED = 18,     /* a SCORE finished: arg = predictions, data = double nll sum */
 	SKV_CHAN_ERROR = 19,      /* the request failed: arg = -errno / -SKV_E*, data = text */
 	SKV_CHAN_ECHO = 20,       /* the prompt's tokens as the engine decoded them (for echo) */

@@ -24,6 +24,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "mputil.h"
@@ -460,6 +461,75 @@ Test(http_durable, lost_stream_answers_410)
 	http_do(g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
 	cr_assert_eq(a.status, 200, "after DELETE it starts anew: %s", a.body);
 	answer_free(&a);
+	gw_signal_wait(&g, SIGTERM);
+}
+
+/* The modification time (CLOCK_REALTIME seconds) of the daemon's snapshot of the stream
+ * name in dir (cached/snapshot.c: UID-NAME.snap), 0 if there is none. */
+static double snapshot_time(const char *dir, const char *name)
+{
+	char path[PATH_MAX];
+	struct stat st;
+	int n = snprintf(path, sizeof(path), "%s/%u-%s.snap", dir, (unsigned)getuid(), name);
+	cr_assert(n > 0 && (size_t)n < sizeof(path));
+	if (stat(path, &st))
+		return 0;
+	return (double)st.st_mtim.tv_sec + st.st_mtim.tv_nsec * 1e-9;
+}
+
+static double wall_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* kill -9 of skv-cached with --snapshot-interval: its restart restores the stream from the
+ * last periodic snapshot, which may be older than the conversation's last answer. skv-http
+ * notices (the stream holds fewer tokens than after that answer: skv_client_stream_tokens) and
+ * answers 410 conversation_lost saying so, instead of going on without the latest messages. */
+Test(http_durable, kill9_behind_the_last_snapshot_says_so)
+{
+	const char *test = "httpd-kill9";
+	char state[PATH_MAX];
+	snprintf(state, sizeof(state), "%s/state", tu_scratch_dir(test));
+	cr_assert(mkdir(state, 0700) == 0);
+	const char *const flags[] = { "--state-dir", state, "--snapshot-interval", "1", NULL };
+	struct mp_daemon d;
+	mp_daemon_start(&d, test, 1, NULL, flags);
+	struct gw_proc g;
+	gw_start(&g, d.sock, test, "n1", NULL);
+	char *ref[N_TURNS];
+	reference(g.port, NULL, "ref", ref);
+	struct conv_run c = { .id = "behind" };
+	expect_turn(g.port, NULL, &c, 0, ref, "first turn");
+	/* a periodic snapshot of the first turn */
+	double after_first = wall_now(), deadline = mp_now() + 10.0;
+	while (snapshot_time(state, "conv-behind") <= after_first + 0.01) {
+		cr_assert(mp_now() < deadline, "no periodic snapshot in %s", state);
+		mp_sleep_ms(20);
+	}
+	expect_turn(g.port, NULL, &c, 1, ref, "second turn");
+	double after_second = wall_now();
+	cr_assert(kill(d.pid, SIGKILL) == 0);
+	cr_assert(mp_daemon_reap(&d, 10.0));
+	int snapshot_held_it = snapshot_time(state, "conv-behind") >= after_second;
+	mp_daemon_start(&d, test, 1, NULL, flags);
+	wait_health(&g, 200, 20.0);
+	if (snapshot_held_it) {
+		/* a snapshot fell between the second answer and the kill: nothing was lost */
+		expect_turn(g.port, NULL, &c, 2, ref, "restored from a snapshot of the last turn");
+	} else {
+		const char *hdr = "X-Conversation-Id: behind\r\n";
+		const char *body = "{\"prompt\":\"The end.\",\"max_tokens\":4}";
+		struct http_answer a;
+		http_do(g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
+		expect_error(&a, 410, "conversation_lost", "older than the last answer",
+			     "a conversation restored from before its last answer");
+		answer_free(&a);
+	}
+	json_decref(c.messages);
+	free_turns(ref);
 	gw_signal_wait(&g, SIGTERM);
 }
 
