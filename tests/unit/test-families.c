@@ -487,7 +487,8 @@ Test(families, alibi_kernel_ranges_every_isa)
 }
 
 /* MPT layouts streamkv does not run are refused by name: a missing or mis-sized fused qkv, a
- * q/k LayerNorm (qk_ln), a missing max_alibi_bias, learned positions (max_alibi_bias 0). */
+ * q/k LayerNorm (qk_ln), a missing max_alibi_bias, learned positions (max_alibi_bias 0, or a
+ * position_embd tensor). */
 Test(families, mpt_unknown_layout_is_refused, .fini = tu_scratch_cleanup)
 {
 	static const char *const flags[] = { "--arch", "mpt", NULL };
@@ -508,4 +509,10 @@ Test(families, mpt_unknown_layout_is_refused, .fini = tu_scratch_cleanup)
 	fam_refused(fam_patched(keep, "mpt.attention.head_count_kv", "mpt.attention.head_count_kx",
 				27),
 		    "blk.0.attn_qkv.weight has shape");
+	/* Learned positions: a position_embd.weight (named in the place of an 11-layer model's
+	 * blk.10.ffn_up.weight, the same length). */
+	static const char *const deep[] = { "--arch", "mpt", "--layers", "11", NULL };
+	snprintf(keep, sizeof(keep), "%s", fam_make("refuse-mpt11", deep));
+	fam_refused(fam_patched(keep, "blk.10.ffn_up.weight", "position_embd.weight", 20),
+		    "position_embd.weight: mpt with learned positions");
 }
