@@ -140,6 +140,7 @@ void conv_stream_name(const char *id, char *out, size_t len);
 struct gw_stream *conv_attach(struct gw_backend *b, struct gw_conv *conv, int *err_out);
 /* Connected with engines ready: every conversation without a stream attached again, or lost. */
 void conv_reattach(struct gw_backend *b);
+int conv_attach_again(struct gw_backend *b, struct gw_conv *conv);
 /* --state-dir: conversations.json rewritten if anything changed; read at start. */
 void conv_state_flush(struct gw_backend *b);
 void conv_state_load(struct gw_backend *b);

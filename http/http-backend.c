@@ -1064,10 +1064,30 @@ static int backend_pump(struct gw_backend *b, size_t n_paused)
 					backend_lost(b, msg);
 					return 1;
 				}
+				struct gw_conv *conv = st->conv;
+				if (r == -SKV_ERESTORED && conv && conv->token[0]) {
+					/* Its engine died and the daemon restored the stream from its
+					 * snapshot: the request in progress is gone, the conversation
+					 * goes on from the snapshot if it holds the last answer. */
+					if (st->job && !st->job->done)
+						job_fail(b, st->job, 503, "the conversation's engine died "
+							 "and skv-cached restored its stream from a "
+							 "snapshot: send the request again",
+							 "server_error", "service_unavailable");
+					backend_request_over(b, st);
+					st->conv = NULL;
+					conv->st = NULL;
+					backend_stream_close(b, st);
+					backend_log("conversation %s: %s", conv->id, msg);
+					if (conv_attach_again(b, conv) == -EPIPE) {
+						backend_lost(b, skv_client_last_error(b->client));
+						return 1;
+					}
+					break;
+				}
 				if (st->job && !st->job->done)
 					job_fail(b, st->job, 503, msg, "server_error",
 						 "service_unavailable");
-				struct gw_conv *conv = st->conv;
 				backend_request_over(b, st);
 				if (conv)
 					backend_conv_lose(b, conv, msg);

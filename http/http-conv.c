@@ -59,6 +59,40 @@ struct gw_stream *conv_attach(struct gw_backend *b, struct gw_conv *conv,
 	return st;
 }
 
+/* Attach conv's stream again by name and token, after a restart of the daemon or of the
+ * engine that the daemon restored it onto: 1 back, 0 lost (with the reason), -EPIPE the daemon
+ * went (the caller reconnects). */
+int conv_attach_again(struct gw_backend *b, struct gw_conv *conv)
+{
+	int err;
+	struct gw_stream *st = conv_attach(b, conv, &err);
+	uint64_t seen;
+	if (st && conv->tokens && !skv_client_stream_tokens(st->s, &seen) && seen < conv->tokens) {
+		/* Restored from a snapshot older than the last answer (a kill -9 of the daemon or
+		 * of the engine): going on would silently forget the latest messages. */
+		char why[256];
+		snprintf(why, sizeof(why), "skv-cached restored its stream %s after a crash from a "
+			 "snapshot %llu tokens older than the last answer", conv->name,
+			 (unsigned long long)(conv->tokens - seen));
+		backend_conv_lose(b, conv, why);
+		return 0;
+	}
+	if (st)
+		return 1;
+	if (err == -EPIPE)
+		return -EPIPE;
+	char why[400];
+	if (err == -ENOENT)
+		snprintf(why, sizeof(why), "skv-cached no longer holds its stream %s (it "
+			 "restarted without --state-dir, or the stream timed out detached)",
+			 conv->name);
+	else
+		snprintf(why, sizeof(why), "cannot attach its stream %s again: %s", conv->name,
+			 skv_client_last_error(b->client));
+	backend_conv_lose(b, conv, why);
+	return 0;
+}
+
 /* Connected, and the daemon has engines (so it restored its --state-dir): every conversation
  * without a stream is attached again by name and token, or lost with the reason. */
 void conv_reattach(struct gw_backend *b)
@@ -68,39 +102,13 @@ void conv_reattach(struct gw_backend *b)
 	for (struct gw_conv *conv = b->convs; conv && b->client; conv = conv->next) {
 		if (conv->st || conv->lost || conv->task || !conv->token[0])
 			continue;
-		int err;
-		struct gw_stream *st = conv_attach(b, conv, &err);
-		uint64_t seen;
-		if (st && conv->tokens && !skv_client_stream_tokens(st->s, &seen) &&
-		    seen < conv->tokens) {
-			/* skv-cached was killed and restored the stream from a snapshot older than
-			 * the last answer: going on would silently forget the latest messages. */
-			char why[256];
-			snprintf(why, sizeof(why), "skv-cached restarted after a crash and restored its "
-				 "stream %s from a snapshot %llu tokens older than the last answer",
-				 conv->name, (unsigned long long)(conv->tokens - seen));
-			backend_conv_lose(b, conv, why);
-			lost++;
-			continue;
-		}
-		if (st) {
-			back++;
-			continue;
-		}
-		if (err == -EPIPE) {
+		int rc = conv_attach_again(b, conv);
+		if (rc == -EPIPE) {
 			backend_lost(b, skv_client_last_error(b->client));
 			return;
 		}
-		char why[400];
-		if (err == -ENOENT)
-			snprintf(why, sizeof(why), "skv-cached no longer holds its stream %s (it "
-				 "restarted without --state-dir, or the stream timed out detached)",
-				 conv->name);
-		else
-			snprintf(why, sizeof(why), "cannot attach its stream %s again: %s",
-				 conv->name, skv_client_last_error(b->client));
-		backend_conv_lose(b, conv, why);
-		lost++;
+		back += rc == 1;
+		lost += rc == 0;
 	}
 	if (back || lost)
 		backend_log("re-attached %u conversation(s)%s", back, lost ? "; some lost" : "");

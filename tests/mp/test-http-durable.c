@@ -533,6 +533,50 @@ Test(http_durable, kill9_behind_the_last_snapshot_says_so)
 	gw_signal_wait(&g, SIGTERM);
 }
 
+/* kill -9 of the engine serving a conversation, after a periodic snapshot of its last answer:
+ * skv-cached restores the stream onto the restarted engine and tells skv-http
+ * (-SKV_ERESTORED), which attaches it again; the next turns equal the uninterrupted run. */
+Test(http_durable, engine_kill9_restores_the_conversation)
+{
+	const char *test = "httpd-engine9";
+	char state[PATH_MAX];
+	snprintf(state, sizeof(state), "%s/state", tu_scratch_dir(test));
+	cr_assert(mkdir(state, 0700) == 0);
+	const char *const flags[] = { "--state-dir", state, "--snapshot-interval", "1", NULL };
+	struct mp_daemon d;
+	mp_daemon_start(&d, test, 1, NULL, flags);
+	struct gw_proc g;
+	gw_start(&g, d.sock, test, "n1", NULL);
+	char *ref[N_TURNS];
+	reference(g.port, NULL, "ref", ref);
+	struct conv_run c = { .id = "engine9" };
+	expect_turn(g.port, NULL, &c, 0, ref, "first turn");
+	double after_first = wall_now(), deadline = mp_now() + 10.0;
+	while (snapshot_time(state, "conv-engine9") <= after_first + 0.01) {
+		cr_assert(mp_now() < deadline, "no periodic snapshot in %s", state);
+		mp_sleep_ms(20);
+	}
+	struct skv_msg_stats st;
+	mp_stats(&d, &st);
+	cr_assert(st.engine_pid[0] > 0 && kill((pid_t)st.engine_pid[0], SIGKILL) == 0);
+	deadline = mp_now() + 30.0;
+	for (;;) {
+		char *log = tu_read_file(g.log, NULL);
+		int told = log && strstr(log, "conversation engine9: ");
+		free(log);
+		if (told)
+			break;
+		cr_assert(mp_now() < deadline, "skv-http was not told of the restore (%s)", g.log);
+		mp_sleep_ms(50);
+	}
+	wait_health(&g, 200, 20.0);
+	for (int i = 1; i < N_TURNS; i++)
+		expect_turn(g.port, NULL, &c, i, ref, "after its engine's kill -9");
+	json_decref(c.messages);
+	free_turns(ref);
+	gw_signal_wait(&g, SIGTERM);
+}
+
 /* skv-http with --state-dir stopped (SIGTERM) and killed (-9): the next one attaches every
  * conversation from DIR/conversations.json (mode 0600: it holds the tokens). */
 Test(http_durable, gateway_restart_with_state_dir)
