@@ -42,6 +42,7 @@ struct gw_conv {
 	double last_used;
 	uint64_t fed_messages, fed_hash; /* chat: the messages the stream holds */
 	uint64_t tokens;                 /* the stream's tokens after its last answer (0: unknown) */
+	uint64_t snap_tokens, snap_messages; /* --snapshot-dir: what its last copy held */
 	struct gw_conv *next;
 	/* Durable: the daemon's resumable stream, re-attached after a restart of either side. */
 	char name[SKV_CLIENT_NAME_MAX];

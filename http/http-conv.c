@@ -4,6 +4,7 @@
  * imports and pulls from --peers run on a worker each while the conversation is busy, and
  * come back through gw->tasks_done. */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,8 @@
 #include "skv-client.h"
 
 #define CONV_PEER_RETRY_S 5 /* a peer that did not answer is not asked again before this */
+#define CONV_PEER_BUSY_TRIES 40 /* a peer that answered 409 busy, asked again 50 ms apart */
+#define CONV_SNAPSHOT_BUSY_TRIES 100 /* the daemon busy snapshotting the stream: 20 ms apart */
 
 /* ---- durable conversations: name -> token, re-attached after restarts ------------------- */
 
@@ -323,7 +326,15 @@ static void conv_task_export(struct gw_task *t)
 {
 	int fd;
 	char why[512];
-	int err = gw_move_snapshot(t->gw->opts.socket_path, t->stream_id, &fd, why, sizeof(why));
+	int err;
+	/* The daemon's own periodic snapshot of the stream (--snapshot-interval) may be under
+	 * way: it takes milliseconds, so wait for it rather than fail the export. */
+	for (int tries = 0;; tries++) {
+		err = gw_move_snapshot(t->gw->opts.socket_path, t->stream_id, &fd, why, sizeof(why));
+		if (err != -EBUSY || tries + 1 >= CONV_SNAPSHOT_BUSY_TRIES)
+			break;
+		usleep(20 * 1000);
+	}
 	if (err < 0) {
 		t->status = 503;
 		snprintf(t->msg, sizeof(t->msg), "skv-cached could not snapshot the conversation's "
@@ -359,9 +370,20 @@ static void conv_task_pull(struct gw_task *t)
 		pthread_mutex_unlock(&gw->lock);
 		if (skip)
 			continue;
-		int status = gw_peer_fetch(gw->opts.peers[i], t->id, gw->opts.peer_key,
-					   &gw->stopping, &body, node, sizeof(node), msg,
-					   sizeof(msg));
+		/* A peer busy with the conversation (its own --snapshot-dir copy, an answer; 503:
+		 * its daemon could not snapshot it now) is asked again for up to
+		 * CONV_PEER_BUSY_TRIES * 50 ms: it holds it live. */
+		int status;
+		for (int tries = 0;; tries++) {
+			gw_buf_free(&body);
+			status = gw_peer_fetch(gw->opts.peers[i], t->id, gw->opts.peer_key,
+					       &gw->stopping, &body, node, sizeof(node), msg,
+					       sizeof(msg));
+			if ((status != 409 && status != 503) || tries + 1 >= CONV_PEER_BUSY_TRIES ||
+			    __atomic_load_n(&gw->stopping, __ATOMIC_ACQUIRE))
+				break;
+			usleep(50 * 1000);
+		}
 		if (status < 0 || !strcmp(node, gw->opts.node_name)) {
 			/* A peer down costs a new conversation its connect time-out once per
 			 * CONV_PEER_RETRY_S, not every time; ourselves, listed among the peers,
@@ -398,8 +420,8 @@ static void conv_task_pull(struct gw_task *t)
 		}
 		if (status == 404)
 			continue;
-		if (status == 409)
-			busy = 1;
+		if (status == 409 || status == 503)
+			busy = 1; /* held live there: never the older file here (a fork) */
 		if (status == 410)
 			gone = 1;
 		snprintf(other, sizeof(other), "%s", msg);
@@ -407,7 +429,9 @@ static void conv_task_pull(struct gw_task *t)
 			fprintf(stderr, "skv-http: peer %s: %s\n", gw->opts.peers[i], msg);
 	}
 	gw_buf_free(&body);
-	if (gw->opts.snapshot_dir) {
+	/* A peer that answered busy holds the conversation live (it is exporting or answering):
+	 * restoring the older file here as well would fork it. */
+	if (gw->opts.snapshot_dir && !busy) {
 		char path[4200];
 		struct stat st;
 		if (conv_snapshot_file(gw, t->id, path, sizeof(path), "") == 0 &&
@@ -703,16 +727,22 @@ static void conv_task_done(struct gw_backend *b, struct gw_task *t)
 		if (t->status == 200 &&
 		    conv_snapshot_file(gw, t->id, path, sizeof(path), "") == 0 &&
 		    conv_snapshot_file(gw, t->id, tmp, sizeof(tmp), ".tmp") == 0) {
-			FILE *f = fopen(tmp, "wb");
+			/* 0600: the file holds the stream's resume token */
+			int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+			FILE *f = fd >= 0 ? fdopen(fd, "wb") : NULL;
+			if (fd >= 0 && !f)
+				close(fd);
 			int ok = f && fwrite(t->body.data, 1, t->body.len, f) == t->body.len;
 			if (f && fclose(f) != 0)
 				ok = 0;
 			if (!ok || rename(tmp, path) < 0) {
 				backend_log("--snapshot-dir: cannot write %s: %s", path, strerror(errno));
 				unlink(tmp);
+				conv->snap_tokens = 0; /* again at the next interval */
 			}
 		} else if (t->status != 200) {
 			backend_log("--snapshot-dir: conversation %s: %s", t->id, t->msg);
+			conv->snap_tokens = 0;
 		}
 		conv_task_free(t);
 		return;
@@ -829,6 +859,11 @@ void conv_snapshot_all(struct gw_backend *b, double now)
 	for (struct gw_conv *c = b->convs; c; c = c->next) {
 		if (c->lost || c->task || !c->st || c->st->job || c->st->skip_ends)
 			continue;
+		/* unchanged since its last copy (same tokens, same messages): the file holds it */
+		if (c->snap_tokens && c->snap_tokens == c->tokens && c->snap_messages == c->fed_messages)
+			continue;
+		c->snap_tokens = c->tokens;
+		c->snap_messages = c->fed_messages;
 		struct gw_task *t = conv_task_new(b, TASK_SNAPSHOT, NULL, c, c->id);
 		if (!t)
 			return;
