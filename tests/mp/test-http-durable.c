@@ -484,53 +484,73 @@ static double wall_now(void)
 	return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* A daemon snapshotting every second into <scratch>/state, a gateway, the uninterrupted
+ * reference, and turn 0 of conversation id, waited on until a periodic snapshot holds it. */
+struct snap_run {
+	char state[PATH_MAX];
+	const char *flags[5];
+	struct mp_daemon d;
+	struct gw_proc g;
+	char *ref[N_TURNS];
+	struct conv_run c;
+};
+
+static void snap_run_start(struct snap_run *r, const char *test, const char *id)
+{
+	snprintf(r->state, sizeof(r->state), "%s/state", tu_scratch_dir(test));
+	cr_assert(mkdir(r->state, 0700) == 0);
+	const char *const flags[] = { "--state-dir", r->state, "--snapshot-interval", "1", NULL };
+	memcpy(r->flags, flags, sizeof(flags));
+	mp_daemon_start(&r->d, test, 1, NULL, r->flags);
+	gw_start(&r->g, r->d.sock, test, "n1", NULL);
+	reference(r->g.port, NULL, "ref", r->ref);
+	r->c = (struct conv_run){ .id = id };
+	expect_turn(r->g.port, NULL, &r->c, 0, r->ref, "first turn");
+	char name[80];
+	snprintf(name, sizeof(name), "conv-%s", id);
+	double after_first = wall_now(), deadline = mp_now() + 10.0;
+	while (snapshot_time(r->state, name) <= after_first + 0.01) {
+		cr_assert(mp_now() < deadline, "no periodic snapshot in %s", r->state);
+		mp_sleep_ms(20);
+	}
+}
+
+static void snap_run_end(struct snap_run *r)
+{
+	json_decref(r->c.messages);
+	free_turns(r->ref);
+	gw_signal_wait(&r->g, SIGTERM);
+}
+
 /* kill -9 of skv-cached with --snapshot-interval: its restart restores the stream from the
  * last periodic snapshot, which may be older than the conversation's last answer. skv-http
  * notices (the stream holds fewer tokens than after that answer: skv_client_stream_tokens) and
  * answers 410 conversation_lost saying so, instead of going on without the latest messages. */
 Test(http_durable, kill9_behind_the_last_snapshot_says_so)
 {
-	const char *test = "httpd-kill9";
-	char state[PATH_MAX];
-	snprintf(state, sizeof(state), "%s/state", tu_scratch_dir(test));
-	cr_assert(mkdir(state, 0700) == 0);
-	const char *const flags[] = { "--state-dir", state, "--snapshot-interval", "1", NULL };
-	struct mp_daemon d;
-	mp_daemon_start(&d, test, 1, NULL, flags);
-	struct gw_proc g;
-	gw_start(&g, d.sock, test, "n1", NULL);
-	char *ref[N_TURNS];
-	reference(g.port, NULL, "ref", ref);
-	struct conv_run c = { .id = "behind" };
-	expect_turn(g.port, NULL, &c, 0, ref, "first turn");
-	/* a periodic snapshot of the first turn */
-	double after_first = wall_now(), deadline = mp_now() + 10.0;
-	while (snapshot_time(state, "conv-behind") <= after_first + 0.01) {
-		cr_assert(mp_now() < deadline, "no periodic snapshot in %s", state);
-		mp_sleep_ms(20);
-	}
-	expect_turn(g.port, NULL, &c, 1, ref, "second turn");
+	static struct snap_run r;
+	snap_run_start(&r, "httpd-kill9", "behind");
+	expect_turn(r.g.port, NULL, &r.c, 1, r.ref, "second turn");
 	double after_second = wall_now();
-	cr_assert(kill(d.pid, SIGKILL) == 0);
-	cr_assert(mp_daemon_reap(&d, 10.0));
-	int snapshot_held_it = snapshot_time(state, "conv-behind") >= after_second;
-	mp_daemon_start(&d, test, 1, NULL, flags);
-	wait_health(&g, 200, 20.0);
+	cr_assert(kill(r.d.pid, SIGKILL) == 0);
+	cr_assert(mp_daemon_reap(&r.d, 10.0));
+	int snapshot_held_it = snapshot_time(r.state, "conv-behind") >= after_second;
+	mp_daemon_start(&r.d, "httpd-kill9", 1, NULL, r.flags);
+	wait_health(&r.g, 200, 20.0);
 	if (snapshot_held_it) {
 		/* a snapshot fell between the second answer and the kill: nothing was lost */
-		expect_turn(g.port, NULL, &c, 2, ref, "restored from a snapshot of the last turn");
+		expect_turn(r.g.port, NULL, &r.c, 2, r.ref,
+			    "restored from a snapshot of the last turn");
 	} else {
 		const char *hdr = "X-Conversation-Id: behind\r\n";
 		const char *body = "{\"prompt\":\"The end.\",\"max_tokens\":4}";
 		struct http_answer a;
-		http_do(g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
+		http_do(r.g.port, "POST", "/v1/completions", hdr, body, strlen(body), &a);
 		expect_error(&a, 410, "conversation_lost", "older than the last answer",
 			     "a conversation restored from before its last answer");
 		answer_free(&a);
 	}
-	json_decref(c.messages);
-	free_turns(ref);
-	gw_signal_wait(&g, SIGTERM);
+	snap_run_end(&r);
 }
 
 /* kill -9 of the engine serving a conversation, after a periodic snapshot of its last answer:
@@ -538,43 +558,26 @@ Test(http_durable, kill9_behind_the_last_snapshot_says_so)
  * (-SKV_ERESTORED), which attaches it again; the next turns equal the uninterrupted run. */
 Test(http_durable, engine_kill9_restores_the_conversation)
 {
-	const char *test = "httpd-engine9";
-	char state[PATH_MAX];
-	snprintf(state, sizeof(state), "%s/state", tu_scratch_dir(test));
-	cr_assert(mkdir(state, 0700) == 0);
-	const char *const flags[] = { "--state-dir", state, "--snapshot-interval", "1", NULL };
-	struct mp_daemon d;
-	mp_daemon_start(&d, test, 1, NULL, flags);
-	struct gw_proc g;
-	gw_start(&g, d.sock, test, "n1", NULL);
-	char *ref[N_TURNS];
-	reference(g.port, NULL, "ref", ref);
-	struct conv_run c = { .id = "engine9" };
-	expect_turn(g.port, NULL, &c, 0, ref, "first turn");
-	double after_first = wall_now(), deadline = mp_now() + 10.0;
-	while (snapshot_time(state, "conv-engine9") <= after_first + 0.01) {
-		cr_assert(mp_now() < deadline, "no periodic snapshot in %s", state);
-		mp_sleep_ms(20);
-	}
+	static struct snap_run r;
+	snap_run_start(&r, "httpd-engine9", "engine9");
 	struct skv_msg_stats st;
-	mp_stats(&d, &st);
+	mp_stats(&r.d, &st);
 	cr_assert(st.engine_pid[0] > 0 && kill((pid_t)st.engine_pid[0], SIGKILL) == 0);
-	deadline = mp_now() + 30.0;
+	double deadline = mp_now() + 30.0;
 	for (;;) {
-		char *log = tu_read_file(g.log, NULL);
+		char *log = tu_read_file(r.g.log, NULL);
 		int told = log && strstr(log, "conversation engine9: ");
 		free(log);
 		if (told)
 			break;
-		cr_assert(mp_now() < deadline, "skv-http was not told of the restore (%s)", g.log);
+		cr_assert(mp_now() < deadline, "skv-http was not told of the restore (%s)",
+			  r.g.log);
 		mp_sleep_ms(50);
 	}
-	wait_health(&g, 200, 20.0);
+	wait_health(&r.g, 200, 20.0);
 	for (int i = 1; i < N_TURNS; i++)
-		expect_turn(g.port, NULL, &c, i, ref, "after its engine's kill -9");
-	json_decref(c.messages);
-	free_turns(ref);
-	gw_signal_wait(&g, SIGTERM);
+		expect_turn(r.g.port, NULL, &r.c, i, r.ref, "after its engine's kill -9");
+	snap_run_end(&r);
 }
 
 /* skv-http with --state-dir stopped (SIGTERM) and killed (-9): the next one attaches every
