@@ -220,4 +220,10 @@ int32_t mp_raw_expect_error_and_drop(int fd, const char *needle, const char *wha
 /* Expect a hang-up (nothing else) within a bounded time. */
 void mp_raw_expect_drop(int fd, const char *what);
 
+/* A free TCP port on 127.0.0.1 (bound once and released); a connection to 127.0.0.1:port
+ * (-1 if refused); a whole buffer written (asserting). */
+uint16_t mp_free_port(void);
+int mp_tcp_connect(uint16_t port);
+void mp_write_all(int fd, const char *data, size_t len);
+
 #endif

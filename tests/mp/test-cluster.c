@@ -199,18 +199,6 @@ static void cluster_suite_fini(void)
 	mp_suite_fini();
 }
 
-static uint16_t free_port(void)
-{
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	cr_assert(fd >= 0);
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0, "bind: %s", strerror(errno));
-	socklen_t sl = sizeof(sa);
-	cr_assert(getsockname(fd, (struct sockaddr *)&sa, &sl) == 0);
-	close(fd);
-	return ntohs(sa.sin_port);
-}
-
 /* Skip unless this machine can run a cluster: root, ip netns, haproxy. */
 static void cluster_require(void)
 {
@@ -249,7 +237,7 @@ static void cluster_up(struct cluster *cl, const char *test, const char *snapsho
 	/* Away from tools/cluster's default 10.77.0 and from each other. */
 	snprintf(cl->subnet, sizeof(cl->subnet), "10.77.%d", 200 + (int)(getpid() % 50));
 	snprintf(cl->name, sizeof(cl->name), "t%d", (int)(getpid() % 1000000));
-	cl->port = free_port();
+	cl->port = mp_free_port();
 	char port[8];
 	snprintf(port, sizeof(port), "%u", cl->port);
 	cl->guard_fd = guardian_start(cl->run_dir);

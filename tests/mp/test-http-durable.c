@@ -56,55 +56,20 @@ static void answer_free(struct http_answer *a)
 	memset(a, 0, sizeof(*a));
 }
 
-static uint16_t free_port(void)
-{
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	cr_assert(fd >= 0);
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0, "bind: %s", strerror(errno));
-	socklen_t sl = sizeof(sa);
-	cr_assert(getsockname(fd, (struct sockaddr *)&sa, &sl) == 0);
-	close(fd);
-	return ntohs(sa.sin_port);
-}
-
-static int tcp_connect(uint16_t port)
-{
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	cr_assert(fd >= 0, "socket: %s", strerror(errno));
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
-				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		close(fd);
-		return -1;
-	}
-	return fd;
-}
-
-static void write_all(int fd, const char *data, size_t len)
-{
-	while (len) {
-		ssize_t n = write(fd, data, len);
-		cr_assert(n > 0, "write: %s", strerror(errno));
-		data += n;
-		len -= (size_t)n;
-	}
-}
-
 /* One request on its own connection (Connection: close); chunked bodies are undone. */
 static void http_do(uint16_t port, const char *method, const char *path, const char *headers,
 		    const char *body, size_t body_len, struct http_answer *a)
 {
-	int fd = tcp_connect(port);
+	int fd = mp_tcp_connect(port);
 	cr_assert(fd >= 0, "cannot connect to skv-http on port %u", port);
 	char head[2048];
 	int n = snprintf(head, sizeof(head),
 			 "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s"
 			 "Content-Length: %zu\r\n\r\n",
 			 method, path, headers ? headers : "", body_len);
-	write_all(fd, head, (size_t)n);
+	mp_write_all(fd, head, (size_t)n);
 	if (body_len)
-		write_all(fd, body, body_len);
+		mp_write_all(fd, body, body_len);
 	size_t cap = 1 << 20, len = 0;
 	char *buf = malloc(cap);
 	double deadline = mp_now() + HTTP_IO_TIMEOUT_S;
@@ -198,7 +163,7 @@ static void gw_start_on(struct gw_proc *g, const char *sock, const char *test, c
 			uint16_t port, const char *const *extra)
 {
 	memset(g, 0, sizeof(*g));
-	g->port = port ? port : free_port();
+	g->port = port ? port : mp_free_port();
 	snprintf(g->log, sizeof(g->log), "%s/%s.log", tu_scratch_dir(test), name);
 	char listen[64];
 	snprintf(listen, sizeof(listen), "127.0.0.1:%u", g->port);
@@ -227,7 +192,7 @@ static void gw_start_on(struct gw_proc *g, const char *sock, const char *test, c
 	g->pid = pid;
 	double deadline = mp_now() + GW_START_TIMEOUT_S;
 	for (;;) {
-		int fd = tcp_connect(g->port);
+		int fd = mp_tcp_connect(g->port);
 		if (fd >= 0) {
 			close(fd);
 			break;
@@ -716,9 +681,9 @@ Test(http_durable, drain_and_pull_from_peer)
 	node_daemon(&d1, test, "n1", NULL);
 	node_daemon(&d2, test, "n2", NULL);
 	struct gw_proc g1, g2;
-	uint16_t p1 = free_port(), p2;
+	uint16_t p1 = mp_free_port(), p2;
 	do
-		p2 = free_port();
+		p2 = mp_free_port();
 	while (p2 == p1);
 	char peer1[128], peer2[64];
 	/* n2 lists itself first, as a balancer's script that gives every node the same list
@@ -808,9 +773,9 @@ Test(http_durable, moves_back_and_forth)
 	struct mp_daemon d1, d2;
 	node_daemon(&d1, test, "n1", NULL);
 	node_daemon(&d2, test, "n2", NULL);
-	uint16_t p1 = free_port(), p2;
+	uint16_t p1 = mp_free_port(), p2;
 	do
-		p2 = free_port();
+		p2 = mp_free_port();
 	while (p2 == p1);
 	char peer1[64], peer2[64];
 	snprintf(peer1, sizeof(peer1), "http://127.0.0.1:%u", p1);
@@ -885,7 +850,7 @@ Test(http_durable, snapshot_dir_outlives_a_dead_node)
 	snprintf(snaps, sizeof(snaps), "%s/snapshots", tu_scratch_dir(test));
 	cr_assert(mkdir(snaps, 0700) == 0);
 	snprintf(file, sizeof(file), "%s/saved.skvconv", snaps);
-	uint16_t p1 = free_port();
+	uint16_t p1 = mp_free_port();
 	snprintf(peer1, sizeof(peer1), "http://127.0.0.1:%u", p1);
 	struct gw_proc g1, g2;
 	gw_start_on(&g1, d1.sock, test, "n1", p1,

@@ -57,47 +57,12 @@ static char *which(const char *name, char *buf, size_t len)
 	return NULL;
 }
 
-static uint16_t free_port(void)
-{
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	cr_assert(fd >= 0);
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	cr_assert(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0, "bind: %s", strerror(errno));
-	socklen_t sl = sizeof(sa);
-	cr_assert(getsockname(fd, (struct sockaddr *)&sa, &sl) == 0);
-	close(fd);
-	return ntohs(sa.sin_port);
-}
-
-static int tcp_connect(uint16_t port)
-{
-	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	cr_assert(fd >= 0, "socket: %s", strerror(errno));
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port),
-				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		close(fd);
-		return -1;
-	}
-	return fd;
-}
-
-static void write_all(int fd, const char *data, size_t len)
-{
-	while (len) {
-		ssize_t n = write(fd, data, len);
-		cr_assert(n > 0, "write: %s", strerror(errno));
-		data += n;
-		len -= (size_t)n;
-	}
-}
-
 /* One request on its own connection (Connection: close). Returns the status; *body gets the
  * body with chunked encoding undone (malloc'ed). */
 static int http_req(uint16_t port, const char *method, const char *path, const char *headers,
 		    const char *body, char **out_body)
 {
-	int fd = tcp_connect(port);
+	int fd = mp_tcp_connect(port);
 	cr_assert(fd >= 0, "cannot connect to skv-http on port %u", port);
 	char head[2048];
 	size_t body_len = body ? strlen(body) : 0;
@@ -105,9 +70,9 @@ static int http_req(uint16_t port, const char *method, const char *path, const c
 			 "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%s"
 			 "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n",
 			 method, path, headers ? headers : "", body_len);
-	write_all(fd, head, (size_t)n);
+	mp_write_all(fd, head, (size_t)n);
 	if (body_len)
-		write_all(fd, body, body_len);
+		mp_write_all(fd, body, body_len);
 	size_t cap = 65536, len = 0;
 	char *buf = malloc(cap);
 	double deadline = mp_now() + HTTP_IO_TIMEOUT_S;
@@ -220,7 +185,7 @@ static void gw_start(struct gw_proc *g, const struct mp_daemon *d, const char *t
 		     const char *const *extra)
 {
 	memset(g, 0, sizeof(*g));
-	g->port = free_port();
+	g->port = mp_free_port();
 	snprintf(g->base, sizeof(g->base), "http://127.0.0.1:%u", g->port);
 	snprintf(g->log, sizeof(g->log), "%s/skv-http.log", tu_scratch_dir(test));
 	char listen[64];
@@ -248,7 +213,7 @@ static void gw_start(struct gw_proc *g, const struct mp_daemon *d, const char *t
 	g->pid = pid;
 	double deadline = mp_now() + GW_START_TIMEOUT_S;
 	for (;;) {
-		int fd = tcp_connect(g->port);
+		int fd = mp_tcp_connect(g->port);
 		if (fd >= 0) {
 			close(fd);
 			break;
@@ -613,14 +578,14 @@ Test(http, errors)
 
 	/* --max-concurrent 1: a second request while one streams is 429; a conversation taken by
 	 * a request answers 409 to another. */
-	int fd = tcp_connect(g.port);
+	int fd = mp_tcp_connect(g.port);
 	const char *longreq = "{\"prompt\":\"Hi\",\"max_tokens\":100000000,\"temperature\":0,"
 			      "\"ignore_eos\":true,\"stream\":true}";
 	char head[512];
 	int n = snprintf(head, sizeof(head),
 			 "POST /v1/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %zu\r\n\r\n%s",
 			 auth, strlen(longreq), longreq);
-	write_all(fd, head, (size_t)n);
+	mp_write_all(fd, head, (size_t)n);
 	char first[64];
 	cr_assert(read(fd, first, sizeof(first)) > 0);
 	expect_error(&g, "POST", "/v1/completions", auth, ok, 429, "over --max-concurrent");
@@ -652,14 +617,14 @@ Test(http, errors)
  * without chunk headers that could split a "data: " (the connection closes at the end). */
 static int http_open_stream(uint16_t port, const char *body)
 {
-	int fd = tcp_connect(port);
+	int fd = mp_tcp_connect(port);
 	cr_assert(fd >= 0);
 	char head[1024];
 	int n = snprintf(head, sizeof(head),
 			 "POST /v1/completions HTTP/1.0\r\nHost: x\r\n"
 			 "Content-Length: %zu\r\n\r\n%s",
 			 strlen(body), body);
-	write_all(fd, head, (size_t)n);
+	mp_write_all(fd, head, (size_t)n);
 	return fd;
 }
 
