@@ -310,41 +310,50 @@ static int move_progress(void *arg, curl_off_t dt, curl_off_t dn, curl_off_t ut,
 	return __atomic_load_n(f->stop, __ATOMIC_ACQUIRE) ? 1 : 0; /* 1: abort */
 }
 
-int gw_peer_fetch(const char *base, const char *id, const char *key, const int *stop,
-		  struct gw_buf *body, char *node, size_t node_len, char *msg, size_t msg_len)
+/* A libcurl handle for base + path (base's trailing slashes dropped; the full address into
+ * url) with what every peer request has: key as a bearer token (appended to *headers), the
+ * answer's body and X-Skv-Node into f, time-outs, http and https only. NULL: msg says why. */
+static CURL *move_curl(const char *base, const char *path, const char *key,
+		       struct curl_slist **headers, struct move_fetch *f, char *url, size_t url_len,
+		       char *msg, size_t msg_len)
 {
 	CURL *curl = curl_easy_init();
 	if (!curl) {
 		snprintf(msg, msg_len, "cannot start libcurl");
-		return -ENOMEM;
+		return NULL;
 	}
-	char url[1024], auth[512];
 	size_t bl = strlen(base);
 	while (bl && base[bl - 1] == '/')
 		bl--;
-	snprintf(url, sizeof(url), "%.*s/v1/conversations/%s/export?release=1", (int)bl, base, id);
-	struct curl_slist *headers = NULL;
+	snprintf(url, url_len, "%.*s%s", (int)bl, base, path);
 	if (key) {
+		char auth[512];
 		snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
-		headers = curl_slist_append(headers, auth);
+		*headers = curl_slist_append(*headers, auth);
 	}
-	struct move_fetch f = { .body = body, .limit = GW_CONV_MAX_BYTES, .node = node,
-				.node_len = node_len, .stop = stop };
-	node[0] = '\0';
-	body->len = 0;
+	f->node[0] = '\0';
+	f->body->len = 0;
 	curl_easy_setopt(curl, CURLOPT_URL, url);
-	curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+	curl_easy_setopt(curl, CURLOPT_HTTPHEADER, *headers);
 	curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, move_write);
-	curl_easy_setopt(curl, CURLOPT_WRITEDATA, &f);
+	curl_easy_setopt(curl, CURLOPT_WRITEDATA, f);
 	curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, move_header);
-	curl_easy_setopt(curl, CURLOPT_HEADERDATA, &f);
+	curl_easy_setopt(curl, CURLOPT_HEADERDATA, f);
 	curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, move_progress);
-	curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &f);
+	curl_easy_setopt(curl, CURLOPT_XFERINFODATA, f);
 	curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, MOVE_PEER_CONNECT_S);
 	curl_easy_setopt(curl, CURLOPT_TIMEOUT, MOVE_PEER_TOTAL_S);
 	curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
+	return curl;
+}
+
+/* Perform and free the request: the HTTP status, or -EHOSTUNREACH (msg says why); an answer
+ * other than 200 gets its error message (the JSON error's, else the body) into msg. */
+static int move_perform(CURL *curl, struct curl_slist *headers, const struct move_fetch *f,
+			const char *url, char *msg, size_t msg_len)
+{
 	CURLcode rc = curl_easy_perform(curl);
 	long status = 0;
 	if (rc == CURLE_OK)
@@ -356,66 +365,56 @@ int gw_peer_fetch(const char *base, const char *id, const char *key, const int *
 	if (rc != CURLE_OK)
 		return -EHOSTUNREACH;
 	if (status != 200) {
-		/* The error body's message says why. */
+		const struct gw_buf *body = f->body;
 		json_t *v = json_loadb(body->data ? body->data : "", body->len, 0, NULL);
 		const char *m = json_string_value(
 			json_object_get(json_object_get(v, "error"), "message"));
-		snprintf(msg, msg_len, "%s answered %ld: %s", url, status, m ? m : "(no message)");
+		snprintf(msg, msg_len, "%s answered %ld: %.300s", url, status,
+			 m ? m : body->data ? body->data : "(no message)");
 		json_decref(v);
 	}
 	return (int)status;
 }
 
+int gw_peer_fetch(const char *base, const char *id, const char *key, const int *stop,
+		  struct gw_buf *body, char *node, size_t node_len, char *msg, size_t msg_len)
+{
+	char url[1024], path[GW_CONV_ID_MAX + 64];
+	snprintf(path, sizeof(path), "/v1/conversations/%s/export?release=1", id);
+	struct curl_slist *headers = NULL;
+	struct move_fetch f = { .body = body, .limit = GW_CONV_MAX_BYTES, .node = node,
+				.node_len = node_len, .stop = stop };
+	CURL *curl = move_curl(base, path, key, &headers, &f, url, sizeof(url), msg, msg_len);
+	if (!curl)
+		return -ENOMEM;
+	return move_perform(curl, headers, &f, url, msg, msg_len);
+}
+
 int gw_peer_put(const char *base, const char *id, const char *key, const char *body, size_t len,
 		char *msg, size_t msg_len)
 {
-	CURL *curl = curl_easy_init();
-	if (!curl) {
-		snprintf(msg, msg_len, "cannot start libcurl");
-		return -ENOMEM;
-	}
-	char url[1024], auth[512];
-	size_t bl = strlen(base);
-	while (bl && base[bl - 1] == '/')
-		bl--;
-	snprintf(url, sizeof(url), "%.*s/v1/conversations/%s", (int)bl, base, id);
+	char url[1024], path[GW_CONV_ID_MAX + 64];
+	snprintf(path, sizeof(path), "/v1/conversations/%s", id);
 	struct curl_slist *headers =
 		curl_slist_append(NULL, "Content-Type: application/x-skv-conversation");
 	headers = curl_slist_append(headers, "Expect:");
 	headers = curl_slist_append(headers, "X-Skv-Give-Back: 1");
-	if (key) {
-		snprintf(auth, sizeof(auth), "Authorization: Bearer %s", key);
-		headers = curl_slist_append(headers, auth);
-	}
 	struct gw_buf answer = { 0 };
 	char node[GW_NODE_NAME_MAX];
 	int stop = 0;
 	struct move_fetch f = { .body = &answer, .limit = 1 << 20, .node = node,
 				.node_len = sizeof(node), .stop = &stop };
-	curl_easy_setopt(curl, CURLOPT_URL, url);
+	CURL *curl = move_curl(base, path, key, &headers, &f, url, sizeof(url), msg, msg_len);
+	if (!curl) {
+		curl_slist_free_all(headers);
+		return -ENOMEM;
+	}
 	curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, "PUT");
 	curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
 	curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
-	curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
-	curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, move_write);
-	curl_easy_setopt(curl, CURLOPT_WRITEDATA, &f);
-	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, MOVE_PEER_CONNECT_S);
-	curl_easy_setopt(curl, CURLOPT_TIMEOUT, MOVE_PEER_TOTAL_S);
-	curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
-	CURLcode rc = curl_easy_perform(curl);
-	long status = 0;
-	if (rc == CURLE_OK)
-		curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
-	else
-		snprintf(msg, msg_len, "%s: %s", url, curl_easy_strerror(rc));
-	if (rc == CURLE_OK && status != 200)
-		snprintf(msg, msg_len, "%s answered %ld: %.300s", url, status,
-			 answer.data ? answer.data : "");
+	int status = move_perform(curl, headers, &f, url, msg, msg_len);
 	gw_buf_free(&answer);
-	curl_slist_free_all(headers);
-	curl_easy_cleanup(curl);
-	return rc == CURLE_OK ? (int)status : -EHOSTUNREACH;
+	return status;
 }
 
 /* ---- --state-dir ----------------------------------------------------------------------------- */
