@@ -602,11 +602,12 @@ static void forward_qkv_clamp(struct skv_runner *r, uint32_t n_rows)
 		r->qkv[i] = r->qkv[i] < -c ? -c : r->qkv[i] > c ? c : r->qkv[i];
 }
 
-/* One row: rotate and store its key and value, rotate its query, attend over its stream's
- * slots (ALiBi: nothing rotates; the kernel biases each range by its distances). q_sink and
- * scores are the calling thread's scratch. */
-static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t row,
-			       uint32_t n_rows, float *q_sink_buf, float *scores)
+/* One row: rotate and store its key and value, rotate its query, and fill args to attend
+ * over its stream's slots (ALiBi: nothing rotates; the kernel biases each range by its
+ * distances). q_sink and scores are the calling thread's scratch. */
+static void forward_prepare_row(struct skv_runner *r, uint32_t layer, uint32_t row,
+				uint32_t n_rows, float *q_sink_buf, float *scores,
+				struct skv_attn_args *out_args)
 {
 	const struct skv_model_config *c = &r->cfg;
 	size_t pairs = r->rope.pairs;
@@ -656,7 +657,45 @@ static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t ro
 			args.next_v_plane = skv_kv_v_plane(nx->kv_base, &nx->desc, layer);
 		}
 	}
+	*out_args = args;
+}
+
+static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t row,
+			       uint32_t n_rows, float *q_sink_buf, float *scores)
+{
+	struct skv_attn_args args;
+	forward_prepare_row(r, layer, row, n_rows, q_sink_buf, scores, &args);
 	skv_attend(&args);
+}
+
+/* KV heads [g0, g1) of a prepared row, as an attention of their own: the query, output and
+ * slope rows of their query heads, their part of each plane (q8: its scales at the offset
+ * that lands on theirs). Heads are independent, so the bits are those of the whole call. */
+static void forward_attend_heads(const struct skv_attn_args *all, uint32_t g0, uint32_t g1,
+				 float *scores, struct skv_kv_desc *sub_desc)
+{
+	const struct skv_kv_desc *d = all->desc;
+	const uint32_t group = all->n_heads / d->n_kv_heads;
+	const size_t hs = d->head_size, qoff = (size_t)g0 * group * hs;
+	const uint64_t codes = (uint64_t)g0 * hs * d->slot_stride * skv_kv_dtype_bytes(d->dtype);
+	*sub_desc = *d;
+	sub_desc->n_kv_heads = g1 - g0;
+	if (d->dtype == SKV_KV_DTYPE_Q8)
+		sub_desc->scales_offset =
+			d->scales_offset + (uint64_t)g0 * d->slot_stride * sizeof(float) - codes;
+	struct skv_attn_args a = *all;
+	a.desc = sub_desc;
+	a.n_heads = (g1 - g0) * group;
+	a.q_window = all->q_window + qoff;
+	a.q_sink = all->q_sink + qoff;
+	a.out = all->out + qoff;
+	a.k_plane = (const char *)all->k_plane + codes;
+	a.v_plane = (const char *)all->v_plane + codes;
+	a.next_k_plane = a.next_v_plane = NULL;
+	a.scores = scores;
+	if (all->alibi_slopes)
+		a.alibi_slopes = all->alibi_slopes + (size_t)g0 * group;
+	skv_attend(&a);
 }
 
 /* Rows of one stream run in order (each attends over the keys of the rows before it); the
@@ -665,7 +704,7 @@ static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t ro
 static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_rows)
 {
 	uint32_t dim = (uint32_t)r->cfg.dim;
-	if (r->threads <= 1 || n_rows < 2) {
+	if (r->threads <= 1) {
 		for (uint32_t row = 0; row < n_rows; row++)
 			forward_attend_row(r, layer, row, n_rows, r->q_sink, r->scores);
 		return 0;
@@ -676,6 +715,28 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 		if (row == 0 || r->rows[row].seq != r->rows[row - 1].seq)
 			r->run_start[n_runs++] = row;
 	r->run_start[n_runs] = n_rows;
+	const uint32_t n_kv = (uint32_t)r->cfg.n_kv_heads;
+	if (n_runs == 1 && n_kv >= 2) {
+		/* One stream (a decode step, a prompt): its rows in order, each row's KV heads
+		 * split over the threads, so that a big model's single stream does not leave all
+		 * but one core waiting on attention. */
+		uint32_t parts = r->threads < n_kv ? r->threads : n_kv;
+		for (uint32_t row = 0; row < n_rows; row++) {
+			struct skv_attn_args args;
+			forward_prepare_row(r, layer, row, n_rows, r->q_sink, r->scores, &args);
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+			for (uint32_t p = 0; p < parts; p++) {
+				struct skv_kv_desc sub;
+				forward_attend_heads(&args, n_kv * p / parts, n_kv * (p + 1) / parts,
+						     r->scores + (size_t)p * r->scores_ld, &sub);
+			}
+		}
+		return 0;
+	}
+	if (n_rows < 2) {
+		forward_attend_row(r, layer, 0, n_rows, r->q_sink, r->scores);
+		return 0;
+	}
 #pragma omp parallel num_threads(r->threads)
 	{
 		int t = omp_get_thread_num();

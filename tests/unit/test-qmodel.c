@@ -299,14 +299,16 @@ Test(qmodel, q8_0_file_gives_the_reference_decoders_greedy_text)
 
 /* Two threads split the matrix rows and the streams' attention; every row's arithmetic is the
  * same whichever thread does it, so a batch of streams (prompt chunks of several rows and
- * single decode rows, windows that evict) gives the same bits with 1 and 2 threads. */
-Test(qmodel, two_threads_give_the_same_bits_as_one)
+ * single decode rows, windows that evict) gives the same bits with 1 and 2 threads. A single
+ * stream's attention is split by KV heads instead (forward_attend_heads), in every KV type. */
+static void same_bits_with_two_threads(int STREAMS, uint32_t kv_dtype)
 {
-	enum { STREAMS = 6, STEPS = 40 };
+	enum { STEPS = 40, MAX_STREAMS = 6 };
+	cr_assert(STREAMS <= MAX_STREAMS);
 	char msg[512] = "";
 	struct skv_model *m = open_model(qpath("random-d256-Q4_K_M.gguf"));
 	struct skv_runner *r[2];
-	struct skv_stream *s[2][STREAMS];
+	struct skv_stream *s[2][MAX_STREAMS];
 	int32_t vocab = m->cfg.vocab_size;
 	float *logits[2];
 	for (int k = 0; k < 2; k++) {
@@ -318,16 +320,17 @@ Test(qmodel, two_threads_give_the_same_bits_as_one)
 			skv_policy_default(&p);
 			p.sink_slots = 4;
 			p.window_slots = 12 + 4 * i;
+			p.kv_dtype = kv_dtype;
 			cr_assert_eq(skv_policy_resolve(&p, m->cfg.seq_len, msg, sizeof(msg)), 0,
 				     "%s", msg);
 			cr_assert_eq(skv_stream_new(r[k], &p, &s[k][i], msg, sizeof(msg)), 0, "%s",
 				     msg);
 		}
 	}
-	int32_t tokens[STREAMS][8];
+	int32_t tokens[MAX_STREAMS][8];
 	for (int step = 0; step < STEPS; step++) {
 		for (int k = 0; k < 2; k++) {
-			struct skv_fwd_item items[STREAMS];
+			struct skv_fwd_item items[MAX_STREAMS];
 			for (int i = 0; i < STREAMS; i++) {
 				/* Every third step a prompt chunk of i + 2 tokens, else one token. */
 				uint32_t n = step % 3 == 0 ? (uint32_t)i + 2 : 1;
@@ -340,7 +343,8 @@ Test(qmodel, two_threads_give_the_same_bits_as_one)
 			cr_assert_eq(skv_forward(r[k], items, STREAMS), 0);
 		}
 		cr_assert(!memcmp(logits[0], logits[1], sizeof(float) * vocab * STREAMS),
-			  "step %d: 2 threads differ from 1", step);
+			  "%d stream(s), kv %s, step %d: 2 threads differ from 1", STREAMS,
+			  skv_kv_dtype_name(kv_dtype), step);
 	}
 	for (int k = 0; k < 2; k++) {
 		for (int i = 0; i < STREAMS; i++)
@@ -349,4 +353,17 @@ Test(qmodel, two_threads_give_the_same_bits_as_one)
 		free(logits[k]);
 	}
 	skv_model_close(m);
+}
+
+Test(qmodel, two_threads_give_the_same_bits_as_one)
+{
+	same_bits_with_two_threads(6, SKV_KV_DTYPE_F32);
+	same_bits_with_two_threads(6, SKV_KV_DTYPE_Q8);
+}
+
+Test(qmodel, one_stream_split_by_kv_heads_gives_the_same_bits)
+{
+	same_bits_with_two_threads(1, SKV_KV_DTYPE_F32);
+	same_bits_with_two_threads(1, SKV_KV_DTYPE_F16);
+	same_bits_with_two_threads(1, SKV_KV_DTYPE_Q8);
 }
