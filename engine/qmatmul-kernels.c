@@ -44,18 +44,28 @@
 
 /* Micro-tile: NR weight rows x MV groups of 16 rows of x. 32 zmm registers hold NR x MV int
  * and float accumulators, MV vectors of x and a broadcast weight; AVX2 and SSE split each
- * 64-byte vector into two or four registers, hence their smaller tile. */
+ * 64-byte vector into two or four registers, hence their smaller tile. With one or two groups
+ * of x (16 or 32 rows) two tiles run as one of QM_NR_WIDE rows, so that enough independent
+ * accumulator chains cover vpdpbusd's latency (6 rows x 1 group is 6 chains: latency-bound).
+ * Side by side against 3 x 4 tiles on the 1B shape: 0.98-1.22x (tools/README.md). */
 #if defined(__AVX512F__)
-#define QM_NR 3
+#define QM_NR 6
 #define QM_MV 4
+#define QM_NR_WIDE 12
+#define QM_MV_WIDE 2
 #else
 #define QM_NR 3
 #define QM_MV 1
+#define QM_NR_WIDE 3
+#define QM_MV_WIDE 0
 #endif
 _Static_assert(QM_NR_MAX % QM_NR == 0, "tiles divide the thread split's row alignment");
 _Static_assert(QM_WB % QM_NR == 0 && QM_WBF % QM_NR == 0, "blocks are whole tiles");
 _Static_assert(QM_WB <= QM_WB_MAX && QM_WBF <= QM_WB_MAX, "qm_scratch_bytes covers the blocks");
 _Static_assert(QM_MV <= QM_MV_MAX, "qm_scratch_bytes covers the partial sums");
+_Static_assert(QM_NR_WIDE % QM_NR == 0 && QM_NR_WIDE <= QM_NR_MAX &&
+		       QM_NR_WIDE * QM_MV_WIDE <= QM_NR * QM_MV,
+	       "a wide tile is whole tiles and needs no more accumulators than a tile");
 
 typedef int32_t qm_vi __attribute__((vector_size(64)));
 typedef float qm_vf __attribute__((vector_size(64)));
@@ -406,8 +416,9 @@ struct qm_mk_args {
  * [u0, u1); unit weights per scale unit, xblock values per scale of x; corr: how each unit's
  * accumulators start (x's corr, that shifted right by 4, or zero); has_min: subtract the
  * K-quant mins. The running sums live in part between K chunks. */
-QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_t unit,
-			 const uint32_t xblock, const enum qm_corr corr, const int has_min)
+QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int nr, const int mv,
+			 const uint32_t unit, const uint32_t xblock, const enum qm_corr corr,
+			 const int has_min)
 {
 	const struct qm_act *a = k->a;
 	const uint32_t units = k->units;
@@ -427,21 +438,21 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 	const int chunk_dx = xblock == QM_KC;
 	qm_vf *fa = chunk_dx ? k->tmp : k->part;
 	if (chunk_dx || k->first)
-		for (int i = 0; i < QM_NR * QM_MV; i++)
+		for (int i = 0; i < nr * QM_MV; i++)
 			fa[i] = (qm_vf){};
-	const uint8_t *wq[QM_NR];
-	for (int r = 0; r < QM_NR; r++)
+	const uint8_t *wq[QM_NR_MAX];
+	for (int r = 0; r < nr; r++)
 		wq[r] = k->wq + r * QM_KC;
 	const uint32_t g0 = k->u0 * unit / 4; /* the chunk's first group of 4 weights */
 	for (uint32_t u = k->u0; u < k->u1; u++) {
-		qm_vi acc[QM_NR * QM_MV];
+		qm_vi acc[QM_NR_MAX * QM_MV];
 		for (int v = 0; v < mv; v++) {
 			qm_vi start = {};
 			if (corr == QM_CORR_X)
 				start = *(const qm_vi *)(xc[v] + (size_t)u * 16);
 			else if (corr == QM_CORR_X16)
 				start = *(const qm_vi *)(xc[v] + (size_t)u * 16) >> 4;
-			for (int r = 0; r < QM_NR; r++)
+			for (int r = 0; r < nr; r++)
 				acc[r * QM_MV + v] = start;
 		}
 #pragma GCC unroll 8
@@ -453,15 +464,15 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 				 * into every vpdpbusd, and 512-bit loads (2 per cycle) would bound it */
 				QM_IN_REGISTER(xv[v]);
 			}
-			for (int r = 0; r < QM_NR; r++) {
+			for (int r = 0; r < nr; r++) {
 				int32_t w;
 				memcpy(&w, wq[r] + 4 * (g - g0), 4);
 				for (int v = 0; v < mv; v++)
 					acc[r * QM_MV + v] = qm_dpbusd(acc[r * QM_MV + v], w, xv[v]);
 			}
 		}
-		float wsc[QM_NR], wmn[QM_NR];
-		for (int r = 0; r < QM_NR; r++) {
+		float wsc[QM_NR_MAX], wmn[QM_NR_MAX];
+		for (int r = 0; r < nr; r++) {
 			wsc[r] = k->sc[r * units + u];
 			wmn[r] = has_min ? k->mn[r * units + u] : 0.f;
 		}
@@ -469,7 +480,7 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 			qm_vf dx = chunk_dx ? (qm_vf){}
 					    : *(const qm_vf *)(xd[v] + (size_t)(u * unit / xblock) * 16);
 			qm_vf xsum = has_min ? *(const qm_vf *)(xs[v] + (size_t)u * 16) : (qm_vf){};
-			for (int r = 0; r < QM_NR; r++) {
+			for (int r = 0; r < nr; r++) {
 				qm_vf t = fa[r * QM_MV + v];
 				if (chunk_dx)
 					t += qm_cvt(acc[r * QM_MV + v]) * wsc[r];
@@ -485,31 +496,52 @@ QM_INLINE void qm_mk_int(const struct qm_mk_args *k, const int mv, const uint32_
 	if (chunk_dx)
 		for (int v = 0; v < mv; v++) {
 			qm_vf dx = *(const qm_vf *)(xd[v] + (size_t)(k->u0 * unit / xblock) * 16);
-			for (int r = 0; r < QM_NR; r++)
+			for (int r = 0; r < nr; r++)
 				k->part[r * QM_MV + v] = (k->first ? (qm_vf){} : k->part[r * QM_MV + v]) +
 							 fa[r * QM_MV + v] * dx;
 		}
 }
 
-QM_INLINE void qm_mk_int_mv(const struct qm_mk_args *k, uint32_t mv, const uint32_t unit,
-			    const uint32_t xblock, const enum qm_corr corr, const int has_min)
+/* wide: QM_NR_WIDE rows (mv <= QM_MV_WIDE), else QM_NR. */
+QM_INLINE void qm_mk_int_mv(const struct qm_mk_args *k, int wide, uint32_t mv,
+			    const uint32_t unit, const uint32_t xblock, const enum qm_corr corr,
+			    const int has_min)
 {
+#if QM_MV_WIDE >= 2
+	if (wide) {
+		if (mv == 1)
+			qm_mk_int(k, QM_NR_WIDE, 1, unit, xblock, corr, has_min);
+		else
+			qm_mk_int(k, QM_NR_WIDE, 2, unit, xblock, corr, has_min);
+		return;
+	}
+#else
+	(void)wide;
+#endif
 	switch (mv) {
 #if QM_MV > 1
 	case 1:
-		qm_mk_int(k, 1, unit, xblock, corr, has_min);
+		qm_mk_int(k, QM_NR, 1, unit, xblock, corr, has_min);
 		break;
 	case 2:
-		qm_mk_int(k, 2, unit, xblock, corr, has_min);
+		qm_mk_int(k, QM_NR, 2, unit, xblock, corr, has_min);
 		break;
 	case 3:
-		qm_mk_int(k, 3, unit, xblock, corr, has_min);
+		qm_mk_int(k, QM_NR, 3, unit, xblock, corr, has_min);
 		break;
 #endif
 	default:
-		qm_mk_int(k, QM_MV, unit, xblock, corr, has_min);
+		qm_mk_int(k, QM_NR, QM_MV, unit, xblock, corr, has_min);
 		break;
 	}
+}
+
+/* How many tiles the next micro-kernel call covers: two as one wide tile when the groups of
+ * x are few and two tiles remain. */
+QM_INLINE uint32_t qm_tiles_per_call(uint32_t mv, uint32_t tile, uint32_t tiles)
+{
+	const uint32_t per_wide = QM_NR_WIDE / QM_NR;
+	return per_wide > 1 && mv <= QM_MV_WIDE && tile + per_wide <= tiles ? per_wide : 1;
 }
 
 /* Rows [r0, r1) in blocks of QM_WB decoded rows; for each block, groups of QM_MV x groups
@@ -547,8 +579,10 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 			uint32_t mv = groups - v < QM_MV ? groups - v : QM_MV;
 			for (uint32_t u0 = 0; u0 < t.units; u0 += ukc) {
 				uint32_t u1 = t.units - u0 < ukc ? t.units : u0 + ukc;
-				for (uint32_t tile = 0; tile < tiles; tile++) {
-					for (size_t o = 0; o < pf_step && pf < pf_end; o += 64, pf += 64)
+				for (uint32_t tile = 0, nt; tile < tiles; tile += nt) {
+					nt = qm_tiles_per_call(mv, tile, tiles);
+					for (size_t o = 0; o < pf_step * nt && pf < pf_end;
+					     o += 64, pf += 64)
 						__builtin_prefetch(pf, 0, 2);
 					struct qm_mk_args k = {
 						.a = job->act,
@@ -564,7 +598,7 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 						.tmp = t.tmp,
 						.first = u0 == 0,
 					};
-					qm_mk_int_mv(&k, mv, unit, xblock, corr, has_min);
+					qm_mk_int_mv(&k, nt > 1, mv, unit, xblock, corr, has_min);
 				}
 			}
 			qm_store_block(job, rb, nrb, v, mv, t.part);
@@ -575,14 +609,15 @@ QM_INLINE void qm_batched_int(const struct qm_job *job, uint32_t r0, uint32_t r1
 /* The float micro-kernel (F32, F16, BF16): QM_NR weight rows of float32 (w_ld apart) x mv
  * groups of x over columns [c0, c1). */
 QM_INLINE void qm_mk_f32(const struct qm_job *job, const float *wrows, size_t w_ld, uint32_t v0,
-			 const int mv, uint32_t c0, uint32_t c1, qm_vf *part, int first)
+			 const int nr, const int mv, uint32_t c0, uint32_t c1, qm_vf *part,
+			 int first)
 {
 	const uint32_t cols = job->w->cols;
 	const float *xs[QM_MV];
-	qm_vf facc[QM_NR * QM_MV];
+	qm_vf facc[QM_NR_MAX * QM_MV];
 	for (int v = 0; v < mv; v++) {
 		xs[v] = job->act->ix + (size_t)(v0 + v) * cols * QM_LANES;
-		for (int r = 0; r < QM_NR; r++)
+		for (int r = 0; r < nr; r++)
 			facc[r * QM_MV + v] = first ? (qm_vf){} : part[r * QM_MV + v];
 	}
 	for (uint32_t k = c0; k < c1; k++) {
@@ -591,35 +626,46 @@ QM_INLINE void qm_mk_f32(const struct qm_job *job, const float *wrows, size_t w_
 			xv[v] = *(const qm_vf *)(xs[v] + (size_t)k * QM_LANES);
 			QM_IN_REGISTER(xv[v]);
 		}
-		for (int r = 0; r < QM_NR; r++) {
+		for (int r = 0; r < nr; r++) {
 			float wk = wrows[r * w_ld + (k - c0)];
 			for (int v = 0; v < mv; v++)
 				facc[r * QM_MV + v] += xv[v] * wk;
 		}
 	}
 	for (int v = 0; v < mv; v++)
-		for (int r = 0; r < QM_NR; r++)
+		for (int r = 0; r < nr; r++)
 			part[r * QM_MV + v] = facc[r * QM_MV + v];
 }
 
 QM_INLINE void qm_mk_f32_mv(const struct qm_job *job, const float *wrows, size_t w_ld,
-			    uint32_t v0, uint32_t mv, uint32_t c0, uint32_t c1, qm_vf *part,
-			    int first)
+			    uint32_t v0, int wide, uint32_t mv, uint32_t c0, uint32_t c1,
+			    qm_vf *part, int first)
 {
+#if QM_MV_WIDE >= 2
+	if (wide) {
+		if (mv == 1)
+			qm_mk_f32(job, wrows, w_ld, v0, QM_NR_WIDE, 1, c0, c1, part, first);
+		else
+			qm_mk_f32(job, wrows, w_ld, v0, QM_NR_WIDE, 2, c0, c1, part, first);
+		return;
+	}
+#else
+	(void)wide;
+#endif
 	switch (mv) {
 #if QM_MV > 1
 	case 1:
-		qm_mk_f32(job, wrows, w_ld, v0, 1, c0, c1, part, first);
+		qm_mk_f32(job, wrows, w_ld, v0, QM_NR, 1, c0, c1, part, first);
 		break;
 	case 2:
-		qm_mk_f32(job, wrows, w_ld, v0, 2, c0, c1, part, first);
+		qm_mk_f32(job, wrows, w_ld, v0, QM_NR, 2, c0, c1, part, first);
 		break;
 	case 3:
-		qm_mk_f32(job, wrows, w_ld, v0, 3, c0, c1, part, first);
+		qm_mk_f32(job, wrows, w_ld, v0, QM_NR, 3, c0, c1, part, first);
 		break;
 #endif
 	default:
-		qm_mk_f32(job, wrows, w_ld, v0, QM_MV, c0, c1, part, first);
+		qm_mk_f32(job, wrows, w_ld, v0, QM_NR, QM_MV, c0, c1, part, first);
 		break;
 	}
 }
@@ -959,10 +1005,12 @@ QM_INLINE void qm_run_float(const struct qm_job *job, uint32_t r0, uint32_t r1, 
 			uint32_t mv = groups - v < QM_MV ? groups - v : QM_MV;
 			for (uint32_t c0 = 0; c0 < cols; c0 += QM_KCF) {
 				uint32_t c1 = cols - c0 < QM_KCF ? cols : c0 + QM_KCF;
-				for (uint32_t tile = 0; tile < tiles; tile++)
+				for (uint32_t tile = 0, nt; tile < tiles; tile += nt) {
+					nt = qm_tiles_per_call(mv, tile, tiles);
 					qm_mk_f32_mv(job, wrows + (c0 / QM_KCF) * csf + tile * QM_NR * w_ld,
-						     w_ld, v, mv, c0, c1,
+						     w_ld, v, nt > 1, mv, c0, c1,
 						     part + tile * QM_NR * QM_MV, c0 == 0);
+				}
 			}
 			qm_store_block(job, rb, nrb, v, mv, part);
 		}

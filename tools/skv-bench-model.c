@@ -21,7 +21,7 @@
  * prefilling each of them, which would take minutes on a 1B model.
  *
  *   skv-bench-model --model FILE [--threads 1,2] [--streams 1,16,64] [--decode-tokens N]
- *                   [--prefill N] [--repeats N] [--kv f32|f16] [--json]
+ *                   [--prefill N] [--repeats N] [--kv f32|f16|q8] [--json]
  */
 #include <errno.h>
 #include <getopt.h>
@@ -267,7 +267,7 @@ static void bm_usage(FILE *out)
 {
 	fputs("usage: skv-bench-model --model FILE [--threads 1,2] [--streams 1,16,64]\n"
 	      "                       [--decode-tokens N] [--prefill N] [--repeats N]\n"
-	      "                       [--kv f32|f16] [--json]\n",
+	      "                       [--kv f32|f16|q8] [--json]\n",
 	      out);
 }
 
@@ -314,8 +314,10 @@ static void bm_parse(int argc, char **argv, struct bm_opts *o)
 				o->kv_dtype = SKV_KV_DTYPE_F32;
 			else if (!strcmp(optarg, "f16"))
 				o->kv_dtype = SKV_KV_DTYPE_F16;
+			else if (!strcmp(optarg, "q8"))
+				o->kv_dtype = SKV_KV_DTYPE_Q8;
 			else
-				bench_die("--kv: '%s' is not f32 or f16", optarg);
+				bench_die("--kv: '%s' is not f32, f16 or q8", optarg);
 			break;
 		case 'j': o->json = 1; break;
 		case 'h': bm_usage(stdout); exit(0);
