@@ -174,65 +174,83 @@ struct attn_alibi {
 	int64_t origin;       /* slot t lies at distance origin - t from the query */
 };
 
-/* One block of scores; masked != 0 (a constant at each call) handles a partial block. For q8
- * the dot runs over the integer codes and the slot's scale multiplies the sum once: the score
- * is that of the dequantized key, without dequantizing each component. */
-ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, uint32_t b, uint32_t lo,
-				   uint32_t hi, const float *restrict q0, const float *restrict q1,
-				   const void *restrict k_rows, const float *restrict k_scale,
-				   const void *next_k, const float *next_k_scale, size_t stride,
-				   uint32_t head_size,
+/* nb consecutive blocks of scores (1 to ATTN_SB, a constant at each call); masked != 0 (with
+ * nb == 1) handles a partial block. Each block's dot product is a chain of head_size dependent
+ * FMAs: one or two heads of one block are too few chains to cover the FMA latency, so full
+ * blocks go ATTN_SB at a time, each block's chain the same operations in the same order as
+ * alone (the same bits). For q8 the dot runs over the integer codes and the slot's scale
+ * multiplies the sum once: the score is that of the dequantized key, without dequantizing
+ * each component. */
+#define ATTN_SB 4
+ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, const int nb, uint32_t b,
+				   uint32_t lo, uint32_t hi, const float *restrict q0,
+				   const float *restrict q1, const void *restrict k_rows,
+				   const float *restrict k_scale, const void *next_k,
+				   const float *next_k_scale, size_t stride, uint32_t head_size,
 				   float scale, const struct attn_alibi *alibi, float *restrict s0,
 				   float *restrict s1, attn_vf *vmax0, attn_vf *vmax1)
 {
 	const attn_vf neg_inf = attn_splat(-INFINITY);
-	attn_vf k = attn_load_kv(k_rows, b, kind);
+	attn_vf acc0[ATTN_SB], acc1[ATTN_SB];
 	if (next_k) {
-		for (uint32_t d = 0; d < head_size; d++)
-			attn_prefetch_kv(next_k, d * stride + b, kind);
-		if (kind == ATTN_KV_Q8)
-			__builtin_prefetch(next_k_scale + b, 0, 2);
-	}
-	attn_vf acc0 = q0[0] * k, acc1 = pair ? q1[0] * k : k;
-	for (uint32_t d = 1; d < head_size; d++) {
-		k = attn_load_kv(k_rows, d * stride + b, kind);
-		acc0 += q0[d] * k;
-		if (pair)
-			acc1 += q1[d] * k;
-	}
-	if (kind == ATTN_KV_Q8) {
-		attn_vf slot_scale = attn_load(k_scale + b) * scale;
-		acc0 *= slot_scale;
-		acc1 *= slot_scale;
-	} else {
-		acc0 *= scale;
-		acc1 *= scale;
-	}
-	if (alibi) {
-		/* In-cache distances are whole numbers below 2^24 (SKV_KV_MAX_SLOTS): exact in
-		 * float. (--positions abs gives the sinks larger ones, whose weights vanish.) */
-		const attn_vf lanes = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
-		attn_vf dist = attn_splat((float)(alibi->origin - (int64_t)b)) - lanes;
-		acc0 -= attn_splat(alibi->slope0) * dist;
-		if (pair)
-			acc1 -= attn_splat(alibi->slope1) * dist;
-	}
-	if (masked) {
-		attn_vi mask = attn_mask(b, lo, hi);
-		acc0 = attn_select(mask, acc0, neg_inf);
-		attn_store(s0 + b, attn_select(mask, acc0, attn_load(s0 + b)));
-		if (pair) {
-			acc1 = attn_select(mask, acc1, neg_inf);
-			attn_store(s1 + b, attn_select(mask, acc1, attn_load(s1 + b)));
+		for (int j = 0; j < nb; j++) {
+			for (uint32_t d = 0; d < head_size; d++)
+				attn_prefetch_kv(next_k, d * stride + b + j * ATTN_LANES, kind);
+			if (kind == ATTN_KV_Q8)
+				__builtin_prefetch(next_k_scale + b + j * ATTN_LANES, 0, 2);
 		}
-	} else {
-		attn_store(s0 + b, acc0);
-		if (pair)
-			attn_store(s1 + b, acc1);
 	}
-	*vmax0 = attn_select(acc0 > *vmax0, acc0, *vmax0);
-	if (pair)
-		*vmax1 = attn_select(acc1 > *vmax1, acc1, *vmax1);
+	for (int j = 0; j < nb; j++) {
+		attn_vf k = attn_load_kv(k_rows, b + j * ATTN_LANES, kind);
+		acc0[j] = q0[0] * k;
+		acc1[j] = pair ? q1[0] * k : k;
+	}
+	for (uint32_t d = 1; d < head_size; d++) {
+		for (int j = 0; j < nb; j++) {
+			attn_vf k = attn_load_kv(k_rows, d * stride + b + j * ATTN_LANES, kind);
+			acc0[j] += q0[d] * k;
+			if (pair)
+				acc1[j] += q1[d] * k;
+		}
+	}
+	for (int j = 0; j < nb; j++) {
+		uint32_t bj = b + j * ATTN_LANES;
+		attn_vf a0 = acc0[j], a1 = acc1[j];
+		if (kind == ATTN_KV_Q8) {
+			attn_vf slot_scale = attn_load(k_scale + bj) * scale;
+			a0 *= slot_scale;
+			a1 *= slot_scale;
+		} else {
+			a0 *= scale;
+			a1 *= scale;
+		}
+		if (alibi) {
+			/* In-cache distances are whole numbers below 2^24 (SKV_KV_MAX_SLOTS): exact
+			 * in float. (--positions abs gives the sinks larger ones, whose weights
+			 * vanish.) */
+			const attn_vf lanes = { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 };
+			attn_vf dist = attn_splat((float)(alibi->origin - (int64_t)bj)) - lanes;
+			a0 -= attn_splat(alibi->slope0) * dist;
+			if (pair)
+				a1 -= attn_splat(alibi->slope1) * dist;
+		}
+		if (masked) {
+			attn_vi mask = attn_mask(bj, lo, hi);
+			a0 = attn_select(mask, a0, neg_inf);
+			attn_store(s0 + bj, attn_select(mask, a0, attn_load(s0 + bj)));
+			if (pair) {
+				a1 = attn_select(mask, a1, neg_inf);
+				attn_store(s1 + bj, attn_select(mask, a1, attn_load(s1 + bj)));
+			}
+		} else {
+			attn_store(s0 + bj, a0);
+			if (pair)
+				attn_store(s1 + bj, a1);
+		}
+		*vmax0 = attn_select(a0 > *vmax0, a0, *vmax0);
+		if (pair)
+			*vmax1 = attn_select(a1 > *vmax1, a1, *vmax1);
+	}
 }
 
 /* Scores of one or two query heads that share a KV head (grouped-query attention), so that
@@ -248,17 +266,23 @@ ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 			     float *restrict s1, float *max0, float *max1)
 {
 	attn_vf vmax0 = attn_splat(-INFINITY), vmax1 = vmax0;
-	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
-		if (attn_full(b, lo, hi))
-			attn_scores_block(kind, pair, 0, b, lo, hi, q0, q1, k_rows, k_scale, next_k,
-					  next_k_scale, stride,
-					  head_size,
-					  scale, alibi, s0, s1, &vmax0, &vmax1);
-		else
-			attn_scores_block(kind, pair, 1, b, lo, hi, q0, q1, k_rows, k_scale, next_k,
-					  next_k_scale, stride,
-					  head_size,
-					  scale, alibi, s0, s1, &vmax0, &vmax1);
+	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi;) {
+		if (attn_full(b, lo, hi) && attn_full(b + (ATTN_SB - 1) * ATTN_LANES, lo, hi)) {
+			attn_scores_block(kind, pair, 0, ATTN_SB, b, lo, hi, q0, q1, k_rows, k_scale,
+					  next_k, next_k_scale, stride, head_size, scale, alibi,
+					  s0, s1, &vmax0, &vmax1);
+			b += ATTN_SB * ATTN_LANES;
+		} else if (attn_full(b, lo, hi)) {
+			attn_scores_block(kind, pair, 0, 1, b, lo, hi, q0, q1, k_rows, k_scale,
+					  next_k, next_k_scale, stride, head_size, scale, alibi,
+					  s0, s1, &vmax0, &vmax1);
+			b += ATTN_LANES;
+		} else {
+			attn_scores_block(kind, pair, 1, 1, b, lo, hi, q0, q1, k_rows, k_scale,
+					  next_k, next_k_scale, stride, head_size, scale, alibi,
+					  s0, s1, &vmax0, &vmax1);
+			b += ATTN_LANES;
+		}
 	}
 	float m0 = attn_hmax(vmax0);
 	*max0 = m0 > *max0 ? m0 : *max0;

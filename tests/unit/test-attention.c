@@ -189,13 +189,15 @@ static void reference_attend(const struct region *r, const struct skv_attn_args 
 }
 
 /* One ISA copy over every element type, head sizes 8 (the shipped model), 12 (the one-component
- * loop) and 64, grouped-query heads, windows partly filled, full, and wrapped. */
-static void kernels_match_reference(const char *isa)
+ * loop) and 64, grouped-query heads, windows partly filled, full, and wrapped; a window of 45
+ * (single blocks of 16 slots, most of them partial) and one of 200 (runs of four full blocks,
+ * scored together, between partial ones). */
+static void kernels_match_reference_window(const char *isa, uint32_t window)
 {
 	static const uint32_t dtypes[] = { SKV_KV_DTYPE_F32, SKV_KV_DTYPE_F16, SKV_KV_DTYPE_Q8 };
 	static const uint32_t head_sizes[] = { 8, 12, 64 };
-	static const uint64_t seen[] = { 3, 21, 4 + 45, 4 + 45 + 30, 4 + 45 * 7 + 11 };
-	const uint32_t n_kv_heads = 2, n_heads = 6, sinks = 4, window = 45;
+	const uint64_t seen[] = { 3, 21, 4 + window, 4 + window + 30, 4 + window * 7 + 11 };
+	const uint32_t n_kv_heads = 2, n_heads = 6, sinks = 4;
 	for (size_t di = 0; di < 3; di++)
 		for (size_t hi = 0; hi < 3; hi++) {
 			uint32_t hs = head_sizes[hi], kv_dim = n_kv_heads * hs;
@@ -242,9 +244,9 @@ static void kernels_match_reference(const char *isa)
 				reference_attend(&r, &args, ref);
 				for (uint32_t j = 0; j < n_heads * hs; j++)
 					cr_assert_lt(fabs(out[j] - ref[j]), 2e-6 + 2e-6 * fabs(ref[j]),
-						     "%s %s hs %u after %llu tokens: out[%u] = %g, "
-						     "reference %g",
-						     isa, skv_kv_dtype_name(dtypes[di]), hs,
+						     "%s %s hs %u window %u after %llu tokens: out[%u] = "
+						     "%g, reference %g",
+						     isa, skv_kv_dtype_name(dtypes[di]), hs, window,
 						     (unsigned long long)seen[si], j, out[j], ref[j]);
 			}
 			free(k);
@@ -256,6 +258,12 @@ static void kernels_match_reference(const char *isa)
 			free(scores);
 			free(r.base);
 		}
+}
+
+static void kernels_match_reference(const char *isa)
+{
+	kernels_match_reference_window(isa, 45);
+	kernels_match_reference_window(isa, 200);
 }
 
 Test(attention, v4_kernels_match_reference)
