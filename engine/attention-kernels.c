@@ -177,11 +177,17 @@ struct attn_alibi {
 /* nb consecutive blocks of scores (1 to ATTN_SB, a constant at each call); masked != 0 (with
  * nb == 1) handles a partial block. Each block's dot product is a chain of head_size dependent
  * FMAs: one or two heads of one block are too few chains to cover the FMA latency, so full
- * blocks go ATTN_SB at a time, each block's chain the same operations in the same order as
+ * blocks go ATTN_SB at a time (as many as the registers hold), each block's chain the same operations in the same order as
  * alone (the same bits). For q8 the dot runs over the integer codes and the slot's scale
  * multiplies the sum once: the score is that of the dequantized key, without dequantizing
  * each component. */
-#define ATTN_SB 4
+#if defined(__AVX512F__)
+#define ATTN_SB 4 /* 8 accumulators of 32 zmm */
+#elif defined(__AVX2__)
+#define ATTN_SB 2 /* 4 accumulators of two ymm each, of 16 */
+#else
+#define ATTN_SB 1 /* four xmm per accumulator */
+#endif
 ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, const int nb, uint32_t b,
 				   uint32_t lo, uint32_t hi, const float *restrict q0,
 				   const float *restrict q1, const void *restrict k_rows,
@@ -267,7 +273,8 @@ ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 {
 	attn_vf vmax0 = attn_splat(-INFINITY), vmax1 = vmax0;
 	for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi;) {
-		if (attn_full(b, lo, hi) && attn_full(b + (ATTN_SB - 1) * ATTN_LANES, lo, hi)) {
+		if (ATTN_SB > 1 && attn_full(b, lo, hi) &&
+		    attn_full(b + (ATTN_SB - 1) * ATTN_LANES, lo, hi)) {
 			attn_scores_block(kind, pair, 0, ATTN_SB, b, lo, hi, q0, q1, k_rows, k_scale,
 					  next_k, next_k_scale, stride, head_size, scale, alibi,
 					  s0, s1, &vmax0, &vmax1);
