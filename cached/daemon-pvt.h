@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include "channel.h"
+#include "kv-layout.h"
 #include "proto.h"
 #include "wake.h"
 
@@ -317,7 +318,10 @@ void cached_idle_tick(struct cached *d, double now);
 /* A stream being restored from a snapshot: what cached_place_stream takes from it (the
  * region's bytes, validated; the engine state; name, token and owner). */
 struct cached_restore {
-	const void *region;
+	int fd;                                /* the snapshot file */
+	const struct skv_snap_header *header;  /* checked */
+	struct skv_kv_desc desc;               /* the region's, checked */
+	struct skv_kv_ring ring;
 	uint64_t region_bytes;
 	struct skv_stream_state state;
 	char name[SKV_STREAM_NAME_MAX];
@@ -327,6 +331,10 @@ struct cached_restore {
 };
 
 /* Snapshots (cached/snapshot.c). */
+/* Read a restore's region from its file into region (region_bytes, its place in the arena),
+ * hashing the whole file on the way: 0, or a negative code with why filled (a sha256 that
+ * does not match, a short read, a file that changed since it was checked). */
+int cached_restore_read(const struct cached_restore *r, void *region, char *why, size_t why_len);
 /* Ask s's engine for a copy of it; the file goes to out_fd (taken), then renamed to path
  * (taken, malloc'ed; NULL: written in place). admin_id: who gets ADMIN_RESULT (0: nobody).
  * Returns 0, or -errno with why filled. */

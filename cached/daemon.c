@@ -603,7 +603,7 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	if (err)
 		return err;
 	if (d->restoring && (d->restoring->region_bytes != desc.region_bytes ||
-			     memcmp(d->restoring->region, &desc, sizeof(desc)))) {
+			     memcmp(&d->restoring->desc, &desc, sizeof(desc)))) {
 		snprintf(why, why_len,
 			 "the snapshot's KV layout (%llu bytes) is not the one this daemon lays out "
 			 "for its parameters (%llu bytes, KV %s)",
@@ -637,7 +637,10 @@ int cached_place_stream(struct cached *d, struct cached_conn *c,
 	const struct cached_restore *restoring = d->restoring;
 	char *region = (char *)skv_arena_base(d->arenas[e->arena]) + offset;
 	if (restoring) {
-		memcpy(region, restoring->region, desc.region_bytes);
+		if ((err = cached_restore_read(restoring, region, why, why_len)) < 0) {
+			skv_arena_free(d->arenas[e->arena], offset);
+			return err;
+		}
 	} else {
 		memcpy(region, &desc, sizeof(desc));
 		skv_kv_ring_reset(skv_kv_region_ring(region), &desc);

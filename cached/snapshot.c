@@ -10,9 +10,10 @@
  * writes the file, so that neither the daemon's loop nor the engines wait for it.
  *
  * Restoring validates everything before any engine sees it: magic, version, sizes against the
- * file's real size, the sha256 over the whole file, the model's identity, the KV type, the
- * descriptor (equal to what this daemon lays out for the stream's parameters) and the ring
- * state. The stream comes back detached and resumable: its owner attaches with its name and
+ * file's real size, the model's identity, the KV type, the descriptor (equal to what this
+ * daemon lays out for the stream's parameters) and the ring state; then the region is read
+ * from the file straight into its place in the arena, the sha256 over the whole file computed
+ * on the way, and a mismatch frees the place again (no copy of the file is held). The stream comes back detached and resumable: its owner attaches with its name and
  * token as before the restart. */
 #include <dirent.h>
 #include <errno.h>
@@ -44,6 +45,7 @@
 #define SNAP_MODEL_PREFIX_BYTES (1u << 20) /* GGUF metadata + tensor infos, .bin header */
 #define SNAP_SAVE_TIMEOUT_S 20.0
 #define SNAP_WRITER_NICE 10 /* about a tenth of a nice-0 thread's share of a busy core */
+#define SNAP_READ_CHUNK (4u << 20) /* a restore reads and hashes the region this much at a time */
 
 /* The model's identity: sha256 over its shape and the first MiB of its file. */
 static int snap_model_id(struct cached *d, uint8_t out[32])
@@ -512,32 +514,23 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_s
 		return skv_errorf(why, why_len, -SKV_ETRUNCATED,
 				  "truncated snapshot: %lld of %llu bytes", (long long)st.st_size,
 				  (unsigned long long)h.file_bytes);
-	uint8_t *file = malloc(h.file_bytes);
-	if (!file)
-		return skv_errorf(why, why_len, -ENOMEM, "no memory to read a %llu-byte snapshot",
-				  (unsigned long long)h.file_bytes);
+	/* Only the header and the region's first bytes (descriptor, ring state) are read here;
+	 * the region itself goes straight from the file into its place in the arena
+	 * (cached_restore_read), hashed on the way: a restore holds no copy of the file. */
 	int err = 0;
-	for (uint64_t off = 0; off < h.file_bytes && !err;) {
-		ssize_t n = pread(fd, file + off, h.file_bytes - off, (off_t)off);
+	uint8_t head[SKV_KV_RING_OFFSET + sizeof(struct skv_kv_ring)];
+	if (h.region_bytes < sizeof(head))
+		err = skv_errorf(why, why_len, -SKV_EFORMAT, "corrupted snapshot: bad sizes");
+	for (size_t off = 0; off < sizeof(head) && !err;) {
+		ssize_t n = pread(fd, head + off, sizeof(head) - off, (off_t)(h.region_offset + off));
 		if (n <= 0)
-			err = n < 0 ? -errno : -SKV_ETRUNCATED;
+			err = skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
+					 "cannot read the snapshot: %s",
+					 n < 0 ? strerror(errno) : "truncated");
 		else
-			off += (uint64_t)n;
+			off += (size_t)n;
 	}
-	uint8_t sum[32], model[32];
-	if (!err) {
-		struct skv_snap_header *fh = (struct skv_snap_header *)file;
-		memset(fh->sha256, 0, sizeof(fh->sha256));
-		struct sha256_ctx ctx;
-		sha256_init(&ctx);
-		sha256_update(&ctx, h.file_bytes, file);
-		sha256_digest(&ctx, 32, sum);
-		if (memcmp(sum, h.sha256, 32))
-			err = skv_errorf(why, why_len, -SKV_EFORMAT,
-					 "corrupted snapshot: its sha256 does not match its bytes");
-	} else {
-		skv_errorf(why, why_len, err, "cannot read the snapshot: %s", skv_strerror(err));
-	}
+	uint8_t model[32];
 	if (!err && (err = snap_model_id(d, model)) < 0)
 		skv_errorf(why, why_len, err, "cannot identify the model: %s", skv_strerror(err));
 	if (!err && memcmp(model, h.model_id, 32))
@@ -546,13 +539,12 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_s
 				 "serves %s (id %02x%02x%02x%02x...)", h.model_id[0], h.model_id[1],
 				 h.model_id[2], h.model_id[3], d->model_path, model[0], model[1],
 				 model[2], model[3]);
-	const uint8_t *region = file + h.region_offset;
 	struct skv_kv_desc desc;
 	struct skv_kv_ring ring;
 	char msg[256] = "";
 	if (!err) {
-		memcpy(&desc, region, sizeof(desc));
-		memcpy(&ring, region + SKV_KV_RING_OFFSET, sizeof(ring));
+		memcpy(&desc, head, sizeof(desc));
+		memcpy(&ring, head + SKV_KV_RING_OFFSET, sizeof(ring));
 		if (!skv_kv_dtype_bytes(h.kv_dtype) || desc.dtype != h.kv_dtype ||
 		    h.params.kv_dtype != h.kv_dtype)
 			err = skv_errorf(why, why_len, -SKV_EDTYPE,
@@ -564,8 +556,9 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_s
 	if (!err && !snap_ring_valid(&desc, &ring))
 		err = skv_errorf(why, why_len, -SKV_EFORMAT,
 				 "corrupted snapshot: its ring state is impossible");
-	struct cached_restore r = { .region = region, .region_bytes = h.region_bytes,
-				    .state = h.state, .owner_uid = h.owner_uid };
+	struct cached_restore r = { .fd = fd, .header = &h, .desc = desc, .ring = ring,
+				    .region_bytes = h.region_bytes, .state = h.state,
+				    .owner_uid = h.owner_uid };
 	struct skv_msg_open_named open = { .open = { .params = h.params } };
 	if (!err) {
 		memcpy(r.token, h.token, sizeof(r.token));
@@ -605,8 +598,51 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_s
 		close(efd);
 	if (r.doorbell_fd >= 0)
 		close(r.doorbell_fd);
-	free(file);
 	return err;
+}
+
+int cached_restore_read(const struct cached_restore *r, void *region, char *why, size_t why_len)
+{
+	const struct skv_snap_header *h = r->header;
+	struct skv_snap_header zeroed = *h;
+	memset(zeroed.sha256, 0, sizeof(zeroed.sha256));
+	struct sha256_ctx ctx;
+	sha256_init(&ctx);
+	sha256_update(&ctx, sizeof(zeroed), (const uint8_t *)&zeroed);
+	/* The header's page past the header (zeros as written, hashed as they are). */
+	uint8_t pad[SKV_SNAP_ALIGN - sizeof(struct skv_snap_header)];
+	for (size_t off = 0; off < sizeof(pad);) {
+		ssize_t n = pread(r->fd, pad + off, sizeof(pad) - off, (off_t)(sizeof(zeroed) + off));
+		if (n <= 0)
+			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
+					  "cannot read the snapshot: %s",
+					  n < 0 ? strerror(errno) : "truncated");
+		off += (size_t)n;
+	}
+	sha256_update(&ctx, sizeof(pad), pad);
+	uint8_t *dst = region;
+	for (uint64_t off = 0; off < r->region_bytes;) {
+		uint64_t want = r->region_bytes - off;
+		want = want > SNAP_READ_CHUNK ? SNAP_READ_CHUNK : want;
+		ssize_t n = pread(r->fd, dst + off, want, (off_t)(h->region_offset + off));
+		if (n <= 0)
+			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
+					  "cannot read the snapshot: %s",
+					  n < 0 ? strerror(errno) : "truncated");
+		sha256_update(&ctx, (size_t)n, dst + off);
+		off += (uint64_t)n;
+	}
+	uint8_t sum[32];
+	sha256_digest(&ctx, 32, sum);
+	if (memcmp(sum, h->sha256, 32))
+		return skv_errorf(why, why_len, -SKV_EFORMAT,
+				  "corrupted snapshot: its sha256 does not match its bytes");
+	/* What was checked is what was read (the file cannot have changed in between). */
+	if (memcmp(dst, &r->desc, sizeof(r->desc)) ||
+	    memcmp(dst + SKV_KV_RING_OFFSET, &r->ring, sizeof(r->ring)))
+		return skv_errorf(why, why_len, -SKV_EFORMAT,
+				  "the snapshot changed while it was read");
+	return 0;
 }
 
 /* ---- admin requests ----------------------------------------------------------------------- */
