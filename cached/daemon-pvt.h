@@ -196,6 +196,7 @@ struct cached {
 	const char *tokenizer_path;
 	const char *engine_bin;
 	unsigned engine_threads;       /* --threads of every engine */
+	const char *engine_weights;    /* --weights of every engine: auto, map or huge */
 	uid_t uid;
 	gid_t group;
 	int have_group;

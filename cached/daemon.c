@@ -829,7 +829,7 @@ int cached_spawn_engine(struct cached *d, struct cached_engine *e)
 		sigset_t none;
 		sigemptyset(&none);
 		sigprocmask(SIG_SETMASK, &none, NULL);
-		char *argv[14];
+		char *argv[16];
 		int n = 0;
 		argv[n++] = (char *)d->engine_bin;
 		argv[n++] = "--socket";
@@ -840,6 +840,8 @@ int cached_spawn_engine(struct cached *d, struct cached_engine *e)
 		argv[n++] = node;
 		argv[n++] = "--threads";
 		argv[n++] = threads;
+		argv[n++] = "--weights";
+		argv[n++] = (char *)(d->engine_weights ? d->engine_weights : "auto");
 		if (e->cpus[0]) {
 			argv[n++] = "--cpus";
 			argv[n++] = e->cpus;

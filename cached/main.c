@@ -53,6 +53,7 @@ struct cached_opts {
 	long long token_budget;
 	long long engines;
 	long long engine_threads; /* 0: auto */
+	const char *engine_weights; /* --engine-weights: auto, map or huge */
 	enum skv_huge_mode huge;
 	enum skv_wait_backend wait;
 	int prefault;
@@ -83,6 +84,10 @@ static void cached_usage(FILE *out)
 	      "                       or one per --engine-threads cores)\n"
 	      "  --engine-threads N   matmul threads (cores) of each engine, or auto (default: 1\n"
 	      "                       for models under " CACHED_BIG_MODEL_TEXT " of weights, else every core of a node)\n"
+	      "  --engine-weights M   where engines keep the weights they read in place: map (the\n"
+	      "                       file's mapping, shared by all), huge (a private copy on\n"
+	      "                       transparent huge pages: faster decode, the file's size per\n"
+	      "                       engine), auto (default: huge from 64 MiB of such weights)\n"
 	      "  --group NAME         also admit members of this group (socket mode 0660)\n"
 	      "  --wait MODE          how engines sleep: auto (default), uring, futex\n"
 	      "  --engine-bin PATH    the skv-engine executable (default: next to skv-cached)\n"
@@ -143,6 +148,7 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 		{ "numa", required_argument, NULL, 'N' },
 		{ "engines", required_argument, NULL, 'e' },
 		{ "engine-threads", required_argument, NULL, 'E' },
+		{ "engine-weights", required_argument, NULL, 'W' },
 		{ "group", required_argument, NULL, 'g' },
 		{ "wait", required_argument, NULL, 'w' },
 		{ "engine-bin", required_argument, NULL, 'b' },
@@ -186,6 +192,14 @@ static void cached_parse(int argc, char **argv, struct cached_opts *o)
 			o->engine_threads = !strcmp(optarg, "auto") ? 0
 					    : cached_parse_int("--engine-threads", optarg, 1, 256);
 			break;
+		case 'W': {
+			enum skv_weights_mem mode;
+			if (skv_weights_mem_parse(optarg, &mode) < 0)
+				cached_die(CACHED_EXIT_USAGE,
+					   "--engine-weights: '%s' is not auto, map or huge", optarg);
+			o->engine_weights = skv_weights_mem_name(mode);
+			break;
+		}
 		case 'g': o->group = optarg; break;
 		case 'w':
 			if (!strcmp(optarg, "auto"))
@@ -545,6 +559,7 @@ int main(int argc, char **argv)
 	}
 	d.tokenizer_path = tok_path;
 	d.engine_bin = o.engine_bin ? o.engine_bin : cached_find_engine_bin();
+	d.engine_weights = o.engine_weights ? o.engine_weights : "auto";
 	if (access(d.engine_bin, X_OK) < 0)
 		cached_die(1, "%s: cannot run the engine executable: %s (use --engine-bin)",
 			   d.engine_bin, strerror(errno));

@@ -386,7 +386,8 @@ void skv_local_open(const struct skv_opts *o, struct skv_local *L, int with_runn
 		snprintf(default_model, sizeof(default_model), "%s/stories260K.bin", skv_model_dir());
 		model_path = default_model;
 	}
-	int err = skv_model_open(model_path, &L->model, msg, sizeof(msg));
+	/* auto: a big block-format model decodes from a copy on huge pages (mapfile.h). */
+	int err = skv_model_open_mode(model_path, SKV_WEIGHTS_AUTO, &L->model, msg, sizeof(msg));
 	if (err < 0)
 		skv_die(1, "%s", msg[0] ? msg : skv_strerror(err));
 

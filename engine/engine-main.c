@@ -106,6 +106,7 @@ struct engine {
 	const float *weights;
 	uint64_t weights_bytes;
 	uint32_t threads;           /* matmul threads (--threads) */
+	enum skv_weights_mem weights_mem; /* --weights */
 	struct skv_wake_word *doorbell;
 	struct skv_engine_stats stats; /* private copy, published into the doorbell page */
 	int efd;
@@ -1031,7 +1032,7 @@ static int engine_hello(struct engine *e, const char *socket_path, uint32_t want
 		return -1;
 	}
 
-	err = skv_model_open(ok->model_path, &e->model, msg, sizeof(msg));
+	err = skv_model_open_mode(ok->model_path, e->weights_mem, &e->model, msg, sizeof(msg));
 	if (err < 0) {
 		engine_log("%s", msg);
 		return -1;
@@ -1107,8 +1108,13 @@ static int engine_pin(const char *cpus)
 static void engine_usage(FILE *out)
 {
 	fputs("usage: skv-engine --socket PATH [--engine-id N] [--node N] [--cpus LIST] [--threads N]\n"
+	      "                  [--weights auto|map|huge]\n"
 	      "  --threads N   matmul threads (default 1; a big model needs several cores to\n"
-	      "                reach the memory bus)\n", out);
+	      "                reach the memory bus)\n"
+	      "  --weights M   where the weights read in place live: map (the file's mapping,\n"
+	      "                shared), huge (a private copy on transparent huge pages: faster\n"
+	      "                decode, the file's size per engine), auto (default: huge from\n"
+	      "                64 MiB of such weights when the kernel has huge pages)\n", out);
 }
 
 int main(int argc, char **argv)
@@ -1119,11 +1125,13 @@ int main(int argc, char **argv)
 		{ "node", required_argument, NULL, 'n' },
 		{ "cpus", required_argument, NULL, 'c' },
 		{ "threads", required_argument, NULL, 't' },
+		{ "weights", required_argument, NULL, 'w' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *socket_path = NULL, *cpus = NULL;
 	uint32_t want_id = UINT32_MAX, want_node = UINT32_MAX, threads = 1;
+	enum skv_weights_mem weights_mem = SKV_WEIGHTS_AUTO;
 	int c;
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
@@ -1151,6 +1159,12 @@ int main(int argc, char **argv)
 			threads = (uint32_t)v;
 			break;
 		}
+		case 'w':
+			if (skv_weights_mem_parse(optarg, &weights_mem) < 0) {
+				engine_log("--weights: '%s' is not auto, map or huge", optarg);
+				return 2;
+			}
+			break;
 		case 'h': engine_usage(stdout); return 0;
 		default:
 			engine_log("unknown or incomplete flag '%s'", argv[optind - 1]);
@@ -1176,10 +1190,13 @@ int main(int argc, char **argv)
 	}
 	struct engine e = { .sock = -1, .efd = -1 };
 	e.threads = threads;
+	e.weights_mem = weights_mem;
 	if (engine_hello(&e, socket_path, want_id, want_node) < 0)
 		return 1;
-	engine_log("engine %u on node %u serving %s with %u thread(s), %s kernels", e.engine_id,
-		   e.node, e.model->path, e.threads, skv_runner_impl(e.runner, 1));
+	engine_log("engine %u on node %u serving %s with %u thread(s), %s kernels, weights %s",
+		   e.engine_id, e.node, e.model->path, e.threads, skv_runner_impl(e.runner, 1),
+		   e.model->weights_mem == SKV_WEIGHTS_HUGE ? "copied onto huge pages"
+							    : "in the file's mapping");
 
 	int status = 0;
 	for (;;) {

@@ -586,6 +586,12 @@ static int gguf_parse(struct skv_gguf *g, char *msg, size_t msg_len)
 
 int skv_gguf_open(const char *path, struct skv_gguf **out, char *msg, size_t msg_len)
 {
+	return skv_gguf_open_mode(path, SKV_WEIGHTS_MAP, NULL, out, msg, msg_len);
+}
+
+int skv_gguf_open_mode(const char *path, enum skv_weights_mem mode, enum skv_weights_mem *used,
+		       struct skv_gguf **out, char *msg, size_t msg_len)
+{
 	struct skv_gguf *g;
 	int err;
 
@@ -598,7 +604,8 @@ int skv_gguf_open(const char *path, struct skv_gguf **out, char *msg, size_t msg
 		err = skv_errorf(msg, msg_len, -ENOMEM, "%s: out of memory", path);
 		goto out_free;
 	}
-	err = skv_map_file(path, "GGUF file", (const void **)&g->map, &g->map_size, msg, msg_len);
+	err = skv_map_file_mode(path, "GGUF file", mode, (const void **)&g->map, &g->map_size, used,
+				msg, msg_len);
 	if (err)
 		goto out_free;
 	if (!g->map_size) {

@@ -16,6 +16,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "mapfile.h"
+
 /* Metadata value types, as numbered by the GGUF specification. */
 enum skv_gguf_type {
 	SKV_GGUF_UINT8 = 0,
@@ -59,6 +61,9 @@ struct skv_gguf_tensor {
 };
 
 int skv_gguf_open(const char *path, struct skv_gguf **out, char *msg, size_t msg_len);
+/* The same with the file's bytes where mode says (mapfile.h); *used: which it made. */
+int skv_gguf_open_mode(const char *path, enum skv_weights_mem mode, enum skv_weights_mem *used,
+		       struct skv_gguf **out, char *msg, size_t msg_len);
 void skv_gguf_close(struct skv_gguf *g); /* accepts NULL */
 
 const char *skv_gguf_path(const struct skv_gguf *g);

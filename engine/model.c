@@ -783,12 +783,13 @@ views:;
 	return 0;
 }
 
-static int model_open_gguf(struct skv_model *m, char *msg, size_t msg_len)
+static int model_open_gguf(struct skv_model *m, enum skv_weights_mem mode, char *msg,
+			   size_t msg_len)
 {
 	const struct skv_model_config *cfg = &m->cfg;
 	int err;
 
-	err = skv_gguf_open(m->path, &m->gguf, msg, msg_len);
+	err = skv_gguf_open_mode(m->path, mode, &m->weights_mem, &m->gguf, msg, msg_len);
 	if (!err)
 		err = model_gguf_config(m, msg, msg_len);
 	if (!err)
@@ -850,6 +851,38 @@ classifier:
 
 int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t msg_len)
 {
+	return skv_model_open_mode(path, SKV_WEIGHTS_MAP, out, msg, msg_len);
+}
+
+static uint64_t model_block_bytes(const struct skv_model *m);
+
+static int model_open(const char *path, enum skv_weights_mem mode, struct skv_model **out,
+		      char *msg, size_t msg_len);
+
+int skv_model_open_mode(const char *path, enum skv_weights_mem mode, struct skv_model **out,
+			char *msg, size_t msg_len)
+{
+	if (mode != SKV_WEIGHTS_AUTO)
+		return model_open(path, mode, out, msg, msg_len);
+	/* auto: an all-F32 model's matrices are packed by the runner and read from the packed
+	 * copy, so only a model with SKV_WEIGHTS_HUGE_MIN bytes of block-format (and F16/BF16)
+	 * matrices, read in place, is opened again on huge pages (if the kernel has them; if the
+	 * copy cannot be made it stays on the mapping). */
+	int err = model_open(path, SKV_WEIGHTS_MAP, out, msg, msg_len);
+	if (err || model_block_bytes(*out) < SKV_WEIGHTS_HUGE_MIN)
+		return err;
+	struct skv_model *huge;
+	char why[256];
+	if (model_open(path, SKV_WEIGHTS_AUTO, &huge, why, sizeof(why)) == 0) {
+		skv_model_close(*out);
+		*out = huge;
+	}
+	return 0;
+}
+
+static int model_open(const char *path, enum skv_weights_mem mode, struct skv_model **out,
+		      char *msg, size_t msg_len)
+{
 	struct skv_model *m;
 	int err;
 
@@ -878,7 +911,7 @@ int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t m
 		m->map = NULL;
 		m->map_size = 0;
 		m->format = SKV_MODEL_GGUF;
-		err = model_open_gguf(m, msg, msg_len);
+		err = model_open_gguf(m, mode, msg, msg_len);
 	} else {
 		/* A file named .gguf without the magic is a damaged GGUF, not a llama2.c model:
 		 * say so rather than report its first bytes as a nonsensical llama2.c header. */
@@ -891,6 +924,20 @@ int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t m
 			goto out_free;
 		}
 		m->format = SKV_MODEL_LLAMA2C;
+		m->weights_mem = SKV_WEIGHTS_MAP;
+		if (mode != SKV_WEIGHTS_MAP) {
+			/* The bytes where mode says, in place of the mapping the magic was read
+			 * from. */
+			const void *copy;
+			size_t copy_size;
+			err = skv_map_file_mode(path, "model file", mode, &copy, &copy_size,
+						&m->weights_mem, msg, msg_len);
+			if (err)
+				goto out_free;
+			munmap((void *)m->map, m->map_size);
+			m->map = copy;
+			m->map_size = copy_size;
+		}
 		err = model_open_llama2c(m, msg, msg_len);
 	}
 	if (err)
@@ -944,6 +991,20 @@ static void model_for_each_matrix(const struct skv_model *m,
 static void model_add_bytes(const struct skv_qmat *w, void *arg)
 {
 	*(uint64_t *)arg += w->row_bytes * w->rows;
+}
+
+static void model_add_block_bytes(const struct skv_qmat *w, void *arg)
+{
+	if (w->type != SKV_WTYPE_F32)
+		*(uint64_t *)arg += (uint64_t)w->rows * w->row_bytes;
+}
+
+/* Bytes of the matrices that are not F32 (read in place, not packed). */
+static uint64_t model_block_bytes(const struct skv_model *m)
+{
+	uint64_t bytes = 0;
+	model_for_each_matrix(m, model_add_block_bytes, &bytes);
+	return bytes;
 }
 
 uint64_t skv_model_weight_bytes(const struct skv_model *m)

@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "mapfile.h"
 #include "quant.h"
 
 struct skv_gguf;
@@ -98,6 +99,7 @@ struct skv_model {
 	char *path;
 	const void *map;                   /* llama2.c models: the read-only mapping */
 	size_t map_size;
+	enum skv_weights_mem weights_mem;  /* where the weights are: SKV_WEIGHTS_MAP or _HUGE */
 };
 
 /* Open a model; the format is chosen by the file's magic ("GGUF" or else llama2.c).
@@ -105,6 +107,12 @@ struct skv_model {
  * wrong architecture), -SKV_EVERSION, -SKV_EDTYPE (a weight type streamkv does not read, or a norm that is not F32), -SKV_ESHAPE (dimensions that
  * disagree with each other or with the file size). msg: one line naming the path and the fault. */
 int skv_model_open(const char *path, struct skv_model **out, char *msg, size_t msg_len);
+/* The same with the weights where mode says (mapfile.h: the file's mapping, or a private copy
+ * on transparent huge pages; skv_model_open is SKV_WEIGHTS_MAP). SKV_WEIGHTS_AUTO copies only
+ * a model with SKV_WEIGHTS_HUGE_MIN bytes or more of matrices read in place (not F32, which the
+ * runner packs), when the kernel has transparent huge pages; m->weights_mem says which. */
+int skv_model_open_mode(const char *path, enum skv_weights_mem mode, struct skv_model **out,
+			char *msg, size_t msg_len);
 void skv_model_close(struct skv_model *m); /* accepts NULL */
 
 /* Row `row` of the token embedding as float32 into dst[dim] (dequantized per the file's type).

@@ -21,7 +21,7 @@
  * prefilling each of them, which would take minutes on a 1B model.
  *
  *   skv-bench-model --model FILE [--threads 1,2] [--streams 1,16,64] [--decode-tokens N]
- *                   [--prefill N] [--repeats N] [--kv f32|f16|q8] [--json]
+ *                   [--prefill N] [--repeats N] [--kv f32|f16|q8] [--weights auto|map|huge] [--json]
  */
 #include <errno.h>
 #include <getopt.h>
@@ -57,6 +57,7 @@ struct bm_opts {
 	int prefill_tokens;
 	int repeats;
 	uint32_t kv_dtype;
+	enum skv_weights_mem weights; /* --weights */
 	int json;
 };
 
@@ -267,7 +268,7 @@ static void bm_usage(FILE *out)
 {
 	fputs("usage: skv-bench-model --model FILE [--threads 1,2] [--streams 1,16,64]\n"
 	      "                       [--decode-tokens N] [--prefill N] [--repeats N]\n"
-	      "                       [--kv f32|f16|q8] [--json]\n",
+	      "                       [--kv f32|f16|q8] [--weights auto|map|huge] [--json]\n",
 	      out);
 }
 
@@ -281,6 +282,7 @@ static void bm_parse(int argc, char **argv, struct bm_opts *o)
 		{ "prefill", required_argument, NULL, 'p' },
 		{ "repeats", required_argument, NULL, 'r' },
 		{ "kv", required_argument, NULL, 'k' },
+		{ "weights", required_argument, NULL, 'w' },
 		{ "json", no_argument, NULL, 'j' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
@@ -319,6 +321,10 @@ static void bm_parse(int argc, char **argv, struct bm_opts *o)
 			else
 				bench_die("--kv: '%s' is not f32, f16 or q8", optarg);
 			break;
+		case 'w':
+			if (skv_weights_mem_parse(optarg, &o->weights) < 0)
+				bench_die("--weights: '%s' is not auto, map or huge", optarg);
+			break;
 		case 'j': o->json = 1; break;
 		case 'h': bm_usage(stdout); exit(0);
 		default: bm_usage(stderr); bench_die("unknown or incomplete flag '%s'", argv[optind - 1]);
@@ -338,7 +344,7 @@ int main(int argc, char **argv)
 	char msg[512] = "", types[64];
 	struct skv_model *m;
 	double t_open = bench_now();
-	if (skv_model_open(o.model_path, &m, msg, sizeof(msg)) < 0)
+	if (skv_model_open_mode(o.model_path, o.weights, &m, msg, sizeof(msg)) < 0)
 		bench_die("%s", msg);
 	t_open = bench_now() - t_open;
 	const struct skv_model_config *cfg = &m->cfg;
@@ -361,14 +367,17 @@ int main(int argc, char **argv)
 	}
 	if (o.json)
 		printf("{\"model\": \"%s\", \"types\": \"%s\", \"dim\": %d, \"layers\": %d, "
-		       "\"weight_bytes\": %llu, \"open_s\": %.3f, \"runs\": [",
+		       "\"weight_bytes\": %llu, \"weights\": \"%s\", \"open_s\": %.3f, \"runs\": [",
 		       o.model_path, types, cfg->dim, cfg->n_layers,
-		       (unsigned long long)skv_model_weight_bytes(m), t_open);
+		       (unsigned long long)skv_model_weight_bytes(m),
+		       skv_weights_mem_name(m->weights_mem), t_open);
 	else
 		printf("model %s: %s, dim %d, hidden %d, %d layers, %d/%d heads, vocab %d, %.1f MiB"
-		       " of weights; opened in %.3f s\n",
+		       " of weights (%s); opened in %.3f s\n",
 		       o.model_path, types, cfg->dim, cfg->hidden_dim, cfg->n_layers, cfg->n_heads,
 		       cfg->n_kv_heads, vocab, (double)skv_model_weight_bytes(m) / (1 << 20),
+		       m->weights_mem == SKV_WEIGHTS_HUGE ? "a copy on huge pages"
+							  : "the file's mapping",
 		       t_open);
 
 	for (size_t ti = 0; ti < o.n_threads; ti++) {

@@ -432,3 +432,88 @@ Test(qmodel, a_batched_stream_stays_within_rounding_of_its_solo_run)
 	batched_within_rounding("random-d256-Q4_K_M.gguf");
 	batched_within_rounding("random-d256-Q8_0.gguf");
 }
+
+/* --weights huge: the weights read in place come from a private copy (2 MiB-aligned, huge
+ * pages advised) instead of the file's mapping; the model computes the same bits from it.
+ * auto keeps the mapping for a model under SKV_WEIGHTS_HUGE_MIN bytes of such weights. */
+static void logits_of(struct skv_model *m, float *out, int steps)
+{
+	char msg[512] = "";
+	struct skv_runner *r;
+	cr_assert_eq(skv_runner_new(m, 8, 1, &r, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_policy p;
+	skv_policy_default(&p);
+	cr_assert_eq(skv_policy_resolve(&p, m->cfg.seq_len, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_stream *s;
+	cr_assert_eq(skv_stream_new(r, &p, &s, msg, sizeof(msg)), 0, "%s", msg);
+	for (int i = 0; i < steps; i++) {
+		int32_t tok = 1 + (i * 37) % (m->cfg.vocab_size - 1);
+		cr_assert_eq(skv_stream_feed(s, &tok, 1, out + (size_t)i * m->cfg.vocab_size, NULL),
+			     0);
+	}
+	skv_stream_free(s);
+	skv_runner_free(r);
+}
+
+Test(qmodel, weights_on_huge_pages_give_the_same_bits)
+{
+	enum { STEPS = 5 };
+	const char *files[] = { "random-d256-Q4_K_M.gguf", "random-d256-Q8_0.gguf" };
+	for (size_t f = 0; f < 2; f++) {
+		char msg[512] = "";
+		struct skv_model *map, *huge, *autom;
+		cr_assert_eq(skv_model_open_mode(qpath(files[f]), SKV_WEIGHTS_MAP, &map, msg,
+						 sizeof(msg)),
+			     0, "%s", msg);
+		cr_assert_eq(skv_model_open_mode(qpath(files[f]), SKV_WEIGHTS_HUGE, &huge, msg,
+						 sizeof(msg)),
+			     0, "%s", msg);
+		cr_assert_eq(skv_model_open_mode(qpath(files[f]), SKV_WEIGHTS_AUTO, &autom, msg,
+						 sizeof(msg)),
+			     0, "%s", msg);
+		cr_assert_eq(map->weights_mem, SKV_WEIGHTS_MAP);
+		cr_assert_eq(huge->weights_mem, SKV_WEIGHTS_HUGE);
+		cr_assert_lt(skv_model_weight_bytes(autom), SKV_WEIGHTS_HUGE_MIN);
+		cr_assert_eq(autom->weights_mem, SKV_WEIGHTS_MAP, "a small model stays mapped");
+		/* The copy is its own memory, aligned for huge pages, not the file's mapping. */
+		const struct skv_gguf_tensor *a = skv_gguf_find_tensor(map->gguf, "blk.0.attn_q.weight");
+		const struct skv_gguf_tensor *b = skv_gguf_find_tensor(huge->gguf, "blk.0.attn_q.weight");
+		cr_assert(a && b && a->data != b->data && !memcmp(a->data, b->data, a->n_bytes));
+		int32_t vocab = map->cfg.vocab_size;
+		float *la = malloc(sizeof(float) * vocab * STEPS), *lb = malloc(sizeof(float) * vocab * STEPS);
+		logits_of(map, la, STEPS);
+		logits_of(huge, lb, STEPS);
+		cr_assert(!memcmp(la, lb, sizeof(float) * vocab * STEPS), "%s", files[f]);
+		free(la);
+		free(lb);
+		skv_model_close(map);
+		skv_model_close(huge);
+		skv_model_close(autom);
+	}
+	/* A llama2.c file: its mapping replaced by the copy. */
+	char msg[512] = "";
+	struct skv_model *map, *huge;
+	cr_assert_eq(skv_model_open_mode(tu_model_path("stories260K.bin"), SKV_WEIGHTS_MAP, &map,
+					 msg, sizeof(msg)),
+		     0, "%s", msg);
+	cr_assert_eq(skv_model_open_mode(tu_model_path("stories260K.bin"), SKV_WEIGHTS_HUGE, &huge,
+					 msg, sizeof(msg)),
+		     0, "%s", msg);
+	cr_assert_eq(huge->weights_mem, SKV_WEIGHTS_HUGE);
+	cr_assert(huge->map != map->map && huge->map_size == map->map_size &&
+		  !memcmp(huge->map, map->map, map->map_size));
+	int32_t vocab = map->cfg.vocab_size;
+	float *la = malloc(sizeof(float) * vocab * STEPS), *lb = malloc(sizeof(float) * vocab * STEPS);
+	logits_of(map, la, STEPS);
+	logits_of(huge, lb, STEPS);
+	cr_assert(!memcmp(la, lb, sizeof(float) * vocab * STEPS), "stories260K.bin");
+	free(la);
+	free(lb);
+	skv_model_close(map);
+	skv_model_close(huge);
+	enum skv_weights_mem mode;
+	cr_assert_eq(skv_weights_mem_parse("huge", &mode), 0);
+	cr_assert_eq(mode, SKV_WEIGHTS_HUGE);
+	cr_assert_eq(skv_weights_mem_parse("Huge", &mode), -EINVAL);
+	cr_assert_eq(skv_weights_mem_parse("", &mode), -EINVAL);
+}
