@@ -523,6 +523,8 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_s
 		err = skv_errorf(why, why_len, -SKV_EFORMAT, "corrupted snapshot: bad sizes");
 	for (size_t off = 0; off < sizeof(head) && !err;) {
 		ssize_t n = pread(fd, head + off, sizeof(head) - off, (off_t)(h.region_offset + off));
+		if (n < 0 && errno == EINTR)
+			continue;
 		if (n <= 0)
 			err = skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
 					 "cannot read the snapshot: %s",
@@ -613,6 +615,8 @@ int cached_restore_read(const struct cached_restore *r, void *region, char *why,
 	uint8_t pad[SKV_SNAP_ALIGN - sizeof(struct skv_snap_header)];
 	for (size_t off = 0; off < sizeof(pad);) {
 		ssize_t n = pread(r->fd, pad + off, sizeof(pad) - off, (off_t)(sizeof(zeroed) + off));
+		if (n < 0 && errno == EINTR)
+			continue;
 		if (n <= 0)
 			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
 					  "cannot read the snapshot: %s",
@@ -625,6 +629,8 @@ int cached_restore_read(const struct cached_restore *r, void *region, char *why,
 		uint64_t want = r->region_bytes - off;
 		want = want > SNAP_READ_CHUNK ? SNAP_READ_CHUNK : want;
 		ssize_t n = pread(r->fd, dst + off, want, (off_t)(h->region_offset + off));
+		if (n < 0 && errno == EINTR)
+			continue;
 		if (n <= 0)
 			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
 					  "cannot read the snapshot: %s",

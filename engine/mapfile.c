@@ -51,7 +51,7 @@ static int map_huge_copy(int fd, const char *path, const char *what, size_t size
 {
 	size_t len = (size + 4095) & ~(size_t)4095;
 	char *raw = mmap(NULL, len + MAP_HUGE_ALIGN, PROT_READ | PROT_WRITE,
-			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (raw == MAP_FAILED) {
 		int err = -errno;
 		return skv_errorf(msg, msg_len, err, "%s: no memory for a copy of the %s: %s", path,
@@ -66,6 +66,8 @@ static int map_huge_copy(int fd, const char *path, const char *what, size_t size
 	(void)madvise(p, len, MADV_HUGEPAGE);
 	for (size_t off = 0; off < size;) {
 		ssize_t n = pread(fd, p + off, size - off, (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
 		if (n <= 0) {
 			int err = n < 0 ? -errno : -SKV_ETRUNCATED;
 			munmap(p, len);
