@@ -1208,9 +1208,70 @@ QM_INLINE float qm_dot_q5_k(const void *row, const struct qm_act *a, uint32_t m,
 	return qm_dot_k45(row, a, m, cols, 1);
 }
 
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+/* AVX-512: both halves of a super-block in one pass, each 512-bit vector holding 32 weights
+ * of the first half (low 256 bits) and the matching 32 of the second (high 256 bits): half
+ * the instructions of the 256-bit loop below. The integer sum of a super-block is the same;
+ * its float conversion is split over other lanes, so the result differs from the 256-bit
+ * copy's only by float rounding. */
+QM_INLINE __m512i qm_cat256(const void *lo, const void *hi)
+{
+	return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)lo)),
+				  _mm256_loadu_si256((const __m256i *)hi), 1);
+}
+
 QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
 {
 	const struct skv_block_q6_k *b = row;
+	const int8_t *xq = a->qs + (size_t)m * a->qs_ld;
+	const float *xd = a->d + (size_t)m * a->blk_ld;
+	const int16_t *xb = a->bsum16 + (size_t)m * a->b16_ld;
+	const __m512i low4 = _mm512_set1_epi8(15), hi2 = _mm512_set1_epi8(0x30);
+	/* For the products of weights 32k .. 32k + 31 of each half: the scales of its two groups
+	 * of 16, 2k and 2k + 1 (low half), 8 + 2k and 9 + 2k (high half), 8 words each. */
+	__m512i sidx[4];
+	for (int k = 0; k < 4; k++) {
+		int16_t w[32];
+		for (int j = 0; j < 32; j++)
+			w[j] = (int16_t)((j >= 16 ? 8 : 0) + 2 * k + ((j & 15) >= 8));
+		sidx[k] = _mm512_loadu_si512(w);
+	}
+	__m512 f = _mm512_setzero_ps();
+	for (uint32_t i = 0; i < cols / 256; i++) {
+		__m256i scv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)b[i].scales));
+		__m256i corr = _mm256_madd_epi16(scv, _mm256_loadu_si256((const __m256i *)(xb + 16 * i)));
+		__m512i acc = _mm512_inserti64x4(
+			_mm512_castsi256_si512(
+				_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(corr, 5))),
+			_mm256_setzero_si256(), 1);
+		__m512i sc512 = _mm512_castsi256_si512(scv);
+		const int8_t *x = xq + 256 * i;
+		__m512i ql0 = qm_cat256(b[i].ql, b[i].ql + 64);
+		__m512i ql1 = qm_cat256(b[i].ql + 32, b[i].ql + 96);
+		__m512i qh = _mm512_loadu_si512(b[i].qh);
+		__m512i q[4];
+		q[0] = _mm512_or_si512(_mm512_and_si512(ql0, low4),
+				       _mm512_and_si512(_mm512_slli_epi16(qh, 4), hi2));
+		q[1] = _mm512_or_si512(_mm512_and_si512(ql1, low4),
+				       _mm512_and_si512(_mm512_slli_epi16(qh, 2), hi2));
+		q[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql0, 4), low4),
+				       _mm512_and_si512(qh, hi2));
+		q[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql1, 4), low4),
+				       _mm512_and_si512(_mm512_srli_epi16(qh, 2), hi2));
+		for (int k = 0; k < 4; k++) {
+			__m512i p = _mm512_maddubs_epi16(q[k], qm_cat256(x + 32 * k, x + 128 + 32 * k));
+			acc = _mm512_dpwssd_epi32(acc, p, _mm512_permutexvar_epi16(sidx[k], sc512));
+		}
+		f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(qm_h2f(b[i].d) * xd[i]),
+				    f);
+	}
+	return _mm512_reduce_add_ps(f);
+}
+#else
+QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+{
+	const struct skv_block_q6_k *b = row;
+
 	const int8_t *xq = a->qs + (size_t)m * a->qs_ld;
 	const float *xd = a->d + (size_t)m * a->blk_ld;
 	const int16_t *xb = a->bsum16 + (size_t)m * a->b16_ld;
@@ -1247,6 +1308,7 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 	}
 	return qm_hsum8(f);
 }
+#endif
 
 #else /* the baseline: plain C, the same integer sums */
 
