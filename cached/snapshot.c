@@ -482,6 +482,23 @@ static int snap_ring_valid(const struct skv_kv_desc *desc, const struct skv_kv_r
 	return r->tokens_evicted == r->window_start - S;
 }
 
+/* len bytes of the snapshot at off (a signal's interruption retried): 0, or an error with
+ * why filled (a file shorter than its header says is truncated). */
+static int snap_pread_all(int fd, void *buf, size_t len, uint64_t off, char *why, size_t why_len)
+{
+	for (size_t done = 0; done < len;) {
+		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
+					  "cannot read the snapshot: %s",
+					  n < 0 ? strerror(errno) : "truncated");
+		done += (size_t)n;
+	}
+	return 0;
+}
+
 int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_seen, char *why,
 		      size_t why_len)
 {
@@ -521,17 +538,8 @@ int cached_restore_fd(struct cached *d, int fd, uint64_t *id, uint64_t *tokens_s
 	uint8_t head[SKV_KV_RING_OFFSET + sizeof(struct skv_kv_ring)];
 	if (h.region_bytes < sizeof(head))
 		err = skv_errorf(why, why_len, -SKV_EFORMAT, "corrupted snapshot: bad sizes");
-	for (size_t off = 0; off < sizeof(head) && !err;) {
-		ssize_t n = pread(fd, head + off, sizeof(head) - off, (off_t)(h.region_offset + off));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			err = skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
-					 "cannot read the snapshot: %s",
-					 n < 0 ? strerror(errno) : "truncated");
-		else
-			off += (size_t)n;
-	}
+	if (!err)
+		err = snap_pread_all(fd, head, sizeof(head), h.region_offset, why, why_len);
 	uint8_t model[32];
 	if (!err && (err = snap_model_id(d, model)) < 0)
 		skv_errorf(why, why_len, err, "cannot identify the model: %s", skv_strerror(err));
@@ -613,30 +621,19 @@ int cached_restore_read(const struct cached_restore *r, void *region, char *why,
 	sha256_update(&ctx, sizeof(zeroed), (const uint8_t *)&zeroed);
 	/* The header's page past the header (zeros as written, hashed as they are). */
 	uint8_t pad[SKV_SNAP_ALIGN - sizeof(struct skv_snap_header)];
-	for (size_t off = 0; off < sizeof(pad);) {
-		ssize_t n = pread(r->fd, pad + off, sizeof(pad) - off, (off_t)(sizeof(zeroed) + off));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
-					  "cannot read the snapshot: %s",
-					  n < 0 ? strerror(errno) : "truncated");
-		off += (size_t)n;
-	}
+	int err = snap_pread_all(r->fd, pad, sizeof(pad), sizeof(zeroed), why, why_len);
+	if (err)
+		return err;
 	sha256_update(&ctx, sizeof(pad), pad);
 	uint8_t *dst = region;
 	for (uint64_t off = 0; off < r->region_bytes;) {
 		uint64_t want = r->region_bytes - off;
 		want = want > SNAP_READ_CHUNK ? SNAP_READ_CHUNK : want;
-		ssize_t n = pread(r->fd, dst + off, want, (off_t)(h->region_offset + off));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return skv_errorf(why, why_len, n < 0 ? -errno : -SKV_ETRUNCATED,
-					  "cannot read the snapshot: %s",
-					  n < 0 ? strerror(errno) : "truncated");
-		sha256_update(&ctx, (size_t)n, dst + off);
-		off += (uint64_t)n;
+		if ((err = snap_pread_all(r->fd, dst + off, want, h->region_offset + off, why,
+					  why_len)))
+			return err;
+		sha256_update(&ctx, want, dst + off);
+		off += want;
 	}
 	uint8_t sum[32];
 	sha256_digest(&ctx, 32, sum);

@@ -1208,6 +1208,20 @@ QM_INLINE float qm_dot_q5_k(const void *row, const struct qm_act *a, uint32_t m,
 	return qm_dot_k45(row, a, m, cols, 1);
 }
 
+/* Q6_K's four vectors of 6-bit codes from the low nibbles ql0, ql1 and the high pairs qh
+ * (ggml's layout), in W-bit vectors (256 or 512). */
+#define QM_Q6_CODES(W, q, ql0, ql1, qh, low4, hi2)                                              \
+	do {                                                                                    \
+		(q)[0] = _mm##W##_or_si##W(_mm##W##_and_si##W(ql0, low4),                       \
+					   _mm##W##_and_si##W(_mm##W##_slli_epi16(qh, 4), hi2)); \
+		(q)[1] = _mm##W##_or_si##W(_mm##W##_and_si##W(ql1, low4),                       \
+					   _mm##W##_and_si##W(_mm##W##_slli_epi16(qh, 2), hi2)); \
+		(q)[2] = _mm##W##_or_si##W(_mm##W##_and_si##W(_mm##W##_srli_epi16(ql0, 4), low4), \
+					   _mm##W##_and_si##W(qh, hi2));                        \
+		(q)[3] = _mm##W##_or_si##W(_mm##W##_and_si##W(_mm##W##_srli_epi16(ql1, 4), low4), \
+					   _mm##W##_and_si##W(_mm##W##_srli_epi16(qh, 2), hi2)); \
+	} while (0)
+
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 /* AVX-512: both halves of a super-block in one pass, each 512-bit vector holding 32 weights
  * of the first half (low 256 bits) and the matching 32 of the second (high 256 bits): half
@@ -1250,14 +1264,7 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 		__m512i ql1 = qm_cat256(b[i].ql + 32, b[i].ql + 96);
 		__m512i qh = _mm512_loadu_si512(b[i].qh);
 		__m512i q[4];
-		q[0] = _mm512_or_si512(_mm512_and_si512(ql0, low4),
-				       _mm512_and_si512(_mm512_slli_epi16(qh, 4), hi2));
-		q[1] = _mm512_or_si512(_mm512_and_si512(ql1, low4),
-				       _mm512_and_si512(_mm512_slli_epi16(qh, 2), hi2));
-		q[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql0, 4), low4),
-				       _mm512_and_si512(qh, hi2));
-		q[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql1, 4), low4),
-				       _mm512_and_si512(_mm512_srli_epi16(qh, 2), hi2));
+		QM_Q6_CODES(512, q, ql0, ql1, qh, low4, hi2);
 		for (int k = 0; k < 4; k++) {
 			__m512i p = _mm512_maddubs_epi16(q[k], qm_cat256(x + 32 * k, x + 128 + 32 * k));
 			acc = _mm512_dpwssd_epi32(acc, p, _mm512_permutexvar_epi16(sidx[k], sc512));
@@ -1289,14 +1296,7 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 			__m256i ql1 = _mm256_loadu_si256((const __m256i *)(b[i].ql + 64 * h + 32));
 			__m256i qh = _mm256_loadu_si256((const __m256i *)(b[i].qh + 32 * h));
 			__m256i q[4];
-			q[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4),
-					       _mm256_and_si256(_mm256_slli_epi16(qh, 4), hi2));
-			q[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
-					       _mm256_and_si256(_mm256_slli_epi16(qh, 2), hi2));
-			q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
-					       _mm256_and_si256(qh, hi2));
-			q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
-					       _mm256_and_si256(_mm256_srli_epi16(qh, 2), hi2));
+			QM_Q6_CODES(256, q, ql0, ql1, qh, low4, hi2);
 			for (int k = 0; k < 4; k++) {
 				__m256i p = _mm256_maddubs_epi16(
 					q[k], _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * k)));

@@ -43,6 +43,20 @@ static struct skv_model *open_model(const char *path)
 	return m;
 }
 
+/* A runner of one thread for up to max_rows rows and one stream of the default policy. */
+static struct skv_stream *default_stream(struct skv_model *m, uint32_t max_rows,
+					 struct skv_runner **r)
+{
+	char msg[512] = "";
+	cr_assert_eq(skv_runner_new(m, max_rows, 1, r, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_policy p;
+	skv_policy_default(&p);
+	cr_assert_eq(skv_policy_resolve(&p, m->cfg.seq_len, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_stream *s;
+	cr_assert_eq(skv_stream_new(*r, &p, &s, msg, sizeof(msg)), 0, "%s", msg);
+	return s;
+}
+
 static int32_t file_type_of(const struct skv_model *m, const char *name)
 {
 	const struct skv_gguf_tensor *t = skv_gguf_find_tensor(m->gguf, name);
@@ -246,12 +260,7 @@ static void assert_greedy_text(const char *file, const char *want, size_t must_m
 					sizeof(msg)),
 		     0, "%s", msg);
 	struct skv_runner *r;
-	cr_assert_eq(skv_runner_new(m, 64, 1, &r, msg, sizeof(msg)), 0, "%s", msg);
-	struct skv_policy p;
-	skv_policy_default(&p);
-	cr_assert_eq(skv_policy_resolve(&p, m->cfg.seq_len, msg, sizeof(msg)), 0, "%s", msg);
-	struct skv_stream *s;
-	cr_assert_eq(skv_stream_new(r, &p, &s, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_stream *s = default_stream(m, 64, &r);
 	const char *prompt = "Once upon a time";
 	int32_t *ids;
 	size_t n;
@@ -438,14 +447,8 @@ Test(qmodel, a_batched_stream_stays_within_rounding_of_its_solo_run)
  * auto keeps the mapping for a model under SKV_WEIGHTS_HUGE_MIN bytes of such weights. */
 static void logits_of(struct skv_model *m, float *out, int steps)
 {
-	char msg[512] = "";
 	struct skv_runner *r;
-	cr_assert_eq(skv_runner_new(m, 8, 1, &r, msg, sizeof(msg)), 0, "%s", msg);
-	struct skv_policy p;
-	skv_policy_default(&p);
-	cr_assert_eq(skv_policy_resolve(&p, m->cfg.seq_len, msg, sizeof(msg)), 0, "%s", msg);
-	struct skv_stream *s;
-	cr_assert_eq(skv_stream_new(r, &p, &s, msg, sizeof(msg)), 0, "%s", msg);
+	struct skv_stream *s = default_stream(m, 8, &r);
 	for (int i = 0; i < steps; i++) {
 		int32_t tok = 1 + (i * 37) % (m->cfg.vocab_size - 1);
 		cr_assert_eq(skv_stream_feed(s, &tok, 1, out + (size_t)i * m->cfg.vocab_size, NULL),
