@@ -385,6 +385,14 @@ struct cached_stream *cached_stream_find(struct cached *d, uint64_t id);
 void cached_stream_drop(struct cached *d, struct cached_stream *s);
 void cached_conn_error(struct cached *d, struct cached_conn *c, int code, const char *text);
 
+/* The rest of a connection's sending (cached/conn.c): an ERROR with a formatted text; send
+ * what waits in the output queue (the socket polls writable); free the queue (closing its fds)
+ * when the connection goes. */
+void cached_conn_errorf(struct cached *d, struct cached_conn *c, int code, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+void cached_conn_flush(struct cached *d, struct cached_conn *c);
+void cached_conn_free_out(struct cached_conn *c);
+
 /* Resumable streams and who may see what (cached/durable.c). */
 /* A name as OPEN_NAMED may give it: 1..63 of [A-Za-z0-9._-]. */
 int cached_name_valid(const char *name);

@@ -95,141 +95,6 @@ static void cached_unwatch(struct cached *d, int fd)
 		d->tags[fd].kind = CACHED_TAG_NONE;
 }
 
-/* ---- sending ------------------------------------------------------------------------------ */
-
-/* Poll the connection for room (EPOLLOUT) only while its output queue holds something. */
-static void conn_want_out(struct cached *d, struct cached_conn *c, int on)
-{
-	struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0u),
-				  .data.fd = c->fd };
-	epoll_ctl(d->epfd, EPOLL_CTL_MOD, c->fd, &ev);
-}
-
-static void conn_free_out(struct cached_conn *c)
-{
-	for (struct cached_outmsg *m = c->out_head, *next; m; m = next) {
-		next = m->next;
-		for (int i = 0; i < m->n_fds; i++)
-			close(m->fds[i]);
-		free(m);
-	}
-	c->out_head = c->out_tail = NULL;
-	c->out_bytes = 0;
-}
-
-/* A message the socket has no room for: keep it, with our own copies of its fds (the caller
- * closes its own). A burst (a thousand DROPs when a client dies, a thousand FAILEDs when an
- * engine does) is larger than a socket buffer, and none of it may be lost. */
-static int conn_enqueue(struct cached *d, struct cached_conn *c, uint16_t type, uint32_t seq,
-			const void *body, const int *fds, int n_fds)
-{
-	size_t len = skv_msg_body_size(type);
-	if (c->out_bytes + len > CACHED_OUT_MAX_BYTES) {
-		c->overflow = 1;
-		d->overflowed = 1;
-		return -ENOBUFS;
-	}
-	struct cached_outmsg *m = malloc(sizeof(*m) + len);
-	if (!m) {
-		/* A lost reply would leave the peer waiting: hang up on it instead. */
-		c->overflow = 1;
-		d->overflowed = 1;
-		return -ENOMEM;
-	}
-	m->next = NULL;
-	m->type = type;
-	m->seq = seq;
-	m->len = len;
-	m->n_fds = 0;
-	memcpy(m->body, body, len);
-	for (int i = 0; i < n_fds; i++) {
-		int fd = fcntl(fds[i], F_DUPFD_CLOEXEC, 0);
-		if (fd < 0) {
-			int err = -errno;
-			for (int k = 0; k < m->n_fds; k++)
-				close(m->fds[k]);
-			free(m);
-			c->overflow = 1;
-			d->overflowed = 1;
-			return err;
-		}
-		m->fds[m->n_fds++] = fd;
-	}
-	if (c->out_tail)
-		c->out_tail->next = m;
-	else
-		c->out_head = m;
-	c->out_tail = m;
-	if (c->out_head == m)
-		conn_want_out(d, c, 1);
-	c->out_bytes += len;
-	return 0;
-}
-
-int cached_conn_send(struct cached *d, struct cached_conn *c, uint16_t type, const void *body,
-		     const int *fds, int n_fds)
-{
-	if (c->fd < 0 || c->overflow)
-		return -EPIPE;
-	uint32_t seq = c->seq_out++;
-	/* Behind queued messages, a message waits its turn: order is part of the protocol. */
-	if (c->out_head)
-		return conn_enqueue(d, c, type, seq, body, fds, n_fds);
-	int err = skv_msg_send(c->fd, type, seq, body, fds, n_fds);
-	if (err == -EAGAIN || err == -EWOULDBLOCK)
-		return conn_enqueue(d, c, type, seq, body, fds, n_fds);
-	/* An engine sleeping in a futex does not see its socket: ring its doorbell too. */
-	if (!err && c->engine)
-		skv_wake(c->engine->doorbell, c->engine->efd);
-	return err;
-}
-
-/* The socket polls writable: send what waits, in order. */
-static void conn_flush(struct cached *d, struct cached_conn *c)
-{
-	int sent = 0;
-	while (c->fd >= 0 && c->out_head) {
-		struct cached_outmsg *m = c->out_head;
-		int err = skv_msg_send(c->fd, m->type, m->seq, m->body, m->fds, m->n_fds);
-		if (err == -EAGAIN || err == -EWOULDBLOCK)
-			break;
-		if (err < 0) {
-			cached_drop_conn(d, c);
-			return;
-		}
-		for (int i = 0; i < m->n_fds; i++)
-			close(m->fds[i]);
-		c->out_head = m->next;
-		if (!c->out_head)
-			c->out_tail = NULL;
-		c->out_bytes -= m->len;
-		free(m);
-		sent = 1;
-	}
-	if (c->fd >= 0 && !c->out_head)
-		conn_want_out(d, c, 0);
-	if (sent && c->engine)
-		skv_wake(c->engine->doorbell, c->engine->efd);
-}
-
-static void conn_error(struct cached *d, struct cached_conn *c, int code, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-
-static void conn_error(struct cached *d, struct cached_conn *c, int code, const char *fmt, ...)
-{
-	struct skv_msg_error e = { .code = code };
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(e.text, sizeof(e.text), fmt, ap);
-	va_end(ap);
-	cached_conn_send(d, c, SKV_MSG_ERROR, &e, NULL, 0);
-}
-
-void cached_conn_error(struct cached *d, struct cached_conn *c, int code, const char *text)
-{
-	conn_error(d, c, code, "%s", text);
-}
-
 /* ---- streams ------------------------------------------------------------------------------ */
 
 static struct cached_stream *stream_find(struct cached *d, uint64_t id)
@@ -782,7 +647,7 @@ static void cached_close_stream(struct cached *d, struct cached_conn *c, uint64_
 {
 	struct cached_stream *s = stream_find(d, id);
 	if (!s || s->client != c) {
-		conn_error(d, c, -ENOENT, "CLOSE: no stream %llu of yours", (unsigned long long)id);
+		cached_conn_errorf(d, c, -ENOENT, "CLOSE: no stream %llu of yours", (unsigned long long)id);
 		return;
 	}
 	struct skv_msg_stream m = { .stream_id = id };
@@ -989,7 +854,7 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 	 * uid and root may be one, whatever --group admits. */
 	if (c->peer_uid != 0 && c->peer_uid != d->uid) {
 		cached_log("refused an engine of uid %u (pid %u)", c->peer_uid, c->peer_pid);
-		conn_error(d, c, -EACCES,
+		cached_conn_errorf(d, c, -EACCES,
 			   "permission denied: only uid %u or root may serve as an engine",
 			   (unsigned)d->uid);
 		cached_drop_conn(d, c);
@@ -1001,7 +866,7 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 			    d->engines[i].pid == (pid_t)c->peer_pid)
 				e = &d->engines[i];
 		if (!e) {
-			conn_error(d, c, -EPERM, "engine id %u is not one this daemon started",
+			cached_conn_errorf(d, c, -EPERM, "engine id %u is not one this daemon started",
 				   h->engine_id);
 			cached_drop_conn(d, c);
 			return;
@@ -1016,7 +881,7 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 				break;
 			}
 		if (slot == CACHED_MAX_ENGINES) {
-			conn_error(d, c, -ENOSPC, "too many engines (%d)", CACHED_MAX_ENGINES);
+			cached_conn_errorf(d, c, -ENOSPC, "too many engines (%d)", CACHED_MAX_ENGINES);
 			cached_drop_conn(d, c);
 			return;
 		}
@@ -1037,7 +902,7 @@ static void cached_engine_hello(struct cached *d, struct cached_conn *c,
 		if (e->pidfd >= 0)
 			cached_watch_fd(d, e->pidfd, CACHED_TAG_PIDFD, e);
 		if (cached_engine_prepare(e) < 0) {
-			conn_error(d, c, -ENOMEM, "cannot create the engine's doorbell");
+			cached_conn_errorf(d, c, -ENOMEM, "cannot create the engine's doorbell");
 			cached_drop_conn(d, c);
 			return;
 		}
@@ -1080,7 +945,7 @@ void cached_drop_conn(struct cached *d, struct cached_conn *c)
 	if (c->doorbell_fd >= 0)
 		close(c->doorbell_fd);
 	c->doorbell_fd = -1;
-	conn_free_out(c);
+	cached_conn_free_out(c);
 	if (c->n_queued)
 		cached_admission_forget(d, c);
 	if (c->engine) {
@@ -1142,14 +1007,14 @@ static void cached_accept(struct cached *d)
 		d->conns = c;
 		if (!cached_peer_allowed(d, cred.uid, cred.gid)) {
 			cached_log("refused a peer of uid %u (pid %d)", cred.uid, cred.pid);
-			conn_error(d, c, -EACCES,
+			cached_conn_errorf(d, c, -EACCES,
 				   "permission denied: uid %u may not use this daemon (uid %u%s)",
 				   cred.uid, d->uid, d->have_group ? " or its --group" : "");
 			cached_drop_conn(d, c);
 			continue;
 		}
 		if (cached_watch_fd(d, fd, CACHED_TAG_CONN, c) < 0) {
-			conn_error(d, c, -EMFILE, "the daemon has too many connections");
+			cached_conn_errorf(d, c, -EMFILE, "the daemon has too many connections");
 			cached_drop_conn(d, c);
 		}
 	}
@@ -1158,7 +1023,7 @@ static void cached_accept(struct cached *d)
 static void cached_hello(struct cached *d, struct cached_conn *c, const struct skv_msg_hello *h)
 {
 	if (h->major != SKV_PROTO_MAJOR) {
-		conn_error(d, c, -SKV_EVERSION,
+		cached_conn_errorf(d, c, -SKV_EVERSION,
 			   "protocol %u.%u is not supported: this daemon speaks %u.%u", h->major,
 			   h->minor, SKV_PROTO_MAJOR, SKV_PROTO_MINOR);
 		cached_drop_conn(d, c);
@@ -1186,7 +1051,7 @@ static void cached_hello(struct cached *d, struct cached_conn *c, const struct s
 		if (c->doorbell_fd < 0)
 			c->doorbell_fd = cached_make_page(name, SKV_CLIENT_DOORBELL_BYTES);
 		if (c->doorbell_fd < 0) {
-			conn_error(d, c, c->doorbell_fd, "cannot create the client's doorbell: %s",
+			cached_conn_errorf(d, c, c->doorbell_fd, "cannot create the client's doorbell: %s",
 				   skv_strerror(c->doorbell_fd));
 			cached_drop_conn(d, c);
 			return;
@@ -1196,7 +1061,7 @@ static void cached_hello(struct cached *d, struct cached_conn *c, const struct s
 		return;
 	}
 	default:
-		conn_error(d, c, -SKV_EFORMAT, "HELLO: unknown role %u", h->role);
+		cached_conn_errorf(d, c, -SKV_EFORMAT, "HELLO: unknown role %u", h->role);
 		cached_drop_conn(d, c);
 	}
 }
@@ -1243,7 +1108,7 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 {
 	if (!c->role) {
 		if (h->type != SKV_MSG_HELLO) {
-			conn_error(d, c, -SKV_EFORMAT, "%s before HELLO", skv_msg_name(h->type));
+			cached_conn_errorf(d, c, -SKV_EFORMAT, "%s before HELLO", skv_msg_name(h->type));
 			cached_close_fds(fds, n_fds);
 			cached_drop_conn(d, c);
 			return;
@@ -1324,7 +1189,7 @@ static void cached_message(struct cached *d, struct cached_conn *c, const struct
 		return;
 	}
 	cached_close_fds(fds, n_fds);
-	conn_error(d, c, -SKV_EFORMAT, "unexpected %s (with %d fds) from a %s",
+	cached_conn_errorf(d, c, -SKV_EFORMAT, "unexpected %s (with %d fds) from a %s",
 		   skv_msg_name(h->type), n_fds,
 		   c->role == SKV_ROLE_ENGINE ? "engine" : c->role == SKV_ROLE_CLIENT ? "client" : "peer");
 	cached_drop_conn(d, c);
@@ -1351,7 +1216,7 @@ static void cached_readable(struct cached *d, struct cached_conn *c)
 		}
 		if (got < 0) {
 			if (got == -SKV_EFORMAT)
-				conn_error(d, c, got, "malformed message: dropping the connection");
+				cached_conn_errorf(d, c, got, "malformed message: dropping the connection");
 			cached_drop_conn(d, c);
 			return;
 		}
@@ -1436,7 +1301,7 @@ int cached_run(struct cached *d)
 			case CACHED_TAG_CONN: {
 				struct cached_conn *c = t->ptr;
 				if (evs[i].events & EPOLLOUT)
-					conn_flush(d, c);
+					cached_conn_flush(d, c);
 				if (c->fd >= 0 && (evs[i].events & ~(uint32_t)EPOLLOUT))
 					cached_readable(d, c);
 				break;
