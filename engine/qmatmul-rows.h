@@ -53,28 +53,6 @@ QM_INLINE __m256i qm_q8_block(const struct skv_block_q8_0 *b, const int8_t *xq, 
 #endif
 }
 
-QM_INLINE float qm_dot_q8_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
-{
-	const struct skv_block_q8_0 *b = row;
-	const int8_t *xq = a->qs + (size_t)m * a->qs_ld;
-	const float *xd = a->d + (size_t)m * a->blk_ld;
-	const int32_t *xs = a->lsum + (size_t)m * a->qs_ld / 4;
-	__m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
-	uint32_t nb = cols / 32, i = 0;
-	for (; i + 2 <= nb; i += 2) {
-		__m256i p0 = qm_q8_block(b + i, xq + 32 * i, xs + 8 * i);
-		__m256i p1 = qm_q8_block(b + i + 1, xq + 32 * i + 32, xs + 8 * i + 8);
-		f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qm_h2f(b[i].d) * xd[i]), f0);
-		f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
-				     _mm256_set1_ps(qm_h2f(b[i + 1].d) * xd[i + 1]), f1);
-	}
-	if (i < nb) {
-		__m256i p0 = qm_q8_block(b + i, xq + 32 * i, xs + 8 * i);
-		f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qm_h2f(b[i].d) * xd[i]), f0);
-	}
-	return qm_hsum8(_mm256_add_ps(f0, f1));
-}
-
 QM_INLINE __m256i qm_q4_block(const struct skv_block_q4_0 *b, const int8_t *xq, const int32_t *ls)
 {
 	__m128i v = _mm_loadu_si128((const __m128i *)b->qs);
@@ -84,26 +62,44 @@ QM_INLINE __m256i qm_q4_block(const struct skv_block_q4_0 *b, const int8_t *xq, 
 	return qm_dot8_u8s8(corr, wv, _mm256_loadu_si256((const __m256i *)xq));
 }
 
-QM_INLINE float qm_dot_q4_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+/* Q8_0 (q4 == 0) or Q4_0 (q4 == 1) rows: blocks of 32 weights, two accumulators so that the
+ * FMAs do not wait on each other; the fp16 scale first in each block. */
+QM_INLINE __m256i qm_block_dot(const uint8_t *blk, const int8_t *xq, const int32_t *ls,
+			       const int q4)
 {
-	const struct skv_block_q4_0 *b = row;
+	return q4 ? qm_q4_block((const struct skv_block_q4_0 *)blk, xq, ls)
+		  : qm_q8_block((const struct skv_block_q8_0 *)blk, xq, ls);
+}
+
+QM_INLINE float qm_dot_32(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols,
+			  const int q4)
+{
+	const size_t stride = q4 ? sizeof(struct skv_block_q4_0) : sizeof(struct skv_block_q8_0);
+	const uint8_t *b = row;
 	const int8_t *xq = a->qs + (size_t)m * a->qs_ld;
 	const float *xd = a->d + (size_t)m * a->blk_ld;
 	const int32_t *xs = a->lsum + (size_t)m * a->qs_ld / 4;
-	__m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
-	uint32_t nb = cols / 32, i = 0;
-	for (; i + 2 <= nb; i += 2) {
-		__m256i p0 = qm_q4_block(b + i, xq + 32 * i, xs + 8 * i);
-		__m256i p1 = qm_q4_block(b + i + 1, xq + 32 * i + 32, xs + 8 * i + 8);
-		f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qm_h2f(b[i].d) * xd[i]), f0);
-		f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1),
-				     _mm256_set1_ps(qm_h2f(b[i + 1].d) * xd[i + 1]), f1);
+	__m256 f[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };
+	uint32_t nb = cols / 32;
+	for (uint32_t i = 0; i < nb; i++) {
+		const uint8_t *blk = b + stride * i;
+		uint16_t d;
+		memcpy(&d, blk, 2);
+		__m256i p = qm_block_dot(blk, xq + 32 * i, xs + 8 * i, q4);
+		f[i & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(qm_h2f(d) * xd[i]),
+					   f[i & 1]);
 	}
-	if (i < nb) {
-		__m256i p0 = qm_q4_block(b + i, xq + 32 * i, xs + 8 * i);
-		f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(qm_h2f(b[i].d) * xd[i]), f0);
-	}
-	return qm_hsum8(_mm256_add_ps(f0, f1));
+	return qm_hsum8(_mm256_add_ps(f[0], f[1]));
+}
+
+QM_INLINE float qm_dot_q8_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+{
+	return qm_dot_32(row, a, m, cols, 0);
+}
+
+QM_INLINE float qm_dot_q4_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+{
+	return qm_dot_32(row, a, m, cols, 1);
 }
 
 /* vpshufb masks broadcasting int16 word j of each 128-bit lane (lo: word jl, hi: word jh). */
