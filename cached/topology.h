@@ -9,7 +9,7 @@
  *   - One arena per NUMA node that gets engines; every engine of a node uses that node's arena,
  *     so KV reads are node-local.
  *   - Each engine is one single-threaded process pinned to one core: on this project's models a
- *     second oneDNN thread slows decoding down (ARCHITECTURE.md, "Threads"), so parallelism comes
+ *     second thread slows decoding down (ARCHITECTURE.md, "Threads"), so parallelism comes
  *     from more engines. The SMT siblings of that core are left to the daemon and the kernel.
  *   - Default engine count: one per core of every selected node, capped at max_engines in
  *     total (SKV_PLACEMENT_DEFAULT_MAX_ENGINES unless given). With threads = T > 1 (a big

@@ -25,7 +25,7 @@ struct skv_opts {
 	long long max_tokens;   /* ppl: predictions to score, -1 = all */
 	int json;
 	int stats;
-	long long threads;      /* OpenMP threads for oneDNN */
+	long long threads;      /* OpenMP threads of the forward pass */
 	const char *turns_path; /* chat: file of turns, "-" = stdin; NULL: the terminal */
 	const char *chat_template; /* chat: --template as given: a format's name, "auto", or a
 				    * text holding "{turn}"; NULL: SKV_CHAT_DEFAULT_TEMPLATE */

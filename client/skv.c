@@ -73,7 +73,7 @@ static void skv_usage(FILE *out)
 	      "  --model PATH        llama2.c .bin or GGUF model (default: shipped stories260K)\n"
 	      "  --tokenizer PATH    llama2.c tokenizer (default: the GGUF's own vocabulary, or\n"
 	      "                      tok<vocab>.bin / tokenizer.bin next to a .bin model)\n"
-	      "  --threads N         oneDNN threads (default 1: fastest for small models)\n"
+	      "  --threads N         compute threads (default 1: fastest for small models)\n"
 	      "cache policy:\n"
 	      "  --policy NAME       sink (default), window, dense, recompute\n"
 	      "  --sink N            attention sinks (sink: default 4)\n"

@@ -7,16 +7,16 @@
 #include <string.h>
 
 #include "attention.h"
-#include "linear.h"
 #include "model.h"
+#include "pmat.h"
 #include "qmatmul.h"
 #include "skv-error.h"
 
 /* Matrices that share one input and whose outputs lie side by side in one output row: q|k|v,
- * wo, gate|up, w2, the classifier. All F32: one oneDNN matmul over their packed, transposed,
- * fused block. Otherwise the block-format members run in place through qmatmul (one call,
+ * wo, gate|up, w2, the classifier. All F32: one panel product (pmat.h) over their packed,
+ * fused panels. Otherwise the block-format members run in place through qmatmul (one call,
  * the input quantized once), and F32 members of such a mixed group each through their own
- * oneDNN matmul into scratch. */
+ * panels, straight into their columns of the output. */
 #define FORWARD_GROUP_MAX 3
 #define FORWARD_GROUPS_PER_LAYER 4
 
@@ -27,7 +27,7 @@ struct forward_group {
 	uint32_t fused;                              /* every member F32 */
 	uint32_t col[FORWARD_GROUP_MAX];             /* each member's first output column */
 	const struct skv_qmat *w[FORWARD_GROUP_MAX]; /* as the model stores them */
-	struct skv_linear lin[FORWARD_GROUP_MAX];    /* fused: lin[0] for all; else per F32 member */
+	const float *panels[FORWARD_GROUP_MAX];      /* fused: [0] for all; else per F32 member */
 };
 
 struct forward_layer {
@@ -48,14 +48,14 @@ struct forward_row {
 struct skv_runner {
 	const struct skv_model *model;
 	struct skv_model_config cfg;
-	struct skv_backend *be;
+	struct skv_pctx *pctx;        /* F32 panel products */
 	struct skv_rope rope;
 	uint32_t max_rows;
 	struct forward_layer *layers; /* [n_layers] */
 	struct forward_group classifier; /* [dim] -> [vocab] */
 	struct skv_qctx *qctx;        /* block-format matmuls (NULL for an all-F32 model) */
 	uint32_t threads;
-	float *packed;                /* the transposed, fused F32 weights (skv_pack_weights) */
+	float *packed;                /* the F32 weights in panels, fused (skv_pack_weights) */
 	int owns_packed;              /* 0: a shared read-only mapping someone else made */
 	uint32_t qkv_dim;             /* dim + 2 kv_dim: row stride of qkv */
 
@@ -77,8 +77,6 @@ struct skv_runner {
 	float *scores;   /* [threads][scores_ld] attention scores of two heads, 2 * scores_cap
 			  * floats per thread, each thread's 64-byte aligned */
 	float *cls_out;  /* [max_rows][vocab] logits of a step's rows, made at first use */
-	float *tmp;      /* [max_rows][tmp_cols] F32 members of mixed groups (rare) */
-	uint32_t tmp_cols;
 	uint32_t scores_cap;
 	size_t scores_ld;
 	uint32_t *run_start; /* [max_rows + 1] first row of each stream's run (threaded attention) */
@@ -132,13 +130,14 @@ static void forward_group_at(const struct skv_model *m, uint32_t index, struct f
 			       index % FORWARD_GROUPS_PER_LAYER, out);
 }
 
-/* Floats the group takes in the packed buffer: its fused [in][out] block, or one [in][rows]
- * block per F32 member of a mixed group; nothing for block-format members (used in place). */
+/* Floats the group takes in the packed buffer: the panels of its fused in x out matrix, or of
+ * each F32 member of a mixed group; nothing for block-format members (used in place). */
 static size_t forward_group_floats(const struct forward_group *g, uint32_t member)
 {
 	if (g->fused)
-		return member == 0 ? (size_t)g->in * g->out : 0;
-	return g->w[member]->type == SKV_WTYPE_F32 ? (size_t)g->in * g->w[member]->rows : 0;
+		return member == 0 ? skv_pmat_floats(g->in, g->out) : 0;
+	return g->w[member]->type == SKV_WTYPE_F32 ? skv_pmat_floats(g->in, g->w[member]->rows)
+						   : 0;
 }
 
 size_t skv_pack_floats(const struct skv_model *m)
@@ -153,26 +152,6 @@ size_t skv_pack_floats(const struct skv_model *m)
 	return floats;
 }
 
-/* dst[i][col0 + o] = w[o][i] for an [n_out][n_in] matrix, into a row stride of ld, in tiles
- * that keep both sides in cache, over all cores: a 1B-parameter F32 model packs in seconds. */
-#define PACK_TILE 32
-static void pack_transpose(float *dst, size_t ld, size_t col0, const float *w, size_t n_out,
-			   size_t n_in)
-{
-	size_t tiles = (n_out + PACK_TILE - 1) / PACK_TILE;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(omp_get_num_procs()) \
-	if (n_out * n_in >= (1u << 20))
-	for (size_t t = 0; t < tiles; t++) {
-		size_t o0 = t * PACK_TILE, o1 = o0 + PACK_TILE < n_out ? o0 + PACK_TILE : n_out;
-		for (size_t i0 = 0; i0 < n_in; i0 += PACK_TILE) {
-			size_t i1 = i0 + PACK_TILE < n_in ? i0 + PACK_TILE : n_in;
-			for (size_t i = i0; i < i1; i++)
-				for (size_t o = o0; o < o1; o++)
-					dst[i * ld + col0 + o] = w[o * n_in + i];
-		}
-	}
-}
-
 void skv_pack_weights(const struct skv_model *m, float *dst)
 {
 	struct forward_group g;
@@ -183,11 +162,11 @@ void skv_pack_weights(const struct skv_model *m, float *dst)
 			if (!w)
 				continue;
 			if (g.fused)
-				pack_transpose(dst, g.out, g.col[j], w, g.w[j]->rows, g.in);
+				skv_pmat_pack(dst, g.in, g.out, g.col[j], w, g.w[j]->rows);
 			else
-				pack_transpose(dst, g.w[j]->rows, 0, w, g.w[j]->rows, g.in);
+				skv_pmat_pack(dst, g.in, g.w[j]->rows, 0, w, g.w[j]->rows);
 			if (!g.fused || j == g.n - 1)
-				dst += g.fused ? (size_t)g.in * g.out : (size_t)g.in * g.w[j]->rows;
+				dst += forward_group_floats(&g, g.fused ? 0 : j);
 		}
 	}
 }
@@ -202,23 +181,15 @@ static void *forward_alloc(size_t n_floats)
 	return p;
 }
 
-static void forward_group_fini(struct forward_group *g)
-{
-	for (uint32_t i = 0; i < FORWARD_GROUP_MAX; i++)
-		skv_linear_fini(&g->lin[i]);
-}
-
-/* Describe a group's matmuls: oneDNN linears over its packed F32 block(s) (advancing *packed),
- * a check of each block-format member. */
-static int forward_group_init(struct skv_runner *r, struct forward_group *g,
-			      const float **packed)
+/* Describe a group's matmuls: where its F32 panels are (advancing *packed), a check of each
+ * block-format member. */
+static int forward_group_init(struct forward_group *g, const float **packed)
 {
 	int err;
 	if (g->fused) {
-		err = skv_linear_init(r->be, &g->lin[0], *packed, g->in, g->out,
-				      g->add ? SKV_LINEAR_ADD : SKV_LINEAR_PLAIN);
-		*packed += (size_t)g->in * g->out;
-		return err;
+		g->panels[0] = *packed;
+		*packed += forward_group_floats(g, 0);
+		return 0;
 	}
 	for (uint32_t i = 0; i < g->n; i++) {
 		const struct skv_qmat *w = g->w[i];
@@ -227,12 +198,8 @@ static int forward_group_init(struct skv_runner *r, struct forward_group *g,
 				return err;
 			continue;
 		}
-		err = skv_linear_init(r->be, &g->lin[i], *packed, g->in, w->rows, SKV_LINEAR_PLAIN);
-		if (err < 0)
-			return err;
-		*packed += (size_t)g->in * w->rows;
-		if (w->rows > r->tmp_cols)
-			r->tmp_cols = w->rows;
+		g->panels[i] = *packed;
+		*packed += forward_group_floats(g, i);
 	}
 	return 0;
 }
@@ -241,20 +208,9 @@ void skv_runner_free(struct skv_runner *r)
 {
 	if (!r)
 		return;
-	if (r->layers) {
-		for (int32_t l = 0; l < r->cfg.n_layers; l++) {
-			struct forward_layer *fl = &r->layers[l];
-			forward_group_fini(&fl->qkv);
-			forward_group_fini(&fl->wo);
-			forward_group_fini(&fl->w13);
-			forward_group_fini(&fl->w2);
-		}
-		free(r->layers);
-	}
-	forward_group_fini(&r->classifier);
-	skv_backend_free(r->be);
+	free(r->layers);
+	skv_pctx_free(r->pctx);
 	skv_qctx_free(r->qctx);
-	free(r->tmp);
 	free(r->x);
 	free(r->xb);
 	free(r->qkv);
@@ -319,11 +275,12 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 			goto fail;
 		skv_alibi_slopes(r->alibi_slopes, (uint32_t)c->n_heads, c->alibi_max_bias);
 	}
-	err = skv_backend_new(max_rows, threads, &r->be, msg, msg_len);
+	r->threads = threads ? threads : 1;
+	err = skv_pctx_new(max_rows, r->threads, &r->pctx);
 	if (err < 0)
 		goto fail;
-
 	err = -ENOMEM;
+
 	size_t rows = max_rows, pairs = r->rope.pairs;
 	r->x = forward_alloc(rows * c->dim);
 	r->xb = forward_alloc(rows * c->dim);
@@ -338,7 +295,6 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 		r->packed = forward_alloc(skv_pack_floats(model));
 		r->owns_packed = 1;
 	}
-	r->threads = threads ? threads : 1;
 	r->q_sink = forward_alloc((size_t)r->threads * c->dim);
 	r->cos_abs = forward_alloc(rows * pairs);
 	r->sin_abs = forward_alloc(rows * pairs);
@@ -364,7 +320,7 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 				: g == 2 ? &r->layers[l].w13 : &r->layers[l].w2;
 		forward_group_at(model, i, fg);
 		quantized |= !fg->fused;
-		if ((err = forward_group_init(r, fg, &next)) < 0)
+		if ((err = forward_group_init(fg, &next)) < 0)
 			goto fail_backend;
 	}
 	if (quantized) {
@@ -374,10 +330,6 @@ int skv_runner_new_packed(const struct skv_model *model, const float *packed, ui
 		err = skv_qctx_new(max_rows, max_cols, r->threads, &r->qctx);
 		if (err < 0)
 			goto fail_backend;
-	}
-	if (r->tmp_cols && !(r->tmp = forward_alloc((size_t)max_rows * r->tmp_cols))) {
-		err = -ENOMEM;
-		goto fail;
 	}
 	*out = r;
 	return 0;
@@ -404,7 +356,7 @@ const char *skv_runner_impl(struct skv_runner *r, uint32_t rows)
 {
 	if (!r->layers[0].w13.fused)
 		return skv_qmat_isa();
-	return skv_linear_impl(r->be, &r->layers[0].w13.lin[0], rows);
+	return skv_pctx_isa(r->pctx);
 }
 
 /* y[rows][g->out] (+)= the group's matrices times x[rows][g->in]. */
@@ -412,7 +364,8 @@ static int forward_group_run(struct skv_runner *r, const struct forward_group *g
 			     const float *x, float *y)
 {
 	if (g->fused)
-		return skv_linear_run(r->be, &g->lin[0], rows, x, y);
+		return skv_pmat_run(r->pctx, g->panels[0], g->in, g->out, rows, x, g->in, y, g->out,
+				    (int)g->add);
 	const struct skv_qmat *qw[FORWARD_GROUP_MAX];
 	float *qy[FORWARD_GROUP_MAX];
 	size_t ld[FORWARD_GROUP_MAX];
@@ -425,15 +378,9 @@ static int forward_group_run(struct skv_runner *r, const struct forward_group *g
 			ld[nq++] = g->out;
 			continue;
 		}
-		uint32_t n_out = g->w[i]->rows;
-		if ((err = skv_linear_run(r->be, &g->lin[i], rows, x, r->tmp)) < 0)
+		if ((err = skv_pmat_run(r->pctx, g->panels[i], g->in, g->w[i]->rows, rows, x, g->in,
+					y + g->col[i], g->out, (int)g->add)) < 0)
 			return err;
-		for (uint32_t row = 0; row < rows; row++) {
-			float *dst = y + (size_t)row * g->out + g->col[i];
-			const float *src = r->tmp + (size_t)row * n_out;
-			for (uint32_t j = 0; j < n_out; j++)
-				dst[j] = g->add ? dst[j] + src[j] : src[j];
-		}
 	}
 	return nq ? skv_qmat_run(r->qctx, qw, nq, rows, x, g->in, qy, ld, (int)g->add) : 0;
 }
@@ -819,7 +766,7 @@ int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_ite
 	if (!out_rows)
 		return 0;
 	/* One classifier matmul for all rows (M = out_rows), then each item's logits copied to
-	 * its caller's buffer: a batch of decode rows pays one oneDNN call, not one per item. */
+	 * its caller's buffer: a batch of decode rows pays one classifier product, not one per item. */
 	if (out_rows > 1 && out_rows <= r->max_rows) {
 		size_t vocab = (size_t)c->vocab_size;
 		if (!r->cls_out) {

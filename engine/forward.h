@@ -2,7 +2,7 @@
  * SwiGLU) over a batch of rows that may belong to several streams.
  *
  * A step takes items, each a run of consecutive tokens of one stream. All rows of the step go
- * through every linear layer together (one oneDNN matmul per weight per layer, M = all rows);
+ * through every linear layer together (one matrix product per group of weights per layer, M = all rows);
  * attention runs per row, in each stream's token order, over that stream's KV slots where they
  * lie: a row's K/V are appended (evicting the oldest window token when the window is full and
  * the stream allows it) right before the row attends, so a run of tokens fed in one step gives
@@ -43,19 +43,18 @@ struct skv_fwd_item {
 	float *logits;             /* NULL: no logits wanted for this item */
 };
 
-/* The F32 weights packed for oneDNN's matmuls: every F32 matrix transposed to [in][out] (the
- * layout its M = 1 kernels run fastest on), q|k|v and gate|up fused side by side when all of a
- * group are F32. Block-format weights (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) are not packed:
+/* The F32 weights packed for the panel products (pmat.h): every F32 matrix in panels of 64
+ * output columns, k-major, q|k|v and gate|up fused side by side when all of a group are F32. Block-format weights (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) are not packed:
  * they are used in place from the model's mapping. The layout depends only on the model's
  * shape and types, so a packed buffer can be built once and shared (the daemon puts it in a
  * sealed memfd for all engines). skv_pack_floats may be 0 (a fully quantized model). */
 size_t skv_pack_floats(const struct skv_model *m);
 void skv_pack_weights(const struct skv_model *m, float *dst); /* dst: skv_pack_floats floats */
 
-/* threads: OpenMP threads of the matrix products, oneDNN's and qmatmul's (1 is the engine's
+/* threads: OpenMP threads of the matrix products (panels and qmatmul) and attention (1 is the engine's
  * default, fastest for small models; a big model needs several cores to reach the memory bus;
- * 0 leaves OpenMP's).
- * Errors: -ENOMEM, -SKV_EBACKEND (msg says what oneDNN refused). */
+ * 0 means 1).
+ * Errors: -ENOMEM, -SKV_ESHAPE, -SKV_EFORMAT, -EINVAL (msg says which). */
 int skv_runner_new(const struct skv_model *model, uint32_t max_rows, uint32_t threads,
 		   struct skv_runner **out, char *msg, size_t msg_len);
 /* The same over weights packed by someone else (skv_pack_weights into shared memory), read-only
@@ -73,7 +72,8 @@ uint32_t skv_runner_max_rows(const struct skv_runner *r);
  * no ring is changed then); -ENOMEM; -SKV_EBACKEND. */
 int skv_forward(struct skv_runner *r, struct skv_fwd_item *items, uint32_t n_items);
 
-/* The oneDNN implementation picked for the largest matmul at M rows (benchmarks, logs). */
+/* The kernels the matrix products run on ("avx512", "avx2", "base"; the F32 panels' or, for a
+ * model with block-format weights, qmatmul's), for benchmarks and logs. */
 const char *skv_runner_impl(struct skv_runner *r, uint32_t rows);
 
 #endif

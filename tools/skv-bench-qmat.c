@@ -14,7 +14,8 @@
  *    the measured bandwidth; 16 and 64 rows (batched) on one matrix: GMAC/s and % of the
  *    compute peak of the instruction the kernel is built on (vpdpbusd for the quantized types,
  *    FMA for F32/F16/BF16);
- *  - oneDNN f32 (skv_linear_run on the transposed [in][out] weight) at the same points.
+ *  - oneDNN f32 (skv_linear_run on the transposed [in][out] weight) and the engine's F32 panel
+ *    kernels (engine/pmat.h, the weight packed in panels of 64 columns) at the same points.
  * Medians of --repeats. --json prints one JSON object. */
 #include <getopt.h>
 #include <math.h>
@@ -27,6 +28,7 @@
 
 #include "bench-util.h"
 #include "linear.h"
+#include "pmat.h"
 #include "qmatmul.h"
 #include "quant.h"
 
@@ -42,7 +44,7 @@ struct opts {
 	size_t n_threads;
 	int repeats;
 	size_t pool_bytes;
-	int onednn;
+	int onednn, panels;
 	int compare;
 	int json;
 };
@@ -441,14 +443,72 @@ static void bench_onednn(const struct opts *o, const struct shape *sh)
 	free(pool);
 }
 
+struct prun {
+	struct skv_pctx *ctx;
+	const float *pool;
+	size_t mat_floats;
+	uint32_t in, out;
+	const float *x;
+	float *y;
+};
+
+static void prun(void *arg, size_t copy, uint32_t m)
+{
+	struct prun *p = arg;
+	if (skv_pmat_run(p->ctx, p->pool + copy * p->mat_floats, p->in, p->out, m, p->x, p->in,
+			 p->y, p->out, 0) < 0)
+		bench_die("skv_pmat_run failed");
+}
+
+static void bench_panels(const struct opts *o, const struct shape *sh)
+{
+	uint32_t max_m = 1;
+	for (size_t i = 0; i < o->n_rows; i++)
+		if ((uint32_t)o->rows[i] > max_m)
+			max_m = (uint32_t)o->rows[i];
+	size_t mat_floats = skv_pmat_floats(sh->in, sh->out), mat = mat_floats * sizeof(float);
+	size_t copies = o->pool_bytes / mat + 1;
+	if (copies < 2)
+		copies = 2;
+	float *w = malloc((size_t)sh->out * sh->in * sizeof(float)), *pool = NULL;
+	if (!w || posix_memalign((void **)&pool, 4096, mat * copies))
+		bench_die("out of memory for the panel pool");
+	for (size_t i = 0; i < (size_t)sh->out * sh->in; i++)
+		w[i] = (float)((rand() % 20001) - 10000) / 200000.f;
+	skv_pmat_pack(pool, sh->in, sh->out, 0, w, sh->out);
+	free(w);
+	for (size_t i = 1; i < copies; i++)
+		memcpy((uint8_t *)pool + i * mat, pool, mat);
+	float *x = make_x(max_m, sh->in);
+	float *y = malloc(sizeof(float) * max_m * sh->out);
+	struct skv_pctx *ctx;
+	if (skv_pctx_new(max_m, 1, &ctx) < 0)
+		bench_die("skv_pctx_new failed");
+	struct prun p = { ctx, pool, mat_floats, sh->in, sh->out, x, y };
+	for (size_t ti = 0; ti < o->n_threads; ti++) {
+		uint32_t th = (uint32_t)o->threads[ti];
+		skv_pctx_set_threads(ctx, th);
+		for (size_t ri = 0; ri < o->n_rows; ri++) {
+			add_point(measure(o, sh, "F32", "panels", (const uint8_t *)pool, mat, copies,
+					  (uint32_t)o->rows[ri], th, 1, prun, &p));
+			if (!o->json)
+				fprintf(stderr, ".");
+		}
+	}
+	skv_pctx_free(ctx);
+	free(y);
+	free(x);
+	free(pool);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: skv-bench-qmat [--types f16,bf16,q8_0,q4_0,q4_k,q5_k,q6_k,f32]\n"
 		   "                      [--shapes 1b,7b] [--rows 1,16,64] [--threads 1,2]\n"
-		   "                      [--repeats N] [--pool-mb N] [--no-onednn] [--compare]\n"
-		   "                      [--json]\n");
+		   "                      [--repeats N] [--pool-mb N] [--no-onednn] [--no-panels]\n"
+		   "                      [--compare] [--json]\n");
 }
 
 static void parse_types(struct opts *o, const char *text)
@@ -470,7 +530,7 @@ static void parse_types(struct opts *o, const char *text)
 int main(int argc, char **argv)
 {
 	struct opts o = { .shape_1b = 1, .shape_7b = 1, .repeats = 5,
-			  .pool_bytes = (size_t)2048 << 20, .onednn = 1 };
+			  .pool_bytes = (size_t)2048 << 20, .onednn = 1, .panels = 1 };
 	parse_types(&o, "f16,bf16,q8_0,q4_0,q4_k,q5_k,q6_k");
 	o.n_rows = bench_parse_list("--rows", "1,16,64", 1, 4096, o.rows, 8);
 	o.n_threads = bench_parse_list("--threads", "1,2", 1, 2, o.threads, 4);
@@ -482,6 +542,7 @@ int main(int argc, char **argv)
 		{ "repeats", required_argument, NULL, 'n' },
 		{ "pool-mb", required_argument, NULL, 'p' },
 		{ "no-onednn", no_argument, NULL, 'D' },
+		{ "no-panels", no_argument, NULL, 'P' },
 		{ "compare", no_argument, NULL, 'C' },
 		{ "json", no_argument, NULL, 'j' },
 		{ "help", no_argument, NULL, 'h' },
@@ -506,6 +567,7 @@ int main(int argc, char **argv)
 			o.pool_bytes = (size_t)bench_parse_int("--pool-mb", optarg, 16, 65536) << 20;
 			break;
 		case 'D': o.onednn = 0; break;
+		case 'P': o.panels = 0; break;
 		case 'C': o.compare = 1; break;
 		case 'j': o.json = 1; break;
 		case 'h': usage(stdout); return 0;
@@ -544,6 +606,8 @@ int main(int argc, char **argv)
 			bench_qmat(&o, sh, (uint32_t)o.types[t]);
 		if (o.onednn)
 			bench_onednn(&o, sh);
+		if (o.panels)
+			bench_panels(&o, sh);
 	}
 	if (!o.json)
 		fprintf(stderr, "\n");

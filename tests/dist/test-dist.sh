@@ -11,8 +11,8 @@
 #   - the installed daemon, with the flags of its unit (minus the system paths), serves the
 #     installed model with the installed engine, the same bytes as local mode, and snapshots a
 #     resumable stream into its --state-dir on SIGTERM;
-#   - the installed skv-http works with writable-and-executable memory refused (its unit sets
-#     MemoryDenyWriteExecute=yes), checked under prctl(PR_SET_MDWE);
+#   - the installed daemon (with its engines) and skv-http work with writable-and-executable
+#     memory refused (both units set MemoryDenyWriteExecute=yes), checked under prctl(PR_SET_MDWE);
 #   - under strace -f, the daemon, its engines and the gateway make only the system calls their
 #     units' SystemCallFilter= allows, open only the socket families RestrictAddressFamilies=
 #     allows, and the daemon writes only its socket and state directory (ProtectSystem=strict).
@@ -228,11 +228,28 @@ else
 fi
 tracer=()
 [ $tracing = 1 ] && tracer=(strace -f -qq -o "$tmp/cached.trace")
+# PR_SET_MDWE (65) with PR_MDWE_REFUSE_EXEC_GAIN (1) is kept across execve and fork: the
+# kernel's form of what MemoryDenyWriteExecute=yes refuses (W+X mappings, mprotect adding
+# PROT_EXEC), so the daemon and the engines it starts run under it.
+mdwe_probe='import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0 else 1)'
+mdwe_exec_py='import ctypes, os, sys
+if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit("PR_SET_MDWE failed")
+os.execvp(sys.argv[1], sys.argv[1:])'
+have_mdwe=0
+if ! command -v python3 >/dev/null; then
+	mdwe_why="no python3 to set PR_SET_MDWE"
+elif ! python3 -c "$mdwe_probe" 2>/dev/null; then
+	mdwe_why="the kernel has no prctl(PR_SET_MDWE) (Linux < 6.3)"
+else
+	have_mdwe=1
+fi
+mdwe=()
+[ $have_mdwe = 1 ] && mdwe=(python3 -c "$mdwe_exec_py")
 model="$(D "$SKV_MODELDIR/stories260K/stories260K.bin")"
 sock="$tmp/cached.sock"
 state="$tmp/state"
 mkdir -m 0700 "$state"
-"${tracer[@]}" "$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --state-dir "$state" \
+"${mdwe[@]}" "${tracer[@]}" "$(D "$SKV_BINDIR/skv-cached")" --socket "$sock" --state-dir "$state" \
 	--model "$model" --engines 1 --arena-mb 16 > "$tmp/cached.log" 2>&1 &
 pids+=($!)
 daemon_pid=$!
@@ -242,10 +259,13 @@ prompt="Once upon a time"
 # The bytes on stdout are compared; stderr (a sanitizer's report, say) is shown on failure.
 want=$("$(D "$SKV_BINDIR/skv")" --model "$model" generate --temp 0 -n 40 "$prompt" 2>"$tmp/local.err")
 got=$("$(D "$SKV_BINDIR/skv")" --socket "$sock" generate --temp 0 -n 40 "$prompt" 2>"$tmp/remote.err")
+served="installed skv-cached serves the installed model: the same bytes as local mode"
+[ $have_mdwe = 1 ] && served="$served, with W+X memory refused (PR_SET_MDWE)"
+[ $have_mdwe = 0 ] && skip "skv-cached under MemoryDenyWriteExecute" "$mdwe_why"
 if [ -S "$sock" ] && [ -n "$want" ] && [ "$got" = "$want" ]; then
-	ok "installed skv-cached serves the installed model: the same bytes as local mode"
+	ok "$served"
 else
-	not_ok "installed skv-cached serves the installed model: the same bytes as local mode" \
+	not_ok "$served" \
 		"local: $want" "$(cat "$tmp/local.err")" "daemon: $got" "$(cat "$tmp/remote.err")" \
 		"$(cat "$tmp/cached.log")"
 fi
@@ -261,22 +281,15 @@ else
 	not_ok "the installed daemon runs the installed skv-engine" "engine pid '$engine_pid' runs '$exe'"
 fi
 
-mdwe_probe='import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0 else 1)'
 http_ran=0
 if [ $have_http = 0 ]; then
 	skip "skv-http under MemoryDenyWriteExecute" "$SKV_HTTP_BIN is not built yet"
-elif ! command -v python3 >/dev/null; then
-	skip "skv-http under MemoryDenyWriteExecute" "no python3 to set PR_SET_MDWE"
-elif ! python3 -c "$mdwe_probe" 2>/dev/null; then
-	skip "skv-http under MemoryDenyWriteExecute" "the kernel has no prctl(PR_SET_MDWE) (Linux < 6.3)"
+elif [ $have_mdwe = 0 ]; then
+	skip "skv-http under MemoryDenyWriteExecute" "$mdwe_why"
 else
-	# PR_SET_MDWE (65) with PR_MDWE_REFUSE_EXEC_GAIN (1) is kept across execve: the kernel's
-	# form of what MemoryDenyWriteExecute=yes refuses (W+X mappings, mprotect adding PROT_EXEC).
 	http_tracer=()
 	[ $tracing = 1 ] && http_tracer=(strace -f -qq -o "$tmp/http.trace")
-	"${http_tracer[@]}" python3 -c 'import ctypes, os, sys
-if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit("PR_SET_MDWE failed")
-os.execv(sys.argv[1], sys.argv[1:])' "$(D "$SKV_BINDIR/skv-http")" --socket "$sock" \
+	"${http_tracer[@]}" "${mdwe[@]}" "$(D "$SKV_BINDIR/skv-http")" --socket "$sock" \
 		--listen 127.0.0.1:0 > "$tmp/http.log" 2>&1 &
 	pids+=($!)
 	http_pid=$!
