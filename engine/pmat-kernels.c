@@ -52,7 +52,7 @@ PM_INLINE void pm_write(const float *tmp, int mr, float *y, size_t ld_y, uint32_
  * last: they go to y, else back to part. */
 PM_INLINE void pm_tile(const float *w, uint32_t kc, const float *x, size_t ld_x, const int mr,
 		       float *part, int first, int last, float *y, size_t ld_y, uint32_t ncols,
-		       int add)
+		       int add, const float *pf, uint32_t npf)
 {
 	__m512 c[PM_MR][4];
 	for (int i = 0; i < mr; i++)
@@ -61,6 +61,8 @@ PM_INLINE void pm_tile(const float *w, uint32_t kc, const float *x, size_t ld_x,
 					: _mm512_load_ps(part + i * SKV_PMAT_NR + 16 * j);
 	for (uint32_t k = 0; k < kc; k++) {
 		const float *wk = w + (size_t)k * SKV_PMAT_NR;
+		if (k < npf)
+			_mm_prefetch((const char *)(pf + (size_t)k * 16), _MM_HINT_T1);
 		__m512 w0 = _mm512_loadu_ps(wk), w1 = _mm512_loadu_ps(wk + 16);
 		__m512 w2 = _mm512_loadu_ps(wk + 32), w3 = _mm512_loadu_ps(wk + 48);
 		for (int i = 0; i < mr; i++) {
@@ -148,7 +150,7 @@ PM_INLINE void pm_tile_row(const float *w, uint32_t kc, const float *x, float *p
 
 PM_INLINE void pm_tile(const float *w, uint32_t kc, const float *x, size_t ld_x, const int mr,
 		       float *part, int first, int last, float *y, size_t ld_y, uint32_t ncols,
-		       int add)
+		       int add, const float *pf, uint32_t npf)
 {
 	float tmp[PM_MR * SKV_PMAT_NR] __attribute__((aligned(64)));
 	if (mr == 1) {
@@ -167,7 +169,7 @@ PM_INLINE void pm_tile(const float *w, uint32_t kc, const float *x, size_t ld_x,
 
 PM_INLINE void pm_tile(const float *w, uint32_t kc, const float *x, size_t ld_x, const int mr,
 		       float *part, int first, int last, float *y, size_t ld_y, uint32_t ncols,
-		       int add)
+		       int add, const float *pf, uint32_t npf)
 {
 	float acc[SKV_PMAT_NR];
 	for (uint32_t j = 0; j < SKV_PMAT_NR; j++)
@@ -188,13 +190,19 @@ PM_INLINE void pm_tile(const float *w, uint32_t kc, const float *x, size_t ld_x,
 
 _Static_assert(PM_MR <= PM_MR_MAX, "a tile has at most PM_MR_MAX rows");
 
-/* rows of x in tiles of PM_MR over k values [k0, k0 + kc) of one panel. */
+/* rows of x in tiles of PM_MR over k values [k0, k0 + kc) of one panel. With several tiles
+ * the chunk is read from memory by the first and from L2 by the others, so the tiles fetch
+ * the next chunk meanwhile, one line per k each: it lies right after this one in memory
+ * (the panel's next chunk, or the next panel's first), pf_end bounds the thread's panels. */
 static void pm_chunk(const float *panel, uint32_t k0, uint32_t kc, uint32_t rows,
 		     const float *x, size_t ld_x, float *part, int first, int last, float *y,
-		     size_t ld_y, uint32_t ncols, int add)
+		     size_t ld_y, uint32_t ncols, int add, const float *pf_end)
 {
 	const float *w = panel + (size_t)k0 * SKV_PMAT_NR;
+	const float *pf = rows > PM_MR ? w + (size_t)kc * SKV_PMAT_NR : pf_end;
 	for (uint32_t m0 = 0; m0 < rows; m0 += PM_MR) {
+		uint32_t npf = pf < pf_end ? (uint32_t)((pf_end - pf) / 16) : 0;
+		npf = npf < kc ? npf : kc;
 		uint32_t mr = rows - m0 < PM_MR ? rows - m0 : PM_MR;
 		const float *xm = x + (size_t)m0 * ld_x + k0;
 		float *pm = part + (size_t)m0 * SKV_PMAT_NR;
@@ -202,7 +210,7 @@ static void pm_chunk(const float *panel, uint32_t k0, uint32_t kc, uint32_t rows
 		switch (mr) {
 #define PM_CASE(n)                                                                             \
 	case n:                                                                                \
-		pm_tile(w, kc, xm, ld_x, n, pm, first, last, ym, ld_y, ncols, add);           \
+		pm_tile(w, kc, xm, ld_x, n, pm, first, last, ym, ld_y, ncols, add, pf, npf);  \
 		break;
 		PM_CASE(1)
 #if PM_MR >= 3
@@ -218,6 +226,7 @@ static void pm_chunk(const float *panel, uint32_t k0, uint32_t kc, uint32_t rows
 		default:
 			break;
 		}
+		pf += (size_t)npf * 16;
 	}
 }
 
@@ -227,6 +236,7 @@ static void pm_panels(const float *wp, uint32_t in, uint32_t out, uint32_t p0, u
 {
 	/* One tile of rows keeps its sums in registers over the whole of k. */
 	uint32_t kc_max = rows <= PM_MR ? in : PM_KC;
+	const float *pf_end = wp + (size_t)p1 * in * SKV_PMAT_NR;
 	for (uint32_t p = p0; p < p1; p++) {
 		const float *panel = wp + (size_t)p * in * SKV_PMAT_NR;
 		uint32_t c0 = p * SKV_PMAT_NR;
@@ -234,7 +244,7 @@ static void pm_panels(const float *wp, uint32_t in, uint32_t out, uint32_t p0, u
 		for (uint32_t k0 = 0; k0 < in; k0 += kc_max) {
 			uint32_t kc = in - k0 < kc_max ? in - k0 : kc_max;
 			pm_chunk(panel, k0, kc, rows, x, ld_x, part, k0 == 0, k0 + kc == in, y + c0,
-				 ld_y, ncols, add);
+				 ld_y, ncols, add, pf_end);
 		}
 	}
 }
