@@ -70,16 +70,6 @@ ATTN_INLINE size_t attn_elem_bytes(int kind)
 	return kind == ATTN_KV_F32 ? 4 : kind == ATTN_KV_F16 ? 2 : 1;
 }
 
-/* Prefetch the line holding element idx. A q8 block of 16 slots is a quarter of a line (and
- * never straddles one, kv-layout.h), so only the block that starts a line asks for it. */
-ATTN_INLINE void attn_prefetch_kv(const void *plane, size_t idx, int kind)
-{
-	const char *at = (const char *)plane + idx * attn_elem_bytes(kind);
-	if (kind == ATTN_KV_Q8 && ((uintptr_t)at & 63))
-		return;
-	__builtin_prefetch(at, 0, 2);
-}
-
 ATTN_INLINE void attn_store(float *p, attn_vf v)
 {
 	*(attn_vf_u *)p = v;
@@ -191,21 +181,12 @@ struct attn_alibi {
 ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, const int nb, uint32_t b,
 				   uint32_t lo, uint32_t hi, const float *restrict q0,
 				   const float *restrict q1, const void *restrict k_rows,
-				   const float *restrict k_scale, const void *next_k,
-				   const float *next_k_scale, size_t stride, uint32_t head_size,
+				   const float *restrict k_scale, size_t stride, uint32_t head_size,
 				   float scale, const struct attn_alibi *alibi, float *restrict s0,
 				   float *restrict s1, attn_vf *vmax0, attn_vf *vmax1)
 {
 	const attn_vf neg_inf = attn_splat(-INFINITY);
 	attn_vf acc0[ATTN_SB], acc1[ATTN_SB];
-	if (next_k) {
-		for (int j = 0; j < nb; j++) {
-			for (uint32_t d = 0; d < head_size; d++)
-				attn_prefetch_kv(next_k, d * stride + b + j * ATTN_LANES, kind);
-			if (kind == ATTN_KV_Q8)
-				__builtin_prefetch(next_k_scale + b + j * ATTN_LANES, 0, 2);
-		}
-	}
 	for (int j = 0; j < nb; j++) {
 		attn_vf k = attn_load_kv(k_rows, b + j * ATTN_LANES, kind);
 		acc0[j] = q0[0] * k;
@@ -264,9 +245,7 @@ ATTN_INLINE void attn_scores_block(int kind, int pair, int masked, const int nb,
  * Updates max_i. With pair == 0 only head 0 is computed (the compiler drops the rest). */
 ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 			     const float *restrict q1, const void *restrict k_rows,
-			     const float *restrict k_scale, const void *next_k,
-			     const float *next_k_scale, size_t stride,
-			     uint32_t head_size,
+			     const float *restrict k_scale, size_t stride, uint32_t head_size,
 			     uint32_t lo, uint32_t hi, float scale,
 			     const struct attn_alibi *alibi, float *restrict s0,
 			     float *restrict s1, float *max0, float *max1)
@@ -276,17 +255,17 @@ ATTN_INLINE void attn_scores(int kind, int pair, const float *restrict q0,
 		if (ATTN_SB > 1 && attn_full(b, lo, hi) &&
 		    attn_full(b + (ATTN_SB - 1) * ATTN_LANES, lo, hi)) {
 			attn_scores_block(kind, pair, 0, ATTN_SB, b, lo, hi, q0, q1, k_rows, k_scale,
-					  next_k, next_k_scale, stride, head_size, scale, alibi,
+					  stride, head_size, scale, alibi,
 					  s0, s1, &vmax0, &vmax1);
 			b += ATTN_SB * ATTN_LANES;
 		} else if (attn_full(b, lo, hi)) {
 			attn_scores_block(kind, pair, 0, 1, b, lo, hi, q0, q1, k_rows, k_scale,
-					  next_k, next_k_scale, stride, head_size, scale, alibi,
+					  stride, head_size, scale, alibi,
 					  s0, s1, &vmax0, &vmax1);
 			b += ATTN_LANES;
 		} else {
 			attn_scores_block(kind, pair, 1, 1, b, lo, hi, q0, q1, k_rows, k_scale,
-					  next_k, next_k_scale, stride, head_size, scale, alibi,
+					  stride, head_size, scale, alibi,
 					  s0, s1, &vmax0, &vmax1);
 			b += ATTN_LANES;
 		}
@@ -337,8 +316,7 @@ ATTN_INLINE attn_vf attn_prob(int kind, const float *restrict p, const float *re
 /* out_i[d] += sum over t in [lo, hi) of p_i[t] * V[d][t], one or two heads per V load. */
 ATTN_INLINE void attn_values(int kind, int pair, const float *restrict p0,
 			     const float *restrict p1, const void *restrict v_rows,
-			     const float *restrict v_scale, const void *next_v,
-			     const float *next_v_scale, size_t stride, uint32_t head_size,
+			     const float *restrict v_scale, size_t stride, uint32_t head_size,
 			     uint32_t lo, uint32_t hi, float *restrict out0, float *restrict out1)
 {
 	const attn_vf zero = attn_splat(0.0f);
@@ -346,11 +324,6 @@ ATTN_INLINE void attn_values(int kind, int pair, const float *restrict p0,
 		attn_vf vacc0 = zero, vacc1 = zero;
 		for (uint32_t b = lo & ~(ATTN_LANES - 1); b < hi; b += ATTN_LANES) {
 			attn_vf v = attn_load_kv(v_rows, d * stride + b, kind);
-			if (next_v) {
-				attn_prefetch_kv(next_v, d * stride + b, kind);
-				if (kind == ATTN_KV_Q8 && d == 0)
-					__builtin_prefetch(next_v_scale + b, 0, 2);
-			}
 			attn_vf x0 = attn_prob(kind, p0, v_scale, b) * v;
 			attn_vf x1 = pair ? attn_prob(kind, p1, v_scale, b) * v : zero;
 			if (!attn_full(b, lo, hi)) {
@@ -374,9 +347,7 @@ ATTN_INLINE void attn_values(int kind, int pair, const float *restrict p0,
  * order as in attn_values, so the result is bit for bit the same. */
 ATTN_INLINE void attn_values8(int kind, int pair, const float *restrict p0,
 			      const float *restrict p1, const void *restrict v_rows,
-			      const float *restrict v_scale, const void *next_v,
-			      const float *next_v_scale, size_t stride,
-			      uint32_t head_size, uint32_t lo, uint32_t hi, float *restrict out0,
+			      const float *restrict v_scale, size_t stride, uint32_t head_size, uint32_t lo, uint32_t hi, float *restrict out0,
 			      float *restrict out1)
 {
 	const attn_vf zero = attn_splat(0.0f);
@@ -399,12 +370,8 @@ ATTN_INLINE void attn_values8(int kind, int pair, const float *restrict p0,
 				}
 				continue;
 			}
-			if (next_v && kind == ATTN_KV_Q8 && d0 == 0)
-				__builtin_prefetch(next_v_scale + b, 0, 2);
 			for (int j = 0; j < 8; j++) {
 				attn_vf v = attn_load_kv(v_rows, (d0 + j) * stride + b, kind);
-				if (next_v)
-					attn_prefetch_kv(next_v, (d0 + j) * stride + b, kind);
 				acc0[j] += pv0 * v;
 				if (pair)
 					acc1[j] += pv1 * v;
@@ -418,12 +385,10 @@ ATTN_INLINE void attn_values8(int kind, int pair, const float *restrict p0,
 	}
 }
 
-/* The rows of one KV head in a row's planes and in the next row's (prefetched; NULL: none). */
+/* The rows of one KV head in a row's planes. */
 struct attn_kv_rows {
 	const void *k, *v;                /* [head_size][slot_stride] elements */
 	const float *k_scale, *v_scale;   /* q8: [slot_stride] scales */
-	const void *next_k, *next_v;
-	const float *next_k_scale, *next_v_scale;
 };
 
 /* Softmax-weighted sum for one or two heads of KV head g over the step's ranges. */
@@ -442,8 +407,7 @@ ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args
 						     pair ? args->alibi_slopes[h + 1] : 0.0f,
 						     ranges[r].alibi_origin };
 		attn_scores(kind, pair, ranges[r].q + (size_t)h * hs,
-			    ranges[r].q + (size_t)(h + 1) * hs, kv->k, kv->k_scale, kv->next_k,
-			    kv->next_k_scale, stride, hs, ranges[r].lo, ranges[r].hi, scale,
+			    ranges[r].q + (size_t)(h + 1) * hs, kv->k, kv->k_scale, stride, hs, ranges[r].lo, ranges[r].hi, scale,
 			    args->alibi_slopes ? &alibi : NULL, s0, s1, &max0, &max1);
 	}
 	float sum0 = 0.0f, sum1 = 0.0f;
@@ -455,12 +419,10 @@ ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args
 	memset(out0, 0, hs * sizeof(float) * (pair ? 2 : 1));
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		if (hs % 8 == 0)
-			attn_values8(kind, pair, s0, s1, kv->v, kv->v_scale, kv->next_v,
-				     kv->next_v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
+			attn_values8(kind, pair, s0, s1, kv->v, kv->v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
 				     out1);
 		else
-			attn_values(kind, pair, s0, s1, kv->v, kv->v_scale, kv->next_v,
-				    kv->next_v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
+			attn_values(kind, pair, s0, s1, kv->v, kv->v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
 				    out1);
 	}
 	for (uint32_t d = 0; d < hs; d++) {
@@ -487,14 +449,6 @@ ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 			.k_scale = (const float *)((const char *)args->k_plane + sat),
 			.v_scale = (const float *)((const char *)args->v_plane + sat),
 		};
-		if (args->next_k_plane) {
-			kv.next_k = (const char *)args->next_k_plane + at;
-			kv.next_k_scale = (const float *)((const char *)args->next_k_plane + sat);
-		}
-		if (args->next_v_plane) {
-			kv.next_v = (const char *)args->next_v_plane + at;
-			kv.next_v_scale = (const float *)((const char *)args->next_v_plane + sat);
-		}
 		uint32_t h = g * kv_mul, end = h + kv_mul;
 		/* The common head sizes get their own constant-folded copy of the loops. */
 		for (; h + 2 <= end; h += 2) {
@@ -504,8 +458,6 @@ ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 			else
 				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, hs,
 					   inv_sqrt);
-			/* The next pair of heads reads the same K and V. */
-			kv.next_k = kv.next_v = NULL;
 		}
 		if (h < end)
 			attn_heads(kind, 0, args, ranges, n_ranges, h, &kv, stride, hs, inv_sqrt);

@@ -75,10 +75,6 @@ struct skv_attn_args {
 	uint32_t n_heads;
 	float *scores;          /* scratch, [2][slot_stride] floats, 64-byte aligned */
 	float *out;             /* [n_heads][head_size] */
-	/* The next row's planes of the same layer, shaped like these (NULL: none): the kernel
-	 * prefetches into L2 each line of them that matches a line it reads here, so that the
-	 * next row's KV streams in from memory while this row computes. */
-	const void *next_k_plane, *next_v_plane;
 	/* ALiBi (mpt; NULL: none): head h's score of a key gets -alibi_slopes[h] * distance, the
 	 * query's in-cache position minus the key's. Window keys lie in text order, so their
 	 * distance is the text distance, from step's window_head and window_fill; the sinks'

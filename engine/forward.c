@@ -553,8 +553,7 @@ static void forward_qkv_clamp(struct skv_runner *r, uint32_t n_rows)
  * over its stream's slots (ALiBi: nothing rotates; the kernel biases each range by its
  * distances). q_sink and scores are the calling thread's scratch. */
 static void forward_prepare_row(struct skv_runner *r, uint32_t layer, uint32_t row,
-				uint32_t n_rows, float *q_sink_buf, float *scores,
-				struct skv_attn_args *out_args)
+				float *q_sink_buf, float *scores, struct skv_attn_args *out_args)
 {
 	const struct skv_model_config *c = &r->cfg;
 	size_t pairs = r->rope.pairs;
@@ -594,24 +593,14 @@ static void forward_prepare_row(struct skv_runner *r, uint32_t layer, uint32_t r
 		.alibi_slopes = r->alibi_slopes,
 		.alibi_sink_pos = fr->sink_pos,
 	};
-	if (row + 1 < n_rows) {
-		const struct skv_seq *nx = r->rows[row + 1].seq;
-		if (nx != fr->seq && nx->desc.slot_stride == fr->seq->desc.slot_stride &&
-		    nx->desc.n_kv_heads == fr->seq->desc.n_kv_heads &&
-		    nx->desc.dtype == fr->seq->desc.dtype &&
-		    nx->desc.scales_offset == fr->seq->desc.scales_offset) {
-			args.next_k_plane = skv_kv_k_plane(nx->kv_base, &nx->desc, layer);
-			args.next_v_plane = skv_kv_v_plane(nx->kv_base, &nx->desc, layer);
-		}
-	}
 	*out_args = args;
 }
 
 static void forward_attend_row(struct skv_runner *r, uint32_t layer, uint32_t row,
-			       uint32_t n_rows, float *q_sink_buf, float *scores)
+			       float *q_sink_buf, float *scores)
 {
 	struct skv_attn_args args;
-	forward_prepare_row(r, layer, row, n_rows, q_sink_buf, scores, &args);
+	forward_prepare_row(r, layer, row, q_sink_buf, scores, &args);
 	skv_attend(&args);
 }
 
@@ -638,7 +627,6 @@ static void forward_attend_heads(const struct skv_attn_args *all, uint32_t g0, u
 	a.out = all->out + qoff;
 	a.k_plane = (const char *)all->k_plane + codes;
 	a.v_plane = (const char *)all->v_plane + codes;
-	a.next_k_plane = a.next_v_plane = NULL;
 	a.scores = scores;
 	if (all->alibi_slopes)
 		a.alibi_slopes = all->alibi_slopes + (size_t)g0 * group;
@@ -653,7 +641,7 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 	uint32_t dim = (uint32_t)r->cfg.dim;
 	if (r->threads <= 1) {
 		for (uint32_t row = 0; row < n_rows; row++)
-			forward_attend_row(r, layer, row, n_rows, r->q_sink, r->scores);
+			forward_attend_row(r, layer, row, r->q_sink, r->scores);
 		return 0;
 	}
 	/* Runs of consecutive rows of one stream (a step holds each stream once). */
@@ -670,7 +658,7 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 		uint32_t parts = r->threads < n_kv ? r->threads : n_kv;
 		for (uint32_t row = 0; row < n_rows; row++) {
 			struct skv_attn_args args;
-			forward_prepare_row(r, layer, row, n_rows, r->q_sink, r->scores, &args);
+			forward_prepare_row(r, layer, row, r->q_sink, r->scores, &args);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
 			for (uint32_t p = 0; p < parts; p++) {
 				struct skv_kv_desc sub;
@@ -681,7 +669,7 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 		return 0;
 	}
 	if (n_rows < 2) {
-		forward_attend_row(r, layer, 0, n_rows, r->q_sink, r->scores);
+		forward_attend_row(r, layer, 0, r->q_sink, r->scores);
 		return 0;
 	}
 #pragma omp parallel num_threads(r->threads)
@@ -692,7 +680,7 @@ static int forward_attention(struct skv_runner *r, uint32_t layer, uint32_t n_ro
 #pragma omp for schedule(dynamic, 1)
 		for (uint32_t run = 0; run < n_runs; run++)
 			for (uint32_t row = r->run_start[run]; row < r->run_start[run + 1]; row++)
-				forward_attend_row(r, layer, row, n_rows, q_sink, scores);
+				forward_attend_row(r, layer, row, q_sink, scores);
 	}
 	return 0;
 }
