@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "pmat-pvt.h"
+#include "qmatmul.h" /* skv_isa_level */
 
 struct skv_pctx {
 	const struct pm_kernels *kern;
@@ -57,28 +58,14 @@ void skv_pmat_pack(float *dst, uint32_t in, uint32_t out, uint32_t col0, const f
 
 static const struct pm_kernels *pm_pick(const char *force)
 {
+	int level = skv_isa_level(force, 0);
 #ifdef SKV_QMAT_MULTI_ISA
-	__builtin_cpu_init();
-	int v4 = __builtin_cpu_supports("x86-64-v4");
-	int v3 = __builtin_cpu_supports("x86-64-v3");
-	if (force) {
-		if (!strcmp(force, "avx512"))
-			return v4 ? &pm_kernels_v4 : NULL;
-		if (!strcmp(force, "avx2"))
-			return v3 ? &pm_kernels_v3 : NULL;
-		if (!strcmp(force, "base"))
-			return &pm_kernels_base;
-		return NULL;
-	}
-	if (v4)
+	if (level == 4)
 		return &pm_kernels_v4;
-	if (v3)
+	if (level == 3)
 		return &pm_kernels_v3;
-#else
-	if (force && strcmp(force, "base"))
-		return NULL;
 #endif
-	return &pm_kernels_base;
+	return level < 0 ? NULL : &pm_kernels_base;
 }
 
 static int pm_part_resize(struct skv_pctx *ctx, uint32_t threads)
@@ -139,10 +126,10 @@ int skv_pctx_set_isa(struct skv_pctx *ctx, const char *isa)
 {
 	if (!ctx)
 		return -EINVAL;
-	const struct pm_kernels *k = pm_pick(isa);
-	if (!k)
-		return isa && (!strcmp(isa, "avx512") || !strcmp(isa, "avx2")) ? -ENOTSUP : -EINVAL;
-	ctx->kern = k;
+	int level = skv_isa_level(isa, 0);
+	if (level < 0)
+		return level;
+	ctx->kern = pm_pick(isa);
 	return 0;
 }
 

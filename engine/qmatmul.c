@@ -43,30 +43,35 @@ struct skv_qctx {
 /* ---------------------------------------------------------------------------------------- */
 /* ISA choice */
 
-static const struct qm_kernels *qm_pick(const char *force)
+int skv_isa_level(const char *force, int vnni)
 {
 #ifdef SKV_QMAT_MULTI_ISA
 	__builtin_cpu_init();
-	int v4 = __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512vnni");
+	int v4 = __builtin_cpu_supports("x86-64-v4") &&
+		 (!vnni || __builtin_cpu_supports("avx512vnni"));
 	int v3 = __builtin_cpu_supports("x86-64-v3");
-	if (force) {
-		if (!strcmp(force, "avx512"))
-			return v4 ? &qm_kernels_v4 : NULL;
-		if (!strcmp(force, "avx2"))
-			return v3 ? &qm_kernels_v3 : NULL;
-		if (!strcmp(force, "base"))
-			return &qm_kernels_base;
-		return NULL;
-	}
-	if (v4)
-		return &qm_kernels_v4;
-	if (v3)
-		return &qm_kernels_v3;
 #else
-	if (force && strcmp(force, "base"))
-		return NULL;
+	int v4 = 0, v3 = 0;
 #endif
-	return &qm_kernels_base;
+	if (!force)
+		return v4 ? 4 : v3 ? 3 : 0;
+	if (!strcmp(force, "avx512"))
+		return v4 ? 4 : -ENOTSUP;
+	if (!strcmp(force, "avx2"))
+		return v3 ? 3 : -ENOTSUP;
+	return strcmp(force, "base") ? -EINVAL : 0;
+}
+
+static const struct qm_kernels *qm_pick(const char *force)
+{
+	int level = skv_isa_level(force, 1);
+#ifdef SKV_QMAT_MULTI_ISA
+	if (level == 4)
+		return &qm_kernels_v4;
+	if (level == 3)
+		return &qm_kernels_v3;
+#endif
+	return level < 0 ? NULL : &qm_kernels_base;
 }
 
 /* The environment's choice, or the CPU's best; an unknown or unsupported SKV_QMAT_ISA falls
@@ -87,13 +92,10 @@ int skv_qctx_set_isa(struct skv_qctx *ctx, const char *isa)
 {
 	if (!ctx)
 		return -EINVAL;
-	const struct qm_kernels *k = qm_pick(isa ? isa : "");
-	if (!k) {
-		if (isa && (!strcmp(isa, "avx512") || !strcmp(isa, "avx2")))
-			return -ENOTSUP;
-		return -EINVAL;
-	}
-	ctx->kern = k;
+	int level = skv_isa_level(isa ? isa : "", 1);
+	if (level < 0)
+		return level;
+	ctx->kern = qm_pick(isa);
 	return 0;
 }
 

@@ -62,6 +62,12 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
  * when set and supported by the CPU, else the CPU's best). */
 const char *skv_qmat_isa(void);
 
+/* The x86-64 kernel level a family of kernels compiled per ISA runs on (qmatmul's, pmat.h's):
+ * 4 (x86-64-v4, with AVX512_VNNI too when vnni), 3 (x86-64-v3), 0 (the baseline). force NULL:
+ * the CPU's best; "avx512", "avx2" or "base": that one, or -ENOTSUP when the CPU (or this
+ * build, when not compiled per ISA) has not got it; any other name: -EINVAL. */
+int skv_isa_level(const char *force, int vnni);
+
 /* Forces one context's kernels: isa "avx512" (AVX-512 with VNNI), "avx2" or "base", for tests
  * and benchmarks. 0, -ENOTSUP (the CPU lacks it), -EINVAL (unknown name). */
 int skv_qctx_set_isa(struct skv_qctx *ctx, const char *isa);

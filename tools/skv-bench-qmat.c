@@ -322,6 +322,16 @@ static struct point measure(const struct opts *o, const struct shape *sh, const 
 	return p;
 }
 
+/* The most rows of x any point asks for. */
+static uint32_t max_rows(const struct opts *o)
+{
+	uint32_t max_m = 1;
+	for (size_t i = 0; i < o->n_rows; i++)
+		if ((uint32_t)o->rows[i] > max_m)
+			max_m = (uint32_t)o->rows[i];
+	return max_m;
+}
+
 struct qrun {
 	struct skv_qctx *ctx;
 	struct skv_qmat w;
@@ -347,10 +357,7 @@ static void bench_qmat(const struct opts *o, const struct shape *sh, uint32_t ty
 	uint64_t rb;
 	uint8_t *pool = make_pool(type, sh->out, sh->in, o->pool_bytes, &copies, &rb);
 	size_t mat = rb * sh->out;
-	uint32_t max_m = 1;
-	for (size_t i = 0; i < o->n_rows; i++)
-		if ((uint32_t)o->rows[i] > max_m)
-			max_m = (uint32_t)o->rows[i];
+	uint32_t max_m = max_rows(o);
 	float *x = make_x(max_m, sh->in);
 	float *y = malloc(sizeof(float) * max_m * sh->out);
 	struct skv_qctx *ctx;
@@ -397,10 +404,7 @@ static void drun(void *arg, size_t copy, uint32_t m)
 
 static void bench_onednn(const struct opts *o, const struct shape *sh)
 {
-	uint32_t max_m = 1;
-	for (size_t i = 0; i < o->n_rows; i++)
-		if ((uint32_t)o->rows[i] > max_m)
-			max_m = (uint32_t)o->rows[i];
+	uint32_t max_m = max_rows(o);
 	size_t mat = (size_t)sh->out * sh->in * sizeof(float);
 	size_t copies = o->pool_bytes / mat + 1;
 	if (copies < 2)
@@ -462,10 +466,7 @@ static void prun(void *arg, size_t copy, uint32_t m)
 
 static void bench_panels(const struct opts *o, const struct shape *sh)
 {
-	uint32_t max_m = 1;
-	for (size_t i = 0; i < o->n_rows; i++)
-		if ((uint32_t)o->rows[i] > max_m)
-			max_m = (uint32_t)o->rows[i];
+	uint32_t max_m = max_rows(o);
 	size_t mat_floats = skv_pmat_floats(sh->in, sh->out), mat = mat_floats * sizeof(float);
 	size_t copies = o->pool_bytes / mat + 1;
 	if (copies < 2)
