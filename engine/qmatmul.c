@@ -494,16 +494,19 @@ int skv_qmat_run(struct skv_qctx *ctx, const struct skv_qmat *const *w, uint32_t
 	}
 	uint8_t *scratch = ctx->scratch;
 	size_t sb = ctx->scratch_bytes;
-	/* The threads quantize their share of x's rows, then interleave their share of its
-	 * groups, then compute their share of every matrix's rows. */
+	/* The threads quantize their share of x's rows, then (batched calls) interleave their
+	 * share of its groups, then compute their share of every matrix's rows. */
 #pragma omp parallel num_threads(threads)
 	{
 		uint32_t t = (uint32_t)omp_get_thread_num();
 		uint32_t team = (uint32_t)omp_get_num_threads();
 		qm_quantize_rows(&c, m_rows * t / team, m_rows * (t + 1) / team);
 #pragma omp barrier
-		qm_interleave_groups(&c, groups * t / team, groups * (t + 1) / team);
+		/* The interleaved copies (and the barrier after them) only for batched calls. */
+		if (c.batched || c.batched_f) {
+			qm_interleave_groups(&c, groups * t / team, groups * (t + 1) / team);
 #pragma omp barrier
+		}
 		qm_slice(jobs, n, t, team, scratch + t * sb, k);
 	}
 	return 0;
