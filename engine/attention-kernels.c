@@ -391,25 +391,64 @@ struct attn_kv_rows {
 	const float *k_scale, *v_scale;   /* q8: [slot_stride] scales */
 };
 
-/* Softmax-weighted sum for one or two heads of KV head g over the step's ranges. */
+/* Scores of heads [h, h + n) of one KV head over the step's ranges, into rows 0 .. n-1 of the
+ * scratch, pairs sharing each K load. The slots go ATTN_CHUNK at a time with every pair
+ * inside a chunk, so that the chunk of K (head_size x ATTN_CHUNK elements) is read from
+ * memory once and from L1/L2 by the other pairs, instead of the whole plane once per pair.
+ * Chunks start at the range's first block plus multiples of ATTN_CHUNK (a multiple of
+ * ATTN_SB blocks), so each block is scored by the same call as over the whole range: the
+ * same bits. */
+#define ATTN_CHUNK (4u * ATTN_SB * ATTN_LANES)
+ATTN_INLINE void attn_group_scores(int kind, const struct skv_attn_args *args,
+				   const struct attn_range *ranges, uint32_t n_ranges, uint32_t h,
+				   uint32_t n, const struct attn_kv_rows *kv, size_t stride,
+				   uint32_t hs, float scale, float *max)
+{
+	float unused = -INFINITY;
+	for (uint32_t i = 0; i < n; i++)
+		max[i] = -INFINITY;
+	for (uint32_t r = 0; r < n_ranges; r++) {
+		uint32_t lo = ranges[r].lo, hi = ranges[r].hi;
+		uint32_t b0 = lo & ~(ATTN_LANES - 1);
+		for (uint32_t c0 = lo; c0 < hi;) {
+			uint32_t c1 = (c0 == lo ? b0 : c0) + ATTN_CHUNK;
+			c1 = c1 < hi ? c1 : hi;
+			for (uint32_t i = 0; i < n; i += 2) {
+				int pair = i + 1 < n;
+				uint32_t hh = h + i;
+				struct attn_alibi alibi;
+				if (args->alibi_slopes)
+					alibi = (struct attn_alibi){
+						args->alibi_slopes[hh],
+						pair ? args->alibi_slopes[hh + 1] : 0.0f,
+						ranges[r].alibi_origin
+					};
+				float *s0 = args->scores + (size_t)i * stride;
+				if (pair)
+					attn_scores(kind, 1, ranges[r].q + (size_t)hh * hs,
+						    ranges[r].q + (size_t)(hh + 1) * hs, kv->k,
+						    kv->k_scale, stride, hs, c0, c1, scale,
+						    args->alibi_slopes ? &alibi : NULL, s0, s0 + stride,
+						    &max[i], &max[i + 1]);
+				else
+					attn_scores(kind, 0, ranges[r].q + (size_t)hh * hs,
+						    ranges[r].q + (size_t)hh * hs, kv->k, kv->k_scale,
+						    stride, hs, c0, c1, scale,
+						    args->alibi_slopes ? &alibi : NULL, s0, s0 + stride,
+						    &max[i], &unused);
+			}
+			c0 = c1;
+		}
+	}
+}
+
+/* Softmax-weighted sum for one or two heads whose scores are in s0 (and s1), maxima max0/1. */
 ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args,
 			    const struct attn_range *ranges, uint32_t n_ranges, uint32_t h,
-			    const struct attn_kv_rows *kv, size_t stride, uint32_t hs, float scale)
+			    const struct attn_kv_rows *kv, size_t stride, uint32_t hs, float *s0,
+			    float *s1, float max0, float max1)
 {
-	float *s0 = args->scores, *s1 = args->scores + stride;
 	float *out0 = args->out + (size_t)h * hs, *out1 = out0 + hs;
-	float max0 = -INFINITY, max1 = -INFINITY;
-
-	for (uint32_t r = 0; r < n_ranges; r++) {
-		struct attn_alibi alibi;
-		if (args->alibi_slopes)
-			alibi = (struct attn_alibi){ args->alibi_slopes[h],
-						     pair ? args->alibi_slopes[h + 1] : 0.0f,
-						     ranges[r].alibi_origin };
-		attn_scores(kind, pair, ranges[r].q + (size_t)h * hs,
-			    ranges[r].q + (size_t)(h + 1) * hs, kv->k, kv->k_scale, stride, hs, ranges[r].lo, ranges[r].hi, scale,
-			    args->alibi_slopes ? &alibi : NULL, s0, s1, &max0, &max1);
-	}
 	float sum0 = 0.0f, sum1 = 0.0f;
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		sum0 += attn_exp_sum(s0, ranges[r].lo, ranges[r].hi, max0);
@@ -419,11 +458,11 @@ ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args
 	memset(out0, 0, hs * sizeof(float) * (pair ? 2 : 1));
 	for (uint32_t r = 0; r < n_ranges; r++) {
 		if (hs % 8 == 0)
-			attn_values8(kind, pair, s0, s1, kv->v, kv->v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
-				     out1);
+			attn_values8(kind, pair, s0, s1, kv->v, kv->v_scale, stride, hs,
+				     ranges[r].lo, ranges[r].hi, out0, out1);
 		else
-			attn_values(kind, pair, s0, s1, kv->v, kv->v_scale, stride, hs, ranges[r].lo, ranges[r].hi, out0,
-				    out1);
+			attn_values(kind, pair, s0, s1, kv->v, kv->v_scale, stride, hs,
+				    ranges[r].lo, ranges[r].hi, out0, out1);
 	}
 	for (uint32_t d = 0; d < hs; d++) {
 		out0[d] *= 1.0f / sum0;
@@ -432,12 +471,14 @@ ATTN_INLINE void attn_heads(int kind, int pair, const struct skv_attn_args *args
 	}
 }
 
-/* Every KV head's query heads, in pairs that share the KV loads. */
+/* Every KV head's query heads, SKV_ATTN_GROUP_HEADS at a time: their scores (pairs sharing
+ * each K load, chunk by chunk), then each pair's softmax and values (sharing each V load). */
 ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 			     const struct attn_range *ranges, uint32_t n_ranges, size_t stride,
 			     uint32_t hs, uint32_t kv_mul, float inv_sqrt)
 {
 	const struct skv_kv_desc *desc = args->desc;
+	float max[SKV_ATTN_GROUP_HEADS];
 	for (uint32_t g = 0; g < desc->n_kv_heads; g++) {
 		/* Bytes into a plane of head g's rows, and of its q8 scales ([slot_stride] floats at
 		 * scales_offset; 0 and unused for the other types). */
@@ -449,18 +490,29 @@ ATTN_INLINE void attn_groups(int kind, const struct skv_attn_args *args,
 			.k_scale = (const float *)((const char *)args->k_plane + sat),
 			.v_scale = (const float *)((const char *)args->v_plane + sat),
 		};
-		uint32_t h = g * kv_mul, end = h + kv_mul;
-		/* The common head sizes get their own constant-folded copy of the loops. */
-		for (; h + 2 <= end; h += 2) {
+		for (uint32_t h = g * kv_mul, end = h + kv_mul; h < end;) {
+			uint32_t n = end - h < SKV_ATTN_GROUP_HEADS ? end - h : SKV_ATTN_GROUP_HEADS;
+			/* The common head sizes get their own constant-folded copy of the loops. */
 			if (hs == 8)
-				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, 8,
-					   inv_sqrt);
+				attn_group_scores(kind, args, ranges, n_ranges, h, n, &kv, stride, 8,
+						  inv_sqrt, max);
 			else
-				attn_heads(kind, 1, args, ranges, n_ranges, h, &kv, stride, hs,
-					   inv_sqrt);
+				attn_group_scores(kind, args, ranges, n_ranges, h, n, &kv, stride, hs,
+						  inv_sqrt, max);
+			for (uint32_t i = 0; i < n; i += 2) {
+				float *s0 = args->scores + (size_t)i * stride;
+				if (i + 1 < n && hs == 8)
+					attn_heads(kind, 1, args, ranges, n_ranges, h + i, &kv, stride,
+						   8, s0, s0 + stride, max[i], max[i + 1]);
+				else if (i + 1 < n)
+					attn_heads(kind, 1, args, ranges, n_ranges, h + i, &kv, stride,
+						   hs, s0, s0 + stride, max[i], max[i + 1]);
+				else
+					attn_heads(kind, 0, args, ranges, n_ranges, h + i, &kv, stride,
+						   hs, s0, s0 + stride, max[i], max[i]);
+			}
+			h += n;
 		}
-		if (h < end)
-			attn_heads(kind, 0, args, ranges, n_ranges, h, &kv, stride, hs, inv_sqrt);
 	}
 }
 

@@ -64,6 +64,9 @@ void skv_rope_rotate_neox(const struct skv_rope *rope, float *vec, uint32_t n_he
 			  const float *cos_tab, const float *sin_tab);
 
 /* One query row of one layer attending over one stream's KV planes. */
+/* Query heads of one KV head whose scores are made together (rows of the scratch). */
+#define SKV_ATTN_GROUP_HEADS 8u
+
 struct skv_attn_args {
 	const float *q_window;  /* [n_heads][head_size], rotated at the token's absolute position */
 	const float *q_sink;    /* [n_heads][head_size], rotated at the position the sinks must see */
@@ -73,7 +76,8 @@ struct skv_attn_args {
 	const struct skv_kv_desc *desc;
 	const struct skv_kv_step *step; /* which slots are valid for this row */
 	uint32_t n_heads;
-	float *scores;          /* scratch, [2][slot_stride] floats, 64-byte aligned */
+	float *scores;          /* scratch, [SKV_ATTN_GROUP_HEADS][slot_stride] floats, 64-byte
+				 * aligned: the scores of the heads of one KV head scored together */
 	float *out;             /* [n_heads][head_size] */
 	/* ALiBi (mpt; NULL: none): head h's score of a key gets -alibi_slopes[h] * distance, the
 	 * query's in-cache position minus the key's. Window keys lie in text order, so their

@@ -74,8 +74,9 @@ struct skv_runner {
 	float *sin_sink;
 	struct forward_row *rows;       /* [max_rows] */
 	struct skv_kv_ring *ring_after; /* [max_rows] ring states to commit, one per item */
-	float *scores;   /* [threads][scores_ld] attention scores of two heads, 2 * scores_cap
-			  * floats per thread, each thread's 64-byte aligned */
+	float *scores;   /* [threads][scores_ld] attention scores of the heads of one
+			  * KV head, SKV_ATTN_GROUP_HEADS * scores_cap floats per thread, each
+			  * thread's 64-byte aligned */
 	float *cls_out;  /* [max_rows][vocab] logits of a step's rows, made at first use */
 	uint32_t scores_cap;
 	size_t scores_ld;
@@ -494,7 +495,7 @@ static int forward_plan(struct skv_runner *r, struct skv_fwd_item *items, uint32
 		r->ring_after[i] = ring;
 		uint32_t slots = it->seq->desc.slot_stride;
 		if (slots > r->scores_cap) {
-			size_t ld = (2 * (size_t)slots + 15) / 16 * 16;
+			size_t ld = (SKV_ATTN_GROUP_HEADS * (size_t)slots + 15) / 16 * 16;
 			float *s = forward_alloc(ld * r->threads);
 			if (!s)
 				return -ENOMEM;

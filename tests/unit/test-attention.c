@@ -208,7 +208,8 @@ static void kernels_match_reference_window(const char *isa, uint32_t window)
 			float *qs = malloc(n_heads * hs * sizeof(float));
 			float *out = malloc(n_heads * hs * sizeof(float));
 			double *ref = malloc(n_heads * hs * sizeof(double));
-			float *scores = aligned_alloc(64, 2 * r.desc.slot_stride * sizeof(float));
+			float *scores = aligned_alloc(64, SKV_ATTN_GROUP_HEADS * r.desc.slot_stride *
+								    sizeof(float));
 			uint64_t stored = 0;
 			for (size_t si = 0; si < sizeof(seen) / sizeof(seen[0]); si++) {
 				struct skv_kv_step step = step_after(&r.desc, seen[si]);

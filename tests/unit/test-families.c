@@ -466,7 +466,7 @@ Test(families, alibi_kernel_ranges_every_isa)
 			want[h * hs + d] = (float)acc;
 		}
 	}
-	float *scores = aligned_alloc(64, 2 * desc.slot_stride * sizeof(float) + 64);
+	float *scores = aligned_alloc(64, SKV_ATTN_GROUP_HEADS * desc.slot_stride * sizeof(float) + 64);
 	static const char *const isas[] = { "v4", "v3", "base" };
 	int ran = 0;
 	for (size_t i = 0; i < 3; i++) {
