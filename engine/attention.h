@@ -63,10 +63,10 @@ void skv_rope_divide(struct skv_rope *rope, const float *factors);
 void skv_rope_rotate_neox(const struct skv_rope *rope, float *vec, uint32_t n_heads,
 			  const float *cos_tab, const float *sin_tab);
 
-/* One query row of one layer attending over one stream's KV planes. */
 /* Query heads of one KV head whose scores are made together (rows of the scratch). */
 #define SKV_ATTN_GROUP_HEADS 8u
 
+/* One query row of one layer attending over one stream's KV planes. */
 struct skv_attn_args {
 	const float *q_window;  /* [n_heads][head_size], rotated at the token's absolute position */
 	const float *q_sink;    /* [n_heads][head_size], rotated at the position the sinks must see */
