@@ -1,4 +1,6 @@
-/* Linear layers on oneDNN's matmul primitive.
+/* Linear layers on oneDNN's matmul primitive: the engine's F32 path until the panel kernels
+ * (pmat.h) measured faster; now built into skv-bench-qmat only (tools/meson.build), which
+ * measures the panels against it.
  *
  * y[M][out] = x[M][in] . Wt, with Wt the weight stored transposed, [in][out] row-major
  * (oneDNN's "ab" K x N layout). The model files store W as [out][in]; read in place as "ba",

@@ -92,15 +92,6 @@ QM_INLINE float qm_dot_32(const void *row, const struct qm_act *a, uint32_t m, u
 	return qm_hsum8(_mm256_add_ps(f[0], f[1]));
 }
 
-QM_INLINE float qm_dot_q8_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
-{
-	return qm_dot_32(row, a, m, cols, 0);
-}
-
-QM_INLINE float qm_dot_q4_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
-{
-	return qm_dot_32(row, a, m, cols, 1);
-}
 
 /* vpshufb masks broadcasting int16 word j of each 128-bit lane (lo: word jl, hi: word jh). */
 QM_INLINE __m256i qm_word_mask(int jl, int jh)
@@ -282,33 +273,27 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 
 #else /* the baseline: plain C, the same integer sums */
 
-QM_INLINE float qm_dot_q8_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+/* Q8_0 (q4 == 0) or Q4_0 (q4 == 1) rows: each block's exact integer dot, then one float
+ * multiply-add per block, as the vector copies. */
+QM_INLINE float qm_dot_32(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols,
+			  const int q4)
 {
-	const struct skv_block_q8_0 *b = row;
+	const struct skv_block_q8_0 *b8 = row;
+	const struct skv_block_q4_0 *b4 = row;
 	const int8_t *xq = a->qs + (size_t)m * a->qs_ld;
 	const float *xd = a->d + (size_t)m * a->blk_ld;
 	float s = 0.f;
 	for (uint32_t i = 0; i < cols / 32; i++) {
+		const int8_t *x = xq + 32 * i;
 		int32_t dot = 0;
-		for (uint32_t j = 0; j < 32; j++)
-			dot += b[i].qs[j] * xq[32 * i + j];
-		s += (float)dot * (qm_h2f(b[i].d) * xd[i]);
-	}
-	return s;
-}
-
-QM_INLINE float qm_dot_q4_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
-{
-	const struct skv_block_q4_0 *b = row;
-	const int8_t *xq = a->qs + (size_t)m * a->qs_ld;
-	const float *xd = a->d + (size_t)m * a->blk_ld;
-	float s = 0.f;
-	for (uint32_t i = 0; i < cols / 32; i++) {
-		int32_t dot = 0;
-		for (uint32_t j = 0; j < 16; j++)
-			dot += ((b[i].qs[j] & 15) - 8) * xq[32 * i + j] +
-			       ((b[i].qs[j] >> 4) - 8) * xq[32 * i + 16 + j];
-		s += (float)dot * (qm_h2f(b[i].d) * xd[i]);
+		if (q4)
+			for (uint32_t j = 0; j < 16; j++)
+				dot += ((b4[i].qs[j] & 15) - 8) * x[j] +
+				       ((b4[i].qs[j] >> 4) - 8) * x[16 + j];
+		else
+			for (uint32_t j = 0; j < 32; j++)
+				dot += b8[i].qs[j] * x[j];
+		s += (float)dot * (qm_h2f(q4 ? b4[i].d : b8[i].d) * xd[i]);
 	}
 	return s;
 }
@@ -385,5 +370,15 @@ QM_INLINE float qm_dot_q6_k(const void *row, const struct qm_act *a, uint32_t m,
 }
 
 #endif
+
+QM_INLINE float qm_dot_q8_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+{
+	return qm_dot_32(row, a, m, cols, 0);
+}
+
+QM_INLINE float qm_dot_q4_0(const void *row, const struct qm_act *a, uint32_t m, uint32_t cols)
+{
+	return qm_dot_32(row, a, m, cols, 1);
+}
 
 #endif
